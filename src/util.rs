@@ -1,0 +1,71 @@
+//! Small helpers shared by every writer: atomic file replacement.
+
+use crate::error::{Error, Result};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// Writes `path` atomically: the content goes to a temporary file in the same folder, is flushed
+/// and fsynced, then renamed over `path`. On any error (or a panic in `write`) the temporary file
+/// is removed and `path` is left as it was, so a reader never sees a half-written file.
+pub fn atomic_write<F>(path: &Path, write: F) -> Result<()>
+where
+    F: FnOnce(&mut BufWriter<File>) -> Result<()>,
+{
+    let tmp = temp_path(path);
+    let guard = RemoveOnDrop(Some(tmp.clone()));
+    let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    write(&mut w)?;
+    w.flush().map_err(|e| Error::io(&tmp, e))?;
+    let file = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
+    file.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    std::mem::forget(guard);
+    // Make the rename itself durable; failure here loses nothing, so it is not an error.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+struct RemoveOnDrop(Option<PathBuf>);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_write_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.bin");
+        std::fs::write(&p, b"old").unwrap();
+        let r = atomic_write(&p, |w| {
+            w.write_all(b"new partial").unwrap();
+            Err(Error::InvalidArgument("boom".into()))
+        });
+        assert!(r.is_err());
+        assert_eq!(std::fs::read(&p).unwrap(), b"old");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        atomic_write(&p, |w| w.write_all(b"new").map_err(|e| Error::io("x", e))).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"new");
+    }
+}
