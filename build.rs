@@ -1,1 +1,99 @@
-fn main() {}
+//! Compiles every `kernels/*.cu` into a fatbin (sm_90 machine code + compute_90 PTX by default)
+//! and embeds it in the crate, with the `-Xptxas -v` resource report of each kernel.
+//!
+//! nvcc is looked up in `$NVCC`, `$CUDA_HOME/bin`, `PATH`, then the private environment that
+//! `tools/install-nvcc.sh` creates. Without nvcc (or with `RRRA_NO_CUDA=1`) the crate builds
+//! CPU-only and says so in a warning. Targets: `RRRA_CUDA_ARCHS="90 100"` (default `90`).
+//! No GPU is queried: the build machine need not have one.
+
+use std::env;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() {
+    println!("cargo::rustc-check-cfg=cfg(rrra_cuda)");
+    println!("cargo::rerun-if-changed=kernels");
+    for v in ["NVCC", "CUDA_HOME", "RRRA_NO_CUDA", "RRRA_CUDA_ARCHS", "RRRA_CACHE", "PATH"] {
+        println!("cargo::rerun-if-env-changed={v}");
+    }
+    let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
+    let mut sources: Vec<PathBuf> = fs::read_dir("kernels")
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    sources.retain(|p| p.extension().is_some_and(|e| e == "cu"));
+    sources.sort();
+
+    let nvcc = if env::var_os("RRRA_NO_CUDA").is_some_and(|v| v != "0") {
+        None
+    } else {
+        find_nvcc()
+    };
+    let mut table = String::from("pub static KERNEL_MODULES: &[KernelModule] = &[\n");
+    match &nvcc {
+        None => println!(
+            "cargo::warning=nvcc not found (set NVCC or CUDA_HOME, or run tools/install-nvcc.sh): building the CPU path only"
+        ),
+        Some(nvcc) => {
+            println!("cargo::rustc-cfg=rrra_cuda");
+            let archs = env::var("RRRA_CUDA_ARCHS").unwrap_or_else(|_| "90".into());
+            for src in &sources {
+                let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
+                let fatbin = out.join(format!("{stem}.fatbin"));
+                let report = out.join(format!("{stem}.ptxas.txt"));
+                compile(nvcc, src, &fatbin, &report, &archs);
+                table.push_str(&format!(
+                    "    KernelModule {{ name: {stem:?}, fatbin: include_bytes!({:?}), ptxas_report: include_str!({:?}) }},\n",
+                    fatbin.display().to_string(),
+                    report.display().to_string()
+                ));
+            }
+        }
+    }
+    table.push_str("];\n");
+    fs::write(out.join("kernel_modules.rs"), table).expect("write kernel table");
+}
+
+fn compile(nvcc: &Path, src: &Path, fatbin: &Path, report: &Path, archs: &str) {
+    let mut cmd = Command::new(nvcc);
+    cmd.arg("--fatbin").arg("-O3").arg("-std=c++17").arg("-Xptxas").arg("-v");
+    cmd.arg("-Ikernels");
+    for a in archs.split([' ', ',']).filter(|a| !a.is_empty()) {
+        cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
+    }
+    if let Some(last) = archs.split([' ', ',']).filter(|a| !a.is_empty()).last() {
+        cmd.arg(format!("-gencode=arch=compute_{last},code=compute_{last}"));
+    }
+    cmd.arg("-o").arg(fatbin).arg(src);
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    if !output.status.success() {
+        panic!("nvcc failed on {}:\n{stderr}", src.display());
+    }
+    // ptxas writes its resource usage (registers, spills, shared memory) to stderr.
+    fs::write(report, &stderr).expect("write ptxas report");
+}
+
+fn find_nvcc() -> Option<PathBuf> {
+    let exists = |p: PathBuf| p.is_file().then_some(p);
+    if let Some(p) = env::var_os("NVCC") {
+        return exists(PathBuf::from(p));
+    }
+    if let Some(p) = env::var_os("CUDA_HOME").and_then(|h| exists(PathBuf::from(h).join("bin/nvcc"))) {
+        return Some(p);
+    }
+    if let Some(p) = env::var_os("PATH")
+        .and_then(|path| env::split_paths(&path).find_map(|d| exists(d.join("nvcc"))))
+    {
+        return Some(p);
+    }
+    let cache = env::var_os("RRRA_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/rrra")))?;
+    let lib = cache.join("nvcc-venv/lib");
+    fs::read_dir(lib).ok()?.filter_map(|e| e.ok()).find_map(|e| {
+        exists(e.path().join("site-packages/nvidia/cu13/bin/nvcc"))
+    })
+}

@@ -1,1 +1,13 @@
-//! (in progress)
+//! BERT-family models from a Hugging Face / sentence-transformers folder: configuration,
+//! weights (safetensors, memory-mapped), tokenizer, the encoder forward pass and pooling.
+
+pub mod bert;
+pub mod config;
+pub mod encoder;
+pub mod pooling;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::BertConfig;
+pub use encoder::{Encoder, EncoderOptions};
+pub use pooling::Pooling;

@@ -1,0 +1,188 @@
+//! The BERT encoder forward pass on the CPU (post-LayerNorm, exact erf GELU, bidirectional
+//! attention), f32 throughout: the reference every GPU kernel is checked against.
+//!
+//! Sequences are *packed* end to end with no padding: `offsets[s]..offsets[s + 1]` are the token
+//! rows of sequence `s`. This is the attention mask in its cheapest exact form (FlashAttention's
+//! "varlen" layout): the dense layers never compute padding rows, and attention only ever sees
+//! its own sequence's keys, which is what an additive -inf mask over padding gives after softmax.
+
+use super::config::BertConfig;
+use super::weights::BertWeights;
+use crate::cpu::{gemm, math};
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+
+/// Token sequences packed back to back (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub struct PackedBatch {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+    /// `offsets.len() == sequences + 1`, `offsets[0] == 0`, non-decreasing.
+    pub offsets: Vec<usize>,
+}
+
+impl PackedBatch {
+    pub fn new() -> Self {
+        PackedBatch {
+            offsets: vec![0],
+            ..Default::default()
+        }
+    }
+    pub fn push(&mut self, ids: &[u32], type_ids: &[u32]) {
+        self.ids.extend_from_slice(ids);
+        self.type_ids.extend_from_slice(type_ids);
+        self.offsets.push(self.ids.len());
+    }
+    pub fn sequences(&self) -> usize {
+        self.offsets.len() - 1
+    }
+    pub fn tokens(&self) -> usize {
+        self.ids.len()
+    }
+    pub fn len_of(&self, s: usize) -> usize {
+        self.offsets[s + 1] - self.offsets[s]
+    }
+}
+
+pub struct Bert {
+    pub cfg: BertConfig,
+    pub weights: BertWeights,
+}
+
+impl Bert {
+    /// Last hidden states `[tokens × hidden]` for a packed batch.
+    pub fn forward(&self, batch: &PackedBatch) -> Result<Vec<f32>> {
+        let cfg = &self.cfg;
+        let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let t = batch.tokens();
+        self.check(batch)?;
+        let eps = cfg.layer_norm_eps as f32;
+
+        let mut x = self.embed(batch);
+        math::add_layernorm(&mut x, None, h, &self.weights.emb_ln_g, &self.weights.emb_ln_b, eps);
+
+        let mut qkv = vec![0.0f32; t * 3 * h];
+        let mut ctx = vec![0.0f32; t * h];
+        let mut x1 = vec![0.0f32; t * h];
+        let mut mid = vec![0.0f32; t * inter];
+        for lw in &self.weights.layers {
+            gemm::linear(&x, t, h, &lw.qkv_w, &lw.qkv_b, 3 * h, &mut qkv);
+            self.attention(batch, &qkv, &mut ctx);
+            gemm::linear(&ctx, t, h, &lw.attn_out_w, &lw.attn_out_b, h, &mut x1);
+            math::add_layernorm(&mut x1, Some(&x), h, &lw.attn_ln_g, &lw.attn_ln_b, eps);
+            gemm::linear(&x1, t, h, &lw.inter_w, &lw.inter_b, inter, &mut mid);
+            math::gelu_inplace(&mut mid);
+            gemm::linear(&mid, t, inter, &lw.out_w, &lw.out_b, h, &mut x);
+            math::add_layernorm(&mut x, Some(&x1), h, &lw.out_ln_g, &lw.out_ln_b, eps);
+        }
+        Ok(x)
+    }
+
+    fn check(&self, batch: &PackedBatch) -> Result<()> {
+        let cfg = &self.cfg;
+        if batch.offsets.first() != Some(&0) || batch.offsets.last() != Some(&batch.ids.len()) {
+            return Err(Error::InvalidArgument("packed batch offsets are inconsistent".into()));
+        }
+        if batch.type_ids.len() != batch.ids.len() {
+            return Err(Error::InvalidArgument("type ids and token ids differ in length".into()));
+        }
+        for s in 0..batch.sequences() {
+            let len = batch.len_of(s);
+            if len > cfg.max_position_embeddings {
+                return Err(Error::InvalidArgument(format!(
+                    "sequence of {len} tokens exceeds max_position_embeddings {}",
+                    cfg.max_position_embeddings
+                )));
+            }
+        }
+        if let Some(&id) = batch.ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+            return Err(Error::InvalidArgument(format!(
+                "token id {id} is outside the vocabulary ({} entries)",
+                cfg.vocab_size
+            )));
+        }
+        if let Some(&ty) = batch.type_ids.iter().find(|&&ty| ty as usize >= cfg.type_vocab_size) {
+            return Err(Error::InvalidArgument(format!("token type {ty} is outside type_vocab_size")));
+        }
+        Ok(())
+    }
+
+    /// word + position + token-type embeddings (before the embedding LayerNorm).
+    fn embed(&self, batch: &PackedBatch) -> Vec<f32> {
+        let h = self.cfg.hidden_size;
+        let w = &self.weights;
+        let mut x = vec![0.0f32; batch.tokens() * h];
+        for s in 0..batch.sequences() {
+            let (start, end) = (batch.offsets[s], batch.offsets[s + 1]);
+            for (pos, tok) in (start..end).enumerate() {
+                let row = &mut x[tok * h..(tok + 1) * h];
+                let wid = batch.ids[tok] as usize;
+                let tid = batch.type_ids[tok] as usize;
+                let (we, pe, te) = (
+                    &w.word_emb[wid * h..(wid + 1) * h],
+                    &w.pos_emb[pos * h..(pos + 1) * h],
+                    &w.type_emb[tid * h..(tid + 1) * h],
+                );
+                for i in 0..h {
+                    row[i] = we[i] + pe[i] + te[i];
+                }
+            }
+        }
+        x
+    }
+
+    /// Scaled dot-product attention per sequence and head: `ctx = softmax(QKᵀ/√d)·V`, reading
+    /// Q, K, V in place from the fused `[tokens × 3h]` projection through strides.
+    fn attention(&self, batch: &PackedBatch, qkv: &[f32], ctx: &mut [f32]) {
+        let h = self.cfg.hidden_size;
+        let heads = self.cfg.num_attention_heads;
+        let dh = self.cfg.head_dim();
+        let scale = 1.0 / (dh as f32).sqrt();
+        let ld = (3 * h) as isize;
+
+        // Split ctx into one disjoint slice per sequence so sequences run in parallel.
+        let mut per_seq: Vec<(usize, &mut [f32])> = Vec::with_capacity(batch.sequences());
+        let mut rest = ctx;
+        for s in 0..batch.sequences() {
+            let (a, b) = rest.split_at_mut(batch.len_of(s) * h);
+            per_seq.push((batch.offsets[s], a));
+            rest = b;
+        }
+        per_seq.into_par_iter().for_each(|(start, out)| {
+            let len = out.len() / h;
+            if len == 0 {
+                return;
+            }
+            let base = &qkv[start * 3 * h..];
+            let mut scores = vec![0.0f32; len * len];
+            for hd in 0..heads {
+                let q = &base[hd * dh..];
+                let k = &base[h + hd * dh..];
+                let v = &base[2 * h + hd * dh..];
+                gemm::sgemm_strided(
+                    len,
+                    dh,
+                    len,
+                    scale,
+                    (q, ld, 1),
+                    (k, 1, ld),
+                    0.0,
+                    (&mut scores, len as isize, 1),
+                );
+                for row in scores.chunks_exact_mut(len) {
+                    math::softmax_row(row);
+                }
+                gemm::sgemm_strided(
+                    len,
+                    len,
+                    dh,
+                    1.0,
+                    (&scores, len as isize, 1),
+                    (v, ld, 1),
+                    0.0,
+                    (&mut out[hd * dh..], h as isize, 1),
+                );
+            }
+        });
+    }
+}

@@ -1,0 +1,147 @@
+//! BERT weights from `model.safetensors`, memory-mapped and converted once to f32.
+//!
+//! Accepts f32, f16 and bf16 tensors, names with or without the `bert.` prefix (BertModel vs
+//! BertFor* checkpoints) and the old `gamma`/`beta` LayerNorm names; ignores tensors it does not
+//! use (`position_ids`, pooler, heads). Q, K and V are fused into one `[3h × h]` matrix so
+//! the projection is one GEMM.
+
+use super::config::BertConfig;
+use crate::error::{Error, Result};
+use safetensors::{Dtype, SafeTensors};
+use std::path::{Path, PathBuf};
+
+pub struct LayerWeights {
+    pub qkv_w: Vec<f32>,
+    pub qkv_b: Vec<f32>,
+    pub attn_out_w: Vec<f32>,
+    pub attn_out_b: Vec<f32>,
+    pub attn_ln_g: Vec<f32>,
+    pub attn_ln_b: Vec<f32>,
+    pub inter_w: Vec<f32>,
+    pub inter_b: Vec<f32>,
+    pub out_w: Vec<f32>,
+    pub out_b: Vec<f32>,
+    pub out_ln_g: Vec<f32>,
+    pub out_ln_b: Vec<f32>,
+}
+
+pub struct BertWeights {
+    pub word_emb: Vec<f32>,
+    pub pos_emb: Vec<f32>,
+    pub type_emb: Vec<f32>,
+    pub emb_ln_g: Vec<f32>,
+    pub emb_ln_b: Vec<f32>,
+    pub layers: Vec<LayerWeights>,
+    /// xxh3-64 of the safetensors file: identifies the exact weights.
+    pub file_hash: u64,
+}
+
+struct Loader<'a> {
+    st: SafeTensors<'a>,
+    path: PathBuf,
+    prefix: &'static str,
+}
+
+impl Loader<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let full = format!("{}{}", self.prefix, name);
+        let t = self.st.tensor(&full).or_else(|_| {
+            // Old checkpoints call LayerNorm parameters gamma/beta.
+            let alt = full.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta");
+            self.st.tensor(&alt)
+        });
+        let t = t.map_err(|_| Error::MissingTensor {
+            path: self.path.clone(),
+            name: full.clone(),
+        })?;
+        if t.shape() != shape {
+            return Err(Error::TensorShape {
+                path: self.path.clone(),
+                name: full,
+                expected: shape.to_vec(),
+                found: t.shape().to_vec(),
+            });
+        }
+        let data = t.data();
+        // The mmap gives no alignment guarantee for a tensor's bytes, so decode element-wise.
+        let out: Vec<f32> = match t.dtype() {
+            Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(Error::format(
+                    &self.path,
+                    format!("tensor `{full}` has dtype {other:?}; expected F32, F16 or BF16"),
+                ))
+            }
+        };
+        if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+            return Err(Error::format(&self.path, format!("tensor `{full}` has a non-finite value at element {i}")));
+        }
+        Ok(out)
+    }
+}
+
+impl BertWeights {
+    pub fn load(path: &Path, cfg: &BertConfig) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the file is opened read-only; concurrent truncation by another process is the
+        // usual mmap caveat and is outside what a model folder is used for.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let file_hash = xxhash_rust::xxh3::xxh3_64(&mmap);
+        let st = SafeTensors::deserialize(&mmap)
+            .map_err(|e| Error::format(path, format!("not a valid safetensors file: {e}")))?;
+        let prefix = if st.tensor("embeddings.word_embeddings.weight").is_ok() {
+            ""
+        } else {
+            "bert."
+        };
+        let l = Loader {
+            st,
+            path: path.to_path_buf(),
+            prefix,
+        };
+        let h = cfg.hidden_size;
+        let i = cfg.intermediate_size;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for n in 0..cfg.num_hidden_layers {
+            let p = format!("encoder.layer.{n}.");
+            let g = |s: &str, shape: &[usize]| l.get(&format!("{p}{s}"), shape);
+            let mut qkv_w = g("attention.self.query.weight", &[h, h])?;
+            qkv_w.extend(g("attention.self.key.weight", &[h, h])?);
+            qkv_w.extend(g("attention.self.value.weight", &[h, h])?);
+            let mut qkv_b = g("attention.self.query.bias", &[h])?;
+            qkv_b.extend(g("attention.self.key.bias", &[h])?);
+            qkv_b.extend(g("attention.self.value.bias", &[h])?);
+            layers.push(LayerWeights {
+                qkv_w,
+                qkv_b,
+                attn_out_w: g("attention.output.dense.weight", &[h, h])?,
+                attn_out_b: g("attention.output.dense.bias", &[h])?,
+                attn_ln_g: g("attention.output.LayerNorm.weight", &[h])?,
+                attn_ln_b: g("attention.output.LayerNorm.bias", &[h])?,
+                inter_w: g("intermediate.dense.weight", &[i, h])?,
+                inter_b: g("intermediate.dense.bias", &[i])?,
+                out_w: g("output.dense.weight", &[h, i])?,
+                out_b: g("output.dense.bias", &[h])?,
+                out_ln_g: g("output.LayerNorm.weight", &[h])?,
+                out_ln_b: g("output.LayerNorm.bias", &[h])?,
+            });
+        }
+        Ok(BertWeights {
+            word_emb: l.get("embeddings.word_embeddings.weight", &[cfg.vocab_size, h])?,
+            pos_emb: l.get("embeddings.position_embeddings.weight", &[cfg.max_position_embeddings, h])?,
+            type_emb: l.get("embeddings.token_type_embeddings.weight", &[cfg.type_vocab_size, h])?,
+            emb_ln_g: l.get("embeddings.LayerNorm.weight", &[h])?,
+            emb_ln_b: l.get("embeddings.LayerNorm.bias", &[h])?,
+            layers,
+            file_hash,
+        })
+    }
+}

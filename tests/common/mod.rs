@@ -1,0 +1,62 @@
+//! Test support: where the shared data and fixtures are, and the reference model (fetched once
+//! per machine from the package registry by tools/fetch-model.sh).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// `../shared` next to the repository, or `$RRRA_SHARED`.
+pub fn shared() -> PathBuf {
+    std::env::var_os("RRRA_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared")))
+}
+
+/// all-MiniLM-L6-v2: `$RRRA_MODEL` if set, else fetched into the cache by tools/fetch-model.sh.
+pub fn minilm() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(p) = std::env::var_os("RRRA_MODEL") {
+            return PathBuf::from(p);
+        }
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/fetch-model.sh");
+        let out = std::process::Command::new("bash")
+            .arg(script)
+            .output()
+            .expect("cannot run tools/fetch-model.sh");
+        assert!(
+            out.status.success(),
+            "tools/fetch-model.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+    .clone()
+}
+
+/// A named f32 tensor and the file's metadata from a safetensors fixture.
+pub fn read_f32_tensor(path: &std::path::Path, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    assert_eq!(t.dtype(), safetensors::Dtype::F32);
+    let v = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    (t.shape().to_vec(), v)
+}
+
+pub fn safetensors_metadata(path: &std::path::Path) -> std::collections::HashMap<String, String> {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    meta.metadata().clone().unwrap_or_default()
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
