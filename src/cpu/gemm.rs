@@ -52,48 +52,6 @@ fn row_chunk(rows: usize) -> usize {
     rows.div_ceil(threads).max(16)
 }
 
-/// General strided single-threaded GEMM `c = alpha·a·b + beta·c` (the attention inner products).
-/// Strides are in elements: `(rs, cs)` = (row stride, column stride).
-#[allow(clippy::too_many_arguments)]
-#[inline]
-pub fn sgemm_strided(
-    m: usize,
-    k: usize,
-    n: usize,
-    alpha: f32,
-    a: (&[f32], isize, isize),
-    b: (&[f32], isize, isize),
-    beta: f32,
-    c: (&mut [f32], isize, isize),
-) {
-    // Bounds: the furthest element each operand touches must lie inside its slice.
-    let reach = |rows: usize, cols: usize, rs: isize, cs: isize| {
-        (rows.saturating_sub(1) as isize * rs + cols.saturating_sub(1) as isize * cs) as usize
-    };
-    assert!(m == 0 || k == 0 || reach(m, k, a.1, a.2) < a.0.len(), "sgemm: a out of bounds");
-    assert!(k == 0 || n == 0 || reach(k, n, b.1, b.2) < b.0.len(), "sgemm: b out of bounds");
-    assert!(m == 0 || n == 0 || reach(m, n, c.1, c.2) < c.0.len(), "sgemm: c out of bounds");
-    // SAFETY: every index reached is in bounds (asserted above); strides are non-negative.
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            alpha,
-            a.0.as_ptr(),
-            a.1,
-            a.2,
-            b.0.as_ptr(),
-            b.1,
-            b.2,
-            beta,
-            c.0.as_mut_ptr(),
-            c.1,
-            c.2,
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@
 
 use super::config::BertConfig;
 use super::weights::BertWeights;
-use crate::cpu::{gemm, math};
+use crate::cpu::{attention, gemm, math};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
@@ -131,14 +131,10 @@ impl Bert {
         x
     }
 
-    /// Scaled dot-product attention per sequence and head: `ctx = softmax(QKᵀ/√d)·V`, reading
-    /// Q, K, V in place from the fused `[tokens × 3h]` projection through strides.
+    /// Attention of every sequence (in parallel) from the fused `[tokens × 3h]` projection.
     fn attention(&self, batch: &PackedBatch, qkv: &[f32], ctx: &mut [f32]) {
         let h = self.cfg.hidden_size;
         let heads = self.cfg.num_attention_heads;
-        let dh = self.cfg.head_dim();
-        let scale = 1.0 / (dh as f32).sqrt();
-        let ld = (3 * h) as isize;
 
         // Split ctx into one disjoint slice per sequence so sequences run in parallel.
         let mut per_seq: Vec<(usize, &mut [f32])> = Vec::with_capacity(batch.sequences());
@@ -150,39 +146,7 @@ impl Bert {
         }
         per_seq.into_par_iter().for_each(|(start, out)| {
             let len = out.len() / h;
-            if len == 0 {
-                return;
-            }
-            let base = &qkv[start * 3 * h..];
-            let mut scores = vec![0.0f32; len * len];
-            for hd in 0..heads {
-                let q = &base[hd * dh..];
-                let k = &base[h + hd * dh..];
-                let v = &base[2 * h + hd * dh..];
-                gemm::sgemm_strided(
-                    len,
-                    dh,
-                    len,
-                    scale,
-                    (q, ld, 1),
-                    (k, 1, ld),
-                    0.0,
-                    (&mut scores, len as isize, 1),
-                );
-                for row in scores.chunks_exact_mut(len) {
-                    math::softmax_row(row);
-                }
-                gemm::sgemm_strided(
-                    len,
-                    len,
-                    dh,
-                    1.0,
-                    (&scores, len as isize, 1),
-                    (v, ld, 1),
-                    0.0,
-                    (&mut out[hd * dh..], h as isize, 1),
-                );
-            }
+            attention::attention_sequence(&qkv[start * 3 * h..(start + len) * 3 * h], len, h, heads, out);
         });
     }
 }
