@@ -1,1 +1,55 @@
-fn main() {}
+//! Criterion benches of the standard workloads, scaled so one sample takes well under a second
+//! (the full-size table is `rrra bench`). Throughput is reported per item.
+//!   cargo bench --bench workloads [-- FILTER]
+//! The encoder benches need all-MiniLM-L6-v2: `$RRRA_MODEL`, or the folder tools/fetch-model.sh fills.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use rrra::bench::{topk_data, TOPK_DIM, TOPK_K};
+use rrra::index::{topk, Corpus};
+use rrra::model::{Encoder, EncoderOptions};
+use std::path::PathBuf;
+
+fn model_dir() -> Option<PathBuf> {
+    let p = std::env::var_os("RRRA_MODEL").map(PathBuf::from).or_else(|| {
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/rrra/models/all-MiniLM-L6-v2"))
+    })?;
+    p.join("model.safetensors").is_file().then_some(p)
+}
+
+fn shared() -> PathBuf {
+    std::env::var_os("RRRA_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared")))
+}
+
+fn encode(c: &mut Criterion) {
+    let Some(dir) = model_dir() else {
+        eprintln!("encoder benches skipped: no model (run tools/fetch-model.sh or set RRRA_MODEL)");
+        return;
+    };
+    let enc = Encoder::load(&dir, &EncoderOptions::default()).expect("model");
+    let text = std::fs::read_to_string(shared().join("bench/sentences-56tok.txt")).expect("sentences");
+    let lines: Vec<&str> = text.lines().take(32).collect();
+    let mut g = c.benchmark_group("encode");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(lines.len() as u64));
+    g.bench_function("sentences-56tok/batch32", |b| b.iter(|| enc.encode(&lines, 32).unwrap()));
+    g.finish();
+}
+
+fn search(c: &mut Criterion) {
+    let (corpus, queries) = topk_data();
+    let corpus = Corpus::from_f32(&corpus, TOPK_DIM).unwrap();
+    let mut g = c.benchmark_group("topk-200000x384");
+    g.sample_size(10);
+    let batch = &queries[..100 * TOPK_DIM];
+    g.throughput(Throughput::Elements(100));
+    g.bench_function("batch100/k10", |b| b.iter(|| topk::search_batch(&corpus, batch, TOPK_K).unwrap()));
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("single/k10", |b| b.iter(|| topk::search_one(&corpus, &queries[..TOPK_DIM], TOPK_K).unwrap()));
+    g.bench_function("single/k10000", |b| b.iter(|| topk::search_one(&corpus, &queries[..TOPK_DIM], 10_000).unwrap()));
+    g.finish();
+}
+
+criterion_group!(benches, encode, search);
+criterion_main!(benches);

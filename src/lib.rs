@@ -5,6 +5,7 @@
 //! → [`eval`] (trec_eval metrics) over [`data`] (BEIR folders, TREC runs).
 //! [`cpu`] holds the reference kernels every GPU kernel is checked against; [`device`] the GPU side.
 
+pub mod bench;
 pub mod cpu;
 pub mod data;
 pub mod device;
@@ -12,6 +13,7 @@ pub mod error;
 pub mod eval;
 pub mod index;
 pub mod model;
+pub mod pipeline;
 pub mod util;
 
 pub use error::{Error, Result};

@@ -1,0 +1,96 @@
+//! `rrra bench`: the standard workloads, printed as a table next to the peer figures.
+
+use clap::Args;
+use rrra::bench::{self, Measurement};
+use rrra::model::{Encoder, EncoderOptions};
+use rrra::{data, Error, Result};
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Model folder (all-MiniLM-L6-v2 for the published workloads).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// The shared folder holding bench/sentences-56tok.txt and data/scifact.
+    #[arg(long, value_name = "DIR", default_value = "../shared")]
+    pub shared: PathBuf,
+    /// Workloads to run, comma-separated: encode-sentences, encode-docs, topk-batch, topk-single.
+    #[arg(long, value_delimiter = ',', default_values_t = ["encode-sentences".to_string(), "encode-docs".into(), "topk-batch".into(), "topk-single".into()])]
+    pub only: Vec<String>,
+    /// Timed repetitions per workload (after one untimed warm-up).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Also write the measurements as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let wants = |w: &str| a.only.iter().any(|o| o == w);
+    for w in &a.only {
+        if !["encode-sentences", "encode-docs", "topk-batch", "topk-single"].contains(&w.as_str()) {
+            return Err(Error::InvalidArgument(format!("unknown workload `{w}`")));
+        }
+    }
+    let mut rows: Vec<Measurement> = Vec::new();
+    if wants("encode-sentences") || wants("encode-docs") {
+        let model = a.model.clone().unwrap_or_else(crate::demo::default_model);
+        let enc = Encoder::load(&model, &EncoderOptions::default())?;
+        if wants("encode-sentences") {
+            let path = a.shared.join("bench/sentences-56tok.txt");
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("encode-sentences: {} sentences ...", lines.len());
+            rows.push(bench::encode_sentences(&enc, &lines, a.reps)?);
+        }
+        if wants("encode-docs") {
+            let docs = data::read_corpus(&a.shared.join("data/scifact/corpus.jsonl"))?;
+            eprintln!("encode-docs: 1024 documents ...");
+            rows.push(bench::encode_docs(&enc, &docs, a.reps.min(1))?);
+        }
+    }
+    if wants("topk-batch") || wants("topk-single") {
+        eprintln!("top-k data: {} x {} ...", bench::TOPK_CORPUS, bench::TOPK_DIM);
+        let (corpus, queries) = bench::topk_data();
+        if wants("topk-batch") {
+            rows.push(bench::topk_batch(&corpus, &queries, a.reps.max(3))?);
+        }
+        if wants("topk-single") {
+            let some = &queries[..100 * bench::TOPK_DIM];
+            rows.push(bench::topk_single(&corpus, some, a.reps)?);
+        }
+    }
+    println!(
+        "threads: {}, cpu: {}",
+        rayon::current_num_threads(),
+        cpu_model().unwrap_or_else(|| "unknown".into())
+    );
+    println!("| workload | rrra | unit | peer | peer figure | ratio to peer (mid) |");
+    println!("|---|---|---|---|---|---|");
+    for m in &rows {
+        let mid = (m.peer.0 + m.peer.1) / 2.0;
+        let peer = if m.peer.0 == m.peer.1 {
+            format!("{}", m.peer.0)
+        } else {
+            format!("{}–{}", m.peer.0, m.peer.1)
+        };
+        println!(
+            "| {} | {:.1} | {} | {} | {} | {:.2}× |",
+            m.workload, m.throughput, m.unit, m.peer_name, peer, m.throughput / mid
+        );
+    }
+    if let Some(p) = &a.json {
+        let text = serde_json::to_string_pretty(&rows).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        rrra::util::atomic_write(p, |w| {
+            use std::io::Write;
+            w.write_all(text.as_bytes()).map_err(|e| Error::io(p, e))
+        })?;
+    }
+    Ok(())
+}
+
+fn cpu_model() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("model name"))?;
+    Some(line.split(':').nth(1)?.trim().to_string())
+}

@@ -1,0 +1,117 @@
+//! The retrieval path end to end, as the CLI and services use it: encode a corpus into an
+//! embedding store, and search a store with encoded queries into a TREC run.
+
+use crate::data::{Document, Query, Run};
+use crate::error::{Error, Result};
+use crate::index::store::{Store, StoreSpec, StoreWriter};
+use crate::index::topk;
+use crate::index::Dtype;
+use crate::model::Encoder;
+use std::path::Path;
+
+/// Documents are encoded and written in windows of this many, so memory stays bounded however
+/// large the corpus is (the store writer streams vectors to disk).
+const ENCODE_WINDOW: usize = 4096;
+
+/// xxh3 over the ids and texts of a corpus: tells whether a store was built from this corpus.
+pub fn corpus_hash(docs: &[Document]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for d in docs {
+        h.update(d.id.as_bytes());
+        h.update(&[0]);
+        h.update(d.text.as_bytes());
+        h.update(&[0]);
+    }
+    h.digest()
+}
+
+/// Encodes `docs` and writes them atomically as an embedding store at `out`.
+pub fn encode_corpus(
+    encoder: &Encoder,
+    docs: &[Document],
+    out: &Path,
+    dtype: Dtype,
+    batch_size: usize,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<()> {
+    let mut meta = encoder.describe();
+    meta["corpus_xxh3"] = format!("{:016x}", corpus_hash(docs)).into();
+    meta["documents"] = docs.len().into();
+    let spec = StoreSpec {
+        dim: encoder.dim(),
+        dtype,
+        normalized: encoder.normalize(),
+        fingerprint: encoder.fingerprint(),
+        metadata_json: meta.to_string(),
+    };
+    let mut writer = StoreWriter::create(out, spec)?;
+    for window in docs.chunks(ENCODE_WINDOW) {
+        let texts: Vec<&str> = window.iter().map(|d| d.text.as_str()).collect();
+        let vecs = encoder.encode_with_progress(&texts, batch_size, progress)?;
+        for (doc, v) in window.iter().zip(vecs.chunks_exact(encoder.dim())) {
+            writer.push(&doc.id, v)?;
+        }
+    }
+    writer.finish()
+}
+
+/// Refuses a store that another encoder (other weights, max length or pooling) produced, or
+/// whose dimension differs: its scores would be meaningless.
+pub fn check_store_matches(store: &Store, store_path: &Path, encoder: &Encoder) -> Result<()> {
+    if store.dim() != encoder.dim() {
+        return Err(Error::mismatch(
+            store_path,
+            format!("store vectors have dimension {}, the model produces {}", store.dim(), encoder.dim()),
+        ));
+    }
+    if store.fingerprint() != encoder.fingerprint() {
+        return Err(Error::mismatch(
+            store_path,
+            format!(
+                "store was built by another encoder (fingerprint {:016x}, this model with its options gives {:016x}); \
+                 re-encode the corpus or pass the same model, --max-length and --pooling",
+                store.fingerprint(),
+                encoder.fingerprint()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The encoder options a store was built with (from its metadata), so search can rebuild the
+/// same encoder without the user repeating them.
+pub fn store_encoder_options(store: &Store) -> crate::model::EncoderOptions {
+    let meta: serde_json::Value = serde_json::from_str(store.metadata_json()).unwrap_or_default();
+    crate::model::EncoderOptions {
+        max_length: meta["max_length"].as_u64().map(|n| n as usize),
+        pooling: meta["pooling"].as_str().and_then(|p| p.parse().ok()),
+        normalize: meta["normalize"].as_bool(),
+    }
+}
+
+/// Encodes `queries` and retrieves the top `k` documents of `store` for each, in query order.
+pub fn search(
+    encoder: &Encoder,
+    store: &Store,
+    queries: &[Query],
+    k: usize,
+    batch_size: usize,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<Run> {
+    let corpus = store.corpus();
+    let mut run = Run::new();
+    for window in queries.chunks(1024) {
+        let texts: Vec<&str> = window.iter().map(|q| q.text.as_str()).collect();
+        let vecs = encoder.encode(&texts, batch_size)?;
+        let hits = topk::search_batch(&corpus, &vecs, k)?;
+        for (q, hits) in window.iter().zip(hits) {
+            let docs = hits
+                .into_iter()
+                .map(|h| (store.id(h.index).to_string(), h.score as f64))
+                .collect();
+            run.add_query(q.id.clone(), docs)?;
+        }
+        progress(window.len());
+    }
+    Ok(run)
+}
