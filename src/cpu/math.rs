@@ -55,8 +55,16 @@ dispatch_avx2! {
             }
         }
         let n = x.len() as f32;
-        let mean = x.iter().sum::<f32>() / n;
-        let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+        let mean = sum_lanes(x) / n;
+        let mut sq = [0.0f32; 8];
+        let chunks = x.chunks_exact(8);
+        let tail: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
+        for c in chunks {
+            for l in 0..8 {
+                sq[l] += (c[l] - mean) * (c[l] - mean);
+            }
+        }
+        let var = (sq.iter().sum::<f32>() + tail) / n;
         let inv = 1.0 / (var + eps).sqrt();
         for ((v, g), b) in x.iter_mut().zip(gamma).zip(beta) {
             *v = (*v - mean) * inv * g + b;
@@ -103,7 +111,10 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let y = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // n as an integer without a float→int cast (Rust's saturating cast does not vectorise):
+    // the low mantissa bits of n + 1.5·2^23 hold n in two's complement.
+    let ni = (n + ROUND).to_bits().wrapping_sub(ROUND.to_bits());
+    let scale = f32::from_bits(ni.wrapping_add(127) << 23);
     if x < -87.3 {
         0.0
     } else {
@@ -111,15 +122,43 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
+/// Sum in 8 interleaved lanes, then the lanes in order: a fixed order (so deterministic) that
+/// vectorises, where a single running f32 sum would be a serial dependency chain.
+#[inline(always)]
+pub fn sum_lanes(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Maximum in 8 interleaved lanes (see [`sum_lanes`]); -inf for an empty slice.
+#[inline(always)]
+fn max_lanes(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    acc.iter().copied().fold(tail, f32::max)
+}
+
 /// In-place softmax of one row. Entries equal to -inf get probability 0.
 #[inline(always)]
 pub fn softmax_row(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
+    let max = max_lanes(x);
     for v in x.iter_mut() {
         *v = exp(*v - max);
-        sum += *v;
     }
+    let sum = sum_lanes(x);
     let inv = 1.0 / sum;
     for v in x.iter_mut() {
         *v *= inv;
