@@ -9,7 +9,8 @@ use rrra::index::{
 use rrra::Error;
 use std::path::{Path, PathBuf};
 
-const META: &str = r#"{"model":"sentence-transformers/all-MiniLM-L6-v2","max_len":256,"pooling":"mean"}"#;
+const META: &str =
+    r#"{"model":"sentence-transformers/all-MiniLM-L6-v2","max_len":256,"pooling":"mean"}"#;
 
 fn spec(dim: usize, dtype: Dtype) -> StoreSpec {
     StoreSpec {
@@ -44,7 +45,9 @@ fn expect_format(path: &Path) -> String {
         Err(e @ Error::Format { .. }) => {
             let text = e.to_string();
             assert!(text.contains(&path.display().to_string()), "{text}");
-            let Error::Format { path: p, msg } = e else { unreachable!() };
+            let Error::Format { path: p, msg } = e else {
+                unreachable!()
+            };
             assert_eq!(p, path);
             msg
         }
@@ -98,8 +101,14 @@ fn round_trip_every_dtype() {
             s.row_f32(i, &mut row).unwrap();
             assert_eq!(row, expect[i * dim..(i + 1) * dim]);
         }
-        assert!(matches!(s.row_f32(n, &mut row), Err(Error::InvalidArgument(_))));
-        assert!(matches!(s.row_f32(0, &mut row[..3]), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            s.row_f32(n, &mut row),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            s.row_f32(0, &mut row[..3]),
+            Err(Error::InvalidArgument(_))
+        ));
         // A store searches like its vectors: the nearest neighbour of row 42 is row 42.
         let hits = search_one(&s.corpus(), &expect[42 * dim..43 * dim], 3).unwrap();
         assert_eq!(hits[0].index, 42);
@@ -120,7 +129,8 @@ fn streaming_writer_and_empty_store() {
     let mut w = StoreWriter::create(&p, s.clone()).unwrap();
     assert!(w.is_empty());
     for i in 0..1000 {
-        w.push(&format!("d{i}"), &[i as f32, -(i as f32), 0.5]).unwrap();
+        w.push(&format!("d{i}"), &[i as f32, -(i as f32), 0.5])
+            .unwrap();
     }
     assert_eq!(w.len(), 1000);
     w.finish().unwrap();
@@ -147,7 +157,20 @@ fn truncated_files_are_format_errors() {
     let (p, _) = write(dir.path(), "t.rrra", 10, 8, Dtype::F16);
     let bytes = std::fs::read(&p).unwrap();
     let vec_end = 128 + 10 * 8 * 2;
-    let cuts = [0, 1, 7, 8, 64, 127, 128, 129, 200, vec_end, vec_end + 5, bytes.len() - 1];
+    let cuts = [
+        0,
+        1,
+        7,
+        8,
+        64,
+        127,
+        128,
+        129,
+        200,
+        vec_end,
+        vec_end + 5,
+        bytes.len() - 1,
+    ];
     for &cut in &cuts {
         let q = dir.path().join(format!("cut{cut}.rrra"));
         std::fs::write(&q, &bytes[..cut]).unwrap();
@@ -227,7 +250,9 @@ fn any_flipped_byte_is_detected() {
                 let name = section(i);
                 seen.insert(name);
                 match name {
-                    "vectors" | "metadata" | "ids" => assert!(msg.contains(name), "byte {i}: {msg}"),
+                    "vectors" | "metadata" | "ids" => {
+                        assert!(msg.contains(name), "byte {i}: {msg}")
+                    }
                     _ => {}
                 }
                 if name == "vectors" {
@@ -236,8 +261,9 @@ fn any_flipped_byte_is_detected() {
                 }
             }
         }
-        let want: std::collections::BTreeSet<&str> =
-            ["header", "vectors", "metadata", "ids"].into_iter().collect();
+        let want: std::collections::BTreeSet<&str> = ["header", "vectors", "metadata", "ids"]
+            .into_iter()
+            .collect();
         assert_eq!(seen, want);
     }
 }
@@ -248,7 +274,11 @@ fn dropped_writer_leaves_nothing() {
     let p = dir.path().join("never.rrra");
     let mut w = StoreWriter::create(&p, spec(4, Dtype::F16)).unwrap();
     w.push("a", &[1.0, 0.0, 0.0, 0.0]).unwrap();
-    assert_eq!(dir_entries(dir.path()).len(), 1, "the temporary file exists while writing");
+    assert_eq!(
+        dir_entries(dir.path()).len(),
+        1,
+        "the temporary file exists while writing"
+    );
     drop(w);
     assert!(dir_entries(dir.path()).is_empty());
 
@@ -321,17 +351,30 @@ fn bad_rows_are_rejected_and_the_writer_goes_on() {
     sp.normalized = false;
     let mut w = StoreWriter::create(dir.path().join("big.rrra"), sp.clone()).unwrap();
     assert!(bad(w.push("big", &[1e6, 0.0])).contains("f16"));
+    drop(w);
     sp.dtype = Dtype::F32;
     let mut w = StoreWriter::create(dir.path().join("big32.rrra"), sp).unwrap();
     w.push("big", &[1e6, 0.0]).unwrap();
+    drop(w);
 
     // Bad specs and mismatched one-shot input.
     let mut sp = spec(0, Dtype::F32);
-    assert!(matches!(StoreWriter::create(dir.path().join("z"), sp.clone()), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        StoreWriter::create(dir.path().join("z"), sp.clone()),
+        Err(Error::InvalidArgument(_))
+    ));
     sp.dim = 2;
     sp.metadata_json = "{not json".into();
-    assert!(matches!(StoreWriter::create(dir.path().join("z"), sp), Err(Error::InvalidArgument(_))));
-    let r = write_store(dir.path().join("z"), spec(2, Dtype::F32), &ids(3), &[1.0; 5]);
+    assert!(matches!(
+        StoreWriter::create(dir.path().join("z"), sp),
+        Err(Error::InvalidArgument(_))
+    ));
+    let r = write_store(
+        dir.path().join("z"),
+        spec(2, Dtype::F32),
+        &ids(3),
+        &[1.0; 5],
+    );
     assert!(matches!(r, Err(Error::InvalidArgument(_))));
     let dup = vec!["a".to_string(), "a".to_string()];
     let r = write_store(dir.path().join("z"), spec(1, Dtype::F32), &dup, &[1.0, 1.0]);
@@ -347,8 +390,14 @@ fn dtype_names() {
         assert_eq!(d.to_string().parse::<Dtype>().unwrap(), d);
     }
     assert_eq!("BF16".parse::<Dtype>().unwrap(), Dtype::Bf16);
-    assert!(matches!("f64".parse::<Dtype>(), Err(Error::InvalidArgument(_))));
-    assert_eq!((Dtype::F32.size(), Dtype::F16.size(), Dtype::Bf16.size()), (4, 2, 2));
+    assert!(matches!(
+        "f64".parse::<Dtype>(),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert_eq!(
+        (Dtype::F32.size(), Dtype::F16.size(), Dtype::Bf16.size()),
+        (4, 2, 2)
+    );
 }
 
 /// Minimal `.npy` v1.0 reader: (descr, shape, data bytes).
@@ -361,9 +410,25 @@ fn read_npy(path: &Path) -> (String, (usize, usize), Vec<u8>) {
     let header = std::str::from_utf8(&b[10..10 + hl]).unwrap();
     assert!(header.ends_with('\n'));
     assert!(header.contains("'fortran_order': False"));
-    let descr = header.split("'descr': '").nth(1).unwrap().split('\'').next().unwrap().to_string();
-    let shape = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
-    let dims: Vec<usize> = shape.split(',').map(|s| s.trim().parse().unwrap()).collect();
+    let descr = header
+        .split("'descr': '")
+        .nth(1)
+        .unwrap()
+        .split('\'')
+        .next()
+        .unwrap()
+        .to_string();
+    let shape = header
+        .split("'shape': (")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
+    let dims: Vec<usize> = shape
+        .split(',')
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
     (descr, (dims[0], dims[1]), b[10 + hl..].to_vec())
 }
 

@@ -15,7 +15,8 @@ use std::path::Path;
 
 /// The `.npy` v1.0 header for a C-order matrix of `descr` with the given shape.
 fn npy_header(descr: &str, rows: usize, cols: usize) -> Vec<u8> {
-    let dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    let dict =
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
     let unpadded = 10 + dict.len() + 1; // magic + version + u16 length, dict, '\n'
     let total = unpadded.div_ceil(64) * 64;
     let mut h = Vec::with_capacity(total);

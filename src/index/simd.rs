@@ -25,6 +25,7 @@ use half::{bf16, f16};
 
 /// The instruction set the kernels run with, chosen once per search.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) enum Isa {
     /// x86-64 with AVX2 and FMA (Haswell / Zen and later).
     Avx2Fma,
@@ -59,11 +60,11 @@ pub(crate) const ONE_ROWS: usize = 8;
 /// `out[r * lanes + l] = Σ_k panel[k * lanes + l] * rows[r * d + k]` (sequential in `k`).
 /// Returns whether any `out` value `s` has `!(s < thr[l])`.
 ///
-/// With 8 lanes (the single-query scan, which streams the corpus from memory) the kernel also
-/// prefetches `ahead`, one cache line every other step of `k`: that spreads the next tiles'
-/// loads evenly over this tile's compute, and measured 7 → 10.7 GB/s per core here, since the
-/// hardware prefetcher does not follow eight interleaved 4-byte row streams well. `ahead` is
-/// a hint only (ignored with 16 lanes and by the portable kernel).
+/// The kernel also prefetches `ahead` (a hint only; may be empty), one cache line every other
+/// step of `k`, which spreads those loads evenly over the tile's compute. The single-query scan
+/// passes the rows two tiles ahead: the hardware prefetcher does not follow eight interleaved
+/// 4-byte row streams well, and this took one core from 7 to 10.7 GB/s here. The batch scan
+/// passes the next query panel during the last two tiles of each panel pass.
 ///
 /// # Panics
 /// If `lanes` is not 8 or 16, `nrows` is 0 or above the kernel's row count, or a slice is too
@@ -86,7 +87,10 @@ pub(crate) fn tile(
         ONE_LANES => ONE_ROWS,
         _ => panic!("unsupported lane count {lanes}"),
     };
-    assert!(nrows >= 1 && nrows <= max_rows, "bad tile row count {nrows}");
+    assert!(
+        nrows >= 1 && nrows <= max_rows,
+        "bad tile row count {nrows}"
+    );
     assert!(panel.len() >= d * lanes, "panel too short");
     assert!(rows.len() >= nrows * d, "rows too short");
     assert!(thr.len() >= lanes, "thresholds too short");
@@ -110,7 +114,10 @@ pub(crate) fn tile(
                 )
             }
         }
-        _ => portable(panel, lanes, rows, nrows, d, thr, out),
+        _ => {
+            let _ = ahead; // a hint the portable kernel has no use for
+            portable(panel, lanes, rows, nrows, d, thr, out)
+        }
     }
 }
 
@@ -209,7 +216,7 @@ fn portable(
             }
         }
         for (&s, &t) in acc.iter().zip(thr) {
-            any |= !(s < t);
+            any |= super::topk::may_enter(s, t);
         }
     }
     any
@@ -359,7 +366,8 @@ mod tests {
                         if nrows <= 6 {
                             let mut out16 = vec![0f32; nrows * 16];
                             let thr16 = [f32::INFINITY; 16];
-                            let any = tile(isa, &panel16, 16, &rows, nrows, d, &thr16, &mut out16, &[]);
+                            let any =
+                                tile(isa, &panel16, 16, &rows, nrows, d, &thr16, &mut out16, &[]);
                             assert!(!any);
                             for r in 0..nrows {
                                 assert_eq!(out16[r * 16 + l0].to_bits(), out8[r * 8].to_bits());
@@ -370,7 +378,9 @@ mod tests {
                                 .map(|k| queries[l0 * d + k] as f64 * rows[r * d + k] as f64)
                                 .sum();
                             let bound: f64 = (0..d)
-                                .map(|k| (queries[l0 * d + k] as f64 * rows[r * d + k] as f64).abs())
+                                .map(|k| {
+                                    (queries[l0 * d + k] as f64 * rows[r * d + k] as f64).abs()
+                                })
                                 .sum::<f64>()
                                 * d as f64
                                 * f32::EPSILON as f64;
@@ -390,9 +400,15 @@ mod tests {
         let b: Vec<bf16> = vals.iter().map(|&x| bf16::from_f32(x)).collect();
         let mut out = vec![0f32; vals.len()];
         f16_to_f32(&h, &mut out);
-        assert!(h.iter().zip(&out).all(|(h, o)| h.to_f32().to_bits() == o.to_bits()));
+        assert!(h
+            .iter()
+            .zip(&out)
+            .all(|(h, o)| h.to_f32().to_bits() == o.to_bits()));
         bf16_to_f32(&b, &mut out);
-        assert!(b.iter().zip(&out).all(|(b, o)| b.to_f32().to_bits() == o.to_bits()));
+        assert!(b
+            .iter()
+            .zip(&out)
+            .all(|(b, o)| b.to_f32().to_bits() == o.to_bits()));
     }
 
     #[test]

@@ -142,11 +142,15 @@ impl Header {
             )));
         }
         if xxh3_64(&h[..field::HEADER_XXH3]) != get_u64(h, field::HEADER_XXH3) {
-            return Err(bad("header checksum mismatch: the header is corrupted".into()));
+            return Err(bad(
+                "header checksum mismatch: the header is corrupted".into()
+            ));
         }
         let header_len = get_u32(h, field::HEADER_LEN);
         if header_len as usize != HEADER_LEN {
-            return Err(bad(format!("header length {header_len}, expected {HEADER_LEN}")));
+            return Err(bad(format!(
+                "header length {header_len}, expected {HEADER_LEN}"
+            )));
         }
         let dtype = Dtype::from_code(h[field::DTYPE])
             .ok_or_else(|| bad(format!("unknown dtype code {}", h[field::DTYPE])))?;
@@ -237,7 +241,7 @@ pub struct StoreWriter {
     tmp_path: PathBuf,
     out: BufWriter<File>,
     // Declared after `out` so the file is closed before it is removed.
-    _tmp: TempFile,
+    tmp: TempFile,
     spec: StoreSpec,
     count: u64,
     vectors_hash: Xxh3,
@@ -277,7 +281,7 @@ impl StoreWriter {
             path,
             tmp_path,
             out,
-            _tmp: tmp,
+            tmp,
             spec,
             count: 0,
             vectors_hash: Xxh3::new(),
@@ -454,7 +458,7 @@ impl StoreWriter {
         self.out.get_ref().sync_all().map_err(io)?;
         std::fs::rename(&self.tmp_path, &self.path).map_err(|e| Error::io(&self.path, e))?;
         // Renamed: nothing left to remove. Make the rename durable (best effort, as atomic_write).
-        self._tmp.path = None;
+        self.tmp.path = None;
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             if let Ok(d) = File::open(dir) {
                 let _ = d.sync_all();
@@ -504,8 +508,9 @@ impl Store {
         Self::open_with(path.as_ref(), true)
     }
 
-    /// Like [`Store::open`] but skips the checksum of the vectors section (the only check whose
-    /// cost grows with the corpus: ~0.1 s per GB); all other checks still run.
+    /// Like [`Store::open`] but skips the checksum of the vectors section, the one check that
+    /// reads all the vector data (about 0.1 s per GB once in memory, plus reading it from disk);
+    /// all other checks still run.
     pub fn open_unverified(path: impl AsRef<Path>) -> Result<Store> {
         Self::open_with(path.as_ref(), false)
     }
@@ -513,7 +518,9 @@ impl Store {
     fn open_with(path: &Path, verify_vectors: bool) -> Result<Store> {
         let bad = |msg: String| Error::format(path, msg);
         if cfg!(target_endian = "big") {
-            return Err(bad("stores are little-endian; big-endian hosts are not supported".into()));
+            return Err(bad(
+                "stores are little-endian; big-endian hosts are not supported".into(),
+            ));
         }
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
@@ -587,7 +594,10 @@ impl Store {
             if s.offset < pos {
                 return Err(bad(format!("{name} section overlaps another section")));
             }
-            if bytes[pos as usize..s.offset as usize].iter().any(|&b| b != 0) {
+            if bytes[pos as usize..s.offset as usize]
+                .iter()
+                .any(|&b| b != 0)
+            {
                 return Err(bad(format!("non-zero padding before the {name} section")));
             }
             pos = s.offset + s.len;
@@ -597,11 +607,15 @@ impl Store {
         let slice = |s: Section| &bytes[s.offset as usize..(s.offset + s.len) as usize];
         for (name, s) in [("metadata", header.metadata), ("ids", header.ids)] {
             if xxh3_64(slice(s)) != s.xxh3 {
-                return Err(bad(format!("{name} checksum mismatch: the {name} section is corrupted")));
+                return Err(bad(format!(
+                    "{name} checksum mismatch: the {name} section is corrupted"
+                )));
             }
         }
         if verify_vectors && xxh3_64(slice(header.vectors)) != header.vectors.xxh3 {
-            return Err(bad("vectors checksum mismatch: the vectors section is corrupted".into()));
+            return Err(bad(
+                "vectors checksum mismatch: the vectors section is corrupted".into(),
+            ));
         }
 
         // Contents.
@@ -647,7 +661,7 @@ impl Store {
             Dtype::F16 => std::mem::align_of::<f16>(),
             Dtype::Bf16 => std::mem::align_of::<bf16>(),
         };
-        if (store.vectors_ptr() as usize) % align.max(VECTORS_ALIGN) != 0 {
+        if !(store.vectors_ptr() as usize).is_multiple_of(align.max(VECTORS_ALIGN)) {
             return Err(bad("vectors are not aligned in memory".into()));
         }
         Ok(store)
@@ -697,7 +711,11 @@ impl Store {
     /// # Panics
     /// If `i >= self.len()`, like slice indexing.
     pub fn id(&self, i: usize) -> &str {
-        assert!(i < self.len(), "row {i} out of range for a store of {} rows", self.len());
+        assert!(
+            i < self.len(),
+            "row {i} out of range for a store of {} rows",
+            self.len()
+        );
         let table = self.header.ids.offset as usize;
         let start = get_u64(&self.map, table + i * 8) as usize;
         let end = get_u64(&self.map, table + (i + 1) * 8) as usize;

@@ -1,6 +1,6 @@
 //! Exact top-k by inner product on the CPU.
 //!
-//! Two entry points share one selection and one arithmetic (see [`simd`](super::simd)):
+//! Two entry points share one selection and one arithmetic (see the private `simd` module):
 //!
 //! * [`search_batch`]: many queries. Queries are packed into 16-lane panels; the corpus is split
 //!   into one contiguous shard per rayon thread and each shard is walked in 192 KiB blocks
@@ -48,21 +48,66 @@ pub fn hit_order(a: &Hit, b: &Hit) -> Ordering {
     by_score.then(a.index.cmp(&b.index))
 }
 
-/// Streaming exact top-k selector: push candidates in any order, get the k best in
-/// [`hit_order`]. Amortised O(1) per push: candidates below the threshold are rejected with one
-/// comparison, the rest are buffered and the buffer is cut back to k when it doubles.
+/// Whether a score may enter a top-k whose threshold is `thr`: not below it, and always when
+/// either is NaN (a NaN threshold means "not full yet"; a NaN score is sorted out later).
+#[inline]
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
+pub(crate) fn may_enter(score: f32, thr: f32) -> bool {
+    !(score < thr)
+}
+
+/// A candidate packed into one integer whose ascending order is [`hit_order`]: the high 32 bits
+/// hold the score mapped to an order-reversing integer (NaN last, -0.0 equal to 0.0), the low
+/// 32 bits the corpus position. Selection and sorting then compare plain `u64`s, which is
+/// several times faster than a float comparator and halves the candidate memory; it limits a
+/// corpus to 2³² rows (checked by the searches).
+#[inline]
+fn pack(score: f32, index: u32) -> u64 {
+    let s = score + 0.0; // turns -0.0 into +0.0, so the two zeros tie as in `hit_order`
+    let bits = s.to_bits();
+    let ascending = if s.is_nan() {
+        0
+    } else if bits >> 31 == 1 {
+        !bits
+    } else {
+        bits | 0x8000_0000
+    };
+    (u64::from(!ascending) << 32) | u64::from(index)
+}
+
+/// Inverse of [`pack`] (a -0.0 score comes back as 0.0, a NaN as the canonical NaN).
+#[inline]
+fn unpack(key: u64) -> Hit {
+    let ascending = !((key >> 32) as u32);
+    let score = if ascending == 0 {
+        f32::NAN
+    } else if ascending >> 31 == 1 {
+        f32::from_bits(ascending & 0x7FFF_FFFF)
+    } else {
+        f32::from_bits(!ascending)
+    };
+    Hit {
+        index: (key & 0xFFFF_FFFF) as usize,
+        score,
+    }
+}
+
+/// Streaming exact top-k selector for one query and one shard: candidates below the threshold
+/// are rejected with one comparison, the rest are buffered as packed keys and the buffer is cut
+/// back to k with `select_nth_unstable` when it holds `k + max(k, 64)`. Amortised O(1) per
+/// candidate, in any arrival order.
 #[derive(Debug, Clone)]
-pub struct TopK {
+struct TopK {
     k: usize,
     cap: usize,
-    buf: Vec<Hit>,
+    buf: Vec<u64>,
     thr: f32,
 }
 
 impl TopK {
-    pub fn new(k: usize) -> Self {
+    fn new(k: usize) -> Self {
         TopK {
-            k,
+            k: k.max(1),
             cap: Self::capacity_for(k),
             buf: Vec::new(),
             thr: f32::NAN,
@@ -70,49 +115,51 @@ impl TopK {
     }
 
     /// Most candidates held at once for a given k.
-    pub fn capacity_for(k: usize) -> usize {
-        k + k.max(64)
+    fn capacity_for(k: usize) -> usize {
+        k.max(1) + k.max(64)
     }
 
     /// A score strictly below this can no longer enter the top k. NaN while fewer than k
     /// candidates have been kept (every comparison with NaN lets the candidate in).
     #[inline]
-    pub fn threshold(&self) -> f32 {
+    fn threshold(&self) -> f32 {
         self.thr
     }
 
+    /// Offers row `index` (< 2³²) with `score`. Ties with the threshold are kept: they may win
+    /// on index.
     #[inline]
-    pub fn push(&mut self, index: usize, score: f32) {
-        // Ties with the threshold are kept: they may win on index.
-        if !(score < self.thr) {
-            self.buf.push(Hit { index, score });
+    fn push(&mut self, index: usize, score: f32) {
+        if may_enter(score, self.thr) {
+            self.buf.push(pack(score, index as u32));
             if self.buf.len() >= self.cap {
-                self.compact();
+                self.buf.select_nth_unstable(self.k - 1);
+                self.buf.truncate(self.k);
+                self.thr = unpack(self.buf[self.k - 1]).score;
             }
         }
     }
 
-    fn compact(&mut self) {
-        if self.k == 0 {
-            self.buf.clear();
-            self.thr = f32::INFINITY;
-            return;
-        }
-        if self.buf.len() > self.k {
-            self.buf.select_nth_unstable_by(self.k - 1, hit_order);
-            self.buf.truncate(self.k);
-        }
-        if self.buf.len() == self.k {
-            self.thr = self.buf[self.k - 1].score;
-        }
-    }
-
-    /// The k best, in [`hit_order`].
-    pub fn into_sorted(mut self) -> Vec<Hit> {
-        self.buf.sort_unstable_by(hit_order);
+    /// The k best keys, best first.
+    fn into_sorted(mut self) -> Vec<u64> {
+        self.buf.sort_unstable();
         self.buf.truncate(self.k);
         self.buf
     }
+}
+
+/// Merges per-shard sorted keys into the final k hits.
+fn merge(parts: &[&[u64]], k: usize) -> Vec<Hit> {
+    let mut all: Vec<u64> = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        all.extend_from_slice(p);
+    }
+    if all.len() > k {
+        all.select_nth_unstable(k - 1);
+        all.truncate(k);
+    }
+    all.sort_unstable();
+    all.into_iter().map(unpack).collect()
 }
 
 /// Candidate memory allowed per batch of queries; more queries than fit are run in sequence.
@@ -146,6 +193,12 @@ fn check_common(corpus: &Corpus, queries: &[f32], k: usize) -> Result<()> {
         return Err(Error::InvalidArgument("k must be at least 1".into()));
     }
     corpus.validate()?;
+    if corpus.len() > u32::MAX as usize {
+        return Err(Error::InvalidArgument(format!(
+            "a corpus of {} rows is beyond the 2^32 rows exact search supports",
+            corpus.len()
+        )));
+    }
     if let Some(i) = queries.iter().position(|x| !x.is_finite()) {
         return Err(Error::InvalidArgument(format!(
             "query {} has a non-finite value ({}) at position {}",
@@ -165,7 +218,7 @@ pub(crate) fn search_batch_with(
 ) -> Result<Vec<Vec<Hit>>> {
     check_common(corpus, queries, k)?;
     let d = corpus.dim;
-    if queries.len() % d != 0 {
+    if !queries.len().is_multiple_of(d) {
         return Err(Error::InvalidArgument(format!(
             "queries have {} values, not a multiple of the corpus dimension {d}",
             queries.len()
@@ -182,7 +235,7 @@ pub(crate) fn search_batch_with(
     let k = k.min(n);
     let threads = rayon::current_num_threads().max(1);
     let row_shards = (n / MIN_SHARD_ROWS).clamp(1, threads);
-    let per_query = row_shards * TopK::capacity_for(k) * std::mem::size_of::<Hit>();
+    let per_query = row_shards * TopK::capacity_for(k) * std::mem::size_of::<u64>();
     let chunk = (CANDIDATE_BUDGET / per_query / BATCH_LANES).max(1) * BATCH_LANES;
     let mut results = Vec::with_capacity(nq);
     for qs in queries.chunks(chunk * d) {
@@ -275,7 +328,7 @@ fn batch_chunk(
         .iter()
         .flat_map(|g| shards.iter().map(move |s| (g.clone(), s.clone())))
         .collect();
-    let partial: Vec<Vec<Vec<Hit>>> = items
+    let partial: Vec<Vec<Vec<u64>>> = items
         .par_iter()
         .map(|(g, s)| scan_batch(isa, corpus, s.clone(), &panels, g.clone(), nq, k))
         .collect();
@@ -287,13 +340,10 @@ fn batch_chunk(
                 .position(|g| q < g.end * BATCH_LANES)
                 .unwrap_or(0);
             let local = q - groups[g].start * BATCH_LANES;
-            let mut all = Vec::with_capacity(row_shards * k);
-            for s in 0..row_shards {
-                all.extend_from_slice(&partial[g * row_shards + s][local]);
-            }
-            all.sort_unstable_by(hit_order);
-            all.truncate(k);
-            all
+            let parts: Vec<&[u64]> = (0..row_shards)
+                .map(|s| &partial[g * row_shards + s][local][..])
+                .collect();
+            merge(&parts, k)
         })
         .collect()
 }
@@ -307,7 +357,7 @@ fn scan_batch(
     group: Range<usize>,
     nq: usize,
     k: usize,
-) -> Vec<Vec<Hit>> {
+) -> Vec<Vec<u64>> {
     let d = corpus.dim;
     let q0 = group.start * BATCH_LANES;
     let q1 = (group.end * BATCH_LANES).min(nq);
@@ -330,7 +380,11 @@ fn scan_batch(
         for (pi, p) in group.clone().enumerate() {
             let panel = panels.panel(p);
             // The last two tiles fetch the next panel (each half of it) into cache.
-            let next = panels.panel(if p + 1 < group.end { p + 1 } else { group.start });
+            let next = panels.panel(if p + 1 < group.end {
+                p + 1
+            } else {
+                group.start
+            });
             let t = &mut thr[pi * BATCH_LANES..(pi + 1) * BATCH_LANES];
             let mut r = 0;
             while r < end - start {
@@ -345,11 +399,21 @@ fn scan_batch(
                 } else {
                     &[]
                 };
-                if simd::tile(isa, panel, BATCH_LANES, tile_rows, nr, d, t, &mut out, ahead) {
+                if simd::tile(
+                    isa,
+                    panel,
+                    BATCH_LANES,
+                    tile_rows,
+                    nr,
+                    d,
+                    t,
+                    &mut out,
+                    ahead,
+                ) {
                     for rr in 0..nr {
                         for l in 0..BATCH_LANES {
                             let s = out[rr * BATCH_LANES + l];
-                            if !(s < t[l]) {
+                            if may_enter(s, t[l]) {
                                 if let Some(top) = tops.get_mut(pi * BATCH_LANES + l) {
                                     top.push(start + r + rr, s);
                                     t[l] = top.threshold();
@@ -388,18 +452,16 @@ pub(crate) fn search_one_with(
     let panel = Panels::pack(query, corpus.dim, ONE_LANES);
     let threads = rayon::current_num_threads().max(1);
     let shards = split(n, (n / MIN_SHARD_ROWS).clamp(1, threads));
-    let parts: Vec<Vec<Hit>> = shards
+    let parts: Vec<Vec<u64>> = shards
         .into_par_iter()
         .map(|rows| scan_one(isa, corpus, rows, panel.panel(0), k))
         .collect();
-    let mut all: Vec<Hit> = parts.into_iter().flatten().collect();
-    all.sort_unstable_by(hit_order);
-    all.truncate(k);
-    Ok(all)
+    let parts: Vec<&[u64]> = parts.iter().map(|p| &p[..]).collect();
+    Ok(merge(&parts, k))
 }
 
 /// One shard of the single-query path.
-fn scan_one(isa: Isa, corpus: &Corpus, rows: Range<usize>, panel: &[f32], k: usize) -> Vec<Hit> {
+fn scan_one(isa: Isa, corpus: &Corpus, rows: Range<usize>, panel: &[f32], k: usize) -> Vec<u64> {
     let d = corpus.dim;
     let mut top = TopK::new(k);
     let mut thr = [f32::INFINITY; ONE_LANES];
@@ -421,10 +483,12 @@ fn scan_one(isa: Isa, corpus: &Corpus, rows: Range<usize>, panel: &[f32], k: usi
             let ahead_end = (ahead + ONE_ROWS).min(end - start);
             let tile_rows = &data[r * d..(r + nr) * d];
             let ahead = &data[ahead * d..ahead_end * d];
-            if simd::tile(isa, panel, ONE_LANES, tile_rows, nr, d, &thr, &mut out, ahead) {
+            if simd::tile(
+                isa, panel, ONE_LANES, tile_rows, nr, d, &thr, &mut out, ahead,
+            ) {
                 for rr in 0..nr {
                     let s = out[rr * ONE_LANES];
-                    if !(s < thr[0]) {
+                    if may_enter(s, thr[0]) {
                         top.push(start + r + rr, s);
                         thr[0] = top.threshold();
                     }
@@ -464,24 +528,70 @@ mod tests {
         }
     }
 
+    fn select(k: usize, items: &[(usize, f32)]) -> Vec<Hit> {
+        let mut t = TopK::new(k);
+        for &(i, s) in items {
+            t.push(i, s);
+        }
+        t.into_sorted().into_iter().map(unpack).collect()
+    }
+
     #[test]
     fn topk_selector_handles_nan_and_ties() {
-        let mut t = TopK::new(3);
-        for (i, s) in [1.0, f32::NAN, 2.0, 2.0, 0.5, 2.0, f32::NAN].iter().enumerate() {
-            t.push(i, *s);
-        }
-        let got: Vec<usize> = t.into_sorted().iter().map(|h| h.index).collect();
+        let items: Vec<(usize, f32)> = [1.0, f32::NAN, 2.0, 2.0, 0.5, 2.0, f32::NAN]
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| (i, s))
+            .collect();
+        let got: Vec<usize> = select(3, &items).iter().map(|h| h.index).collect();
         assert_eq!(got, vec![2, 3, 5]);
-        let mut t = TopK::new(4);
-        for i in (0..1000).rev() {
-            t.push(i, (i % 3) as f32);
-        }
-        let got: Vec<usize> = t.into_sorted().iter().map(|h| h.index).collect();
+        let items: Vec<(usize, f32)> = (0..1000).rev().map(|i| (i, (i % 3) as f32)).collect();
+        let got: Vec<usize> = select(4, &items).iter().map(|h| h.index).collect();
         assert_eq!(got, vec![2, 5, 8, 11]);
-        let mut t = TopK::new(3);
-        t.push(0, f32::NAN);
-        t.push(1, -1.0);
-        let got: Vec<usize> = t.into_sorted().iter().map(|h| h.index).collect();
-        assert_eq!(got, vec![1, 0]);
+        let got = select(3, &[(0, f32::NAN), (1, -1.0)]);
+        assert_eq!(
+            got[0],
+            Hit {
+                index: 1,
+                score: -1.0
+            }
+        );
+        assert!(got[1].score.is_nan());
+    }
+
+    /// Packed keys sort exactly like `hit_order` and round-trip the scores.
+    #[test]
+    fn packed_keys_follow_hit_order() {
+        let scores = [
+            f32::NEG_INFINITY,
+            -3.5,
+            -1e-40,
+            -0.0,
+            0.0,
+            1e-40,
+            0.25,
+            1.0,
+            f32::MAX,
+            f32::INFINITY,
+            f32::NAN,
+        ];
+        let mut hits = Vec::new();
+        for (i, &s) in scores.iter().enumerate() {
+            for j in 0..3u32 {
+                hits.push(Hit {
+                    index: (j * 100 + i as u32) as usize,
+                    score: s,
+                });
+            }
+        }
+        let mut by_order = hits.clone();
+        by_order.sort_by(hit_order);
+        let mut keys: Vec<u64> = hits.iter().map(|h| pack(h.score, h.index as u32)).collect();
+        keys.sort_unstable();
+        let by_key: Vec<Hit> = keys.into_iter().map(unpack).collect();
+        for (a, b) in by_order.iter().zip(&by_key) {
+            assert_eq!(a.index, b.index);
+            assert!(a.score == b.score || (a.score.is_nan() && b.score.is_nan()));
+        }
     }
 }

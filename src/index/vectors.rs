@@ -5,8 +5,8 @@
 //! blocks to f32 where it needs to compute. [`Corpus`] adds the row length so a search can run on
 //! any in-memory slice as well as on a store.
 
-use crate::error::{Error, Result};
 use super::simd;
+use crate::error::{Error, Result};
 use half::{bf16, f16};
 use std::fmt;
 use std::str::FromStr;
@@ -163,7 +163,7 @@ impl<'a> Corpus<'a> {
                 "corpus dimension must be positive".into(),
             ));
         }
-        if self.vectors.len() % self.dim != 0 {
+        if !self.vectors.len().is_multiple_of(self.dim) {
             return Err(Error::InvalidArgument(format!(
                 "corpus has {} values, not a multiple of its dimension {}",
                 self.vectors.len(),
