@@ -14,7 +14,14 @@ use std::process::Command;
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(rrra_cuda)");
     println!("cargo::rerun-if-changed=kernels");
-    for v in ["NVCC", "CUDA_HOME", "RRRA_NO_CUDA", "RRRA_CUDA_ARCHS", "RRRA_CACHE", "PATH"] {
+    for v in [
+        "NVCC",
+        "CUDA_HOME",
+        "RRRA_NO_CUDA",
+        "RRRA_CUDA_ARCHS",
+        "RRRA_CACHE",
+        "PATH",
+    ] {
         println!("cargo::rerun-if-env-changed={v}");
     }
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
@@ -56,12 +63,18 @@ fn main() {
 
 fn compile(nvcc: &Path, src: &Path, fatbin: &Path, report: &Path, archs: &str) {
     let mut cmd = Command::new(nvcc);
-    cmd.arg("--fatbin").arg("-O3").arg("-std=c++17").arg("-Xptxas").arg("-v");
+    cmd.arg("--fatbin")
+        .arg("-O3")
+        .arg("-std=c++17")
+        .arg("-Xptxas")
+        .arg("-v");
     cmd.arg("-Ikernels");
-    for a in archs.split([' ', ',']).filter(|a| !a.is_empty()) {
+    let archs: Vec<&str> = archs.split([' ', ',']).filter(|a| !a.is_empty()).collect();
+    for a in &archs {
         cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
     }
-    if let Some(last) = archs.split([' ', ',']).filter(|a| !a.is_empty()).last() {
+    // PTX of the newest target, so newer GPUs can JIT it.
+    if let Some(last) = archs.last() {
         cmd.arg(format!("-gencode=arch=compute_{last},code=compute_{last}"));
     }
     cmd.arg("-o").arg(fatbin).arg(src);
@@ -81,7 +94,9 @@ fn find_nvcc() -> Option<PathBuf> {
     if let Some(p) = env::var_os("NVCC") {
         return exists(PathBuf::from(p));
     }
-    if let Some(p) = env::var_os("CUDA_HOME").and_then(|h| exists(PathBuf::from(h).join("bin/nvcc"))) {
+    if let Some(p) =
+        env::var_os("CUDA_HOME").and_then(|h| exists(PathBuf::from(h).join("bin/nvcc")))
+    {
         return Some(p);
     }
     if let Some(p) = env::var_os("PATH")
@@ -93,7 +108,8 @@ fn find_nvcc() -> Option<PathBuf> {
         .map(PathBuf::from)
         .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/rrra")))?;
     let lib = cache.join("nvcc-venv/lib");
-    fs::read_dir(lib).ok()?.filter_map(|e| e.ok()).find_map(|e| {
-        exists(e.path().join("site-packages/nvidia/cu13/bin/nvcc"))
-    })
+    fs::read_dir(lib)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .find_map(|e| exists(e.path().join("site-packages/nvidia/cu13/bin/nvcc")))
 }

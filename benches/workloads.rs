@@ -10,9 +10,12 @@ use rrra::model::{Encoder, EncoderOptions};
 use std::path::PathBuf;
 
 fn model_dir() -> Option<PathBuf> {
-    let p = std::env::var_os("RRRA_MODEL").map(PathBuf::from).or_else(|| {
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/rrra/models/all-MiniLM-L6-v2"))
-    })?;
+    let p = std::env::var_os("RRRA_MODEL")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/rrra/models/all-MiniLM-L6-v2"))
+        })?;
     p.join("model.safetensors").is_file().then_some(p)
 }
 
@@ -28,12 +31,15 @@ fn encode(c: &mut Criterion) {
         return;
     };
     let enc = Encoder::load(&dir, &EncoderOptions::default()).expect("model");
-    let text = std::fs::read_to_string(shared().join("bench/sentences-56tok.txt")).expect("sentences");
+    let text =
+        std::fs::read_to_string(shared().join("bench/sentences-56tok.txt")).expect("sentences");
     let lines: Vec<&str> = text.lines().take(32).collect();
     let mut g = c.benchmark_group("encode");
     g.sample_size(10);
     g.throughput(Throughput::Elements(lines.len() as u64));
-    g.bench_function("sentences-56tok/batch32", |b| b.iter(|| enc.encode(&lines, 32).unwrap()));
+    g.bench_function("sentences-56tok/batch32", |b| {
+        b.iter(|| enc.encode(&lines, 32).unwrap())
+    });
     g.finish();
 }
 
@@ -44,10 +50,16 @@ fn search(c: &mut Criterion) {
     g.sample_size(10);
     let batch = &queries[..100 * TOPK_DIM];
     g.throughput(Throughput::Elements(100));
-    g.bench_function("batch100/k10", |b| b.iter(|| topk::search_batch(&corpus, batch, TOPK_K).unwrap()));
+    g.bench_function("batch100/k10", |b| {
+        b.iter(|| topk::search_batch(&corpus, batch, TOPK_K).unwrap())
+    });
     g.throughput(Throughput::Elements(1));
-    g.bench_function("single/k10", |b| b.iter(|| topk::search_one(&corpus, &queries[..TOPK_DIM], TOPK_K).unwrap()));
-    g.bench_function("single/k10000", |b| b.iter(|| topk::search_one(&corpus, &queries[..TOPK_DIM], 10_000).unwrap()));
+    g.bench_function("single/k10", |b| {
+        b.iter(|| topk::search_one(&corpus, &queries[..TOPK_DIM], TOPK_K).unwrap())
+    });
+    g.bench_function("single/k10000", |b| {
+        b.iter(|| topk::search_one(&corpus, &queries[..TOPK_DIM], 10_000).unwrap())
+    });
     g.finish();
 }
 

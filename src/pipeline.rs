@@ -61,7 +61,11 @@ pub fn check_store_matches(store: &Store, store_path: &Path, encoder: &Encoder) 
     if store.dim() != encoder.dim() {
         return Err(Error::mismatch(
             store_path,
-            format!("store vectors have dimension {}, the model produces {}", store.dim(), encoder.dim()),
+            format!(
+                "store vectors have dimension {}, the model produces {}",
+                store.dim(),
+                encoder.dim()
+            ),
         ));
     }
     if store.fingerprint() != encoder.fingerprint() {

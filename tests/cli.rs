@@ -9,11 +9,14 @@ use std::process::Command;
 
 /// Builds an argument list from strings and paths.
 macro_rules! a {
-    ($($x:expr),* $(,)?) => { vec![$(std::ffi::OsString::from(&$x)),*] };
+    ($($x:expr),* $(,)?) => { [$(std::ffi::OsString::from(&$x)),*] };
 }
 
 fn rrra(args: &[std::ffi::OsString]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_rrra")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rrra"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -26,7 +29,10 @@ fn fails(args: &[std::ffi::OsString], must_mention: &[&str]) -> String {
     let (ok, _, err) = rrra(args);
     assert!(!ok, "expected failure: {args:?}");
     assert!(!err.contains("panicked"), "panic: {err}");
-    assert!(err.lines().any(|l| l.starts_with("error: ")), "no error line: {err}");
+    assert!(
+        err.lines().any(|l| l.starts_with("error: ")),
+        "no error line: {err}"
+    );
     for m in must_mention {
         assert!(err.contains(m), "error should mention {m:?}: {err}");
     }
@@ -64,14 +70,26 @@ impl Fixture {
                        {\"_id\": \"q2\", \"text\": \"guitar lessons\"}\n\
                        {\"_id\": \"q3\", \"text\": \"unjudged query\"}\n";
         std::fs::write(dir.path().join("queries.jsonl"), queries).unwrap();
-        std::fs::write(dir.path().join("qrels.tsv"), "query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t1\n").unwrap();
+        std::fs::write(
+            dir.path().join("qrels.tsv"),
+            "query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t1\n",
+        )
+        .unwrap();
         Fixture { dir }
     }
     fn p(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
     fn encode(&self, model: &Path, out: &str) {
-        let (ok, _, err) = rrra(&a!["encode", "--model", model, "--corpus", self.p("corpus.jsonl"), "--out", self.p(out)]);
+        let (ok, _, err) = rrra(&a![
+            "encode",
+            "--model",
+            model,
+            "--corpus",
+            self.p("corpus.jsonl"),
+            "--out",
+            self.p(out)
+        ]);
         assert!(ok, "{err}");
     }
 }
@@ -81,26 +99,67 @@ fn encode_search_eval_round_trip() {
     let f = Fixture::new();
     f.encode(&tiny(), "c.store");
     let (ok, _, err) = rrra(&a![
-        "search", "--model", tiny(), "--index", f.p("c.store"), "--queries", f.p("queries.jsonl"),
-        "--qrels", f.p("qrels.tsv"), "--k", "2", "--out", f.p("run.trec"),
+        "search",
+        "--model",
+        tiny(),
+        "--index",
+        f.p("c.store"),
+        "--queries",
+        f.p("queries.jsonl"),
+        "--qrels",
+        f.p("qrels.tsv"),
+        "--k",
+        "2",
+        "--out",
+        f.p("run.trec"),
     ]);
     assert!(ok, "{err}");
     let run = std::fs::read_to_string(f.p("run.trec")).unwrap();
     // Only the judged queries are searched, k = 2 each.
     assert_eq!(run.lines().count(), 4, "{run}");
-    assert!(run.lines().all(|l| l.starts_with("q1 Q0 ") || l.starts_with("q2 Q0 ")));
-    let (ok, out, err) = rrra(&a!["eval", "--run", f.p("run.trec"), "--qrels", f.p("qrels.tsv"), "--json"]);
+    assert!(run
+        .lines()
+        .all(|l| l.starts_with("q1 Q0 ") || l.starts_with("q2 Q0 ")));
+    let (ok, out, err) = rrra(&a![
+        "eval",
+        "--run",
+        f.p("run.trec"),
+        "--qrels",
+        f.p("qrels.tsv"),
+        "--json"
+    ]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    for key in ["ndcg@10", "mrr@10", "recall@1", "recall@10", "recall@100", "map@100"] {
+    for key in [
+        "ndcg@10",
+        "mrr@10",
+        "recall@1",
+        "recall@10",
+        "recall@100",
+        "map@100",
+    ] {
         let x = v[key].as_f64().unwrap_or(-1.0);
         assert!((0.0..=1.0).contains(&x), "{key} = {x}");
     }
     let (ok, out, _) = rrra(&a!["info", f.p("c.store")]);
-    assert!(ok && out.contains("documents   3") && out.contains("dimension   32"), "{out}");
-    let (ok, _, err) = rrra(&a!["export", "--index", f.p("c.store"), "--out", f.p("v.npy"), "--ids", f.p("ids.txt")]);
+    assert!(
+        ok && out.contains("documents   3") && out.contains("dimension   32"),
+        "{out}"
+    );
+    let (ok, _, err) = rrra(&a![
+        "export",
+        "--index",
+        f.p("c.store"),
+        "--out",
+        f.p("v.npy"),
+        "--ids",
+        f.p("ids.txt")
+    ]);
     assert!(ok, "{err}");
-    assert_eq!(std::fs::read_to_string(f.p("ids.txt")).unwrap(), "d1\nd2\nd3\n");
+    assert_eq!(
+        std::fs::read_to_string(f.p("ids.txt")).unwrap(),
+        "d1\nd2\nd3\n"
+    );
 }
 
 #[test]
@@ -109,20 +168,44 @@ fn malformed_corpus_line_names_file_and_line() {
     let mut c = std::fs::read_to_string(f.p("corpus.jsonl")).unwrap();
     c.push_str("{\"_id\": \"d4\", \"text\": \"unterminated}\n");
     std::fs::write(f.p("corpus.jsonl"), c).unwrap();
-    let args = a!["encode", "--model", tiny(), "--corpus", f.p("corpus.jsonl"), "--out", f.p("c.store")];
+    let args = a![
+        "encode",
+        "--model",
+        tiny(),
+        "--corpus",
+        f.p("corpus.jsonl"),
+        "--out",
+        f.p("c.store")
+    ];
     fails(&args, &["corpus.jsonl:4:"]);
-    assert_files(f.dir.path(), &["corpus.jsonl", "queries.jsonl", "qrels.tsv"]);
+    assert_files(
+        f.dir.path(),
+        &["corpus.jsonl", "queries.jsonl", "qrels.tsv"],
+    );
 }
 
 #[test]
 fn qrels_naming_unknown_query_is_an_error() {
     let f = Fixture::new();
     f.encode(&tiny(), "c.store");
-    std::fs::write(f.p("qrels.tsv"), "query-id\tcorpus-id\tscore\nq1\td1\t1\nq404\td2\t1\n").unwrap();
+    std::fs::write(
+        f.p("qrels.tsv"),
+        "query-id\tcorpus-id\tscore\nq1\td1\t1\nq404\td2\t1\n",
+    )
+    .unwrap();
     let run = f.p("run.trec");
     let args = a![
-        "search", "--model", tiny(), "--index", f.p("c.store"), "--queries", f.p("queries.jsonl"),
-        "--qrels", f.p("qrels.tsv"), "--out", run,
+        "search",
+        "--model",
+        tiny(),
+        "--index",
+        f.p("c.store"),
+        "--queries",
+        f.p("queries.jsonl"),
+        "--qrels",
+        f.p("qrels.tsv"),
+        "--out",
+        run,
     ];
     fails(&args, &["qrels.tsv:3:", "q404"]);
     assert!(!run.exists());
@@ -159,7 +242,15 @@ fn damaged_stores_are_refused() {
         std::fs::write(&store, bytes).unwrap();
         let run = f.p("run.trec");
         let args = a![
-            "search", "--model", tiny(), "--index", store, "--queries", f.p("queries.jsonl"), "--out", run,
+            "search",
+            "--model",
+            tiny(),
+            "--index",
+            store,
+            "--queries",
+            f.p("queries.jsonl"),
+            "--out",
+            run,
         ];
         fails(&args, &[&format!("{name}.store")]);
         assert!(!run.exists(), "{name}: run written");
@@ -171,15 +262,33 @@ fn missing_tensor_is_named() {
     let f = Fixture::new();
     let model = f.p("model");
     std::fs::create_dir_all(model.join("1_Pooling")).unwrap();
-    for file in ["config.json", "tokenizer.json", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json"] {
+    for file in [
+        "config.json",
+        "tokenizer.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "1_Pooling/config.json",
+    ] {
         std::fs::copy(tiny().join(file), model.join(file)).unwrap();
     }
     let bytes = std::fs::read(tiny().join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let gone = "encoder.layer.0.attention.self.key.weight";
-    let kept: Vec<_> = st.tensors().into_iter().filter(|(n, _)| n != gone).collect();
+    let kept: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != gone)
+        .collect();
     safetensors::serialize_to_file(kept, None, &model.join("model.safetensors")).unwrap();
-    let args = a!["encode", "--model", model, "--corpus", f.p("corpus.jsonl"), "--out", f.p("c.store")];
+    let args = a![
+        "encode",
+        "--model",
+        model,
+        "--corpus",
+        f.p("corpus.jsonl"),
+        "--out",
+        f.p("c.store")
+    ];
     fails(&args, &["model.safetensors", gone]);
     assert!(!f.p("c.store").exists());
 }
@@ -191,25 +300,62 @@ fn store_from_another_model_is_refused() {
     // Same architecture, one weight changed: same dimension, different fingerprint.
     let model = f.p("model");
     std::fs::create_dir_all(model.join("1_Pooling")).unwrap();
-    for file in ["config.json", "tokenizer.json", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json"] {
+    for file in [
+        "config.json",
+        "tokenizer.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "1_Pooling/config.json",
+    ] {
         std::fs::copy(tiny().join(file), model.join(file)).unwrap();
     }
     let bytes = std::fs::read(tiny().join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> =
-        st.tensors().into_iter().map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec())).collect();
-    let bias = tensors.iter_mut().find(|t| t.0 == "embeddings.LayerNorm.bias").unwrap();
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    let bias = tensors
+        .iter_mut()
+        .find(|t| t.0 == "embeddings.LayerNorm.bias")
+        .unwrap();
     bias.3[0] ^= 0x01;
     let views: Vec<_> = tensors
         .iter()
-        .map(|(n, d, sh, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, sh.clone(), b).unwrap()))
+        .map(|(n, d, sh, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, sh.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &model.join("model.safetensors")).unwrap();
     let run = f.p("run.trec");
-    let args = a!["search", "--model", model, "--index", f.p("c.store"), "--queries", f.p("queries.jsonl"), "--out", run];
+    let args = a![
+        "search",
+        "--model",
+        model,
+        "--index",
+        f.p("c.store"),
+        "--queries",
+        f.p("queries.jsonl"),
+        "--out",
+        run
+    ];
     fails(&args, &["c.store", "fingerprint"]);
     // A model of another dimension (all-MiniLM-L6-v2, 384 vs 32).
-    let args = a!["search", "--model", minilm(), "--index", f.p("c.store"), "--queries", f.p("queries.jsonl"), "--out", run];
+    let args = a![
+        "search",
+        "--model",
+        minilm(),
+        "--index",
+        f.p("c.store"),
+        "--queries",
+        f.p("queries.jsonl"),
+        "--out",
+        run
+    ];
     fails(&args, &["c.store", "dimension"]);
     assert!(!run.exists());
 }
@@ -218,8 +364,30 @@ fn store_from_another_model_is_refused() {
 fn bad_arguments_are_clear() {
     let f = Fixture::new();
     f.encode(&tiny(), "c.store");
-    let args = a!["search", "--model", tiny(), "--index", f.p("c.store"), "--queries", f.p("queries.jsonl"), "--k", "0", "--out", f.p("r")];
+    let args = a![
+        "search",
+        "--model",
+        tiny(),
+        "--index",
+        f.p("c.store"),
+        "--queries",
+        f.p("queries.jsonl"),
+        "--k",
+        "0",
+        "--out",
+        f.p("r")
+    ];
     fails(&args, &["--k"]);
-    let (ok, _, err) = rrra(&a!["encode", "--model", tiny(), "--corpus", f.p("corpus.jsonl"), "--out", f.p("x"), "--dtype", "f64"]);
+    let (ok, _, err) = rrra(&a![
+        "encode",
+        "--model",
+        tiny(),
+        "--corpus",
+        f.p("corpus.jsonl"),
+        "--out",
+        f.p("x"),
+        "--dtype",
+        "f64"
+    ]);
     assert!(!ok && err.contains("f64"), "{err}");
 }

@@ -12,7 +12,12 @@ fn minilm_sentences_match_reference() {
     let texts: Vec<String> = std::fs::read_to_string(fx.join("sentences.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     let (shape, want) = read_f32_tensor(&fx.join("embeddings.safetensors"), "embeddings");
     assert_eq!(shape, vec![texts.len(), 384]);
@@ -25,7 +30,11 @@ fn minilm_sentences_match_reference() {
     let got = enc.encode(&refs, 3).unwrap();
     for (i, t) in texts.iter().enumerate() {
         let c = cosine(&got[i * 384..(i + 1) * 384], &want[i * 384..(i + 1) * 384]);
-        assert!(c >= 0.99999, "sentence {i} ({:?}...): cosine {c}", &t.chars().take(30).collect::<String>());
+        assert!(
+            c >= 0.99999,
+            "sentence {i} ({:?}...): cosine {c}",
+            &t.chars().take(30).collect::<String>()
+        );
     }
     // The same texts one at a time give the same vectors (packing does not leak across texts).
     let single = enc.encode(&refs[..4], 1).unwrap();
@@ -43,13 +52,20 @@ fn scifact_sample_matches_reference() {
     let data = shared().join("data/scifact");
     let corpus = rrra::data::beir::read_corpus(&data.join("corpus.jsonl")).unwrap();
     let queries = rrra::data::beir::read_queries(&data.join("queries.jsonl")).unwrap();
-    let docs: std::collections::HashMap<&str, &str> =
-        corpus.iter().map(|d| (d.id.as_str(), d.text.as_str())).collect();
-    let qs: std::collections::HashMap<&str, &str> =
-        queries.iter().map(|q| (q.id.as_str(), q.text.as_str())).collect();
+    let docs: std::collections::HashMap<&str, &str> = corpus
+        .iter()
+        .map(|d| (d.id.as_str(), d.text.as_str()))
+        .collect();
+    let qs: std::collections::HashMap<&str, &str> = queries
+        .iter()
+        .map(|q| (q.id.as_str(), q.text.as_str()))
+        .collect();
 
     let enc = Encoder::load(&minilm(), &EncoderOptions::default()).unwrap();
-    for (name, ids, texts_by_id) in [("doc_embeddings", &doc_ids, &docs), ("query_embeddings", &query_ids, &qs)] {
+    for (name, ids, texts_by_id) in [
+        ("doc_embeddings", &doc_ids, &docs),
+        ("query_embeddings", &query_ids, &qs),
+    ] {
         let (shape, want) = read_f32_tensor(&fx, name);
         assert_eq!(shape, vec![ids.len(), 384]);
         let texts: Vec<&str> = ids.iter().map(|id| texts_by_id[id.as_str()]).collect();

@@ -33,7 +33,12 @@ fn every_kernel_file_is_embedded_as_a_fatbin() {
     assert_eq!(embedded, sources);
     for m in KERNEL_MODULES {
         // A fatbin container starts with the magic 0xBA55ED50 (little endian).
-        assert_eq!(&m.fatbin[..4], &[0x50, 0xED, 0x55, 0xBA], "{}: not a fatbin", m.name);
+        assert_eq!(
+            &m.fatbin[..4],
+            &[0x50, 0xED, 0x55, 0xBA],
+            "{}: not a fatbin",
+            m.name
+        );
     }
 }
 
@@ -48,5 +53,8 @@ fn l2norm_kernel_compiles_for_sm90_without_spills() {
         report.contains("Compiling entry function 'rrra_l2_normalize_f32' for 'sm_90'"),
         "{report}"
     );
-    assert!(report.contains("0 bytes spill stores, 0 bytes spill loads"), "{report}");
+    assert!(
+        report.contains("0 bytes spill stores, 0 bytes spill loads"),
+        "{report}"
+    );
 }

@@ -26,7 +26,12 @@ fn read_all(path: &Path) -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
 fn write_all(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) {
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
-        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
@@ -48,7 +53,9 @@ fn copy_folder(src: &Path, dst: &Path) {
 fn to_f16(bytes: &[u8]) -> Vec<u8> {
     bytes
         .chunks_exact(4)
-        .flat_map(|b| half::f16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_le_bytes())
+        .flat_map(|b| {
+            half::f16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_le_bytes()
+        })
         .collect()
 }
 
@@ -63,11 +70,20 @@ fn tiny_bert_forward_matches_float64_reference() {
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let i64s = |name: &str| -> (Vec<usize>, Vec<i64>) {
         let t = st.tensor(name).unwrap();
-        let v = t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+        let v = t
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect();
         (t.shape().to_vec(), v)
     };
     let f64s = |name: &str| -> Vec<f64> {
-        st.tensor(name).unwrap().data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect()
+        st.tensor(name)
+            .unwrap()
+            .data()
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+            .collect()
     };
     let enc = Encoder::load(&tiny(), &EncoderOptions::default()).unwrap();
     for side in ["query", "doc"] {
@@ -78,13 +94,19 @@ fn tiny_bert_forward_matches_float64_reference() {
         // The reference pads to a common length with an attention mask; we pack the real tokens.
         let mut batch = PackedBatch::new();
         for s in 0..n {
-            let real: Vec<u32> = (0..len).filter(|&t| mask[s * len + t] == 1).map(|t| ids[s * len + t] as u32).collect();
+            let real: Vec<u32> = (0..len)
+                .filter(|&t| mask[s * len + t] == 1)
+                .map(|t| ids[s * len + t] as u32)
+                .collect();
             batch.push(&real, &vec![0; real.len()]);
         }
         let got = enc.embed_batch(&batch).unwrap();
         for s in 0..n {
             let g = &got[s * 32..(s + 1) * 32];
-            let w: Vec<f32> = want[s * 32..(s + 1) * 32].iter().map(|&x| x as f32).collect();
+            let w: Vec<f32> = want[s * 32..(s + 1) * 32]
+                .iter()
+                .map(|&x| x as f32)
+                .collect();
             // f32 forward against a float64 one: ~1e-6 relative per element.
             for (a, b) in g.iter().zip(&w) {
                 assert!((a - b).abs() < 2e-5, "{side} {s}: {a} vs {b}");
@@ -99,11 +121,23 @@ fn f16_weights_load_and_agree_with_f32() {
     let dir = tempfile::tempdir().unwrap();
     copy_folder(&tiny(), dir.path());
     let tensors = read_all(&tiny().join("model.safetensors"));
-    let half: Vec<_> = tensors.iter().map(|(n, _, s, b)| (n.clone(), Dtype::F16, s.clone(), to_f16(b))).collect();
+    let half: Vec<_> = tensors
+        .iter()
+        .map(|(n, _, s, b)| (n.clone(), Dtype::F16, s.clone(), to_f16(b)))
+        .collect();
     write_all(&dir.path().join("model.safetensors"), &half);
-    let texts = ["what causes vitamin d deficiency", "guitar lessons for beginners"];
-    let a = Encoder::load(&tiny(), &EncoderOptions::default()).unwrap().encode(&texts, 2).unwrap();
-    let b = Encoder::load(dir.path(), &EncoderOptions::default()).unwrap().encode(&texts, 2).unwrap();
+    let texts = [
+        "what causes vitamin d deficiency",
+        "guitar lessons for beginners",
+    ];
+    let a = Encoder::load(&tiny(), &EncoderOptions::default())
+        .unwrap()
+        .encode(&texts, 2)
+        .unwrap();
+    let b = Encoder::load(dir.path(), &EncoderOptions::default())
+        .unwrap()
+        .encode(&texts, 2)
+        .unwrap();
     for s in 0..2 {
         // f16 weights carry a 2^-11 relative rounding error: embeddings stay within cos 0.999.
         assert!(cosine(&a[s * 32..(s + 1) * 32], &b[s * 32..(s + 1) * 32]) > 0.999);
@@ -119,18 +153,34 @@ fn missing_and_misshaped_tensors_are_named() {
     copy_folder(&tiny(), dir.path());
     let without: Vec<_> = tensors.iter().filter(|t| t.0 != name).cloned().collect();
     write_all(&dir.path().join("model.safetensors"), &without);
-    let err = Encoder::load(dir.path(), &EncoderOptions::default()).err().expect("must fail");
-    assert!(matches!(&err, Error::MissingTensor { name: n, .. } if n == name), "{err}");
+    let err = Encoder::load(dir.path(), &EncoderOptions::default())
+        .err()
+        .expect("must fail");
+    assert!(
+        matches!(&err, Error::MissingTensor { name: n, .. } if n == name),
+        "{err}"
+    );
     assert!(err.to_string().contains("model.safetensors") && err.to_string().contains(name));
 
     let reshaped: Vec<_> = tensors
         .iter()
-        .map(|t| if t.0 == name { (t.0.clone(), t.1, vec![32, 64], t.3.clone()) } else { t.clone() })
+        .map(|t| {
+            if t.0 == name {
+                (t.0.clone(), t.1, vec![32, 64], t.3.clone())
+            } else {
+                t.clone()
+            }
+        })
         .collect();
     write_all(&dir.path().join("model.safetensors"), &reshaped);
-    let err = Encoder::load(dir.path(), &EncoderOptions::default()).err().expect("must fail");
+    let err = Encoder::load(dir.path(), &EncoderOptions::default())
+        .err()
+        .expect("must fail");
     let msg = err.to_string();
-    assert!(msg.contains(name) && msg.contains("[32, 64]") && msg.contains("[64, 32]"), "{msg}");
+    assert!(
+        msg.contains(name) && msg.contains("[32, 64]") && msg.contains("[64, 32]"),
+        "{msg}"
+    );
 }
 
 /// Deterministic pseudo-random bf16 bytes (splitmix64), scaled like BERT's init (std 0.02).
@@ -152,7 +202,11 @@ fn random_bf16(n: usize, seed: u64) -> Vec<u8> {
 fn bert_base_shapes_load_with_prefix_in_bf16() {
     let (v, h, i, p, layers) = (30522usize, 768usize, 3072usize, 512usize, 12usize);
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(tiny().join("tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
+    std::fs::copy(
+        tiny().join("tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
     let cfg = serde_json::json!({
         "architectures": ["BertForMaskedLM"], "model_type": "bert", "vocab_size": v, "hidden_size": h,
         "num_hidden_layers": layers, "num_attention_heads": 12, "intermediate_size": i,
@@ -164,7 +218,12 @@ fn bert_base_shapes_load_with_prefix_in_bf16() {
     let mut add = |name: &str, shape: Vec<usize>| {
         seed += 1;
         let n = shape.iter().product();
-        t.push((format!("bert.{name}"), Dtype::BF16, shape, random_bf16(n, seed)));
+        t.push((
+            format!("bert.{name}"),
+            Dtype::BF16,
+            shape,
+            random_bf16(n, seed),
+        ));
     };
     add("embeddings.word_embeddings.weight", vec![v, h]);
     add("embeddings.position_embeddings.weight", vec![p, h]);
@@ -195,7 +254,12 @@ fn bert_base_shapes_load_with_prefix_in_bf16() {
     }
     add("pooler.dense.weight", vec![h, h]);
     // position_ids is a buffer some checkpoints save; it must be ignored.
-    t.push(("bert.embeddings.position_ids".into(), Dtype::I64, vec![1, p], vec![0u8; p * 8]));
+    t.push((
+        "bert.embeddings.position_ids".into(),
+        Dtype::I64,
+        vec![1, p],
+        vec![0u8; p * 8],
+    ));
     write_all(&dir.path().join("model.safetensors"), &t);
 
     let enc = Encoder::load(dir.path(), &EncoderOptions::default()).unwrap();
@@ -203,7 +267,12 @@ fn bert_base_shapes_load_with_prefix_in_bf16() {
     assert_eq!(enc.max_length(), 256);
     assert_eq!(enc.pooling(), rrra::model::Pooling::Cls);
     assert!(!enc.normalize());
-    let out = enc.encode(&["a first text", "and a second, longer one for the batch"], 2).unwrap();
+    let out = enc
+        .encode(
+            &["a first text", "and a second, longer one for the batch"],
+            2,
+        )
+        .unwrap();
     assert_eq!(out.len(), 2 * 768);
     assert!(out.iter().all(|x| x.is_finite()));
 }

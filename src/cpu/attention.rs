@@ -59,7 +59,9 @@ fn qk_scores(q: &[f32], kt: &[f32], lp: usize, scores: &mut [f32]) {
     for (jb, s) in scores.chunks_exact_mut(KB).enumerate() {
         let mut acc = [0.0f32; KB];
         for (d, &qd) in q.iter().enumerate() {
-            let kr: &[f32; KB] = kt[d * lp + jb * KB..d * lp + (jb + 1) * KB].try_into().unwrap();
+            let kr: &[f32; KB] = kt[d * lp + jb * KB..d * lp + (jb + 1) * KB]
+                .try_into()
+                .unwrap();
             for l in 0..KB {
                 acc[l] += qd * kr[l];
             }
@@ -112,14 +114,20 @@ mod tests {
 
     fn check(len: usize, h: usize, heads: usize) {
         let dh = h / heads;
-        let qkv: Vec<f32> = (0..len * 3 * h).map(|i| ((i * 37 % 29) as f32 - 14.0) / 9.0).collect();
+        let qkv: Vec<f32> = (0..len * 3 * h)
+            .map(|i| ((i * 37 % 29) as f32 - 14.0) / 9.0)
+            .collect();
         let mut out = vec![0.0f32; len * h];
         attention_sequence(&qkv, len, h, heads, &mut out);
         for hd in 0..heads {
             for i in 0..len {
-                let at = |r: usize, part: usize, d: usize| qkv[r * 3 * h + part * h + hd * dh + d] as f64;
+                let at = |r: usize, part: usize, d: usize| {
+                    qkv[r * 3 * h + part * h + hd * dh + d] as f64
+                };
                 let s: Vec<f64> = (0..len)
-                    .map(|j| (0..dh).map(|d| at(i, 0, d) * at(j, 1, d)).sum::<f64>() / (dh as f64).sqrt())
+                    .map(|j| {
+                        (0..dh).map(|d| at(i, 0, d) * at(j, 1, d)).sum::<f64>() / (dh as f64).sqrt()
+                    })
                     .collect();
                 let m = s.iter().cloned().fold(f64::MIN, f64::max);
                 let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
@@ -127,7 +135,10 @@ mod tests {
                     let want: f64 = (0..len).map(|j| (s[j] - m).exp() / z * at(j, 2, d)).sum();
                     let got = out[i * h + hd * dh + d] as f64;
                     // f32 sums of ≤ 128 terms of magnitude ≤ 2 with a softmax: well inside 1e-5.
-                    assert!((got - want).abs() < 1e-5, "{got} vs {want} (len {len}, h {h})");
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "{got} vs {want} (len {len}, h {h})"
+                    );
                 }
             }
         }

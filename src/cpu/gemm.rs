@@ -59,8 +59,12 @@ mod tests {
     #[test]
     fn linear_matches_naive_f64() {
         let (rows, inp, out) = (37, 19, 23);
-        let x: Vec<f32> = (0..rows * inp).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
-        let w: Vec<f32> = (0..out * inp).map(|i| ((i * 5 % 11) as f32 - 5.0) / 7.0).collect();
+        let x: Vec<f32> = (0..rows * inp)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+            .collect();
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 7.0)
+            .collect();
         let b: Vec<f32> = (0..out).map(|i| i as f32 / 10.0).collect();
         let mut y = vec![0.0; rows * out];
         linear(&x, rows, inp, &w, &b, out, &mut y);

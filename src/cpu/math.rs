@@ -109,7 +109,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     // n as an integer without a float→int cast (Rust's saturating cast does not vectorise):
     // the low mantissa bits of n + 1.5·2^23 hold n in two's complement.
@@ -142,7 +142,11 @@ pub fn sum_lanes(x: &[f32]) -> f32 {
 fn max_lanes(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let chunks = x.chunks_exact(8);
-    let tail = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
     for c in chunks {
         for l in 0..8 {
             acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };

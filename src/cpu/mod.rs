@@ -25,7 +25,6 @@ macro_rules! dispatch_avx2 {
     };
 }
 
-
 pub mod attention;
 pub mod gemm;
 pub mod math;

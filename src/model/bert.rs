@@ -59,7 +59,14 @@ impl Bert {
         let eps = cfg.layer_norm_eps as f32;
 
         let mut x = self.embed(batch);
-        math::add_layernorm(&mut x, None, h, &self.weights.emb_ln_g, &self.weights.emb_ln_b, eps);
+        math::add_layernorm(
+            &mut x,
+            None,
+            h,
+            &self.weights.emb_ln_g,
+            &self.weights.emb_ln_b,
+            eps,
+        );
 
         let mut qkv = vec![0.0f32; t * 3 * h];
         let mut ctx = vec![0.0f32; t * h];
@@ -81,10 +88,14 @@ impl Bert {
     fn check(&self, batch: &PackedBatch) -> Result<()> {
         let cfg = &self.cfg;
         if batch.offsets.first() != Some(&0) || batch.offsets.last() != Some(&batch.ids.len()) {
-            return Err(Error::InvalidArgument("packed batch offsets are inconsistent".into()));
+            return Err(Error::InvalidArgument(
+                "packed batch offsets are inconsistent".into(),
+            ));
         }
         if batch.type_ids.len() != batch.ids.len() {
-            return Err(Error::InvalidArgument("type ids and token ids differ in length".into()));
+            return Err(Error::InvalidArgument(
+                "type ids and token ids differ in length".into(),
+            ));
         }
         for s in 0..batch.sequences() {
             let len = batch.len_of(s);
@@ -101,8 +112,14 @@ impl Bert {
                 cfg.vocab_size
             )));
         }
-        if let Some(&ty) = batch.type_ids.iter().find(|&&ty| ty as usize >= cfg.type_vocab_size) {
-            return Err(Error::InvalidArgument(format!("token type {ty} is outside type_vocab_size")));
+        if let Some(&ty) = batch
+            .type_ids
+            .iter()
+            .find(|&&ty| ty as usize >= cfg.type_vocab_size)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "token type {ty} is outside type_vocab_size"
+            )));
         }
         Ok(())
     }
@@ -146,7 +163,13 @@ impl Bert {
         }
         per_seq.into_par_iter().for_each(|(start, out)| {
             let len = out.len() / h;
-            attention::attention_sequence(&qkv[start * 3 * h..(start + len) * 3 * h], len, h, heads, out);
+            attention::attention_sequence(
+                &qkv[start * 3 * h..(start + len) * 3 * h],
+                len,
+                h,
+                heads,
+                out,
+            );
         });
     }
 }

@@ -53,8 +53,8 @@ impl BertConfig {
     /// rather than a silently different model.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: BertConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::parse(path, e.line(), e.to_string()))?;
+        let cfg: BertConfig =
+            serde_json::from_str(&text).map_err(|e| Error::parse(path, e.line(), e.to_string()))?;
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -62,9 +62,11 @@ impl BertConfig {
     pub fn validate(&self, path: &Path) -> Result<()> {
         let bad = |msg: String| Err(Error::format(path, msg));
         if self.hidden_size == 0 || self.num_attention_heads == 0 || self.num_hidden_layers == 0 {
-            return bad("hidden_size, num_attention_heads and num_hidden_layers must be positive".into());
+            return bad(
+                "hidden_size, num_attention_heads and num_hidden_layers must be positive".into(),
+            );
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -83,7 +85,10 @@ impl BertConfig {
             ));
         }
         if let Some(t) = &self.model_type {
-            if !matches!(t.as_str(), "bert" | "roberta" | "xlm-roberta" | "camembert" | "electra") {
+            if !matches!(
+                t.as_str(),
+                "bert" | "roberta" | "xlm-roberta" | "camembert" | "electra"
+            ) {
                 return bad(format!("model_type `{t}` is not a BERT-family encoder"));
             }
         }

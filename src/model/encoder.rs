@@ -36,7 +36,10 @@ pub struct Encoder {
 impl Encoder {
     pub fn load(dir: &Path, opts: &EncoderOptions) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::format(dir, "model folder not found (expected config.json, model.safetensors, tokenizer.json)"));
+            return Err(Error::format(
+                dir,
+                "model folder not found (expected config.json, model.safetensors, tokenizer.json)",
+            ));
         }
         let cfg = BertConfig::from_file(&dir.join("config.json"))?;
         let st = SentenceTransformersConfig::read(dir)?;
@@ -123,7 +126,9 @@ impl Encoder {
         progress: &(dyn Fn(usize) + Sync),
     ) -> Result<Vec<f32>> {
         if batch_size == 0 {
-            return Err(Error::InvalidArgument("batch size must be at least 1".into()));
+            return Err(Error::InvalidArgument(
+                "batch size must be at least 1".into(),
+            ));
         }
         let dim = self.dim();
         let mut out = vec![0.0f32; texts.len() * dim];
@@ -140,7 +145,8 @@ impl Encoder {
                 let pooled = self.embed_batch(&batch)?;
                 for (j, &i) in group.iter().enumerate() {
                     let row = w * window + i;
-                    out[row * dim..(row + 1) * dim].copy_from_slice(&pooled[j * dim..(j + 1) * dim]);
+                    out[row * dim..(row + 1) * dim]
+                        .copy_from_slice(&pooled[j * dim..(j + 1) * dim]);
                 }
                 progress(group.len());
             }

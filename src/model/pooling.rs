@@ -75,7 +75,10 @@ impl SentenceTransformersConfig {
     pub fn read(dir: &Path) -> Result<Self> {
         let mut st = SentenceTransformersConfig::default();
         if let Some(v) = read_json_opt(&dir.join("sentence_bert_config.json"))? {
-            st.max_seq_length = v.get("max_seq_length").and_then(Value::as_u64).map(|n| n as usize);
+            st.max_seq_length = v
+                .get("max_seq_length")
+                .and_then(Value::as_u64)
+                .map(|n| n as usize);
         }
         let modules = read_json_opt(&dir.join("modules.json"))?;
         let mut pooling_dir = dir.join("1_Pooling");

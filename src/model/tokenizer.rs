@@ -20,7 +20,9 @@ pub struct Tokens {
 impl TextTokenizer {
     pub fn from_file(path: &Path, max_length: usize) -> Result<Self> {
         if max_length < 2 {
-            return Err(Error::InvalidArgument(format!("max length {max_length} is below 2")));
+            return Err(Error::InvalidArgument(format!(
+                "max length {max_length} is below 2"
+            )));
         }
         let mut inner = Tokenizer::from_file(path)
             .map_err(|e| Error::format(path, format!("cannot load tokenizer: {e}")))?;

@@ -47,7 +47,9 @@ impl Loader<'_> {
         let full = format!("{}{}", self.prefix, name);
         let t = self.st.tensor(&full).or_else(|_| {
             // Old checkpoints call LayerNorm parameters gamma/beta.
-            let alt = full.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta");
+            let alt = full
+                .replace("LayerNorm.weight", "LayerNorm.gamma")
+                .replace("LayerNorm.bias", "LayerNorm.beta");
             self.st.tensor(&alt)
         });
         let t = t.map_err(|_| Error::MissingTensor {
@@ -65,7 +67,10 @@ impl Loader<'_> {
         let data = t.data();
         // The mmap gives no alignment guarantee for a tensor's bytes, so decode element-wise.
         let out: Vec<f32> = match t.dtype() {
-            Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
             Dtype::F16 => data
                 .chunks_exact(2)
                 .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
@@ -82,7 +87,10 @@ impl Loader<'_> {
             }
         };
         if let Some(i) = out.iter().position(|v| !v.is_finite()) {
-            return Err(Error::format(&self.path, format!("tensor `{full}` has a non-finite value at element {i}")));
+            return Err(Error::format(
+                &self.path,
+                format!("tensor `{full}` has a non-finite value at element {i}"),
+            ));
         }
         Ok(out)
     }
@@ -136,8 +144,14 @@ impl BertWeights {
         }
         Ok(BertWeights {
             word_emb: l.get("embeddings.word_embeddings.weight", &[cfg.vocab_size, h])?,
-            pos_emb: l.get("embeddings.position_embeddings.weight", &[cfg.max_position_embeddings, h])?,
-            type_emb: l.get("embeddings.token_type_embeddings.weight", &[cfg.type_vocab_size, h])?,
+            pos_emb: l.get(
+                "embeddings.position_embeddings.weight",
+                &[cfg.max_position_embeddings, h],
+            )?,
+            type_emb: l.get(
+                "embeddings.token_type_embeddings.weight",
+                &[cfg.type_vocab_size, h],
+            )?,
             emb_ln_g: l.get("embeddings.LayerNorm.weight", &[h])?,
             emb_ln_b: l.get("embeddings.LayerNorm.bias", &[h])?,
             layers,

@@ -28,7 +28,14 @@ pub struct BenchArgs {
 pub fn run(a: BenchArgs) -> Result<()> {
     let wants = |w: &str| a.only.iter().any(|o| o == w);
     for w in &a.only {
-        if !["encode-sentences", "encode-docs", "topk-batch", "topk-single"].contains(&w.as_str()) {
+        if ![
+            "encode-sentences",
+            "encode-docs",
+            "topk-batch",
+            "topk-single",
+        ]
+        .contains(&w.as_str())
+        {
             return Err(Error::InvalidArgument(format!("unknown workload `{w}`")));
         }
     }
@@ -50,7 +57,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     }
     if wants("topk-batch") || wants("topk-single") {
-        eprintln!("top-k data: {} x {} ...", bench::TOPK_CORPUS, bench::TOPK_DIM);
+        eprintln!(
+            "top-k data: {} x {} ...",
+            bench::TOPK_CORPUS,
+            bench::TOPK_DIM
+        );
         let (corpus, queries) = bench::topk_data();
         if wants("topk-batch") {
             rows.push(bench::topk_batch(&corpus, &queries, a.reps.max(3))?);
@@ -76,11 +87,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
         };
         println!(
             "| {} | {:.1} | {} | {} | {} | {:.2}× |",
-            m.workload, m.throughput, m.unit, m.peer_name, peer, m.throughput / mid
+            m.workload,
+            m.throughput,
+            m.unit,
+            m.peer_name,
+            peer,
+            m.throughput / mid
         );
     }
     if let Some(p) = &a.json {
-        let text = serde_json::to_string_pretty(&rows).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let text = serde_json::to_string_pretty(&rows)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         rrra::util::atomic_write(p, |w| {
             use std::io::Write;
             w.write_all(text.as_bytes()).map_err(|e| Error::io(p, e))

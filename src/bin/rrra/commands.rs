@@ -63,10 +63,21 @@ pub fn encode(a: EncodeArgs) -> Result<()> {
         encoder.dim(),
         encoder.max_length(),
         encoder.pooling(),
-        if encoder.normalize() { ", normalised" } else { "" }
+        if encoder.normalize() {
+            ", normalised"
+        } else {
+            ""
+        }
     );
     let phase = Phase::new(docs.len(), "encoded");
-    pipeline::encode_corpus(&encoder, &docs, &a.out, a.dtype, a.model.batch_size, &phase.tick())?;
+    pipeline::encode_corpus(
+        &encoder,
+        &docs,
+        &a.out,
+        a.dtype,
+        a.model.batch_size,
+        &phase.tick(),
+    )?;
     phase.finish("docs");
     eprintln!("wrote {}", a.out.display());
     Ok(())
@@ -102,7 +113,10 @@ pub struct SearchArgs {
 
 pub fn search(a: SearchArgs) -> Result<()> {
     if a.k == 0 || a.k > 10_000 {
-        return Err(Error::InvalidArgument(format!("--k {} is outside 1..=10000", a.k)));
+        return Err(Error::InvalidArgument(format!(
+            "--k {} is outside 1..=10000",
+            a.k
+        )));
     }
     let store = Store::open(&a.index)?;
     // Rebuild the encoder exactly as the store was built (max length, pooling), then verify.
@@ -111,7 +125,8 @@ pub fn search(a: SearchArgs) -> Result<()> {
     let mut queries = read_queries(&a.queries)?;
     if let Some(qrels_path) = &a.qrels {
         let qrels = read_qrels(qrels_path)?;
-        let known: std::collections::HashSet<&str> = queries.iter().map(|q| q.id.as_str()).collect();
+        let known: std::collections::HashSet<&str> =
+            queries.iter().map(|q| q.id.as_str()).collect();
         qrels.check_queries_known(qrels_path, |q| known.contains(q))?;
         queries.retain(|q: &Query| qrels.get(&q.id).is_some());
     }
@@ -119,7 +134,12 @@ pub fn search(a: SearchArgs) -> Result<()> {
     let run = pipeline::search(&encoder, &store, &queries, a.k, a.batch_size, &phase.tick())?;
     phase.finish("queries");
     write_run(&a.out, &run, &a.tag)?;
-    eprintln!("wrote {} ({} queries, top {})", a.out.display(), run.len(), a.k);
+    eprintln!(
+        "wrote {} ({} queries, top {})",
+        a.out.display(),
+        run.len(),
+        a.k
+    );
     Ok(())
 }
 

@@ -51,11 +51,18 @@ pub fn default_model() -> PathBuf {
 pub fn run(a: DemoArgs) -> Result<()> {
     let model = a.model.clone().unwrap_or_else(default_model);
     if !model.join("model.safetensors").is_file() {
-        return Err(Error::format(&model, "model not found; run tools/fetch-model.sh (or pass --model DIR)"));
+        return Err(Error::format(
+            &model,
+            "model not found; run tools/fetch-model.sh (or pass --model DIR)",
+        ));
     }
     let work = a.work.clone().unwrap_or_else(|| cache_dir().join("demo"));
     std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
-    let name = a.data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "data".into());
+    let name = a
+        .data
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "data".into());
 
     let data = read_beir_folder(&a.data, &a.split)?;
     let encoder = Encoder::load(&model, &EncoderOptions::default())?;
@@ -69,18 +76,30 @@ pub fn run(a: DemoArgs) -> Result<()> {
         encoder.max_length()
     );
 
-    let store_path = work.join(format!("{name}.store"));
+    let store_path = work.join(format!("{name}.rrra"));
     if store_is_current(&store_path, &encoder, &data.corpus) {
         eprintln!("reusing {} (same model and corpus)", store_path.display());
     } else {
         let phase = Phase::new(data.corpus.len(), "encoded");
-        pipeline::encode_corpus(&encoder, &data.corpus, &store_path, Dtype::F32, 32, &phase.tick())?;
+        pipeline::encode_corpus(
+            &encoder,
+            &data.corpus,
+            &store_path,
+            Dtype::F32,
+            32,
+            &phase.tick(),
+        )?;
         phase.finish("docs");
     }
     let store = Store::open(&store_path)?;
     pipeline::check_store_matches(&store, &store_path, &encoder)?;
 
-    let queries: Vec<_> = data.queries.iter().filter(|q| data.qrels.get(&q.id).is_some()).cloned().collect();
+    let queries: Vec<_> = data
+        .queries
+        .iter()
+        .filter(|q| data.qrels.get(&q.id).is_some())
+        .cloned()
+        .collect();
     let phase = Phase::new(queries.len(), "searched");
     let run = pipeline::search(&encoder, &store, &queries, a.k, 32, &phase.tick())?;
     phase.finish("queries");
@@ -93,9 +112,14 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let text = e.to_json().to_string();
     rrra::util::atomic_write(&metrics_path, |w| {
         use std::io::Write;
-        w.write_all(text.as_bytes()).map_err(|err| Error::io(&metrics_path, err))
+        w.write_all(text.as_bytes())
+            .map_err(|err| Error::io(&metrics_path, err))
     })?;
-    eprintln!("wrote {} and {}", run_path.display(), metrics_path.display());
+    eprintln!(
+        "wrote {} and {}",
+        run_path.display(),
+        metrics_path.display()
+    );
     if let Some(expect) = &a.expect {
         compare(expect, &e.mean)?;
     }
@@ -103,7 +127,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
 }
 
 fn store_is_current(path: &Path, encoder: &Encoder, corpus: &[rrra::data::Document]) -> bool {
-    let Ok(store) = Store::open(path) else { return false };
+    let Ok(store) = Store::open(path) else {
+        return false;
+    };
     let meta: serde_json::Value = serde_json::from_str(store.metadata_json()).unwrap_or_default();
     store.fingerprint() == encoder.fingerprint()
         && store.len() == corpus.len()
@@ -113,7 +139,8 @@ fn store_is_current(path: &Path, encoder: &Encoder, corpus: &[rrra::data::Docume
 /// Prints our metrics beside the reference and fails outside the stated tolerances.
 fn compare(path: &Path, ours: &std::collections::BTreeMap<String, f64>) -> Result<()> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::parse(path, e.line(), e.to_string()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::parse(path, e.line(), e.to_string()))?;
     let reference = v.get("metrics").unwrap_or(&v);
     // (reference name, our key, tolerance that fails the run)
     let rows = [
@@ -129,13 +156,18 @@ fn compare(path: &Path, ours: &std::collections::BTreeMap<String, f64>) -> Resul
     println!("|---|---|---|---|");
     let mut failures = Vec::new();
     for (rname, ours_key, tol) in rows {
-        let (Some(r), Some(o)) = (reference.get(rname).and_then(|x| x.as_f64()), ours.get(ours_key)) else {
+        let (Some(r), Some(o)) = (
+            reference.get(rname).and_then(|x| x.as_f64()),
+            ours.get(ours_key),
+        ) else {
             continue;
         };
         println!("| {ours_key} | {o:.4} | {r:.4} | {:+.4} |", o - r);
         if let Some(t) = tol {
             if (o - r).abs() > t {
-                failures.push(format!("{ours_key} {o:.4} vs reference {r:.4} (tolerance {t})"));
+                failures.push(format!(
+                    "{ours_key} {o:.4} vs reference {r:.4} (tolerance {t})"
+                ));
             }
         }
     }
@@ -143,6 +175,9 @@ fn compare(path: &Path, ours: &std::collections::BTreeMap<String, f64>) -> Resul
         println!("\nwithin tolerance of {}", path.display());
         Ok(())
     } else {
-        Err(Error::mismatch(path, format!("metrics differ from the reference: {}", failures.join("; "))))
+        Err(Error::mismatch(
+            path,
+            format!("metrics differ from the reference: {}", failures.join("; ")),
+        ))
     }
 }

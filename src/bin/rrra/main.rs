@@ -16,7 +16,7 @@ use std::process::ExitCode;
     about = "Dense retrieval engine: encode a corpus with a BERT-family model, search it, evaluate runs.",
     long_about = "Dense retrieval engine: encode a corpus with a BERT-family model (any Hugging Face / \
 sentence-transformers folder), store the embeddings in a memory-mapped file, search it exactly, and \
-evaluate runs with trec_eval semantics.\n\nA first session:\n  tools/fetch-model.sh                       # all-MiniLM-L6-v2 into ~/.cache/rrra\n  rrra encode --model M --corpus corpus.jsonl --out corpus.store\n  rrra search --model M --index corpus.store --queries queries.jsonl --qrels qrels/test.tsv --out run.trec\n  rrra eval --run run.trec --qrels qrels/test.tsv"
+evaluate runs with trec_eval semantics.\n\nA first session:\n  tools/fetch-model.sh                       # all-MiniLM-L6-v2 into ~/.cache/rrra\n  rrra encode --model M --corpus corpus.jsonl --out corpus.rrra\n  rrra search --model M --index corpus.rrra --queries queries.jsonl --qrels qrels/test.tsv --out run.trec\n  rrra eval --run run.trec --qrels qrels/test.tsv"
 )]
 struct Cli {
     /// Worker threads for encoding and search (default: all cores).
@@ -47,7 +47,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
-        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global() {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global()
+        {
             eprintln!("error: cannot start {n} threads: {e}");
             return ExitCode::FAILURE;
         }
