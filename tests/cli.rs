@@ -261,25 +261,8 @@ fn damaged_stores_are_refused() {
 fn missing_tensor_is_named() {
     let f = Fixture::new();
     let model = f.p("model");
-    std::fs::create_dir_all(model.join("1_Pooling")).unwrap();
-    for file in [
-        "config.json",
-        "tokenizer.json",
-        "modules.json",
-        "sentence_bert_config.json",
-        "1_Pooling/config.json",
-    ] {
-        std::fs::copy(tiny().join(file), model.join(file)).unwrap();
-    }
-    let bytes = std::fs::read(tiny().join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let gone = "encoder.layer.0.attention.self.key.weight";
-    let kept: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .filter(|(n, _)| n != gone)
-        .collect();
-    safetensors::serialize_to_file(kept, None, &model.join("model.safetensors")).unwrap();
+    model_variant(&tiny(), &model, |t| t.retain(|x| x.0 != gone));
     let args = a![
         "encode",
         "--model",
@@ -299,38 +282,13 @@ fn store_from_another_model_is_refused() {
     f.encode(&tiny(), "c.store");
     // Same architecture, one weight changed: same dimension, different fingerprint.
     let model = f.p("model");
-    std::fs::create_dir_all(model.join("1_Pooling")).unwrap();
-    for file in [
-        "config.json",
-        "tokenizer.json",
-        "modules.json",
-        "sentence_bert_config.json",
-        "1_Pooling/config.json",
-    ] {
-        std::fs::copy(tiny().join(file), model.join(file)).unwrap();
-    }
-    let bytes = std::fs::read(tiny().join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
-        .collect();
-    let bias = tensors
-        .iter_mut()
-        .find(|t| t.0 == "embeddings.LayerNorm.bias")
-        .unwrap();
-    bias.3[0] ^= 0x01;
-    let views: Vec<_> = tensors
-        .iter()
-        .map(|(n, d, sh, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*d, sh.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &model.join("model.safetensors")).unwrap();
+    model_variant(&tiny(), &model, |t| {
+        let bias = t
+            .iter_mut()
+            .find(|x| x.0 == "embeddings.LayerNorm.bias")
+            .unwrap();
+        bias.3[0] ^= 0x01;
+    });
     let run = f.p("run.trec");
     let args = a![
         "search",

@@ -8,47 +8,6 @@ use rrra::model::bert::PackedBatch;
 use rrra::model::{Encoder, EncoderOptions};
 use rrra::Error;
 use safetensors::{Dtype, SafeTensors};
-use std::path::Path;
-
-/// Tensors read from a safetensors file as (dtype, shape, bytes).
-fn read_all(path: &Path) -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-fn write_all(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) {
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, d, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, path).unwrap();
-}
-
-/// A copy of a model folder (all files except the weights) in a temp dir.
-fn copy_folder(src: &Path, dst: &Path) {
-    for e in std::fs::read_dir(src).unwrap() {
-        let p = e.unwrap().path();
-        let to = dst.join(p.file_name().unwrap());
-        if p.is_dir() {
-            std::fs::create_dir_all(&to).unwrap();
-            copy_folder(&p, &to);
-        } else if p.file_name().unwrap() != "model.safetensors" {
-            std::fs::copy(&p, &to).unwrap();
-        }
-    }
-}
 
 fn to_f16(bytes: &[u8]) -> Vec<u8> {
     bytes
@@ -119,13 +78,11 @@ fn tiny_bert_forward_matches_float64_reference() {
 #[test]
 fn f16_weights_load_and_agree_with_f32() {
     let dir = tempfile::tempdir().unwrap();
-    copy_folder(&tiny(), dir.path());
-    let tensors = read_all(&tiny().join("model.safetensors"));
-    let half: Vec<_> = tensors
-        .iter()
-        .map(|(n, _, s, b)| (n.clone(), Dtype::F16, s.clone(), to_f16(b)))
-        .collect();
-    write_all(&dir.path().join("model.safetensors"), &half);
+    model_variant(&tiny(), dir.path(), |t| {
+        for x in t.iter_mut() {
+            *x = (x.0.clone(), Dtype::F16, x.2.clone(), to_f16(&x.3));
+        }
+    });
     let texts = [
         "what causes vitamin d deficiency",
         "guitar lessons for beginners",
@@ -146,13 +103,9 @@ fn f16_weights_load_and_agree_with_f32() {
 
 #[test]
 fn missing_and_misshaped_tensors_are_named() {
-    let tensors = read_all(&tiny().join("model.safetensors"));
     let name = "encoder.layer.1.intermediate.dense.weight";
-
     let dir = tempfile::tempdir().unwrap();
-    copy_folder(&tiny(), dir.path());
-    let without: Vec<_> = tensors.iter().filter(|t| t.0 != name).cloned().collect();
-    write_all(&dir.path().join("model.safetensors"), &without);
+    model_variant(&tiny(), dir.path(), |t| t.retain(|x| x.0 != name));
     let err = Encoder::load(dir.path(), &EncoderOptions::default())
         .err()
         .expect("must fail");
@@ -162,17 +115,10 @@ fn missing_and_misshaped_tensors_are_named() {
     );
     assert!(err.to_string().contains("model.safetensors") && err.to_string().contains(name));
 
-    let reshaped: Vec<_> = tensors
-        .iter()
-        .map(|t| {
-            if t.0 == name {
-                (t.0.clone(), t.1, vec![32, 64], t.3.clone())
-            } else {
-                t.clone()
-            }
-        })
-        .collect();
-    write_all(&dir.path().join("model.safetensors"), &reshaped);
+    model_variant(&tiny(), dir.path(), |t| {
+        let x = t.iter_mut().find(|x| x.0 == name).unwrap();
+        x.2 = vec![32, 64];
+    });
     let err = Encoder::load(dir.path(), &EncoderOptions::default())
         .err()
         .expect("must fail");
@@ -260,7 +206,7 @@ fn bert_base_shapes_load_with_prefix_in_bf16() {
         vec![1, p],
         vec![0u8; p * 8],
     ));
-    write_all(&dir.path().join("model.safetensors"), &t);
+    write_tensors(&dir.path().join("model.safetensors"), &t);
 
     let enc = Encoder::load(dir.path(), &EncoderOptions::default()).unwrap();
     assert_eq!(enc.dim(), 768);

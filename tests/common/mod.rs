@@ -60,3 +60,58 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     dot / (na * nb)
 }
+
+/// A safetensors tensor as (name, dtype, shape, little-endian bytes).
+pub type RawTensor = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
+
+/// Every tensor of a safetensors file, sorted by name.
+pub fn read_tensors(path: &std::path::Path) -> Vec<RawTensor> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<RawTensor> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+pub fn write_tensors(path: &std::path::Path, tensors: &[RawTensor]) {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// Copies a model folder into `dst` with its weights edited by `edit` (a corrupted or changed
+/// model for error tests).
+pub fn model_variant(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    edit: impl FnOnce(&mut Vec<RawTensor>),
+) {
+    copy_dir_except(src, dst, "model.safetensors");
+    let mut tensors = read_tensors(&src.join("model.safetensors"));
+    edit(&mut tensors);
+    write_tensors(&dst.join("model.safetensors"), &tensors);
+}
+
+fn copy_dir_except(src: &std::path::Path, dst: &std::path::Path, skip: &str) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        let to = dst.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir_except(&p, &to, skip);
+        } else if p.file_name().unwrap() != skip {
+            std::fs::copy(&p, &to).unwrap();
+        }
+    }
+}
