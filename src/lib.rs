@@ -4,6 +4,26 @@
 //! text → [`model`] (tokenizer, BERT encoder, pooling) → [`index`] (embedding store, exact top-k)
 //! → [`eval`] (trec_eval metrics) over [`data`] (BEIR folders, TREC runs).
 //! [`cpu`] holds the reference kernels every GPU kernel is checked against; [`device`] the GPU side.
+//!
+//! Exact top-k over vectors in memory (a [`index::Store`] gives the same view of a file):
+//! ```
+//! use rrra::index::{topk, Corpus};
+//! // three 2-d unit vectors
+//! let docs = [1.0f32, 0.0, 0.0, 1.0, 0.6, 0.8];
+//! let corpus = Corpus::from_f32(&docs, 2)?;
+//! let hits = topk::search_one(&corpus, &[0.0, 1.0], 2)?;
+//! assert_eq!(hits.iter().map(|h| h.index).collect::<Vec<_>>(), [1, 2]);
+//! assert!((hits[1].score - 0.8).abs() < 1e-6);
+//! # Ok::<(), rrra::Error>(())
+//! ```
+//!
+//! Encoding with a model folder, then searching ([`pipeline`] does this for whole files):
+//! ```no_run
+//! use rrra::model::{Encoder, EncoderOptions};
+//! let enc = Encoder::load("all-MiniLM-L6-v2".as_ref(), &EncoderOptions::default())?;
+//! let vectors = enc.encode(&["a first text", "a second one"], 32)?; // 2 × enc.dim() floats
+//! # Ok::<(), rrra::Error>(())
+//! ```
 
 pub mod bench;
 pub mod cpu;
