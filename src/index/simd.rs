@@ -23,6 +23,14 @@
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
+/// Whether a score may enter a top-k whose threshold is `thr`: not below it, and always when
+/// either is NaN (a NaN threshold means "not full yet"; a NaN score is sorted out later).
+#[inline]
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
+pub(crate) fn may_enter(score: f32, thr: f32) -> bool {
+    !(score < thr)
+}
+
 /// The instruction set the kernels run with, chosen once per search.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -216,7 +224,7 @@ fn portable(
             }
         }
         for (&s, &t) in acc.iter().zip(thr) {
-            any |= super::topk::may_enter(s, t);
+            any |= may_enter(s, t);
         }
     }
     any

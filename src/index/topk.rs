@@ -22,7 +22,7 @@
 //! a total order, and a score does not depend on how the work was split, so the results are
 //! identical for every thread count and for both entry points.
 
-use super::simd::{self, Isa, BATCH_LANES, BATCH_ROWS, ONE_LANES, ONE_ROWS};
+use super::simd::{self, may_enter, Isa, BATCH_LANES, BATCH_ROWS, ONE_LANES, ONE_ROWS};
 use super::vectors::{Corpus, Vectors};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
@@ -46,14 +46,6 @@ pub fn hit_order(a: &Hit, b: &Hit) -> Ordering {
         (true, true) => Ordering::Equal,
     };
     by_score.then(a.index.cmp(&b.index))
-}
-
-/// Whether a score may enter a top-k whose threshold is `thr`: not below it, and always when
-/// either is NaN (a NaN threshold means "not full yet"; a NaN score is sorted out later).
-#[inline]
-#[allow(clippy::neg_cmp_op_on_partial_ord)]
-pub(crate) fn may_enter(score: f32, thr: f32) -> bool {
-    !(score < thr)
 }
 
 /// A candidate packed into one integer whose ascending order is [`hit_order`]: the high 32 bits
