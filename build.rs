@@ -31,13 +31,11 @@ fn main() {
     sources.retain(|p| p.extension().is_some_and(|e| e == "cu"));
     sources.sort();
 
-    let nvcc = if env::var_os("RRRA_NO_CUDA").is_some_and(|v| v != "0") {
-        None
-    } else {
-        find_nvcc()
-    };
+    let disabled = env::var_os("RRRA_NO_CUDA").is_some_and(|v| v != "0");
+    let nvcc = if disabled { None } else { find_nvcc() };
     let mut table = String::from("pub static KERNEL_MODULES: &[KernelModule] = &[\n");
     match &nvcc {
+        None if disabled => println!("cargo::warning=RRRA_NO_CUDA is set: building the CPU path only"),
         None => println!(
             "cargo::warning=nvcc not found (set NVCC or CUDA_HOME, or run tools/install-nvcc.sh): building the CPU path only"
         ),
