@@ -10,12 +10,7 @@ use rrra::model::{Encoder, EncoderOptions};
 use std::path::PathBuf;
 
 fn model_dir() -> Option<PathBuf> {
-    let p = std::env::var_os("RRRA_MODEL")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/rrra/models/all-MiniLM-L6-v2"))
-        })?;
+    let p = rrra::util::default_model_dir();
     p.join("model.safetensors").is_file().then_some(p)
 }
 

@@ -1,4 +1,4 @@
-//! Small helpers shared by every writer: atomic file replacement.
+//! Small helpers: atomic file replacement (every writer), and where cached things live.
 
 use crate::error::{Error, Result};
 use std::fs::File;
@@ -32,6 +32,23 @@ where
         }
     }
     Ok(())
+}
+
+/// The cache folder: `$RRRA_CACHE`, else `~/.cache/rrra` (the folder tools/fetch-model.sh and
+/// tools/install-nvcc.sh fill), else `.rrra-cache` when there is no home folder.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("RRRA_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/rrra")))
+        .unwrap_or_else(|| PathBuf::from(".rrra-cache"))
+}
+
+/// The reference model's folder: `$RRRA_MODEL`, else where tools/fetch-model.sh puts
+/// all-MiniLM-L6-v2.
+pub fn default_model_dir() -> PathBuf {
+    std::env::var_os("RRRA_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("models/all-MiniLM-L6-v2"))
 }
 
 fn temp_path(path: &Path) -> PathBuf {

@@ -92,27 +92,38 @@ impl Fixture {
         ]);
         assert!(ok, "{err}");
     }
+    /// `search` of the fixture's queries with `model` over `index` into `out`, then `extra`.
+    fn search(
+        &self,
+        model: &Path,
+        index: &Path,
+        out: &Path,
+        extra: &[&str],
+    ) -> Vec<std::ffi::OsString> {
+        let mut args = a![
+            "search",
+            "--model",
+            model,
+            "--index",
+            index,
+            "--queries",
+            self.p("queries.jsonl"),
+            "--out",
+            out
+        ]
+        .to_vec();
+        args.extend(extra.iter().map(std::ffi::OsString::from));
+        args
+    }
 }
 
 #[test]
 fn encode_search_eval_round_trip() {
     let f = Fixture::new();
     f.encode(&tiny(), "c.store");
-    let (ok, _, err) = rrra(&a![
-        "search",
-        "--model",
-        tiny(),
-        "--index",
-        f.p("c.store"),
-        "--queries",
-        f.p("queries.jsonl"),
-        "--qrels",
-        f.p("qrels.tsv"),
-        "--k",
-        "2",
-        "--out",
-        f.p("run.trec"),
-    ]);
+    let qrels = f.p("qrels.tsv");
+    let extra = ["--qrels", qrels.to_str().unwrap(), "--k", "2"];
+    let (ok, _, err) = rrra(&f.search(&tiny(), &f.p("c.store"), &f.p("run.trec"), &extra));
     assert!(ok, "{err}");
     let run = std::fs::read_to_string(f.p("run.trec")).unwrap();
     // Only the judged queries are searched, k = 2 each.
@@ -194,19 +205,13 @@ fn qrels_naming_unknown_query_is_an_error() {
     )
     .unwrap();
     let run = f.p("run.trec");
-    let args = a![
-        "search",
-        "--model",
-        tiny(),
-        "--index",
-        f.p("c.store"),
-        "--queries",
-        f.p("queries.jsonl"),
-        "--qrels",
-        f.p("qrels.tsv"),
-        "--out",
-        run,
-    ];
+    let qrels = f.p("qrels.tsv");
+    let args = f.search(
+        &tiny(),
+        &f.p("c.store"),
+        &run,
+        &["--qrels", qrels.to_str().unwrap()],
+    );
     fails(&args, &["qrels.tsv:3:", "q404"]);
     assert!(!run.exists());
 }
@@ -241,17 +246,7 @@ fn damaged_stores_are_refused() {
         let store = f.p(&format!("{name}.store"));
         std::fs::write(&store, bytes).unwrap();
         let run = f.p("run.trec");
-        let args = a![
-            "search",
-            "--model",
-            tiny(),
-            "--index",
-            store,
-            "--queries",
-            f.p("queries.jsonl"),
-            "--out",
-            run,
-        ];
+        let args = f.search(&tiny(), &store, &run, &[]);
         fails(&args, &[&format!("{name}.store")]);
         assert!(!run.exists(), "{name}: run written");
     }
@@ -290,30 +285,10 @@ fn store_from_another_model_is_refused() {
         bias.3[0] ^= 0x01;
     });
     let run = f.p("run.trec");
-    let args = a![
-        "search",
-        "--model",
-        model,
-        "--index",
-        f.p("c.store"),
-        "--queries",
-        f.p("queries.jsonl"),
-        "--out",
-        run
-    ];
+    let args = f.search(&model, &f.p("c.store"), &run, &[]);
     fails(&args, &["c.store", "fingerprint"]);
     // A model of another dimension (all-MiniLM-L6-v2, 384 vs 32).
-    let args = a![
-        "search",
-        "--model",
-        minilm(),
-        "--index",
-        f.p("c.store"),
-        "--queries",
-        f.p("queries.jsonl"),
-        "--out",
-        run
-    ];
+    let args = f.search(&minilm(), &f.p("c.store"), &run, &[]);
     fails(&args, &["c.store", "dimension"]);
     assert!(!run.exists());
 }
@@ -322,19 +297,7 @@ fn store_from_another_model_is_refused() {
 fn bad_arguments_are_clear() {
     let f = Fixture::new();
     f.encode(&tiny(), "c.store");
-    let args = a![
-        "search",
-        "--model",
-        tiny(),
-        "--index",
-        f.p("c.store"),
-        "--queries",
-        f.p("queries.jsonl"),
-        "--k",
-        "0",
-        "--out",
-        f.p("r")
-    ];
+    let args = f.search(&tiny(), &f.p("c.store"), &f.p("r"), &["--k", "0"]);
     fails(&args, &["--k"]);
     let (ok, _, err) = rrra(&a![
         "encode",

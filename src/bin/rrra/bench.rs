@@ -42,7 +42,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let mut rows: Vec<Measurement> = Vec::new();
     if wants("encode-sentences") || wants("encode-docs") {
-        let model = a.model.clone().unwrap_or_else(crate::demo::default_model);
+        let model = a
+            .model
+            .clone()
+            .unwrap_or_else(rrra::util::default_model_dir);
         let enc = Encoder::load(&model, &EncoderOptions::default())?;
         if wants("encode-sentences") {
             let path = a.shared.join("bench/sentences-56tok.txt");

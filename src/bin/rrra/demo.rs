@@ -9,6 +9,7 @@ use rrra::eval::{evaluate, EvalOptions};
 use rrra::index::store::Store;
 use rrra::index::Dtype;
 use rrra::model::{Encoder, EncoderOptions};
+use rrra::util::{cache_dir, default_model_dir};
 use rrra::{pipeline, Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -34,22 +35,8 @@ pub struct DemoArgs {
     pub k: usize,
 }
 
-fn cache_dir() -> PathBuf {
-    std::env::var_os("RRRA_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/rrra")))
-        .unwrap_or_else(|| PathBuf::from(".rrra-cache"))
-}
-
-/// `$RRRA_MODEL`, else where tools/fetch-model.sh puts all-MiniLM-L6-v2.
-pub fn default_model() -> PathBuf {
-    std::env::var_os("RRRA_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache_dir().join("models/all-MiniLM-L6-v2"))
-}
-
 pub fn run(a: DemoArgs) -> Result<()> {
-    let model = a.model.clone().unwrap_or_else(default_model);
+    let model = a.model.clone().unwrap_or_else(default_model_dir);
     if !model.join("model.safetensors").is_file() {
         return Err(Error::format(
             &model,
