@@ -34,6 +34,7 @@ pub mod eval;
 pub mod index;
 pub mod model;
 pub mod pipeline;
+pub mod train;
 pub mod util;
 
 pub use error::{Error, Result};

@@ -26,5 +26,6 @@ macro_rules! dispatch_avx2 {
 }
 
 pub mod attention;
+pub mod backward;
 pub mod gemm;
 pub mod math;
