@@ -85,7 +85,7 @@ impl Bert {
         Ok(x)
     }
 
-    fn check(&self, batch: &PackedBatch) -> Result<()> {
+    pub(crate) fn check(&self, batch: &PackedBatch) -> Result<()> {
         let cfg = &self.cfg;
         if batch.offsets.first() != Some(&0) || batch.offsets.last() != Some(&batch.ids.len()) {
             return Err(Error::InvalidArgument(
@@ -125,7 +125,7 @@ impl Bert {
     }
 
     /// word + position + token-type embeddings (before the embedding LayerNorm).
-    fn embed(&self, batch: &PackedBatch) -> Vec<f32> {
+    pub(crate) fn embed(&self, batch: &PackedBatch) -> Vec<f32> {
         let h = self.cfg.hidden_size;
         let w = &self.weights;
         let mut x = vec![0.0f32; batch.tokens() * h];

@@ -5,7 +5,7 @@
 use super::bert::{Bert, PackedBatch};
 use super::config::BertConfig;
 use super::pooling::{Pooling, SentenceTransformersConfig};
-use super::tokenizer::TextTokenizer;
+use super::tokenizer::{TextTokenizer, Tokens};
 use super::weights::BertWeights;
 use crate::cpu::math;
 use crate::error::{Error, Result};
@@ -77,6 +77,15 @@ impl Encoder {
     pub fn normalize(&self) -> bool {
         self.normalize
     }
+    /// The weights, for training. Whoever changes them should update `weights.file_hash`
+    /// (training sets it to the hash of the checkpoint it writes) so fingerprints stay honest.
+    pub fn bert_mut(&mut self) -> &mut Bert {
+        &mut self.bert
+    }
+    /// The model folder this encoder was loaded from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
     pub fn tokenizer(&self) -> &TextTokenizer {
         &self.tokenizer
     }
@@ -130,26 +139,43 @@ impl Encoder {
                 "batch size must be at least 1".into(),
             ));
         }
-        let dim = self.dim();
-        let mut out = vec![0.0f32; texts.len() * dim];
         let window = batch_size * 32;
-        for (w, chunk) in texts.chunks(window).enumerate() {
+        let dim = self.dim();
+        let mut out = Vec::with_capacity(texts.len() * dim);
+        for chunk in texts.chunks(window) {
             let tokens = self.tokenizer.encode_batch(chunk)?;
-            let mut order: Vec<usize> = (0..chunk.len()).collect();
-            order.sort_by_key(|&i| std::cmp::Reverse(tokens[i].ids.len()));
-            for group in order.chunks(batch_size) {
-                let mut batch = PackedBatch::new();
-                for &i in group {
-                    batch.push(&tokens[i].ids, &tokens[i].type_ids);
-                }
-                let pooled = self.embed_batch(&batch)?;
-                for (j, &i) in group.iter().enumerate() {
-                    let row = w * window + i;
-                    out[row * dim..(row + 1) * dim]
-                        .copy_from_slice(&pooled[j * dim..(j + 1) * dim]);
-                }
-                progress(group.len());
+            out.extend(self.encode_tokens(&tokens, batch_size, progress)?);
+        }
+        Ok(out)
+    }
+
+    /// Embeds already tokenized texts (e.g. with another max length than the encoder's own),
+    /// sorted by length into batches of `batch_size` as [`Encoder::encode_with_progress`] does.
+    pub fn encode_tokens(
+        &self,
+        tokens: &[Tokens],
+        batch_size: usize,
+        progress: &(dyn Fn(usize) + Sync),
+    ) -> Result<Vec<f32>> {
+        if batch_size == 0 {
+            return Err(Error::InvalidArgument(
+                "batch size must be at least 1".into(),
+            ));
+        }
+        let dim = self.dim();
+        let mut out = vec![0.0f32; tokens.len() * dim];
+        let mut order: Vec<usize> = (0..tokens.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(tokens[i].ids.len()));
+        for group in order.chunks(batch_size) {
+            let mut batch = PackedBatch::new();
+            for &i in group {
+                batch.push(&tokens[i].ids, &tokens[i].type_ids);
             }
+            let pooled = self.embed_batch(&batch)?;
+            for (j, &i) in group.iter().enumerate() {
+                out[i * dim..(i + 1) * dim].copy_from_slice(&pooled[j * dim..(j + 1) * dim]);
+            }
+            progress(group.len());
         }
         Ok(out)
     }

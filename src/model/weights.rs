@@ -159,3 +159,185 @@ impl BertWeights {
         })
     }
 }
+
+/// One parameter tensor as Hugging Face names it, for saving and for comparing gradients.
+pub struct NamedSlice<'a> {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: &'a [f32],
+}
+
+impl LayerWeights {
+    fn zeros(h: usize, inter: usize) -> Self {
+        let z = |n: usize| vec![0.0f32; n];
+        LayerWeights {
+            qkv_w: z(3 * h * h),
+            qkv_b: z(3 * h),
+            attn_out_w: z(h * h),
+            attn_out_b: z(h),
+            attn_ln_g: z(h),
+            attn_ln_b: z(h),
+            inter_w: z(inter * h),
+            inter_b: z(inter),
+            out_w: z(h * inter),
+            out_b: z(h),
+            out_ln_g: z(h),
+            out_ln_b: z(h),
+        }
+    }
+
+    /// (tensor, weight-decay flag) in a fixed order: biases and LayerNorm parameters are not
+    /// decayed, the convention of BERT fine-tuning recipes.
+    fn tensors_mut(&mut self) -> [(&mut Vec<f32>, bool); 12] {
+        [
+            (&mut self.qkv_w, true),
+            (&mut self.qkv_b, false),
+            (&mut self.attn_out_w, true),
+            (&mut self.attn_out_b, false),
+            (&mut self.attn_ln_g, false),
+            (&mut self.attn_ln_b, false),
+            (&mut self.inter_w, true),
+            (&mut self.inter_b, false),
+            (&mut self.out_w, true),
+            (&mut self.out_b, false),
+            (&mut self.out_ln_g, false),
+            (&mut self.out_ln_b, false),
+        ]
+    }
+}
+
+impl BertWeights {
+    /// All-zero tensors of the shapes `cfg` gives: the gradient accumulator of a model.
+    pub fn zeros(cfg: &BertConfig) -> Self {
+        let h = cfg.hidden_size;
+        BertWeights {
+            word_emb: vec![0.0; cfg.vocab_size * h],
+            pos_emb: vec![0.0; cfg.max_position_embeddings * h],
+            type_emb: vec![0.0; cfg.type_vocab_size * h],
+            emb_ln_g: vec![0.0; h],
+            emb_ln_b: vec![0.0; h],
+            layers: (0..cfg.num_hidden_layers)
+                .map(|_| LayerWeights::zeros(h, cfg.intermediate_size))
+                .collect(),
+            file_hash: 0,
+        }
+    }
+
+    /// Every tensor with its weight-decay flag, in a fixed order (the optimizer's order).
+    pub fn tensors_mut(&mut self) -> Vec<(&mut Vec<f32>, bool)> {
+        let mut out: Vec<(&mut Vec<f32>, bool)> = vec![
+            (&mut self.word_emb, true),
+            (&mut self.pos_emb, true),
+            (&mut self.type_emb, true),
+            (&mut self.emb_ln_g, false),
+            (&mut self.emb_ln_b, false),
+        ];
+        for l in &mut self.layers {
+            out.extend(l.tensors_mut());
+        }
+        out
+    }
+
+    /// Every tensor, read-only, in the order of [`BertWeights::tensors_mut`].
+    pub fn tensors(&self) -> Vec<&[f32]> {
+        let mut out: Vec<&[f32]> = vec![
+            &self.word_emb,
+            &self.pos_emb,
+            &self.type_emb,
+            &self.emb_ln_g,
+            &self.emb_ln_b,
+        ];
+        for l in &self.layers {
+            out.extend([
+                &l.qkv_w[..],
+                &l.qkv_b,
+                &l.attn_out_w,
+                &l.attn_out_b,
+                &l.attn_ln_g,
+                &l.attn_ln_b,
+                &l.inter_w,
+                &l.inter_b,
+                &l.out_w,
+                &l.out_b,
+                &l.out_ln_g,
+                &l.out_ln_b,
+            ]);
+        }
+        out
+    }
+
+    /// Sets every element to zero (reuses the allocations).
+    pub fn fill_zero(&mut self) {
+        for (t, _) in self.tensors_mut() {
+            t.fill(0.0);
+        }
+    }
+
+    /// The tensors under their Hugging Face `BertModel` names and shapes; the fused QKV matrix
+    /// is split back into query, key and value.
+    pub fn named(&self, cfg: &BertConfig) -> Vec<NamedSlice<'_>> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        fn t(name: String, shape: Vec<usize>, data: &[f32]) -> NamedSlice<'_> {
+            NamedSlice { name, shape, data }
+        }
+        let mut out = vec![
+            t(
+                "embeddings.word_embeddings.weight".into(),
+                vec![cfg.vocab_size, h],
+                &self.word_emb,
+            ),
+            t(
+                "embeddings.position_embeddings.weight".into(),
+                vec![cfg.max_position_embeddings, h],
+                &self.pos_emb,
+            ),
+            t(
+                "embeddings.token_type_embeddings.weight".into(),
+                vec![cfg.type_vocab_size, h],
+                &self.type_emb,
+            ),
+            t(
+                "embeddings.LayerNorm.weight".into(),
+                vec![h],
+                &self.emb_ln_g,
+            ),
+            t("embeddings.LayerNorm.bias".into(), vec![h], &self.emb_ln_b),
+        ];
+        for (n, l) in self.layers.iter().enumerate() {
+            let p = |s: &str| format!("encoder.layer.{n}.{s}");
+            for (k, part) in ["query", "key", "value"].iter().enumerate() {
+                out.push(t(
+                    p(&format!("attention.self.{part}.weight")),
+                    vec![h, h],
+                    &l.qkv_w[k * h * h..(k + 1) * h * h],
+                ));
+                out.push(t(
+                    p(&format!("attention.self.{part}.bias")),
+                    vec![h],
+                    &l.qkv_b[k * h..(k + 1) * h],
+                ));
+            }
+            out.extend([
+                t(
+                    p("attention.output.dense.weight"),
+                    vec![h, h],
+                    &l.attn_out_w,
+                ),
+                t(p("attention.output.dense.bias"), vec![h], &l.attn_out_b),
+                t(
+                    p("attention.output.LayerNorm.weight"),
+                    vec![h],
+                    &l.attn_ln_g,
+                ),
+                t(p("attention.output.LayerNorm.bias"), vec![h], &l.attn_ln_b),
+                t(p("intermediate.dense.weight"), vec![i, h], &l.inter_w),
+                t(p("intermediate.dense.bias"), vec![i], &l.inter_b),
+                t(p("output.dense.weight"), vec![h, i], &l.out_w),
+                t(p("output.dense.bias"), vec![h], &l.out_b),
+                t(p("output.LayerNorm.weight"), vec![h], &l.out_ln_g),
+                t(p("output.LayerNorm.bias"), vec![h], &l.out_ln_b),
+            ]);
+        }
+        out
+    }
+}

@@ -1,7 +1,18 @@
-//! Fine-tuning a bi-encoder on the CPU reference path.
+//! Fine-tuning a bi-encoder on the CPU reference path: the backward pass of the encoder
+//! ([`encoder_grad`], over the op backwards in `cpu::backward`), the fused contrastive loss
+//! ([`loss`]), AdamW and the schedule ([`optim`]), training data ([`data`]), hard-negative
+//! mining from our own index ([`mining`]) and the samplers over its pool ([`sampler`]),
+//! counter-based randomness ([`rng`]), checkpoints ([`checkpoint`], [`state`]) and the loop
+//! ([`trainer`]) with its knobs ([`config`]).
 
 pub mod checkpoint;
+pub mod config;
 pub mod data;
+pub mod encoder_grad;
+pub mod loss;
+pub mod mining;
 pub mod optim;
 pub mod rng;
 pub mod sampler;
+pub mod state;
+pub mod trainer;

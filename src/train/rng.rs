@@ -69,14 +69,20 @@ impl Stream {
         let tag = ((example as u32) << 12) ^ ((layer & 0xff) << 4) ^ (site as u32);
         Stream {
             key: [seed as u32, (seed >> 32) as u32],
-            ctr_hi: [step as u32 ^ ((step >> 32) as u32).rotate_left(16), tag ^ ((example >> 20) as u32)],
+            ctr_hi: [
+                step as u32 ^ ((step >> 32) as u32).rotate_left(16),
+                tag ^ ((example >> 20) as u32),
+            ],
         }
     }
 
     /// Four raw 32-bit words for block `i` (numbers `4i .. 4i+3` of the stream).
     #[inline]
     pub fn block(&self, i: u64) -> [u32; 4] {
-        philox4x32_10([i as u32, (i >> 32) as u32, self.ctr_hi[0], self.ctr_hi[1]], self.key)
+        philox4x32_10(
+            [i as u32, (i >> 32) as u32, self.ctr_hi[0], self.ctr_hi[1]],
+            self.key,
+        )
     }
 
     /// The `i`-th 32-bit word of the stream.
@@ -96,7 +102,11 @@ impl Stream {
     #[inline]
     pub fn open_uniform_f64_at(&self, i: u64) -> f64 {
         let b = self.block(i / 2);
-        let (a, c) = if i % 2 == 0 { (b[0], b[1]) } else { (b[2], b[3]) };
+        let (a, c) = if i % 2 == 0 {
+            (b[0], b[1])
+        } else {
+            (b[2], b[3])
+        };
         let bits = ((a as u64) << 21) ^ (c as u64 >> 11); // 53 bits
         (bits as f64 + 0.5) * (1.0 / 9_007_199_254_740_992.0)
     }
@@ -142,13 +152,19 @@ mod tests {
         assert_ne!(first(&a), first(&b));
         assert_ne!(first(&a), first(&c));
         assert_ne!(first(&a), first(&d));
-        assert_eq!(first(&a), first(&Stream::new(7, 3, 0, 1, Site::AttentionDropout)));
+        assert_eq!(
+            first(&a),
+            first(&Stream::new(7, 3, 0, 1, Site::AttentionDropout))
+        );
         // mean and variance of 100 000 uniforms: 1/2 and 1/12 within 5 standard errors
         let n = 100_000;
         let xs: Vec<f64> = (0..n).map(|i| a.uniform_at(i) as f64).collect();
         let mean = xs.iter().sum::<f64>() / n as f64;
         let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
-        assert!((mean - 0.5).abs() < 5.0 * (1.0f64 / 12.0 / n as f64).sqrt(), "{mean}");
+        assert!(
+            (mean - 0.5).abs() < 5.0 * (1.0f64 / 12.0 / n as f64).sqrt(),
+            "{mean}"
+        );
         assert!((var - 1.0 / 12.0).abs() < 2e-3, "{var}");
         assert!((0..n).all(|i| {
             let u = a.open_uniform_f64_at(i);

@@ -5,6 +5,7 @@ mod bench;
 mod commands;
 mod demo;
 mod progress;
+mod train;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -40,6 +41,8 @@ enum Command {
     Export(commands::ExportArgs),
     /// Run the standard benchmark workloads and print a table against peer figures.
     Bench(bench::BenchArgs),
+    /// Fine-tune a bi-encoder with mined hard negatives (InfoNCE, AdamW; CPU).
+    Train(train::TrainArgs),
     /// The built-in end-to-end job: encode SciFact, search its test queries, evaluate.
     Demo(demo::DemoArgs),
 }
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
         Command::Export(a) => commands::export(a),
         Command::Bench(a) => bench::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::Train(a) => train::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

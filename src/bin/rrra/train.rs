@@ -1,0 +1,259 @@
+//! `rrra train`: fine-tune a bi-encoder with mined hard negatives (CPU reference path).
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use rrra::train::config::{DataSource, EvalSpec, NegativePool, TrainConfig};
+use rrra::train::encoder_grad::ActivationMode;
+use rrra::train::sampler::SamplerKind;
+use rrra::train::trainer::{TrainEvent, Trainer};
+use rrra::{Error, Result};
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Model folder to start from (Hugging Face / sentence-transformers layout).
+    #[arg(long, value_name = "DIR", required_unless_present = "resume")]
+    pub model: Option<PathBuf>,
+    /// BEIR folder to train on (corpus.jsonl, queries.jsonl, qrels/<split>.tsv).
+    #[arg(long, value_name = "DIR", conflicts_with = "train_jsonl")]
+    pub beir: Option<PathBuf>,
+    /// Qrels split of --beir to train on.
+    #[arg(long, default_value = "train", value_name = "SPLIT")]
+    pub split: String,
+    /// Training file in FlagEmbedding ({"query","pos","neg"}) or Tevatron JSON-lines format.
+    #[arg(long = "train-jsonl", value_name = "FILE")]
+    pub train_jsonl: Option<PathBuf>,
+    /// Run folder: model/ checkpoint, training_state.safetensors, train_log.jsonl.
+    #[arg(long, value_name = "DIR", required_unless_present = "resume")]
+    pub out: Option<PathBuf>,
+    /// Continue the run in this folder from its last checkpoint (with its own configuration).
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: u32,
+    /// Stop after this many optimizer steps.
+    #[arg(long, value_name = "N")]
+    pub max_steps: Option<u64>,
+    /// Queries per batch (each with one positive and its negatives).
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub batch_size: usize,
+    /// Batches per optimizer step.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 2e-5)]
+    pub lr: f32,
+    /// Share of steps spent warming the learning rate up.
+    #[arg(long, default_value_t = 0.1)]
+    pub warmup_ratio: f32,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f32,
+    /// Global gradient-norm clip (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f32,
+    /// InfoNCE temperature [default: 0.05 for normalised embeddings, else 1].
+    #[arg(long)]
+    pub tau: Option<f32>,
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub query_max_length: usize,
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub doc_max_length: usize,
+    /// Hard negatives per query (signed so that a negative value gets a clear error).
+    #[arg(
+        long,
+        default_value_t = 7,
+        allow_negative_numbers = true,
+        value_name = "N"
+    )]
+    pub hard_negatives: i64,
+    /// Random corpus negatives per query.
+    #[arg(
+        long,
+        default_value_t = 0,
+        allow_negative_numbers = true,
+        value_name = "N"
+    )]
+    pub random_negatives: i64,
+    /// Negative sampler: uniform, simans or trisampler, optionally with knobs
+    /// (e.g. simans:a=0.5,b=0 or uniform:range_min=10,range_max=100).
+    #[arg(long, default_value = "simans", value_name = "SPEC")]
+    pub sampler: String,
+    /// Draw negatives from the mined top-K (mined) or from the file's own negatives (given).
+    #[arg(long, default_value = "mined", value_name = "POOL")]
+    pub negative_pool: String,
+    /// K of hard-negative mining.
+    #[arg(
+        long,
+        default_value_t = 200,
+        allow_negative_numbers = true,
+        value_name = "K"
+    )]
+    pub mine_top_k: i64,
+    /// Re-mine every N optimizer steps [default: at the start of every epoch].
+    #[arg(long, value_name = "N")]
+    pub mine_every: Option<u64>,
+    /// Disable dropout (deterministic forward).
+    #[arg(long)]
+    pub no_dropout: bool,
+    /// Recompute each layer's activations in backward instead of keeping them (less memory).
+    #[arg(long)]
+    pub recompute: bool,
+    /// Save a checkpoint every N optimizer steps [default: every epoch] (always at the end).
+    #[arg(long, value_name = "N")]
+    pub checkpoint_every: Option<u64>,
+    /// BEIR folder to evaluate on while training (with --eval-split).
+    #[arg(long, value_name = "DIR")]
+    pub eval_beir: Option<PathBuf>,
+    #[arg(long, default_value = "dev", value_name = "SPLIT")]
+    pub eval_split: String,
+    /// Evaluate every N optimizer steps [default: every epoch] (always at the end).
+    #[arg(long, value_name = "N")]
+    pub eval_every: Option<u64>,
+    /// Stop (as if killed) after this many optimizer steps of this invocation; the run stays
+    /// resumable. For staged runs.
+    #[arg(long, value_name = "N", hide = true)]
+    pub stop_after: Option<u64>,
+}
+
+fn non_negative(name: &str, v: i64) -> Result<usize> {
+    usize::try_from(v)
+        .map_err(|_| Error::InvalidArgument(format!("--{name} must be 0 or more, got {v}")))
+}
+
+impl TrainArgs {
+    fn config(&self) -> Result<TrainConfig> {
+        let data = match (&self.beir, &self.train_jsonl) {
+            (Some(dir), None) => DataSource::Beir {
+                dir: dir.clone(),
+                split: self.split.clone(),
+            },
+            (None, Some(path)) => DataSource::Jsonl { path: path.clone() },
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "give the training data with --beir DIR or --train-jsonl FILE".into(),
+                ))
+            }
+        };
+        let model = self.model.clone().unwrap_or_default();
+        let out = self.out.clone().unwrap_or_default();
+        let mut c = TrainConfig::new(model, data, out);
+        c.seed = self.seed;
+        c.epochs = self.epochs;
+        c.max_steps = self.max_steps;
+        c.batch_size = self.batch_size;
+        c.grad_accum = self.grad_accum;
+        c.lr = self.lr;
+        c.warmup_ratio = self.warmup_ratio;
+        c.adamw.weight_decay = self.weight_decay;
+        c.max_grad_norm = self.max_grad_norm;
+        c.tau = self.tau;
+        c.query_max_length = self.query_max_length;
+        c.doc_max_length = self.doc_max_length;
+        c.hard_negatives = non_negative("hard-negatives", self.hard_negatives)?;
+        c.random_negatives = non_negative("random-negatives", self.random_negatives)?;
+        c.sampler = SamplerKind::parse(&self.sampler)?;
+        c.negative_pool = match self.negative_pool.as_str() {
+            "mined" => NegativePool::Mined,
+            "given" => NegativePool::Given,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown negative pool `{other}` (valid: mined, given)"
+                )))
+            }
+        };
+        c.mine_top_k = non_negative("mine-top-k", self.mine_top_k)?;
+        c.mine_every = self.mine_every;
+        c.dropout = !self.no_dropout;
+        c.activations = if self.recompute {
+            ActivationMode::Recompute
+        } else {
+            ActivationMode::Keep
+        };
+        c.checkpoint_every = self.checkpoint_every;
+        c.eval = self.eval_beir.as_ref().map(|dir| EvalSpec {
+            dir: dir.clone(),
+            split: self.eval_split.clone(),
+            every: self.eval_every,
+        });
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let mut trainer = match &a.resume {
+        Some(dir) => {
+            let t = Trainer::resume(dir)?;
+            eprintln!("resuming {} at step {}", dir.display(), t.step());
+            t
+        }
+        None => Trainer::new(a.config()?)?,
+    };
+    let cfg = trainer.config().clone();
+    let total = trainer.total_steps()?;
+    let set = trainer.train_set();
+    eprintln!(
+        "training {} on {} queries ({} pairs, {} documents): {} steps, batch {}, {} hard negatives ({}), {} random, lr {}, tau {}",
+        cfg.model.display(),
+        set.queries.len(),
+        set.num_pairs(),
+        set.corpus.len(),
+        total,
+        cfg.batch_size,
+        cfg.hard_negatives,
+        cfg.sampler,
+        cfg.random_negatives,
+        cfg.lr,
+        cfg.tau.map(|t| t.to_string()).unwrap_or_else(|| "auto".into()),
+    );
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:25}] {pos}/{len} elapsed {elapsed} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_position(trainer.step());
+    let mut on = |ev: TrainEvent| match ev {
+        TrainEvent::Message(m) => bar.println(m),
+        TrainEvent::Step(r) => {
+            bar.set_position(r.step);
+            bar.set_message(format!(
+                "loss {:.4} lr {:.2e} {:.2} ex/s",
+                r.loss, r.lr, r.examples_per_s
+            ));
+            if !bar.is_hidden() {
+                return;
+            }
+            // Not a terminal (a log file): one line per step instead of a bar.
+            eprintln!(
+                "step {}/{} epoch {} loss {:.4} acc {:.3} lr {:.3e} |g| {:.3} {:.2} ex/s eta {:.0} s",
+                r.step, r.total_steps, r.epoch, r.loss, r.accuracy, r.lr, r.grad_norm, r.examples_per_s, r.eta_s
+            );
+        }
+        TrainEvent::Mined(stats) => bar.println(stats.to_string()),
+        TrainEvent::Encoding { .. } => {}
+        TrainEvent::Evaluated { step, metrics } => {
+            let get = |k: &str| metrics[k].as_f64().unwrap_or(f64::NAN);
+            bar.println(format!(
+                "eval at step {step}: nDCG@10 {:.4}  MRR@10 {:.4}  R@100 {:.4}",
+                get("ndcg@10"),
+                get("mrr@10"),
+                get("recall@100")
+            ))
+        }
+        TrainEvent::Checkpoint { step, dir } => {
+            bar.println(format!("checkpoint at step {step}: {}", dir.display()))
+        }
+    };
+    trainer.run(a.stop_after, &mut on)?;
+    bar.finish_and_clear();
+    eprintln!(
+        "done: step {} of {}; model in {}, log in {}",
+        trainer.step(),
+        total,
+        trainer.paths().model.display(),
+        trainer.paths().log.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! Hard-negative mining from our own index: encode the corpus and the training queries with the
+//! current encoder, take each query's exact top-K, and drop what must never be a negative —
+//! the query's labelled positives, and a document whose id equals the query id (collections
+//! where queries are themselves corpus documents).
+//!
+//! The pool keeps the embeddings it was mined with: samplers that look at geometry (TriSampler)
+//! and the positive's score (SimANS) use the same snapshot as the ranking, and a resumed run
+//! restores the snapshot instead of re-mining with a different model.
+
+use super::data::TrainSet;
+use crate::error::Result;
+use crate::index::topk;
+use crate::index::Corpus;
+use crate::model::tokenizer::TextTokenizer;
+use crate::model::Encoder;
+
+/// One query's candidates, best first: corpus index and raw similarity (before 1/tau).
+pub type Candidates = Vec<(u32, f32)>;
+
+/// What mining produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MinedPool {
+    pub dim: usize,
+    /// `[queries × dim]`, in `TrainSet::queries` order.
+    pub query_embeddings: Vec<f32>,
+    /// `[corpus × dim]`.
+    pub doc_embeddings: Vec<f32>,
+    pub candidates: Vec<Candidates>,
+}
+
+impl MinedPool {
+    /// Raw similarity of query `q` and document `d` in the mining snapshot.
+    pub fn score(&self, q: usize, d: usize) -> f32 {
+        let dim = self.dim;
+        let a = &self.query_embeddings[q * dim..(q + 1) * dim];
+        let b = &self.doc_embeddings[d * dim..(d + 1) * dim];
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+}
+
+/// Mining statistics, printed and logged at every refresh.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct MiningStats {
+    pub queries: usize,
+    pub top_k: usize,
+    /// Candidates removed because they are labelled positives of the query.
+    pub removed_positive: usize,
+    /// Candidates removed because their id equals the query id.
+    pub removed_same_id: usize,
+    /// Queries left with fewer than K candidates (a small corpus).
+    pub short_pools: usize,
+    /// Distribution of labelled-positive scores (mean, 10/50/90th percentiles).
+    pub positive: Summary,
+    /// Scores of the best remaining candidate of each query.
+    pub negative_rank1: Summary,
+    /// Scores of every remaining candidate.
+    pub negative_all: Summary,
+    /// Share of labelled positives that ranked inside the top-K.
+    pub positive_recall_at_k: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Summary {
+    pub mean: f64,
+    pub p10: f64,
+    pub p50: f64,
+    pub p90: f64,
+}
+
+impl Summary {
+    fn of(mut v: Vec<f32>) -> Summary {
+        if v.is_empty() {
+            return Summary::default();
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize] as f64;
+        Summary {
+            mean: v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64,
+            p10: at(0.1),
+            p50: at(0.5),
+            p90: at(0.9),
+        }
+    }
+}
+
+impl std::fmt::Display for MiningStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = |x: &Summary| {
+            format!(
+                "mean {:.3} (p10 {:.3}, p50 {:.3}, p90 {:.3})",
+                x.mean, x.p10, x.p50, x.p90
+            )
+        };
+        writeln!(f, "mined top-{} for {} queries", self.top_k, self.queries)?;
+        writeln!(
+            f,
+            "  removed: {} labelled positives, {} same-id documents; {} queries with a short pool",
+            self.removed_positive, self.removed_same_id, self.short_pools
+        )?;
+        writeln!(f, "  positives       {}", s(&self.positive))?;
+        writeln!(f, "  best negative   {}", s(&self.negative_rank1))?;
+        writeln!(f, "  all candidates  {}", s(&self.negative_all))?;
+        write!(
+            f,
+            "  positives inside the top-K: {:.1}%",
+            100.0 * self.positive_recall_at_k
+        )
+    }
+}
+
+/// Encodes and mines. `doc_tokenizer` / `query_tokenizer` carry the training max lengths.
+pub fn mine(
+    encoder: &Encoder,
+    query_tokenizer: &TextTokenizer,
+    doc_tokenizer: &TextTokenizer,
+    set: &TrainSet,
+    top_k: usize,
+    batch_size: usize,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<(MinedPool, MiningStats)> {
+    let docs: Vec<&str> = set.corpus.iter().map(|d| d.text.as_str()).collect();
+    let mut doc_embeddings = Vec::with_capacity(docs.len() * encoder.dim());
+    for chunk in docs.chunks(batch_size * 32) {
+        let tokens = doc_tokenizer.encode_batch(chunk)?;
+        doc_embeddings.extend(encoder.encode_tokens(&tokens, batch_size, progress)?);
+    }
+    let queries: Vec<&str> = set.queries.iter().map(|q| q.text.as_str()).collect();
+    let tokens = query_tokenizer.encode_batch(&queries)?;
+    let query_embeddings = encoder.encode_tokens(&tokens, batch_size, &|_| {})?;
+    mine_from_embeddings(set, encoder.dim(), query_embeddings, doc_embeddings, top_k)
+}
+
+/// The ranking and filtering part of [`mine`], for embeddings already at hand.
+pub fn mine_from_embeddings(
+    set: &TrainSet,
+    dim: usize,
+    query_embeddings: Vec<f32>,
+    doc_embeddings: Vec<f32>,
+    top_k: usize,
+) -> Result<(MinedPool, MiningStats)> {
+    let corpus = Corpus::from_f32(&doc_embeddings, dim)?;
+    // Ask for enough extra hits that removing positives and a same-id document still leaves K.
+    let max_pos = set
+        .queries
+        .iter()
+        .map(|q| q.positives.len())
+        .max()
+        .unwrap_or(0);
+    let want = (top_k + max_pos + 1).min(set.corpus.len());
+    let hits = topk::search_batch(&corpus, &query_embeddings, want)?;
+    let mut stats = MiningStats {
+        queries: set.queries.len(),
+        top_k,
+        ..Default::default()
+    };
+    let (mut pos_scores, mut rank1, mut all) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut pos_total, mut pos_inside) = (0usize, 0usize);
+    let mut candidates = Vec::with_capacity(set.queries.len());
+    for (qi, (q, hits)) in set.queries.iter().zip(&hits).enumerate() {
+        let mut kept: Candidates = Vec::with_capacity(top_k);
+        for (rank, hit) in hits.iter().enumerate() {
+            if set.is_positive(qi, hit.index) {
+                stats.removed_positive += 1;
+                if rank < top_k {
+                    pos_inside += 1;
+                }
+            } else if set.corpus[hit.index].id == q.id {
+                stats.removed_same_id += 1;
+            } else if kept.len() < top_k {
+                kept.push((hit.index as u32, hit.score));
+            }
+        }
+        pos_total += q.positives.len();
+        if kept.len() < top_k {
+            stats.short_pools += 1;
+        }
+        if let Some(&(_, s)) = kept.first() {
+            rank1.push(s);
+        }
+        all.extend(kept.iter().map(|&(_, s)| s));
+        let qv = &query_embeddings[qi * dim..(qi + 1) * dim];
+        for &p in &q.positives {
+            let dv = &doc_embeddings[p * dim..(p + 1) * dim];
+            pos_scores.push(qv.iter().zip(dv).map(|(a, b)| a * b).sum());
+        }
+        candidates.push(kept);
+    }
+    stats.positive = Summary::of(pos_scores);
+    stats.negative_rank1 = Summary::of(rank1);
+    stats.negative_all = Summary::of(all);
+    stats.positive_recall_at_k = pos_inside as f64 / pos_total.max(1) as f64;
+    Ok((
+        MinedPool {
+            dim,
+            query_embeddings,
+            doc_embeddings,
+            candidates,
+        },
+        stats,
+    ))
+}

@@ -1,0 +1,248 @@
+//! What a checkpoint holds. Two things, each written atomically:
+//! - `model/`: the encoder as a Hugging Face / sentence-transformers folder that other tools
+//!   load unchanged; its `model.safetensors` metadata records pooling, normalisation, max
+//!   lengths, the step and the whole training configuration;
+//! - `training_state.safetensors`: everything a resume needs, self-contained — the f32 weights,
+//!   the AdamW moments, the mined pool with the embeddings it was mined with, and (metadata) the
+//!   configuration, step, epoch, data cursor and AdamW step. The RNG needs no state: its
+//!   counters are the step and example indices.
+//!
+//! The model folder is written first: a crash between the two leaves a state one checkpoint
+//! older than the folder, and the resume starts from the state.
+
+use super::checkpoint::{self, ModelFolderSpec, NamedTensor, U32Tensor};
+use super::config::TrainConfig;
+use super::mining::MinedPool;
+use super::trainer::Trainer;
+use crate::error::{Error, Result};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+const FORMAT: &str = "rrra-train-state-v1";
+
+fn common_metadata(t: &Trainer) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    m.insert("rrra.step".into(), t.step.to_string());
+    m.insert("rrra.config".into(), t.cfg.to_json().to_string());
+    m.insert("rrra.pooling".into(), t.encoder.pooling().to_string());
+    m.insert("rrra.normalize".into(), t.encoder.normalize().to_string());
+    m.insert(
+        "rrra.query_max_length".into(),
+        t.cfg.query_max_length.to_string(),
+    );
+    m.insert(
+        "rrra.doc_max_length".into(),
+        t.cfg.doc_max_length.to_string(),
+    );
+    m
+}
+
+/// The encoder as a model folder.
+pub(crate) fn write_model(t: &Trainer) -> Result<()> {
+    let cfg = t.encoder.config();
+    let named = t.encoder.bert().weights.named(cfg);
+    let tensors: Vec<NamedTensor<'_>> = named
+        .iter()
+        .map(|n| NamedTensor {
+            name: n.name.clone(),
+            shape: n.shape.clone(),
+            data: n.data,
+        })
+        .collect();
+    let mut meta = common_metadata(t);
+    // transformers refuses safetensors files without a framework tag.
+    meta.insert("format".into(), "pt".into());
+    checkpoint::write_model_folder(
+        &t.paths().model,
+        &ModelFolderSpec {
+            source_dir: &t.cfg.model,
+            pooling: t.encoder.pooling(),
+            normalize: t.encoder.normalize(),
+            max_seq_length: t.cfg.doc_max_length,
+            dim: t.encoder.dim(),
+        },
+        &tensors,
+        &meta,
+    )
+}
+
+/// The resume state.
+pub(crate) fn write_state(t: &mut Trainer) -> Result<()> {
+    let mut meta = common_metadata(t);
+    meta.insert("format".into(), FORMAT.into());
+    meta.insert("rrra.epoch".into(), t.epoch.to_string());
+    meta.insert("rrra.cursor".into(), t.cursor.to_string());
+    meta.insert("rrra.adam_step".into(), t.optim.step.to_string());
+    meta.insert("rrra.pool_step".into(), t.pool_step.to_string());
+    meta.insert("rrra.has_pool".into(), t.pool.is_some().to_string());
+    let path = t.paths().state.clone();
+    let optim = &t.optim;
+    let mut tensors = Vec::new();
+    let weights = t.encoder.bert().weights.tensors();
+    for (i, w) in weights.iter().enumerate() {
+        tensors.push(NamedTensor {
+            name: format!("param.{i:03}"),
+            shape: vec![w.len()],
+            data: w,
+        });
+        tensors.push(NamedTensor {
+            name: format!("adam_m.{i:03}"),
+            shape: vec![w.len()],
+            data: &optim.m[i],
+        });
+        tensors.push(NamedTensor {
+            name: format!("adam_v.{i:03}"),
+            shape: vec![w.len()],
+            data: &optim.v[i],
+        });
+    }
+    let mut ids = Vec::new();
+    let mut offsets = vec![0u32];
+    let mut scores = Vec::new();
+    if let Some(pool) = &t.pool {
+        for c in &pool.candidates {
+            ids.extend(c.iter().map(|&(d, _)| d));
+            scores.extend(c.iter().map(|&(_, s)| s));
+            offsets.push(ids.len() as u32);
+        }
+        let dim = pool.dim;
+        tensors.push(NamedTensor {
+            name: "pool.query_embeddings".into(),
+            shape: vec![pool.query_embeddings.len() / dim, dim],
+            data: &pool.query_embeddings,
+        });
+        tensors.push(NamedTensor {
+            name: "pool.doc_embeddings".into(),
+            shape: vec![pool.doc_embeddings.len() / dim, dim],
+            data: &pool.doc_embeddings,
+        });
+        tensors.push(NamedTensor {
+            name: "pool.scores".into(),
+            shape: vec![scores.len()],
+            data: &scores,
+        });
+    }
+    let u32s = if t.pool.is_some() {
+        vec![
+            U32Tensor {
+                name: "pool.doc_ids".into(),
+                shape: vec![ids.len()],
+                data: &ids,
+            },
+            U32Tensor {
+                name: "pool.offsets".into(),
+                shape: vec![offsets.len()],
+                data: &offsets,
+            },
+        ]
+    } else {
+        Vec::new()
+    };
+    checkpoint::write_safetensors_with_u32(&path, &tensors, &u32s, &meta)
+}
+
+/// The configuration a run was started with.
+pub(crate) fn read_config(path: &Path) -> Result<TrainConfig> {
+    let meta = checkpoint::read_safetensors_metadata(path)?;
+    let text = meta
+        .get("rrra.config")
+        .ok_or_else(|| Error::format(path, "not a training state (no rrra.config metadata)"))?;
+    if meta.get("format").map(String::as_str) != Some(FORMAT) {
+        return Err(Error::format(
+            path,
+            format!("not a training state of format {FORMAT}"),
+        ));
+    }
+    serde_json::from_str(text)
+        .map_err(|e| Error::format(path, format!("bad training configuration: {e}")))
+}
+
+/// Restores weights, optimizer, cursor and pool into a trainer built from the same config.
+pub(crate) fn restore(t: &mut Trainer, path: &Path) -> Result<()> {
+    let loaded = checkpoint::read_safetensors(path)?;
+    let meta = &loaded.metadata;
+    let num = |k: &str| -> Result<u64> {
+        meta.get(k).and_then(|v| v.parse().ok()).ok_or_else(|| {
+            Error::format(path, format!("metadata `{k}` is missing or not a number"))
+        })
+    };
+    t.step = num("rrra.step")?;
+    t.epoch = num("rrra.epoch")?;
+    t.cursor = num("rrra.cursor")? as usize;
+    t.optim.step = num("rrra.adam_step")?;
+    t.pool_step = num("rrra.pool_step")?;
+    let take = |name: &str, len: usize| -> Result<Vec<f32>> {
+        match loaded.tensors.get(name) {
+            Some((_, v)) if v.len() == len => Ok(v.clone()),
+            Some((_, v)) => Err(Error::format(
+                path,
+                format!("tensor `{name}` has {} values, expected {len}", v.len()),
+            )),
+            None => Err(Error::format(path, format!("tensor `{name}` is missing"))),
+        }
+    };
+    {
+        let mut params = t.encoder.bert_mut().weights.tensors_mut();
+        for (i, (p, _)) in params.iter_mut().enumerate() {
+            let len = p.len();
+            **p = take(&format!("param.{i:03}"), len)?;
+        }
+    }
+    for i in 0..t.optim.m.len() {
+        let len = t.optim.m[i].len();
+        t.optim.m[i] = take(&format!("adam_m.{i:03}"), len)?;
+        t.optim.v[i] = take(&format!("adam_v.{i:03}"), len)?;
+    }
+    t.encoder.bert_mut().weights.file_hash = 0;
+    t.pool = if meta.get("rrra.has_pool").map(String::as_str) == Some("true") {
+        let get = |n: &str| {
+            loaded
+                .tensors
+                .get(n)
+                .ok_or_else(|| Error::format(path, format!("tensor `{n}` is missing")))
+        };
+        let u = |n: &str| {
+            loaded
+                .u32_tensors
+                .get(n)
+                .map(|(_, v)| v.clone())
+                .ok_or_else(|| Error::format(path, format!("tensor `{n}` is missing")))
+        };
+        let (qshape, q) = get("pool.query_embeddings")?;
+        let (_, d) = get("pool.doc_embeddings")?;
+        let (_, scores) = get("pool.scores")?;
+        let ids = u("pool.doc_ids")?;
+        let offsets = u("pool.offsets")?;
+        let dim = qshape.get(1).copied().unwrap_or(0);
+        let bad = || Error::format(path, "pool tensors disagree in size");
+        if dim == 0
+            || ids.len() != scores.len()
+            || offsets.last().copied() != Some(ids.len() as u32)
+        {
+            return Err(bad());
+        }
+        let mut candidates = Vec::with_capacity(offsets.len().saturating_sub(1));
+        for w in offsets.windows(2) {
+            let (a, b) = (w[0] as usize, w[1] as usize);
+            if a > b || b > ids.len() {
+                return Err(bad());
+            }
+            candidates.push(
+                ids[a..b]
+                    .iter()
+                    .copied()
+                    .zip(scores[a..b].iter().copied())
+                    .collect(),
+            );
+        }
+        Some(MinedPool {
+            dim,
+            query_embeddings: q.clone(),
+            doc_embeddings: d.clone(),
+            candidates,
+        })
+    } else {
+        None
+    };
+    Ok(())
+}

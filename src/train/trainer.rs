@@ -1,0 +1,646 @@
+//! The training loop: batches of (query, positive) examples with sampled hard negatives,
+//! InfoNCE over all passages of the batch, AdamW with warm-up and linear decay, periodic
+//! re-mining, evaluation and checkpoints, and an exact resume.
+//!
+//! Reproducibility: every random choice (epoch order, negative draws, random negatives,
+//! dropout masks) comes from the counter-based RNG keyed by (seed, step, example, ...), every
+//! op is deterministic, and the state file holds everything else that changes (weights, AdamW
+//! moments, the mined pool with the embeddings it was mined with, the data cursor). So a run
+//! resumed from a checkpoint computes bit for bit the steps the uninterrupted run computes.
+
+use super::config::{DataSource, NegativePool, TrainConfig};
+use super::data::{self, Example, TrainSet};
+use super::encoder_grad::{DropoutPlan, TrainBatch, TrainableEncoder};
+use super::loss::{info_nce, InfoNceInput, InfoNceStats};
+use super::mining::{self, MinedPool, MiningStats};
+use super::optim::{clip_grad_norm, linear_warmup_decay, AdamW};
+use super::rng::{Site, Stream};
+use super::sampler::{self, PoolGeometry, SamplerKind};
+use super::state;
+use crate::error::{Error, Result};
+use crate::eval::metrics::{evaluate, EvalOptions};
+use crate::model::bert::PackedBatch;
+use crate::model::tokenizer::{TextTokenizer, Tokens};
+use crate::model::weights::BertWeights;
+use crate::model::{Encoder, EncoderOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What the loop reports as it goes (the CLI draws progress from it).
+pub enum TrainEvent<'a> {
+    Message(String),
+    Step(&'a StepRecord),
+    Mined(&'a MiningStats),
+    /// Texts encoded so far / in total during a mining or evaluation pass.
+    Encoding {
+        done: usize,
+        total: usize,
+    },
+    Evaluated {
+        step: u64,
+        metrics: &'a serde_json::Value,
+    },
+    Checkpoint {
+        step: u64,
+        dir: &'a Path,
+    },
+}
+
+/// One optimizer step, as logged.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepRecord {
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: u64,
+    pub loss: f64,
+    pub lr: f32,
+    pub grad_norm: f32,
+    pub accuracy: f64,
+    pub mean_positive: f64,
+    pub mean_negative: f64,
+    /// Hard negatives actually drawn per query (below the knob when pools run short).
+    pub hard_negatives_per_query: f64,
+    pub examples: usize,
+    pub examples_per_s: f64,
+    pub elapsed_s: f64,
+    pub eta_s: f64,
+}
+
+/// The files of a run folder.
+pub struct RunPaths {
+    pub model: PathBuf,
+    pub state: PathBuf,
+    pub log: PathBuf,
+}
+
+impl RunPaths {
+    pub fn new(output: &Path) -> Self {
+        RunPaths {
+            model: output.join("model"),
+            state: output.join("training_state.safetensors"),
+            log: output.join("train_log.jsonl"),
+        }
+    }
+}
+
+pub struct Trainer {
+    pub(crate) cfg: TrainConfig,
+    pub(crate) encoder: Encoder,
+    query_tok: TextTokenizer,
+    doc_tok: TextTokenizer,
+    set: TrainSet,
+    /// Tokenized once: documents with the document max length, queries with the query one.
+    doc_tokens: Vec<Tokens>,
+    query_tokens: Vec<Tokens>,
+    pub(crate) optim: AdamW,
+    grads: BertWeights,
+    pub(crate) step: u64,
+    /// Epoch and index of the next batch within it.
+    pub(crate) epoch: u64,
+    pub(crate) cursor: usize,
+    pub(crate) pool: Option<MinedPool>,
+    pub(crate) pool_step: u64,
+    tau: f32,
+    batches: Vec<Vec<Example>>,
+    batches_epoch: Option<u64>,
+    paths: RunPaths,
+    log: std::fs::File,
+    eval: Option<crate::data::beir::BeirData>,
+}
+
+impl Trainer {
+    /// A fresh run. Refuses to overwrite a run folder that already holds a training state.
+    pub fn new(cfg: TrainConfig) -> Result<Self> {
+        cfg.validate()?;
+        let paths = RunPaths::new(&cfg.output);
+        if paths.state.exists() {
+            return Err(Error::InvalidArgument(format!(
+                "{} already holds a training run; resume it with --resume or choose another output",
+                cfg.output.display()
+            )));
+        }
+        std::fs::create_dir_all(&cfg.output).map_err(|e| Error::io(&cfg.output, e))?;
+        std::fs::write(&paths.log, b"").map_err(|e| Error::io(&paths.log, e))?;
+        let encoder = load_encoder(&cfg)?;
+        Self::assemble(cfg, encoder, paths)
+    }
+
+    /// Continues the run in `output` from its last checkpoint, with the knobs it started with.
+    /// The log is cut back to that checkpoint, so it holds every step once.
+    pub fn resume(output: &Path) -> Result<Self> {
+        let paths = RunPaths::new(output);
+        let saved = state::read_config(&paths.state)?;
+        let mut cfg = saved;
+        cfg.output = output.to_path_buf();
+        let encoder = load_encoder(&cfg)?;
+        let mut t = Self::assemble(cfg, encoder, paths)?;
+        let state_path = t.paths.state.clone();
+        state::restore(&mut t, &state_path)?;
+        truncate_log(&t.paths.log, t.step)?;
+        t.log = open_append(&t.paths.log)?;
+        Ok(t)
+    }
+
+    fn assemble(cfg: TrainConfig, encoder: Encoder, paths: RunPaths) -> Result<Self> {
+        let set = match &cfg.data {
+            DataSource::Beir { dir, split } => data::read_beir_train(dir, split)?,
+            DataSource::Jsonl { path } => data::read_jsonl_train(path)?,
+        };
+        if set.queries.is_empty() {
+            return Err(Error::InvalidArgument(
+                "empty training set: no query has a positive document".into(),
+            ));
+        }
+        let max_pos = encoder.config().max_position_embeddings;
+        let tok_path = encoder.dir().join("tokenizer.json");
+        let query_tok = TextTokenizer::from_file(&tok_path, cfg.query_max_length.min(max_pos))?;
+        let doc_tok = TextTokenizer::from_file(&tok_path, cfg.doc_max_length.min(max_pos))?;
+        let docs: Vec<&str> = set.corpus.iter().map(|d| d.text.as_str()).collect();
+        let doc_tokens = doc_tok.encode_batch(&docs)?;
+        let queries: Vec<&str> = set.queries.iter().map(|q| q.text.as_str()).collect();
+        let query_tokens = query_tok.encode_batch(&queries)?;
+        let eval = match &cfg.eval {
+            Some(e) => Some(crate::data::beir::read_beir_folder(&e.dir, &e.split)?),
+            None => None,
+        };
+        let tau = cfg
+            .tau
+            .unwrap_or(if encoder.normalize() { 0.05 } else { 1.0 });
+        let mut grads = BertWeights::zeros(encoder.config());
+        let sizes: Vec<usize> = grads.tensors_mut().iter().map(|(t, _)| t.len()).collect();
+        let log = open_append(&paths.log)?;
+        Ok(Trainer {
+            optim: AdamW::new(cfg.adamw, &sizes),
+            cfg,
+            encoder,
+            query_tok,
+            doc_tok,
+            set,
+            doc_tokens,
+            query_tokens,
+            grads,
+            step: 0,
+            epoch: 0,
+            cursor: 0,
+            pool: None,
+            pool_step: 0,
+            tau,
+            batches: Vec::new(),
+            batches_epoch: None,
+            paths,
+            log,
+            eval,
+        })
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+    pub fn train_set(&self) -> &TrainSet {
+        &self.set
+    }
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoder
+    }
+    pub fn paths(&self) -> &RunPaths {
+        &self.paths
+    }
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Batches per epoch and optimizer steps per epoch.
+    fn steps_per_epoch(&self) -> Result<(usize, u64)> {
+        let batches = data::epoch_batches(&self.set, self.cfg.seed, 0, self.cfg.batch_size)?.len();
+        Ok((batches, batches.div_ceil(self.cfg.grad_accum) as u64))
+    }
+
+    /// Total optimizer steps of the run.
+    pub fn total_steps(&self) -> Result<u64> {
+        let (_, per_epoch) = self.steps_per_epoch()?;
+        let total = per_epoch * self.cfg.epochs as u64;
+        Ok(match self.cfg.max_steps {
+            Some(m) if self.cfg.epochs == 0 => m,
+            Some(m) => m.min(total),
+            None => total,
+        })
+    }
+
+    /// Runs to the end (or to `stop_after` more steps, for tests and staged runs).
+    pub fn run(&mut self, stop_after: Option<u64>, on: &mut dyn FnMut(TrainEvent)) -> Result<()> {
+        let total = self.total_steps()?;
+        let (_, per_epoch) = self.steps_per_epoch()?;
+        let warmup = (total as f64 * self.cfg.warmup_ratio as f64).ceil() as u64;
+        let mine_every = self.cfg.mine_every.unwrap_or(per_epoch).max(1);
+        let ckpt_every = self.cfg.checkpoint_every.unwrap_or(per_epoch).max(1);
+        let eval_every = self
+            .cfg
+            .eval
+            .as_ref()
+            .map(|e| e.every.unwrap_or(per_epoch).max(1));
+        if self.step == 0 {
+            self.log_json(&serde_json::json!({
+                "event": "start", "step": 0, "config": self.cfg.to_json(),
+                "encoder": self.encoder.describe(), "data": format!("{:?}", self.set.stats),
+                "total_steps": total, "tau": self.tau,
+            }))?;
+        }
+        let started = Instant::now();
+        let first_step = self.step;
+        let mut done_here = 0u64;
+        while self.step < total && stop_after.is_none_or(|n| done_here < n) {
+            let needs_pool = self.cfg.hard_negatives > 0;
+            if needs_pool
+                && (self.pool.is_none()
+                    || (self.step % mine_every == 0 && self.pool_step != self.step))
+            {
+                self.refresh_pool(on)?;
+            }
+            let rec = self.train_step(total, warmup, started, first_step)?;
+            done_here += 1;
+            self.log_json(&serde_json::to_value(&rec).unwrap_or_default())?;
+            on(TrainEvent::Step(&rec));
+            let last = self.step == total;
+            if let Some(every) = eval_every {
+                if self.step % every == 0 || last {
+                    self.evaluate(on)?;
+                }
+            }
+            if self.step % ckpt_every == 0 || last {
+                self.save_checkpoint(on)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One optimizer step over `grad_accum` batches.
+    fn train_step(
+        &mut self,
+        total: u64,
+        warmup: u64,
+        started: Instant,
+        first_step: u64,
+    ) -> Result<StepRecord> {
+        self.grads.fill_zero();
+        let mut stats = Vec::new();
+        let mut examples = 0;
+        let mut negatives = 0usize;
+        for micro in 0..self.cfg.grad_accum {
+            if self.batches_epoch != Some(self.epoch) {
+                self.batches =
+                    data::epoch_batches(&self.set, self.cfg.seed, self.epoch, self.cfg.batch_size)?;
+                self.batches_epoch = Some(self.epoch);
+            }
+            let batch = self.batches[self.cursor].clone();
+            let (s, n_neg) = self.batch_gradients(&batch, micro)?;
+            stats.push(s);
+            examples += batch.len();
+            negatives += n_neg;
+            self.cursor += 1;
+            if self.cursor == self.batches.len() {
+                self.cursor = 0;
+                self.epoch += 1;
+                break; // an epoch's last step may hold fewer batches
+            }
+        }
+        let scale = 1.0 / stats.len() as f32;
+        let mut grads: Vec<&mut [f32]> = self
+            .grads
+            .tensors_mut()
+            .into_iter()
+            .map(|(t, _)| t.as_mut_slice())
+            .collect();
+        if stats.len() > 1 {
+            for g in grads.iter_mut() {
+                g.iter_mut().for_each(|v| *v *= scale);
+            }
+        }
+        let grad_norm = if self.cfg.max_grad_norm > 0.0 {
+            clip_grad_norm(&mut grads, self.cfg.max_grad_norm)
+        } else {
+            clip_grad_norm(&mut grads, f32::INFINITY)
+        };
+        let lr = linear_warmup_decay(self.step, total, warmup, self.cfg.lr);
+        let grads_ro: Vec<&[f32]> = grads.iter().map(|g| &**g).collect();
+        let mut params = self.encoder.bert_mut().weights.tensors_mut();
+        let decay: Vec<bool> = params.iter().map(|(_, d)| *d).collect();
+        let mut param_slices: Vec<&mut [f32]> =
+            params.iter_mut().map(|(t, _)| t.as_mut_slice()).collect();
+        self.optim
+            .update(&mut param_slices, &grads_ro, &decay, lr)?;
+        self.step += 1;
+
+        let n = stats.len() as f64;
+        let mean = |f: fn(&InfoNceStats) -> f64| stats.iter().map(f).sum::<f64>() / n;
+        let elapsed = started.elapsed().as_secs_f64();
+        let done = (self.step - first_step) as f64;
+        Ok(StepRecord {
+            step: self.step,
+            total_steps: total,
+            epoch: self.epoch,
+            loss: mean(|s| s.loss),
+            lr,
+            grad_norm,
+            accuracy: mean(|s| s.accuracy),
+            mean_positive: mean(|s| s.mean_positive),
+            mean_negative: mean(|s| s.mean_negative),
+            hard_negatives_per_query: negatives as f64 / examples.max(1) as f64,
+            examples,
+            examples_per_s: examples as f64 * done / elapsed.max(1e-9) / done.max(1.0),
+            elapsed_s: elapsed,
+            eta_s: elapsed / done.max(1.0) * (total - self.step) as f64,
+        })
+    }
+
+    /// Forward, loss and backward of one batch; gradients added to `self.grads`.
+    /// Returns the loss statistics and the number of hard negatives drawn.
+    fn batch_gradients(
+        &mut self,
+        batch: &[Example],
+        micro: usize,
+    ) -> Result<(InfoNceStats, usize)> {
+        let b_n = batch.len();
+        // Documents: the B positives first, then each query's negatives.
+        let mut docs: Vec<usize> = batch.iter().map(|e| e.positive).collect();
+        let mut hard_drawn = 0;
+        for (b, ex) in batch.iter().enumerate() {
+            let example = (micro * b_n + b) as u64;
+            let hard = self.draw_hard_negatives(ex, example)?;
+            hard_drawn += hard.len();
+            let random = self.draw_random_negatives(ex, example, &hard);
+            docs.extend(hard);
+            docs.extend(random);
+        }
+        let mut packed = PackedBatch::new();
+        for ex in batch {
+            let t = &self.query_tokens[ex.query];
+            packed.push(&t.ids, &t.type_ids);
+        }
+        for &d in &docs {
+            let t = &self.doc_tokens[d];
+            packed.push(&t.ids, &t.type_ids);
+        }
+        // Dropout streams are keyed by (micro-batch, sequence) within the step.
+        let seqs = packed.sequences() as u64;
+        let train_batch = TrainBatch {
+            packed,
+            example_ids: (0..seqs).map(|s| ((micro as u64) << 14) | s).collect(),
+        };
+        let cfg = self.encoder.config();
+        let dropout = if self.cfg.dropout {
+            DropoutPlan {
+                hidden: cfg.hidden_dropout_prob as f32,
+                attention: cfg.attention_probs_dropout_prob as f32,
+                seed: self.cfg.seed,
+                step: self.step,
+            }
+        } else {
+            DropoutPlan::none()
+        };
+        let te = TrainableEncoder {
+            bert: self.encoder.bert(),
+            pooling: self.encoder.pooling(),
+            normalize: self.encoder.normalize(),
+        };
+        let acts = te.forward(&train_batch, &dropout, self.cfg.activations)?;
+        let h = self.encoder.dim();
+        let d_n = docs.len();
+        // Another positive of the same query is never its negative.
+        let mut log_w = vec![0.0f32; b_n * d_n];
+        for (b, ex) in batch.iter().enumerate() {
+            for (j, &d) in docs.iter().enumerate() {
+                if j != b && self.set.is_positive(ex.query, d) {
+                    log_w[b * d_n + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let targets: Vec<usize> = (0..b_n).collect();
+        let (q, d) = acts.embeddings.split_at(b_n * h);
+        let mut d_emb = vec![0.0f32; acts.embeddings.len()];
+        let (dq, dd) = d_emb.split_at_mut(b_n * h);
+        let stats = info_nce(
+            &InfoNceInput {
+                queries: q,
+                docs: d,
+                dim: h,
+                targets: &targets,
+                log_weights: Some(&log_w),
+                tau: self.tau,
+            },
+            dq,
+            dd,
+        )?;
+        if !stats.loss.is_finite() {
+            return Err(Error::InvalidArgument(format!(
+                "the loss became {} at step {}: lower the learning rate",
+                stats.loss, self.step
+            )));
+        }
+        te.backward(&train_batch, &dropout, acts, &d_emb, &mut self.grads)?;
+        Ok((stats, hard_drawn))
+    }
+
+    /// The sampler's draw from the query's pool (corpus indices, draw order).
+    fn draw_hard_negatives(&self, ex: &Example, example: u64) -> Result<Vec<usize>> {
+        let n = self.cfg.hard_negatives;
+        let Some(pool) = &self.pool else {
+            return Ok(Vec::new());
+        };
+        let cands = &pool.candidates[ex.query];
+        if n == 0 || cands.is_empty() {
+            return Ok(Vec::new());
+        }
+        let scores: Vec<f32> = cands.iter().map(|&(_, s)| s).collect();
+        let pos_score = pool.score(ex.query, ex.positive);
+        let dim = pool.dim;
+        let cand_emb: Vec<f32>;
+        let geometry = if matches!(self.cfg.sampler, SamplerKind::TriSampler { .. }) {
+            cand_emb = cands
+                .iter()
+                .flat_map(|&(d, _)| {
+                    pool.doc_embeddings[d as usize * dim..(d as usize + 1) * dim]
+                        .iter()
+                        .copied()
+                })
+                .collect();
+            Some(PoolGeometry {
+                query: &pool.query_embeddings[ex.query * dim..(ex.query + 1) * dim],
+                positive: &pool.doc_embeddings[ex.positive * dim..(ex.positive + 1) * dim],
+                candidates: &cand_emb,
+                dim,
+            })
+        } else {
+            None
+        };
+        let log_w = sampler::log_weights(&self.cfg.sampler, &scores, pos_score, geometry.as_ref())?;
+        let stream = Stream::new(self.cfg.seed, self.step, example, 0, Site::Sampler);
+        Ok(sampler::sample_without_replacement(&log_w, n, &stream)
+            .into_iter()
+            .map(|i| cands[i].0 as usize)
+            .collect())
+    }
+
+    /// Uniform corpus documents that are not positives of the query and not already drawn.
+    fn draw_random_negatives(&self, ex: &Example, example: u64, hard: &[usize]) -> Vec<usize> {
+        let n = self.cfg.random_negatives;
+        let corpus = self.set.corpus.len() as u64;
+        let stream = Stream::new(self.cfg.seed, self.step, example, 0, Site::RandomNegative);
+        let mut out = Vec::with_capacity(n);
+        // Bounded attempts: a tiny corpus full of positives must not loop forever.
+        for i in 0..(n as u64 * 16 + 16) {
+            if out.len() == n {
+                break;
+            }
+            let d = (stream.u32_at(i) as u64 % corpus) as usize;
+            if !self.set.is_positive(ex.query, d) && !hard.contains(&d) && !out.contains(&d) {
+                out.push(d);
+            }
+        }
+        out
+    }
+
+    fn refresh_pool(&mut self, on: &mut dyn FnMut(TrainEvent)) -> Result<()> {
+        on(TrainEvent::Message(format!(
+            "mining hard negatives at step {}",
+            self.step
+        )));
+        let total = self.set.corpus.len();
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let doc_emb = {
+            let progress = |n: usize| {
+                done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            };
+            self.encoder
+                .encode_tokens(&self.doc_tokens, self.cfg.encode_batch_size, &progress)?
+        };
+        on(TrainEvent::Encoding { done: total, total });
+        let q_emb =
+            self.encoder
+                .encode_tokens(&self.query_tokens, self.cfg.encode_batch_size, &|_| {})?;
+        let (mut pool, stats) = mining::mine_from_embeddings(
+            &self.set,
+            self.encoder.dim(),
+            q_emb,
+            doc_emb,
+            self.cfg.mine_top_k.max(1),
+        )?;
+        if self.cfg.negative_pool == NegativePool::Given {
+            // The file's negatives, ranked by the same snapshot's scores.
+            for (qi, q) in self.set.queries.iter().enumerate() {
+                let mut c: Vec<(u32, f32)> = q
+                    .given_negatives
+                    .iter()
+                    .map(|&d| (d as u32, pool.score(qi, d)))
+                    .collect();
+                c.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                pool.candidates[qi] = c;
+            }
+        }
+        self.log_json(&serde_json::json!({"event": "mine", "step": self.step, "stats": stats}))?;
+        on(TrainEvent::Mined(&stats));
+        self.pool = Some(pool);
+        self.pool_step = self.step;
+        Ok(())
+    }
+
+    /// Retrieval metrics of the current encoder on the evaluation split.
+    pub fn evaluate(&mut self, on: &mut dyn FnMut(TrainEvent)) -> Result<()> {
+        let Some(ev) = &self.eval else { return Ok(()) };
+        let docs: Vec<&str> = ev.corpus.iter().map(|d| d.text.as_str()).collect();
+        let mut doc_emb = Vec::with_capacity(docs.len() * self.encoder.dim());
+        for chunk in docs.chunks(self.cfg.encode_batch_size * 32) {
+            let tokens = self.doc_tok.encode_batch(chunk)?;
+            doc_emb.extend(self.encoder.encode_tokens(
+                &tokens,
+                self.cfg.encode_batch_size,
+                &|_| {},
+            )?);
+        }
+        let queries: Vec<&crate::data::beir::Query> = ev.judged_queries().collect();
+        let texts: Vec<&str> = queries.iter().map(|q| q.text.as_str()).collect();
+        let tokens = self.query_tok.encode_batch(&texts)?;
+        let q_emb = self
+            .encoder
+            .encode_tokens(&tokens, self.cfg.encode_batch_size, &|_| {})?;
+        let corpus = crate::index::Corpus::from_f32(&doc_emb, self.encoder.dim())?;
+        let hits = crate::index::topk::search_batch(&corpus, &q_emb, 100.min(ev.corpus.len()))?;
+        let mut run = crate::data::trec::Run::new();
+        for (q, hits) in queries.iter().zip(hits) {
+            let docs = hits
+                .into_iter()
+                .map(|h| (ev.corpus[h.index].id.clone(), h.score as f64))
+                .collect();
+            run.add_query(q.id.clone(), docs)?;
+        }
+        let result = evaluate(&run, &ev.qrels, &EvalOptions::default());
+        let metrics = serde_json::json!(result.mean);
+        self.log_json(
+            &serde_json::json!({"event": "eval", "step": self.step, "metrics": metrics}),
+        )?;
+        on(TrainEvent::Evaluated {
+            step: self.step,
+            metrics: &metrics,
+        });
+        Ok(())
+    }
+
+    /// Writes the model folder, then the training state (each atomically).
+    pub fn save_checkpoint(&mut self, on: &mut dyn FnMut(TrainEvent)) -> Result<()> {
+        state::write_model(self)?;
+        state::write_state(self)?;
+        self.log_json(&serde_json::json!({"event": "checkpoint", "step": self.step}))?;
+        on(TrainEvent::Checkpoint {
+            step: self.step,
+            dir: &self.paths.model,
+        });
+        Ok(())
+    }
+
+    fn log_json(&mut self, v: &serde_json::Value) -> Result<()> {
+        let line = format!("{v}\n");
+        self.log
+            .write_all(line.as_bytes())
+            .and_then(|_| self.log.flush())
+            .map_err(|e| Error::io(&self.paths.log, e))
+    }
+}
+
+fn load_encoder(cfg: &TrainConfig) -> Result<Encoder> {
+    Encoder::load(
+        &cfg.model,
+        &EncoderOptions {
+            max_length: Some(cfg.doc_max_length),
+            ..Default::default()
+        },
+    )
+}
+
+fn open_append(path: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))
+}
+
+/// Keeps the log lines up to the checkpoint of `step` (the lines a resumed run would write
+/// again are dropped), rewriting the file atomically.
+fn truncate_log(path: &Path, step: u64) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut keep = 0;
+    for (i, line) in text.lines().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+        if v["event"] == "checkpoint" && v["step"].as_u64() == Some(step) {
+            keep = i + 1;
+        }
+    }
+    let kept: String = text.lines().take(keep).map(|l| format!("{l}\n")).collect();
+    crate::util::atomic_write(path, |w| {
+        w.write_all(kept.as_bytes()).map_err(|e| Error::io(path, e))
+    })
+}
