@@ -116,8 +116,13 @@ fn sgemm(
         (m - 1) * rsc + (n - 1) * csc < c.len(),
         "sgemm: C view out of bounds"
     );
-    // SAFETY: every element the views address is inside its slice (checked above); C is a
-    // unique borrow, so it overlaps neither A nor B.
+    // C's elements must not alias each other (one of its strides spans the other dimension).
+    assert!(
+        (csc >= 1 && rsc >= n * csc) || (rsc >= 1 && csc >= m * rsc),
+        "sgemm: C view overlaps itself"
+    );
+    // SAFETY: every element the views address is inside its slice and C's are distinct (checked
+    // above); C is a unique borrow, so it overlaps neither A nor B.
     unsafe {
         matrixmultiply::sgemm(
             m,
@@ -224,7 +229,7 @@ fn weighted_sum_any(p: &[f32], v: &[f32], o: &mut [f32]) {
 /// Shape preconditions shared by the attention entry points.
 fn check_attention(qkv: &[f32], len: usize, h: usize, heads: usize, other: usize, what: &str) {
     assert!(
-        heads > 0 && h % heads == 0,
+        heads > 0 && h.is_multiple_of(heads),
         "attention: h {h} not divisible by {heads} heads"
     );
     assert_eq!(qkv.len(), len * 3 * h, "attention: qkv shape");
@@ -258,8 +263,8 @@ dispatch_avx2! {
         for hd in 0..heads {
             load_kt(qkv, len, h, hd, dh, lp, &mut kt);
             for j in 0..len {
-                v[j * dh..(j + 1) * dh]
-                    .copy_from_slice(&qkv[j * 3 * h + 2 * h + hd * dh..j * 3 * h + 2 * h + (hd + 1) * dh]);
+                let at = j * 3 * h + 2 * h + hd * dh;
+                v[j * dh..(j + 1) * dh].copy_from_slice(&qkv[at..at + dh]);
             }
             for i in 0..len {
                 probs_row(qkv, i, len, h, hd, dh, scale, &kt, lp, &mut q, &mut scores);
@@ -285,6 +290,7 @@ dispatch_avx2! {
 dispatch_avx2! {
     /// All probabilities of head `hd` into `p` (`[len × len]`); with dropout also the keep-scales
     /// into `keep` and the dropped/scaled probabilities P̃ into `pt` (else `pt` = P).
+    #[allow(clippy::too_many_arguments)]
     fn head_probs(
         qkv: &[f32],
         len: usize,
@@ -572,6 +578,7 @@ pub fn linear_backward(
 dispatch_avx2! {
     /// LayerNorm backward over the rows of one chunk, adding the parameter gradients of those
     /// rows, in row order, into `dg`/`dbeta`.
+    #[allow(clippy::too_many_arguments)]
     fn layernorm_backward_rows(
         s: &[f32],
         n: usize,
@@ -583,7 +590,7 @@ dispatch_avx2! {
         dbeta: &mut [f32]
     ) {
         let nf = n as f32;
-        for ((x, g), d) in s.chunks_exact(n).zip(dy.chunks_exact(n)).zip(ds.chunks_exact_mut(n)) {
+        for ((x, dyr), d) in s.chunks_exact(n).zip(dy.chunks_exact(n)).zip(ds.chunks_exact_mut(n)) {
             // mean and variance exactly as math::add_layernorm_row computes them
             let mean = sum_lanes(x) / nf;
             let mut sq = [0.0f32; W];
@@ -607,24 +614,24 @@ dispatch_avx2! {
             for k0 in (0..full).step_by(W) {
                 for l in 0..W {
                     let k = k0 + l;
-                    let gy = g[k] * gamma[k];
+                    let gy = dyr[k] * gamma[k];
                     a[l] += gy;
                     b[l] += gy * d[k];
                 }
             }
             for k in full..n {
-                let gy = g[k] * gamma[k];
+                let gy = dyr[k] * gamma[k];
                 ta += gy;
                 tb += gy * d[k];
             }
             for k in 0..n {
-                dg[k] += g[k] * d[k];
-                dbeta[k] += g[k];
+                dg[k] += dyr[k] * d[k];
+                dbeta[k] += dyr[k];
             }
             let ma = (a.iter().sum::<f32>() + ta) / nf;
             let mb = (b.iter().sum::<f32>() + tb) / nf;
             for k in 0..n {
-                d[k] = inv * (g[k] * gamma[k] - ma - d[k] * mb);
+                d[k] = inv * (dyr[k] * gamma[k] - ma - d[k] * mb);
             }
         }
     }
@@ -817,8 +824,8 @@ mod tests {
                     .collect();
                 let m = s.iter().cloned().fold(f64::MIN, f64::max);
                 let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-                for j in 0..len {
-                    let mut pj = (s[j] - m).exp() / z;
+                for (j, sj) in s.iter().enumerate() {
+                    let mut pj = (sj - m).exp() / z;
                     if let Some(dr) = dropout {
                         let u = dr.stream.uniform_at(((hd * len + i) * len + j) as u64);
                         pj = if u < dr.p {
@@ -1133,106 +1140,5 @@ mod tests {
             );
             assert_eq!(a, b);
         }
-    }
-}
-#[cfg(test)]
-mod timing {
-    use super::*;
-    use crate::train::rng::Site;
-    #[test]
-    fn timing() {
-        let mut r = crate::index::synthetic::Rng::new(1);
-        let (len, h, heads) = (256, 384, 12);
-        let qkv: Vec<f32> = (0..len * 3 * h)
-            .map(|_| r.next_f64() as f32 - 0.5)
-            .collect();
-        let dctx: Vec<f32> = (0..len * h).map(|_| r.next_f64() as f32 - 0.5).collect();
-        let d = AttnDropout {
-            p: 0.1,
-            stream: Stream::new(1, 2, 3, 4, Site::AttentionDropout),
-        };
-        let mut out = vec![0.0; len * h];
-        let mut dq = vec![0.0; len * 3 * h];
-        for dr in [None, Some(&d)] {
-            let t = std::time::Instant::now();
-            for _ in 0..10 {
-                crate::cpu::attention::attention_sequence(&qkv, len, h, heads, &mut out);
-            }
-            let t0 = t.elapsed().as_secs_f64() / 10.0;
-            let t = std::time::Instant::now();
-            for _ in 0..10 {
-                attention_sequence_train(&qkv, len, h, heads, dr, &mut out);
-            }
-            let t1 = t.elapsed().as_secs_f64() / 10.0;
-            let t = std::time::Instant::now();
-            for _ in 0..10 {
-                attention_sequence_backward(&qkv, len, h, heads, dr, &dctx, &mut dq);
-            }
-            let t2 = t.elapsed().as_secs_f64() / 10.0;
-            eprintln!(
-                "TIME attn len {len} dropout {}: infer {:.2} ms train fwd {:.2} ms bwd {:.2} ms",
-                dr.is_some(),
-                t0 * 1e3,
-                t1 * 1e3,
-                t2 * 1e3
-            );
-        }
-        let (rows, inp, o) = (16384, 384, 1536);
-        let x: Vec<f32> = (0..rows * inp).map(|_| r.next_f64() as f32 - 0.5).collect();
-        let w: Vec<f32> = (0..o * inp).map(|_| r.next_f64() as f32 - 0.5).collect();
-        let b = vec![0.0f32; o];
-        let dy: Vec<f32> = (0..rows * o).map(|_| r.next_f64() as f32 - 0.5).collect();
-        let mut y = vec![0.0; rows * o];
-        let t = std::time::Instant::now();
-        crate::cpu::gemm::linear(&x, rows, inp, &w, &b, o, &mut y);
-        let tf = t.elapsed().as_secs_f64();
-        let mut dx = vec![0.0; rows * inp];
-        let mut dw = vec![0.0; o * inp];
-        let mut db = vec![0.0; o];
-        let t = std::time::Instant::now();
-        linear_backward(&x, rows, inp, &w, o, &dy, Some(&mut dx), &mut dw, &mut db);
-        let tb = t.elapsed().as_secs_f64();
-        eprintln!("TIME linear fwd {:.1} ms bwd {:.1} ms", tf * 1e3, tb * 1e3);
-        let mut ds = vec![0.0; rows * o];
-        let g = vec![1.0; o];
-        let (mut dg, mut dbb) = (vec![0.0; o], vec![0.0; o]);
-        let t = std::time::Instant::now();
-        layernorm_backward(&y, o, &g, 1e-12, &dy, &mut ds, &mut dg, &mut dbb);
-        eprintln!("TIME ln bwd {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
-        let mut gg = dy.clone();
-        let t = std::time::Instant::now();
-        gelu_backward(&y, &mut gg);
-        eprintln!("TIME gelu bwd {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
-        let t = std::time::Instant::now();
-        dropout_inplace(&mut gg, 0.1, &d.stream);
-        eprintln!("TIME dropout {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
-    }
-}
-#[cfg(test)]
-mod timing2 {
-    use crate::train::rng::{Site, Stream};
-    #[test]
-    fn philox_rate() {
-        let s = Stream::new(1, 2, 3, 4, Site::AttentionDropout);
-        let t = std::time::Instant::now();
-        let mut acc = 0u32;
-        for i in 0..4_000_000u64 {
-            acc ^= s.block(i)[0];
-        }
-        eprintln!(
-            "TIME philox {:.2} ns/block ({acc})",
-            t.elapsed().as_secs_f64() * 1e9 / 4e6
-        );
-        let mut x = vec![1.0f32; 16_000_000];
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .unwrap();
-        let t = std::time::Instant::now();
-        pool.install(|| super::dropout_inplace(&mut x, 0.1, &s));
-        eprintln!(
-            "TIME dropout 1 thread {:.2} ns/elem",
-            t.elapsed().as_secs_f64() * 1e9 / 16e6
-        );
     }
 }

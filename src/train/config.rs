@@ -179,6 +179,10 @@ impl TrainConfig {
 
     /// Everything as one JSON object (for logs and metadata).
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+        // Through text, so f32 knobs print as written (0.9, not 0.8999999761581421).
+        serde_json::to_string(self)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or(serde_json::Value::Null)
     }
 }

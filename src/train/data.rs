@@ -59,7 +59,7 @@ pub struct TrainSet {
 }
 
 /// What the readers merged or dropped, so a user can see how much of the input was used.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DataStats {
     /// Distinct queries in the input (BEIR: the queries judged in the split).
     pub queries_read: usize,

@@ -58,7 +58,11 @@ pub(crate) fn write_model(t: &Trainer) -> Result<()> {
             source_dir: &t.cfg.model,
             pooling: t.encoder.pooling(),
             normalize: t.encoder.normalize(),
-            max_seq_length: t.cfg.doc_max_length,
+            // The inference length stays what the source model says (training may truncate
+            // shorter to save time); the training lengths are in the metadata.
+            max_seq_length: crate::model::pooling::SentenceTransformersConfig::read(&t.cfg.model)?
+                .max_seq_length
+                .unwrap_or(t.cfg.doc_max_length),
             dim: t.encoder.dim(),
         },
         &tensors,

@@ -62,9 +62,20 @@ pub struct StepRecord {
     /// Hard negatives actually drawn per query (below the knob when pools run short).
     pub hard_negatives_per_query: f64,
     pub examples: usize,
+    /// Over the optimizer steps of this process so far (mining and evaluation excluded).
     pub examples_per_s: f64,
-    pub elapsed_s: f64,
+    /// Seconds spent in optimizer steps by this process.
+    pub train_s: f64,
+    /// Remaining steps at the mean step time (mining and evaluation excluded).
     pub eta_s: f64,
+}
+
+/// Time and examples of the optimizer steps run by this process.
+#[derive(Default)]
+struct StepClock {
+    seconds: f64,
+    steps: u64,
+    examples: usize,
 }
 
 /// The files of a run folder.
@@ -242,12 +253,11 @@ impl Trainer {
         if self.step == 0 {
             self.log_json(&serde_json::json!({
                 "event": "start", "step": 0, "config": self.cfg.to_json(),
-                "encoder": self.encoder.describe(), "data": format!("{:?}", self.set.stats),
+                "encoder": self.encoder.describe(), "data": self.set.stats,
                 "total_steps": total, "tau": self.tau,
             }))?;
         }
-        let started = Instant::now();
-        let first_step = self.step;
+        let mut clock = StepClock::default();
         let mut done_here = 0u64;
         while self.step < total && stop_after.is_none_or(|n| done_here < n) {
             let needs_pool = self.cfg.hard_negatives > 0;
@@ -257,7 +267,7 @@ impl Trainer {
             {
                 self.refresh_pool(on)?;
             }
-            let rec = self.train_step(total, warmup, started, first_step)?;
+            let rec = self.train_step(total, warmup, &mut clock)?;
             done_here += 1;
             self.log_json(&serde_json::to_value(&rec).unwrap_or_default())?;
             on(TrainEvent::Step(&rec));
@@ -275,13 +285,8 @@ impl Trainer {
     }
 
     /// One optimizer step over `grad_accum` batches.
-    fn train_step(
-        &mut self,
-        total: u64,
-        warmup: u64,
-        started: Instant,
-        first_step: u64,
-    ) -> Result<StepRecord> {
+    fn train_step(&mut self, total: u64, warmup: u64, clock: &mut StepClock) -> Result<StepRecord> {
+        let started = Instant::now();
         self.grads.fill_zero();
         let mut stats = Vec::new();
         let mut examples = 0;
@@ -333,8 +338,10 @@ impl Trainer {
 
         let n = stats.len() as f64;
         let mean = |f: fn(&InfoNceStats) -> f64| stats.iter().map(f).sum::<f64>() / n;
-        let elapsed = started.elapsed().as_secs_f64();
-        let done = (self.step - first_step) as f64;
+        clock.seconds += started.elapsed().as_secs_f64();
+        clock.steps += 1;
+        clock.examples += examples;
+        let per_step = clock.seconds / clock.steps as f64;
         Ok(StepRecord {
             step: self.step,
             total_steps: total,
@@ -347,9 +354,9 @@ impl Trainer {
             mean_negative: mean(|s| s.mean_negative),
             hard_negatives_per_query: negatives as f64 / examples.max(1) as f64,
             examples,
-            examples_per_s: examples as f64 * done / elapsed.max(1e-9) / done.max(1.0),
-            elapsed_s: elapsed,
-            eta_s: elapsed / done.max(1.0) * (total - self.step) as f64,
+            examples_per_s: clock.examples as f64 / clock.seconds.max(1e-9),
+            train_s: clock.seconds,
+            eta_s: per_step * (total - self.step) as f64,
         })
     }
 

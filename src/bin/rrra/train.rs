@@ -214,8 +214,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
             .progress_chars("=> "),
     );
     bar.set_position(trainer.step());
+    // println on a hidden bar (output not a terminal) prints nothing: fall back to stderr.
+    let say = |m: String| {
+        if bar.is_hidden() {
+            eprintln!("{m}");
+        } else {
+            bar.println(m);
+        }
+    };
     let mut on = |ev: TrainEvent| match ev {
-        TrainEvent::Message(m) => bar.println(m),
+        TrainEvent::Message(m) => say(m),
         TrainEvent::Step(r) => {
             bar.set_position(r.step);
             bar.set_message(format!(
@@ -231,11 +239,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 r.step, r.total_steps, r.epoch, r.loss, r.accuracy, r.lr, r.grad_norm, r.examples_per_s, r.eta_s
             );
         }
-        TrainEvent::Mined(stats) => bar.println(stats.to_string()),
+        TrainEvent::Mined(stats) => say(stats.to_string()),
         TrainEvent::Encoding { .. } => {}
         TrainEvent::Evaluated { step, metrics } => {
             let get = |k: &str| metrics[k].as_f64().unwrap_or(f64::NAN);
-            bar.println(format!(
+            say(format!(
                 "eval at step {step}: nDCG@10 {:.4}  MRR@10 {:.4}  R@100 {:.4}",
                 get("ndcg@10"),
                 get("mrr@10"),
@@ -243,7 +251,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             ))
         }
         TrainEvent::Checkpoint { step, dir } => {
-            bar.println(format!("checkpoint at step {step}: {}", dir.display()))
+            say(format!("checkpoint at step {step}: {}", dir.display()))
         }
     };
     trainer.run(a.stop_after, &mut on)?;

@@ -1,0 +1,228 @@
+//! Training runs end to end through the CLI on the tiny random BERT of the fixtures and the
+//! Cranfield collection: a run killed with SIGKILL between checkpoints and resumed computes
+//! bitwise the same losses (and the same final weights) as an uninterrupted run, and the saved
+//! checkpoint is a model folder `rrra encode` loads to the same embeddings as the in-memory model.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn rrra() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_rrra"))
+}
+
+fn tiny_bert() -> PathBuf {
+    common::shared().join("fixtures/tiny-bert")
+}
+
+fn cranfield() -> PathBuf {
+    common::shared().join("data/cranfield")
+}
+
+/// A short run that exercises everything a resume must restore: dropout, SimANS draws, random
+/// negatives, gradient accumulation, a re-mine at step 3 (after the checkpoint of step 2) and
+/// AdamW moments.
+fn train_args(out: &Path) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "--threads".into(),
+        "2".into(),
+        "train".into(),
+        "--model".into(),
+        tiny_bert().display().to_string(),
+        "--beir".into(),
+        cranfield().display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    for a in [
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "8",
+        "--grad-accum",
+        "2",
+        "--hard-negatives",
+        "3",
+        "--random-negatives",
+        "1",
+        "--doc-max-length",
+        "96",
+        "--mine-every",
+        "3",
+        "--mine-top-k",
+        "50",
+        "--checkpoint-every",
+        "2",
+        "--lr",
+        "1e-3",
+    ] {
+        v.push(a.into());
+    }
+    v
+}
+
+/// (step, loss) of every step record of a run log, in order.
+fn losses(log: &Path) -> Vec<(u64, f64)> {
+    let text = std::fs::read_to_string(log).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("event").is_none())
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_killed_run_resumes_bitwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let (full, killed) = (dir.path().join("full"), dir.path().join("killed"));
+
+    let st = rrra().args(train_args(&full)).output().unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let reference = losses(&full.join("train_log.jsonl"));
+    assert_eq!(
+        reference.iter().map(|r| r.0).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6]
+    );
+
+    // Run again and SIGKILL it right after it reports step 3: the last checkpoint is step 2,
+    // and step 3 is in the log but not in any checkpoint.
+    let mut child = rrra()
+        .args(train_args(&killed))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut seen = Vec::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line.unwrap();
+        let at_step_3 = line.starts_with("step 3/");
+        seen.push(line);
+        if at_step_3 {
+            child.kill().unwrap(); // SIGKILL on Unix
+            break;
+        }
+    }
+    child.wait().unwrap();
+    assert!(
+        seen.iter().any(|l| l.starts_with("step 3/")),
+        "the run never reached step 3: {seen:#?}"
+    );
+    let state = killed.join("training_state.safetensors");
+    let meta = common::safetensors_metadata(&state);
+    assert_eq!(
+        meta["rrra.step"], "2",
+        "the kill must land between checkpoints 2 and 4"
+    );
+    assert!(losses(&killed.join("train_log.jsonl"))
+        .iter()
+        .any(|r| r.0 == 3));
+
+    let st = rrra()
+        .args(["--threads", "1", "train", "--resume"])
+        .arg(&killed)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let resumed = losses(&killed.join("train_log.jsonl"));
+    // Every step once, and each loss bit for bit (different thread counts on purpose).
+    assert_eq!(resumed.len(), reference.len());
+    for ((s1, a), (s2, b)) in reference.iter().zip(&resumed) {
+        assert_eq!(s1, s2);
+        assert_eq!(a.to_bits(), b.to_bits(), "step {s1}: {a} vs {b}");
+    }
+    // The weights bit for bit (the files' metadata differs: it records each run's folder).
+    let weights = |d: &Path| {
+        rrra::train::checkpoint::read_safetensors(&d.join("model/model.safetensors"))
+            .unwrap()
+            .tensors
+    };
+    let (a, b) = (weights(&full), weights(&killed));
+    assert_eq!(a.len(), b.len());
+    for (name, (_, x)) in &a {
+        let y = &b[name].1;
+        assert!(
+            x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "final weights differ in {name}"
+        );
+    }
+}
+
+#[test]
+fn a_checkpoint_encodes_like_the_in_memory_model() {
+    use rrra::train::config::{DataSource, TrainConfig};
+    use rrra::train::trainer::Trainer;
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut cfg = TrainConfig::new(
+        tiny_bert(),
+        DataSource::Beir {
+            dir: cranfield(),
+            split: "train".into(),
+        },
+        out.clone(),
+    );
+    cfg.max_steps = Some(2);
+    cfg.batch_size = 4;
+    cfg.hard_negatives = 2;
+    cfg.doc_max_length = 64;
+    cfg.lr = 1e-3;
+    let mut trainer = Trainer::new(cfg).unwrap();
+    trainer.run(None, &mut |_| {}).unwrap();
+
+    // A few corpus documents through `rrra encode` from the checkpoint folder...
+    let docs = rrra::data::read_corpus(&cranfield().join("corpus.jsonl")).unwrap();
+    let sample = &docs[..20];
+    let corpus = dir.path().join("corpus.jsonl");
+    let lines: Vec<String> = sample
+        .iter()
+        .map(|d| serde_json::json!({"_id": d.id, "title": "", "text": d.text}).to_string())
+        .collect();
+    std::fs::write(&corpus, lines.join("\n")).unwrap();
+    let store = dir.path().join("sample.rrra");
+    let st = rrra()
+        .args(["encode", "--max-length", "64", "--model"])
+        .arg(out.join("model"))
+        .arg("--corpus")
+        .arg(&corpus)
+        .arg("--out")
+        .arg(&store)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let store = rrra::index::store::Store::open(&store).unwrap();
+
+    // ...equal the trained encoder's own embeddings, bit for bit (weights are saved as f32; the
+    // folder keeps the source model's inference length, so the training length is passed).
+    let texts: Vec<&str> = sample.iter().map(|d| d.text.as_str()).collect();
+    let mem = trainer.encoder().encode(&texts, 32).unwrap();
+    let dim = trainer.encoder().dim();
+    let mut got = vec![0.0f32; mem.len()];
+    store.vectors().to_f32(0, &mut got);
+    assert_eq!(store.dim(), dim);
+    for (i, (got, want)) in got.chunks_exact(dim).zip(mem.chunks_exact(dim)).enumerate() {
+        assert!(
+            got.iter()
+                .zip(want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "document {i} differs"
+        );
+    }
+    // The trained weights differ from the starting ones (the run did train).
+    let start = std::fs::read(tiny_bert().join("model.safetensors")).unwrap();
+    assert!(std::fs::read(out.join("model/model.safetensors")).unwrap() != start);
+}
