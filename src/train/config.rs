@@ -73,6 +73,10 @@ pub struct TrainConfig {
     pub negative_pool: NegativePool,
     /// K of mining.
     pub mine_top_k: usize,
+    /// Drop a mined document whose id equals the query id (corpora that contain their queries;
+    /// harmless elsewhere unless query and document ids share a numbering).
+    #[serde(default = "yes")]
+    pub exclude_same_id: bool,
     /// Re-mine every this many optimizer steps; `None`: at the start of every epoch.
     pub mine_every: Option<u64>,
     /// Dropout with the probabilities of config.json (off: deterministic forward).
@@ -84,6 +88,10 @@ pub struct TrainConfig {
     pub eval: Option<EvalSpec>,
     /// Texts per forward when encoding for mining and evaluation.
     pub encode_batch_size: usize,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl TrainConfig {
@@ -110,6 +118,7 @@ impl TrainConfig {
             sampler: SamplerKind::SimAns { a: 0.5, b: 0.0 },
             negative_pool: NegativePool::Mined,
             mine_top_k: 200,
+            exclude_same_id: true,
             mine_every: None,
             dropout: true,
             activations: ActivationMode::Keep,

@@ -115,6 +115,7 @@ pub fn mine(
     doc_tokenizer: &TextTokenizer,
     set: &TrainSet,
     top_k: usize,
+    exclude_same_id: bool,
     batch_size: usize,
     progress: &(dyn Fn(usize) + Sync),
 ) -> Result<(MinedPool, MiningStats)> {
@@ -127,7 +128,14 @@ pub fn mine(
     let queries: Vec<&str> = set.queries.iter().map(|q| q.text.as_str()).collect();
     let tokens = query_tokenizer.encode_batch(&queries)?;
     let query_embeddings = encoder.encode_tokens(&tokens, batch_size, &|_| {})?;
-    mine_from_embeddings(set, encoder.dim(), query_embeddings, doc_embeddings, top_k)
+    mine_from_embeddings(
+        set,
+        encoder.dim(),
+        query_embeddings,
+        doc_embeddings,
+        top_k,
+        exclude_same_id,
+    )
 }
 
 /// The ranking and filtering part of [`mine`], for embeddings already at hand.
@@ -137,6 +145,7 @@ pub fn mine_from_embeddings(
     query_embeddings: Vec<f32>,
     doc_embeddings: Vec<f32>,
     top_k: usize,
+    exclude_same_id: bool,
 ) -> Result<(MinedPool, MiningStats)> {
     let corpus = Corpus::from_f32(&doc_embeddings, dim)?;
     // Ask for enough extra hits that removing positives and a same-id document still leaves K.
@@ -164,7 +173,7 @@ pub fn mine_from_embeddings(
                 if rank < top_k {
                     pos_inside += 1;
                 }
-            } else if set.corpus[hit.index].id == q.id {
+            } else if exclude_same_id && set.corpus[hit.index].id == q.id {
                 stats.removed_same_id += 1;
             } else if kept.len() < top_k {
                 kept.push((hit.index as u32, hit.score));
@@ -198,4 +207,65 @@ pub fn mine_from_embeddings(
         },
         stats,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::beir::Document;
+    use crate::train::data::{DataStats, TrainQuery};
+
+    /// Four 2-d documents on a quarter circle; one query near document "q1".
+    fn toy() -> (TrainSet, Vec<f32>, Vec<f32>) {
+        let doc = |id: &str| Document {
+            id: id.into(),
+            text: String::new(),
+        };
+        let set = TrainSet {
+            corpus: vec![doc("a"), doc("q1"), doc("b"), doc("c")],
+            queries: vec![TrainQuery {
+                id: "q1".into(),
+                text: String::new(),
+                positives: vec![2],
+                given_negatives: vec![],
+            }],
+            stats: DataStats::default(),
+        };
+        let angle = |t: f32| [t.cos(), t.sin()];
+        let docs: Vec<f32> = [0.0f32, 0.1, 0.2, 1.2]
+            .iter()
+            .flat_map(|&t| angle(t))
+            .collect();
+        (set, angle(0.12).to_vec(), docs)
+    }
+
+    #[test]
+    fn positives_and_the_query_itself_are_removed_and_counted() {
+        let (set, q, docs) = toy();
+        let (pool, stats) =
+            mine_from_embeddings(&set, 2, q.clone(), docs.clone(), 2, true).unwrap();
+        // ranking by angle distance to 0.12: q1 (0.1), b (0.2, positive), a (0.0), c (1.2)
+        let ids: Vec<u32> = pool.candidates[0].iter().map(|c| c.0).collect();
+        assert_eq!(ids, [0, 3]);
+        assert_eq!((stats.removed_positive, stats.removed_same_id), (1, 1));
+        assert_eq!(stats.short_pools, 0);
+        assert!((stats.positive_recall_at_k - 1.0).abs() < 1e-12);
+        assert!((pool.score(0, 2) - (0.08f32).cos()).abs() < 1e-6);
+        // scores are descending and equal the snapshot's dot products
+        for &(d, s) in &pool.candidates[0] {
+            assert!((pool.score(0, d as usize) - s).abs() < 1e-6);
+        }
+        // keeping same-id documents puts q1 back at rank 1
+        let (pool, stats) = mine_from_embeddings(&set, 2, q, docs, 2, false).unwrap();
+        assert_eq!(pool.candidates[0][0].0, 1);
+        assert_eq!(stats.removed_same_id, 0);
+    }
+
+    #[test]
+    fn a_small_corpus_gives_short_pools() {
+        let (set, q, docs) = toy();
+        let (pool, stats) = mine_from_embeddings(&set, 2, q, docs, 10, true).unwrap();
+        assert_eq!(pool.candidates[0].len(), 2);
+        assert_eq!(stats.short_pools, 1);
+    }
 }

@@ -531,6 +531,7 @@ impl Trainer {
             q_emb,
             doc_emb,
             self.cfg.mine_top_k.max(1),
+            self.cfg.exclude_same_id,
         )?;
         if self.cfg.negative_pool == NegativePool::Given {
             // The file's negatives, ranked by the same snapshot's scores.

@@ -42,7 +42,7 @@ pub struct TrainArgs {
     /// Batches per optimizer step.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub grad_accum: usize,
-    #[arg(long, default_value_t = 2e-5)]
+    #[arg(long, default_value_t = 2e-5, allow_negative_numbers = true)]
     pub lr: f32,
     /// Share of steps spent warming the learning rate up.
     #[arg(long, default_value_t = 0.1)]
@@ -90,6 +90,10 @@ pub struct TrainArgs {
         value_name = "K"
     )]
     pub mine_top_k: i64,
+    /// Keep mined documents whose id equals the query id (by default they are dropped, for
+    /// corpora that contain their queries).
+    #[arg(long)]
+    pub keep_same_id: bool,
     /// Re-mine every N optimizer steps [default: at the start of every epoch].
     #[arg(long, value_name = "N")]
     pub mine_every: Option<u64>,
@@ -164,6 +168,7 @@ impl TrainArgs {
         };
         c.mine_top_k = non_negative("mine-top-k", self.mine_top_k)?;
         c.mine_every = self.mine_every;
+        c.exclude_same_id = !self.keep_same_id;
         c.dropout = !self.no_dropout;
         c.activations = if self.recompute {
             ActivationMode::Recompute
