@@ -226,3 +226,59 @@ fn a_checkpoint_encodes_like_the_in_memory_model() {
     let start = std::fs::read(tiny_bert().join("model.safetensors")).unwrap();
     assert!(std::fs::read(out.join("model/model.safetensors")).unwrap() != start);
 }
+
+#[test]
+fn a_flagembedding_file_trains_on_its_given_negatives() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = rrra::data::read_corpus(&cranfield().join("corpus.jsonl")).unwrap();
+    // eight queries, each with one positive and three given negatives drawn from Cranfield texts
+    let lines: Vec<String> = (0..8)
+        .map(|i| {
+            serde_json::json!({
+                "query": format!("question number {i} about {}", &docs[i * 5].text[..20]),
+                "pos": [docs[i * 5].text],
+                "neg": [docs[i * 5 + 1].text, docs[i * 5 + 2].text, docs[i * 5 + 3].text],
+            })
+            .to_string()
+        })
+        .collect();
+    let data = dir.path().join("train.jsonl");
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let out = dir.path().join("run");
+    let st = rrra()
+        .args(["train", "--model"])
+        .arg(tiny_bert())
+        .arg("--train-jsonl")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .args([
+            "--negative-pool",
+            "given",
+            "--hard-negatives",
+            "2",
+            "--batch-size",
+            "4",
+        ])
+        .args(["--doc-max-length", "64", "--sampler", "uniform"])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let text = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("event").is_none())
+        .collect();
+    assert_eq!(steps.len(), 2, "8 pairs in batches of 4");
+    for s in &steps {
+        // two of each query's three given negatives are drawn (none is a positive)
+        assert_eq!(s["hard_negatives_per_query"].as_f64(), Some(2.0));
+        assert!(s["loss"].as_f64().unwrap().is_finite());
+    }
+    assert!(out.join("model/model.safetensors").exists());
+}
