@@ -14,8 +14,9 @@ pub struct BenchArgs {
     /// The shared folder holding bench/sentences-56tok.txt and data/scifact.
     #[arg(long, value_name = "DIR", default_value = "../shared")]
     pub shared: PathBuf,
-    /// Workloads to run, comma-separated: encode-sentences, encode-docs, topk-batch, topk-single.
-    #[arg(long, value_delimiter = ',', default_values_t = ["encode-sentences".to_string(), "encode-docs".into(), "topk-batch".into(), "topk-single".into()])]
+    /// Workloads to run, comma-separated: encode-sentences, encode-docs, topk-batch, topk-single,
+    /// train-step.
+    #[arg(long, value_delimiter = ',', default_values_t = ["encode-sentences".to_string(), "encode-docs".into(), "topk-batch".into(), "topk-single".into(), "train-step".into()])]
     pub only: Vec<String>,
     /// Timed repetitions per workload, after one untimed warm-up (encode-docs: always 1;
     /// topk-batch: at least 3); the median is reported.
@@ -34,6 +35,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "encode-docs",
             "topk-batch",
             "topk-single",
+            "train-step",
         ]
         .contains(&w.as_str())
         {
@@ -60,6 +62,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
             // One timed pass: it takes about a minute, and the warm-up pass doubles that.
             rows.push(bench::encode_docs(&enc, &docs, 1)?);
         }
+    }
+    if wants("train-step") {
+        let model = a
+            .model
+            .clone()
+            .unwrap_or_else(rrra::util::default_model_dir);
+        let mut enc = Encoder::load(&model, &EncoderOptions::default())?;
+        let docs = data::read_corpus(&a.shared.join("data/scifact/corpus.jsonl"))?;
+        let queries = data::read_queries(&a.shared.join("data/scifact/queries.jsonl"))?;
+        let q: Vec<&str> = queries.iter().map(|q| q.text.as_str()).collect();
+        let d: Vec<&str> = docs.iter().map(|d| d.text.as_str()).collect();
+        eprintln!("train-step: 16 queries x 4 documents ...");
+        rows.push(bench::train_step(&mut enc, &q, &d, a.reps)?);
     }
     if wants("topk-batch") || wants("topk-single") {
         eprintln!(
