@@ -10,9 +10,9 @@
 use super::math::softmax_row;
 
 /// f32 lanes of one AVX2 register.
-const W: usize = 8;
+pub(super) const W: usize = 8;
 /// Keys scored together: four independent register accumulators hide the add latency.
-const KB: usize = 4 * W;
+pub(super) const KB: usize = 4 * W;
 
 dispatch_avx2! {
     /// `qkv`: `[len × 3h]` (Q | K | V), `out`: `[len × h]`, `heads` heads of width `h / heads`.
@@ -55,7 +55,7 @@ dispatch_avx2! {
 /// `scores[j] = q · k_j` for all padded keys, from `kt` = Kᵀ (`[dh × lp]`), one block of `KB`
 /// keys at a time with its accumulators held in registers across the whole `d` loop.
 #[inline(always)]
-fn qk_scores(q: &[f32], kt: &[f32], lp: usize, scores: &mut [f32]) {
+pub(super) fn qk_scores(q: &[f32], kt: &[f32], lp: usize, scores: &mut [f32]) {
     for (jb, s) in scores.chunks_exact_mut(KB).enumerate() {
         let mut acc = [0.0f32; KB];
         for (d, &qd) in q.iter().enumerate() {
@@ -72,7 +72,7 @@ fn qk_scores(q: &[f32], kt: &[f32], lp: usize, scores: &mut [f32]) {
 
 /// `o = Σ_j p_j · v_j` for head width `C·W`, the output held in `C` registers.
 #[inline(always)]
-fn weighted_sum<const C: usize>(p: &[f32], v: &[f32], o: &mut [f32]) {
+pub(super) fn weighted_sum<const C: usize>(p: &[f32], v: &[f32], o: &mut [f32]) {
     let mut acc = [[0.0f32; W]; C];
     for (j, &pj) in p.iter().enumerate() {
         let vr = &v[j * C * W..(j + 1) * C * W];
@@ -90,7 +90,7 @@ fn weighted_sum<const C: usize>(p: &[f32], v: &[f32], o: &mut [f32]) {
 
 /// Any head width (the general, slower path).
 #[inline(always)]
-fn weighted_sum_any(p: &[f32], v: &[f32], o: &mut [f32]) {
+pub(super) fn weighted_sum_any(p: &[f32], v: &[f32], o: &mut [f32]) {
     let dh = o.len();
     o.fill(0.0);
     for (j, &pj) in p.iter().enumerate() {

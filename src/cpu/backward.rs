@@ -12,6 +12,7 @@
 
 use rayon::prelude::*;
 
+use super::attention::{qk_scores, weighted_sum, weighted_sum_any, KB, W};
 use super::math::{erf, exp, softmax_row, sum_lanes};
 use crate::train::rng::Stream;
 
@@ -24,10 +25,6 @@ pub struct AttnDropout {
     pub stream: Stream,
 }
 
-/// f32 lanes of one AVX2 register.
-const W: usize = 8;
-/// Keys scored together (as in `cpu::attention`): four register accumulators hide add latency.
-const KB: usize = 4 * W;
 /// Rows per partial sum of a bias / LayerNorm parameter gradient. A constant, so the order in
 /// which rows are added (and so every bit of the result) does not depend on the thread count.
 const PART_ROWS: usize = 256;
@@ -183,47 +180,8 @@ fn probs_row(
     {
         *qd = x * scale;
     }
-    for (jb, s) in scores.chunks_exact_mut(KB).enumerate() {
-        let mut acc = [0.0f32; KB];
-        for (d, &qd) in q.iter().enumerate() {
-            let kr = &kt[d * lp + jb * KB..d * lp + (jb + 1) * KB];
-            for l in 0..KB {
-                acc[l] += qd * kr[l];
-            }
-        }
-        s.copy_from_slice(&acc);
-    }
+    qk_scores(q, kt, lp, scores);
     softmax_row(&mut scores[..len]);
-}
-
-/// `o = Σ_j p_j · v_j` for head width `C·W`, the output held in `C` registers; keys summed in
-/// order from zero, the accumulation order of inference.
-#[inline(always)]
-fn weighted_sum<const C: usize>(p: &[f32], v: &[f32], o: &mut [f32]) {
-    let mut acc = [[0.0f32; W]; C];
-    for (j, &pj) in p.iter().enumerate() {
-        let vr = &v[j * C * W..(j + 1) * C * W];
-        for c in 0..C {
-            for l in 0..W {
-                acc[c][l] += pj * vr[c * W + l];
-            }
-        }
-    }
-    for c in 0..C {
-        o[c * W..(c + 1) * W].copy_from_slice(&acc[c]);
-    }
-}
-
-/// [`weighted_sum`] for any head width (same order of operations).
-#[inline(always)]
-fn weighted_sum_any(p: &[f32], v: &[f32], o: &mut [f32]) {
-    let dh = o.len();
-    o.fill(0.0);
-    for (j, &pj) in p.iter().enumerate() {
-        for (ov, vv) in o.iter_mut().zip(&v[j * dh..(j + 1) * dh]) {
-            *ov += pj * vv;
-        }
-    }
 }
 
 /// Shape preconditions shared by the attention entry points.
