@@ -2,7 +2,8 @@
 # Fine-tunes all-MiniLM-L6-v2 on the SciFact train split with each hard-negative sampler and
 # evaluates every result on the test split (nDCG@10 etc., max length from the model: 256).
 #   tools/train-scifact.sh [extra `rrra train` options]
-# Env: SAMPLERS (default "simans uniform trisampler"), WORK (default $RRRA_CACHE/train-scifact or
+# Env: SAMPLERS (default "simans uniform trisampler"; "inbatch" trains with in-batch negatives
+# only, no mining), WORK (default $RRRA_CACHE/train-scifact or
 # ~/.cache/rrra/train-scifact), RRRA_SHARED (default ../shared), THREADS (default: all cores).
 # Budget (the defaults below): 1 epoch, batch 16, query 64 / document 128 tokens, 3 hard
 # negatives per query from the top-200, lr 2e-5 with 10% warm-up, tau 0.05, seed 42.
@@ -20,12 +21,19 @@ for sampler in ${SAMPLERS:-simans uniform trisampler}; do
   out="$work/$sampler"
   rm -rf "$out"
   start=$(date +%s)
+  negatives=(--sampler "$sampler" --hard-negatives 3)
+  [ "$sampler" = inbatch ] && negatives=(--hard-negatives 0)
   "$rrra" "${threads[@]}" train --model "$model" --beir "$shared/data/scifact" --split train \
-    --out "$out" --sampler "$sampler" --hard-negatives 3 --doc-max-length 128 \
+    --out "$out" "${negatives[@]}" --doc-max-length 128 \
     --batch-size 16 --epochs 1 --seed 42 "$@" 2>&1 | tee "$work/$sampler.train.txt"
   end=$(date +%s)
   "$rrra" "${threads[@]}" demo --model "$out/model" --data "$shared/data/scifact" \
     --work "$out/eval" 2>&1 | tee "$work/$sampler.eval.txt"
   echo "$sampler: training wall time $((end - start)) s" | tee -a "$work/summary.txt"
-  grep -E "nDCG@10|ndcg@10" "$work/$sampler.eval.txt" | head -2 | sed "s/^/$sampler: /" | tee -a "$work/summary.txt"
+  python3 - "$out/eval/scifact.test.metrics.json" "$sampler" <<'PY' | tee -a "$work/summary.txt"
+import json, sys
+m = json.load(open(sys.argv[1]))
+print(f"{sys.argv[2]}: nDCG@10 {m['ndcg@10']:.4f}  MRR@10 {m['mrr@10']:.4f}  "
+      f"R@1 {m['recall@1']:.4f}  R@10 {m['recall@10']:.4f}  R@100 {m['recall@100']:.4f}")
+PY
 done
