@@ -44,6 +44,9 @@ pub enum Error {
     /// The CUDA driver or a device is not available; the CPU path still is.
     #[error("CUDA unavailable: {0}")]
     CudaUnavailable(String),
+    /// A CUDA driver or library call failed on an available device.
+    #[error("CUDA error: {0}")]
+    Cuda(String),
 }
 
 impl Error {

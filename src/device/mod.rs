@@ -21,3 +21,6 @@ pub const fn cuda_compiled() -> bool {
 pub fn kernel_module(name: &str) -> Option<&'static KernelModule> {
     KERNEL_MODULES.iter().find(|m| m.name == name)
 }
+
+pub mod runtime;
+pub use runtime::{unavailable_reason, DeviceInfo, Gpu};

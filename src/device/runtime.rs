@@ -1,0 +1,194 @@
+//! The minimal GPU runtime on cudarc (driver API, libcuda loaded at run time): probe, one
+//! context per device, the embedded kernel modules loaded once, streams, and errors that are
+//! values. Nothing here panics when there is no driver or no device: [`Gpu::open`] returns
+//! [`Error::CudaUnavailable`] with the reason, and every op stays available on the CPU path.
+
+use super::{cuda_compiled, kernel_module};
+use crate::error::{Error, Result};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// What the device is, for logs and benchmark tables.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub total_memory: usize,
+    pub multiprocessors: i32,
+    pub driver_version: i32,
+}
+
+impl std::fmt::Display for DeviceInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "GPU {}: {} (sm_{}{}, {} SMs, {:.1} GiB), driver {}.{}",
+            self.ordinal,
+            self.name,
+            self.compute_capability.0,
+            self.compute_capability.1,
+            self.multiprocessors,
+            self.total_memory as f64 / (1u64 << 30) as f64,
+            self.driver_version / 1000,
+            self.driver_version % 1000 / 10
+        )
+    }
+}
+
+/// One device: its context, a default stream, and the kernel modules loaded so far.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    info: DeviceInfo,
+}
+
+/// A driver or library failure, as an error value naming what was being done.
+pub(crate) fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::Cuda(format!("{what}: {e}"))
+}
+
+/// Why no GPU can be used, or `None` when one can: the build has kernels, libcuda loads, and
+/// the driver reports at least one device. Never panics.
+pub fn unavailable_reason() -> Option<String> {
+    if !cuda_compiled() {
+        return Some("this build has no CUDA kernels (nvcc was not found at build time)".into());
+    }
+    // SAFETY: only tries to dlopen libcuda; no CUDA call is made.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Some("the CUDA driver library (libcuda) is not installed".into());
+    }
+    match CudaContext::device_count() {
+        Ok(0) => Some("the CUDA driver reports no device".into()),
+        Ok(_) => None,
+        Err(e) => Some(format!("the CUDA driver failed to initialise: {e}")),
+    }
+}
+
+impl Gpu {
+    /// Opens device `ordinal`, or says why it cannot.
+    pub fn open(ordinal: usize) -> Result<Gpu> {
+        if let Some(reason) = unavailable_reason() {
+            return Err(Error::CudaUnavailable(reason));
+        }
+        let count = CudaContext::device_count().map_err(cuda_err("counting devices"))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::CudaUnavailable(format!(
+                "device {ordinal} asked for, {count} present"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(cuda_err("creating a context"))?;
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let attr = |a| ctx.attribute(a).map_err(cuda_err("reading a device attribute"));
+        let mut driver_version = 0i32;
+        // SAFETY: a plain out-parameter query of the initialised driver.
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver_version) };
+        let info = DeviceInfo {
+            ordinal,
+            name: ctx.name().map_err(cuda_err("reading the device name"))?,
+            compute_capability: (
+                attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+                attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+            ),
+            total_memory: ctx.total_mem().map_err(cuda_err("reading memory size"))?,
+            multiprocessors: attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+            driver_version,
+        };
+        let stream = ctx.default_stream();
+        Ok(Gpu {
+            ctx,
+            stream,
+            modules: Mutex::new(HashMap::new()),
+            info,
+        })
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+    /// The stream ops run on unless given another.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+    /// A new stream (one per worker thread, so workers do not serialise on one queue).
+    pub fn new_stream(&self) -> Result<Arc<CudaStream>> {
+        self.ctx.new_stream().map_err(cuda_err("creating a stream"))
+    }
+
+    /// Kernel `name` of the embedded module `module` (`kernels/<module>.cu`); the module is
+    /// loaded on first use and kept.
+    pub fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
+        let m = {
+            let mut loaded = self
+                .modules
+                .lock()
+                .map_err(|_| Error::Cuda("module table poisoned by a panic".into()))?;
+            match loaded.get(module) {
+                Some(m) => m.clone(),
+                None => {
+                    let km = kernel_module(module).ok_or_else(|| {
+                        Error::Cuda(format!("no embedded kernel module `{module}`"))
+                    })?;
+                    let ptx = cudarc::nvrtc::Ptx::from_binary(km.fatbin.to_vec());
+                    let m = self
+                        .ctx
+                        .load_module(ptx)
+                        .map_err(cuda_err(&format!("loading module {module}")))?;
+                    loaded.insert(module, m.clone());
+                    m
+                }
+            }
+        };
+        m.load_function(name)
+            .map_err(|e| Error::Cuda(format!("kernel {name} in module {module}: {e}")))
+    }
+
+    /// Waits for everything queued on the default stream.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(cuda_err("synchronising"))
+    }
+}
+
+impl Gpu {
+    /// Median milliseconds of `reps` runs of `f` on the default stream, timed with CUDA events
+    /// after one untimed warm-up run.
+    pub fn time_ms(&self, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        use cudarc::driver::sys::CUevent_flags;
+        f()?;
+        let mut ms = Vec::with_capacity(reps.max(1));
+        for _ in 0..reps.max(1) {
+            let start = self
+                .ctx
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(cuda_err("creating an event"))?;
+            let end = self
+                .ctx
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(cuda_err("creating an event"))?;
+            start.record(&self.stream).map_err(cuda_err("recording an event"))?;
+            f()?;
+            end.record(&self.stream).map_err(cuda_err("recording an event"))?;
+            ms.push(start.elapsed_ms(&end).map_err(cuda_err("timing"))? as f64);
+        }
+        ms.sort_by(|a, b| a.total_cmp(b));
+        Ok(ms[ms.len() / 2])
+    }
+}
+
+/// One measured kernel (or kernel sequence) for the device check's table.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KernelTiming {
+    /// The kernel's name as a profiler shows it (or the op's, for a sequence).
+    pub name: String,
+    /// The problem, e.g. "1M x 384 bf16, 32 queries, k 100".
+    pub shape: String,
+    pub ms: f64,
+    /// Bytes the op must move at least (for GB/s), and FLOPs it performs (for TFLOP/s).
+    pub bytes: f64,
+    pub flops: f64,
+}
