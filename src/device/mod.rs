@@ -24,3 +24,7 @@ pub fn kernel_module(name: &str) -> Option<&'static KernelModule> {
 
 pub mod runtime;
 pub use runtime::{unavailable_reason, DeviceInfo, Gpu};
+pub use runtime::KernelTiming;
+
+pub mod encoder;
+pub mod topk;

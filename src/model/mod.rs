@@ -5,6 +5,7 @@ pub mod bert;
 pub mod config;
 pub mod encoder;
 pub mod pooling;
+pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;
 

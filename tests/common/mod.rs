@@ -115,3 +115,19 @@ fn copy_dir_except(src: &std::path::Path, dst: &std::path::Path, skip: &str) {
         }
     }
 }
+
+/// The GPU, or `None` with the reason printed (the test then skips). With `RRRA_REQUIRE_GPU`
+/// set (the device check script sets it) a missing GPU fails the test instead.
+pub fn gpu_or_skip() -> Option<rrra::device::Gpu> {
+    match rrra::device::Gpu::open(0) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            assert!(
+                std::env::var_os("RRRA_REQUIRE_GPU").is_none(),
+                "RRRA_REQUIRE_GPU is set but no GPU can be used: {e}"
+            );
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
