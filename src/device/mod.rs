@@ -26,5 +26,6 @@ pub mod runtime;
 pub use runtime::{unavailable_reason, DeviceInfo, Gpu};
 pub use runtime::KernelTiming;
 
+pub mod ceilings;
 pub mod encoder;
 pub mod topk;
