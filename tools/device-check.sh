@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU check, in one command, on a machine with an NVIDIA GPU:
+#   1. build the release binary and the GPU test binaries (skipped when RRRA_PREBUILT names a
+#      folder made by tools/device-prebuild.sh on a machine with Rust: bin/ and shared/);
+#   2. run every GPU test with RRRA_REQUIRE_GPU=1 (a test that cannot find the GPU fails);
+#   3. `rrra device-check`: measured ceilings and every kernel family's timing, one table;
+#   4. the peers on the same machine when python3 has torch: tools/peer-torch-gpu.py.
+# Full logs go to $RRRA_DEVICE_LOG (default ./device-logs). Exit status: non-zero when a test
+# or a step failed. Meant to finish in well under 8 minutes on an H200.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+log="${RRRA_DEVICE_LOG:-device-logs}"
+mkdir -p "$log"
+status=0
+step() { echo "== $*" | tee -a "$log/summary.txt"; }
+
+if [ -n "${RRRA_PREBUILT:-}" ]; then
+  bin="$RRRA_PREBUILT/bin"
+  export RRRA_SHARED="${RRRA_SHARED:-$RRRA_PREBUILT/shared}"
+else
+  step "build"
+  cargo build --release --bin rrra 2>&1 | tee "$log/build.txt" || exit 1
+  bin=target/device-bin
+  rm -rf "$bin" && mkdir -p "$bin"
+  cp target/release/rrra "$bin/"
+  cargo test --release --no-run --message-format=json --test 'gpu_*' 2>>"$log/build.txt" \
+    | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["executable"])' | while read -r t; do cp "$t" "$bin/$(basename "$t" | sed 's/-[0-9a-f]*$//')"; done
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$log/gpu.txt"
+
+export RRRA_REQUIRE_GPU=1
+for t in "$bin"/gpu_*; do
+  name=$(basename "$t")
+  step "test $name"
+  if ! "$t" --test-threads 1 2>&1 | tee "$log/test-$name.txt" | tail -n 3; then
+    status=1
+    echo "FAILED: $name" | tee -a "$log/summary.txt"
+  fi
+done
+
+step "kernels"
+"$bin/rrra" device-check --log-dir "$log" 2>&1 | tee "$log/kernels.txt" || status=1
+
+if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+  step "peers (PyTorch on this machine)"
+  python3 tools/peer-torch-gpu.py 2>&1 | tee "$log/peers.txt" || status=1
+else
+  step "peers skipped: python3 has no CUDA PyTorch"
+fi
+exit $status
