@@ -326,6 +326,12 @@ impl Trainer {
         } else {
             clip_grad_norm(&mut grads, f32::INFINITY)
         };
+        if !grad_norm.is_finite() {
+            return Err(Error::InvalidArgument(format!(
+                "the gradient norm became {grad_norm} at step {}: lower the learning rate",
+                self.step
+            )));
+        }
         let lr = linear_warmup_decay(self.step, total, warmup, self.cfg.lr);
         let grads_ro: Vec<&[f32]> = grads.iter().map(|g| &**g).collect();
         let mut params = self.encoder.bert_mut().weights.tensors_mut();
