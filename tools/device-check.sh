@@ -30,6 +30,12 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["executable"])' | while read -r t; do cp "$t" "$bin/$(basename "$t" | sed 's/-[0-9a-f]*$//')"; done
 fi
+# cuBLAS may sit outside the loader's path on machines with only the toolkit folder.
+if ! ldconfig -p 2>/dev/null | grep -q libcublas.so; then
+  for d in /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-*/targets/x86_64-linux/lib; do
+    [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" && break
+  done
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$log/gpu.txt"
 
 export RRRA_REQUIRE_GPU=1

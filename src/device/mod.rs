@@ -23,8 +23,8 @@ pub fn kernel_module(name: &str) -> Option<&'static KernelModule> {
 }
 
 pub mod runtime;
-pub use runtime::{unavailable_reason, DeviceInfo, Gpu};
 pub use runtime::KernelTiming;
+pub use runtime::{unavailable_reason, DeviceInfo, Gpu};
 
 pub mod ceilings;
 pub mod encoder;

@@ -81,7 +81,10 @@ impl Gpu {
         }
         let ctx = CudaContext::new(ordinal).map_err(cuda_err("creating a context"))?;
         use cudarc::driver::sys::CUdevice_attribute as A;
-        let attr = |a| ctx.attribute(a).map_err(cuda_err("reading a device attribute"));
+        let attr = |a| {
+            ctx.attribute(a)
+                .map_err(cuda_err("reading a device attribute"))
+        };
         let mut driver_version = 0i32;
         // SAFETY: a plain out-parameter query of the initialised driver.
         unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver_version) };
@@ -170,9 +173,12 @@ impl Gpu {
                 .ctx
                 .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
                 .map_err(cuda_err("creating an event"))?;
-            start.record(&self.stream).map_err(cuda_err("recording an event"))?;
+            start
+                .record(&self.stream)
+                .map_err(cuda_err("recording an event"))?;
             f()?;
-            end.record(&self.stream).map_err(cuda_err("recording an event"))?;
+            end.record(&self.stream)
+                .map_err(cuda_err("recording an event"))?;
             ms.push(start.elapsed_ms(&end).map_err(cuda_err("timing"))? as f64);
         }
         ms.sort_by(|a, b| a.total_cmp(b));

@@ -28,7 +28,10 @@ pub fn run(a: DeviceCheckArgs) -> Result<()> {
     );
     let mut rows: Vec<KernelTiming> = Vec::new();
     for (what, bench) in [
-        ("top-k", topk::bench as fn(&Gpu) -> Result<Vec<KernelTiming>>),
+        (
+            "top-k",
+            topk::bench as fn(&Gpu) -> Result<Vec<KernelTiming>>,
+        ),
         ("encoder", encoder::bench),
     ] {
         eprintln!("timing {what} kernels ...");

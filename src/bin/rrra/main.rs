@@ -4,6 +4,7 @@
 mod bench;
 mod commands;
 mod demo;
+mod device_check;
 mod progress;
 mod train;
 
@@ -41,6 +42,8 @@ enum Command {
     Export(commands::ExportArgs),
     /// Run the standard benchmark workloads and print a table against peer figures.
     Bench(bench::BenchArgs),
+    /// On a GPU machine: measure the ceilings and time every kernel family (one table).
+    DeviceCheck(device_check::DeviceCheckArgs),
     /// Fine-tune a bi-encoder with mined hard negatives (InfoNCE, AdamW; CPU).
     Train(train::TrainArgs),
     /// The built-in end-to-end job: encode SciFact, search its test queries, evaluate.
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Train(a) => train::run(a),
+        Command::DeviceCheck(a) => device_check::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

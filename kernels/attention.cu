@@ -1,0 +1,578 @@
+// rrra_attention_varlen_*: bidirectional multi-head attention over packed variable-length
+// sequences, ctx_h = softmax(Q_h K_h^T / sqrt(dh)) V_h, fused (FlashAttention-style): scores
+// live in registers and a running max and sum are kept per query row (online softmax), so the
+// len x len matrix never reaches global memory.
+//
+// Layout: Q, K, V are read in place from the fused QKV projection, [tokens x 3h] (Q | K | V
+// columns, head `hd` at columns hd*dh .. hd*dh + dh of each), *without* its bias, which is added
+// here: K's and Q's as they are loaded, V's once at the end (softmax rows sum to 1, so
+// sum_j p_j (v_j + b) = sum_j p_j v_j + b). Output ctx is [tokens x h]. Sequence s owns rows
+// offsets[s] .. offsets[s + 1]; the batch is packed with no padding rows, and that packing *is*
+// the attention mask: a block only ever reads keys of its own sequence, which is exactly what an
+// additive -inf mask over padding computes. Keys of a partial last tile are masked to -inf.
+//
+// Grid: (query tiles, heads, sequences); a block whose tile starts past its sequence's end exits
+// at once (batches bucketed by length waste little). Scores are computed in log2 units (Q is
+// pre-scaled by log2(e)/sqrt(dh)) so the softmax uses exp2f: exp2(log2e (s - m)) = exp(s - m).
+//
+// Variants:
+// * rrra_attention_varlen_f32_d{32,64,128} (f32 path), SIMT f32: 4 warps, 64 queries per
+//   block, K/V tiles of 64 keys (32 for dh 128) in shared memory. Lane (rg, cg) = (lane/8,
+//   lane%8) of warp w owns 4 query rows (w*16 + rg*4 ..) and, per tile, keys cg, cg+8, ...:
+//   each step loads 4 Q float4s (broadcast) and 8 K float4s (conflict-free: row stride dh + 4)
+//   for 128 FMAs. P goes through a per-warp transposed shared tile so the lane can accumulate
+//   its 4 rows x dh/8 output columns from V (float4 loads of 8 distinct addresses per warp).
+//   Dynamic shared memory: 46 KB (d32), 70 KB (d64), 75.5 KB (d128); the kernel traps if
+//   launched with less than it needs.
+// * rrra_attention_varlen_bf16_d{32,64,128} (bf16 path), tensor cores: mma.sync m16n8k16 bf16
+//   with f32 accumulation (FlashAttention-2 structure). 4 warps x 16 query rows, key tiles of
+//   64 (32 for dh 128). Q fragments stay in registers for the whole block; S = Q K^T
+//   accumulates in f32 registers, is masked and exponentiated there, and is re-packed as bf16 A
+//   fragments for O += P V without leaving registers. K and V tiles are raw 16-byte cp.async
+//   copies, double-buffered (tile i + 1 streams in while tile i computes), stored row-major with
+//   a 16-byte row skew so every ldmatrix (plain for K, .trans for V) is conflict-free. K's bias
+//   is dropped: it adds q . b_k to every score of a row, which softmax cancels exactly.
+//   20-36 KB static shared memory.
+// * rrra_attention_varlen_{f32,bf16}_any: any head dim <= 128 (e.g. 8 or 16 in tiny models), one
+//   warp per query, 32 keys per step with one key per lane. Simple and slow: a fallback only.
+//
+// Roofline (per layer; h = heads * dh): 4 * sum(len^2) * h flops; at least the QKV matrix read
+// once and ctx written once, 4h B per token in bf16 (16h B in f32). BERT-base, 128 x 128
+// tokens: 6.4 GFLOP and 100 MB (bf16): ~23 us of HBM at 4.3 TB/s vs ~8 us of tensor-core math
+// at 790 TFLOP/s, so the bf16 kernel is memory/latency bound at len 128 and compute bound at
+// 512 (32 x 512: 25.8 GFLOP, ~33 us at peak). The f32 SIMT kernel is FMA bound: 6.4 GFLOP at
+// 67 TFLOP/s is >= 96 us. Measured on an H200 (dh 64, per layer): bf16 61 us at 128 x 128
+// (106 TFLOP/s, 1.7 TB/s) and 160 us at 32 x 512 (161 TFLOP/s); f32 275 us (23 TFLOP/s) and
+// 814 us (32 TFLOP/s). Next steps for bf16: wgmma with TMA-fed tiles, and 128-query blocks.
+#include "bert_common.cuh"
+
+// Head-specific base pointers of one sequence in the fused QKV matrix.
+template <typename T>
+struct HeadView {
+    const T* q;
+    const T* k;
+    const T* v;
+    const float* qb;
+    const float* kb;
+    const float* vb;
+    size_t ld;  // 3h
+    __device__ HeadView(const T* qkv, const float* bias, size_t start, int h, int head, int dh) {
+        ld = 3 * (size_t)h;
+        q = qkv + start * ld + (size_t)head * dh;
+        k = q + h;
+        v = q + 2 * (size_t)h;
+        qb = bias + (size_t)head * dh;
+        kb = qb + h;
+        vb = qb + 2 * (size_t)h;
+    }
+};
+
+// ------------------------------------------------------------------------------------------
+// SIMT tiled kernel (f32)
+// ------------------------------------------------------------------------------------------
+
+template <int DH>
+struct SimtTile {
+    static constexpr int WARPS = 4;
+    static constexpr int BQ = 16 * WARPS;           // queries per block
+    static constexpr int BK = DH == 128 ? 32 : 64;  // keys per shared tile
+    static constexpr int KPL = BK / 8;              // keys per lane
+    static constexpr int D4 = DH / 32;              // output float4 chunks per lane
+    static constexpr int QS = DH + 4;               // Q and K row stride (floats)
+    static constexpr int PS = 20;                   // P^T row stride: 16 rows + 4 pad
+    // Mirrored in src/device/encoder.rs (simt_attention_smem_bytes).
+    static constexpr int SMEM_FLOATS = BQ * QS + BK * QS + BK * DH + WARPS * BK * PS;
+};
+
+template <int DH>
+__device__ __forceinline__ void attention_simt(const float* __restrict__ qkv,
+                                               const float* __restrict__ bias,
+                                               const unsigned* __restrict__ offsets, int h,
+                                               float scale_log2e, float* __restrict__ ctx) {
+    using C = SimtTile<DH>;
+    extern __shared__ float4 rrra_attn_smem[];
+    {
+        unsigned dyn;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+        if (dyn < C::SMEM_FLOATS * sizeof(float)) __trap();  // a host/kernel mismatch, loudly
+    }
+    float* Qs = reinterpret_cast<float*>(rrra_attn_smem);
+    float* Ks = Qs + C::BQ * C::QS;
+    float* Vs = Ks + C::BK * C::QS;
+    float* Ps = Vs + C::BK * DH;
+
+    const int start = (int)offsets[blockIdx.z];
+    const int len = (int)offsets[blockIdx.z + 1] - start;
+    const int q0 = blockIdx.x * C::BQ;
+    if (q0 >= len) return;  // uniform per block, before any barrier
+    const int tid = threadIdx.x, warp = tid / RRRA_WARP, lane = tid % RRRA_WARP;
+    const int rg = lane >> 3, cg = lane & 7;
+    const HeadView<float> hv(qkv, bias, start, h, blockIdx.y, DH);
+    const size_t ld = hv.ld;
+
+    // Q tile, biased and pre-scaled; rows past the end are zero (their outputs are not written).
+    for (int i = tid; i < C::BQ * DH / 4; i += blockDim.x) {
+        const int r = i / (DH / 4), c = 4 * (i % (DH / 4));
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (q0 + r < len)
+            v = scale4(add4(load4(hv.q + (size_t)(q0 + r) * ld + c), load4(hv.qb + c)), scale_log2e);
+        store4(Qs + r * C::QS + c, v);
+    }
+
+    float4 o[4][C::D4];
+    float m[4], l[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        m[r] = RRRA_NEG_INF;
+        l[r] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < C::D4; ++i) o[r][i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+    float* Pw = Ps + warp * C::BK * C::PS;
+    const int row0 = warp * 16 + rg * 4;  // the lane's first query row within the tile
+
+    for (int k0 = 0; k0 < len; k0 += C::BK) {
+        __syncthreads();  // the previous tile's K and V are consumed (and Q is written)
+        for (int i = tid; i < C::BK * DH / 4; i += blockDim.x) {
+            const int r = i / (DH / 4), c = 4 * (i % (DH / 4));
+            float4 kv = make_float4(0.0f, 0.0f, 0.0f, 0.0f), vv = kv;
+            if (k0 + r < len) {
+                kv = add4(load4(hv.k + (size_t)(k0 + r) * ld + c), load4(hv.kb + c));
+                vv = load4(hv.v + (size_t)(k0 + r) * ld + c);
+            }
+            store4(Ks + r * C::QS + c, kv);
+            store4(Vs + r * DH + c, vv);
+        }
+        __syncthreads();
+
+        float sc[4][C::KPL];
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int j = 0; j < C::KPL; ++j) sc[r][j] = 0.0f;
+#pragma unroll 4
+        for (int d = 0; d < DH; d += 4) {
+            float4 q[4];
+#pragma unroll
+            for (int r = 0; r < 4; ++r) q[r] = load4(Qs + (row0 + r) * C::QS + d);
+#pragma unroll
+            for (int j = 0; j < C::KPL; ++j) {
+                const float4 k = load4(Ks + (cg + 8 * j) * C::QS + d);
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    sc[r][j] = fmaf(q[r].x, k.x, sc[r][j]);
+                    sc[r][j] = fmaf(q[r].y, k.y, sc[r][j]);
+                    sc[r][j] = fmaf(q[r].z, k.z, sc[r][j]);
+                    sc[r][j] = fmaf(q[r].w, k.w, sc[r][j]);
+                }
+            }
+        }
+
+        // Online softmax. Key 0 of the tile is always valid, so every row max is finite and
+        // the first tile's rescale factor is exp2(-inf) = 0.
+        const int kmax = min(C::BK, len - k0);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            float mx = RRRA_NEG_INF;
+#pragma unroll
+            for (int j = 0; j < C::KPL; ++j) {
+                if (cg + 8 * j >= kmax) sc[r][j] = RRRA_NEG_INF;
+                mx = fmaxf(mx, sc[r][j]);
+            }
+            // the 8 lanes of a row group differ in the low 3 lane bits
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+            const float mn = fmaxf(m[r], mx);
+            const float alpha = exp2f(m[r] - mn);
+            m[r] = mn;
+            l[r] *= alpha;  // lane-partial sum over its own keys; reduced once at the end
+#pragma unroll
+            for (int i = 0; i < C::D4; ++i) o[r][i] = scale4(o[r][i], alpha);
+#pragma unroll
+            for (int j = 0; j < C::KPL; ++j) {
+                sc[r][j] = exp2f(sc[r][j] - mn);
+                l[r] += sc[r][j];
+            }
+        }
+        // P^T of the warp's 16 rows: Pw[key][row]
+#pragma unroll
+        for (int j = 0; j < C::KPL; ++j)
+            store4(Pw + (cg + 8 * j) * C::PS + rg * 4,
+                   make_float4(sc[0][j], sc[1][j], sc[2][j], sc[3][j]));
+        __syncwarp();
+#pragma unroll 4
+        for (int k = 0; k < kmax; ++k) {
+            const float4 p = load4(Pw + k * C::PS + rg * 4);
+#pragma unroll
+            for (int i = 0; i < C::D4; ++i) {
+                const float4 v = load4(Vs + k * DH + cg * 4 + 32 * i);
+                o[0][i] = add4(o[0][i], scale4(v, p.x));
+                o[1][i] = add4(o[1][i], scale4(v, p.y));
+                o[2][i] = add4(o[2][i], scale4(v, p.z));
+                o[3][i] = add4(o[3][i], scale4(v, p.w));
+            }
+        }
+        __syncwarp();  // Pw is rewritten by the next tile
+    }
+
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        float lt = l[r];
+        lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+        lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+        lt += __shfl_xor_sync(0xffffffffu, lt, 4);
+        const int q = q0 + row0 + r;
+        if (q < len) {
+            const float inv = 1.0f / lt;
+            float* out = ctx + (size_t)(start + q) * h + (size_t)blockIdx.y * DH;
+#pragma unroll
+            for (int i = 0; i < C::D4; ++i) {
+                const int c = cg * 4 + 32 * i;
+                store4(out + c, add4(scale4(o[r][i], inv), load4(hv.vb + c)));
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Tensor-core kernel (bf16): mma.sync.m16n8k16, f32 accumulation
+// ------------------------------------------------------------------------------------------
+
+template <int DH>
+struct MmaTile {
+    static constexpr int WARPS = 4;
+    static constexpr int BQ = 16 * WARPS;           // queries per block
+    static constexpr int BK = DH == 128 ? 32 : 64;  // keys per tile (keeps 2 stages < 48 KB)
+    static constexpr int KS = DH + 8;               // K / V tile row stride (bf16): 16 B skew
+    static constexpr int TILE = BK * KS;            // bf16 elements of one K or V tile
+};
+
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo -> low 16 bits
+    return *reinterpret_cast<const unsigned*>(&v);
+}
+
+__device__ __forceinline__ float2 unpack_bf16x2(unsigned u) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
+}
+
+// d += a * b for a 16x16 (row-major) bf16 A, 16x8 (column-major) bf16 B, 16x8 f32 D. Fragments
+// (g = lane / 4, t = lane % 4): a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..],
+// a[3] = A[g+8][2t+8..]; b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g]; d[0..1] = D[g][2t..2t+1],
+// d[2..3] = D[g+8][2t..2t+1]. The lower-indexed element of a pair is in the low 16 bits.
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0,
+                                               unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Four 8x8 b16 matrices from shared memory; lane l gives the address of row l % 8 of matrix
+// l / 8 (16 contiguous bytes). Plain: register i of lane (g, t) = M_i[g][2t..2t+1], the B
+// fragment of a row-major [n][k] tile. .trans: register i = (M_i[2t][g], M_i[2t+1][g]), the B
+// fragment of a row-major [k][n] tile.
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const bf16* p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a)
+                 : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const bf16* p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a)
+                 : "memory");
+}
+
+// 16-byte asynchronous global -> shared copy; `valid == false` writes 16 zero bytes and reads
+// nothing.
+__device__ __forceinline__ void cp_async_16(bf16* dst, const bf16* src, bool valid) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+template <int DH>
+__device__ __forceinline__ void attention_mma(const bf16* __restrict__ qkv,
+                                              const float* __restrict__ bias,
+                                              const unsigned* __restrict__ offsets, int h,
+                                              float scale_log2e, bf16* __restrict__ ctx) {
+    using C = MmaTile<DH>;
+    // Two stages of K and V tiles, both row-major [key][dim]: the tile for step i + 1 streams
+    // in (cp.async) while step i computes.
+    __shared__ __align__(16) bf16 Ks[2][C::TILE];
+    __shared__ __align__(16) bf16 Vs[2][C::TILE];
+
+    const int start = (int)offsets[blockIdx.z];
+    const int len = (int)offsets[blockIdx.z + 1] - start;
+    const int q0 = blockIdx.x * C::BQ;
+    if (q0 >= len) return;  // uniform per block, before any barrier
+    const int tid = threadIdx.x, warp = tid / RRRA_WARP, lane = tid % RRRA_WARP;
+    const int g = lane >> 2, t = lane & 3;
+    const HeadView<bf16> hv(qkv, bias, start, h, blockIdx.y, DH);
+    const size_t ld = hv.ld;
+
+    // K's bias is not added: it shifts every score of a query row by the same q . b_k, which
+    // softmax cancels exactly, so K tiles are raw copies.
+    auto load_tile = [&](int stage, int k0) {
+        for (int i = tid; i < C::BK * DH / 8; i += blockDim.x) {
+            const int r = i / (DH / 8), c = 8 * (i % (DH / 8));
+            const bool valid = k0 + r < len;
+            const size_t row = valid ? (size_t)(k0 + r) : 0;  // in bounds even when unused
+            cp_async_16(&Ks[stage][r * C::KS + c], hv.k + row * ld + c, valid);
+            cp_async_16(&Vs[stage][r * C::KS + c], hv.v + row * ld + c, valid);
+        }
+    };
+    load_tile(0, 0);
+    cp_async_commit();
+
+    // Q as A fragments for the whole block: rows r0 (fragment row g) and r1 (row g + 8),
+    // biased and pre-scaled in f32, rounded once.
+    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+    unsigned qf[DH / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < DH / 16; ++ks) {
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {
+            const int r = (f & 1) ? r1 : r0;
+            const int c = ks * 16 + 2 * t + ((f & 2) ? 8 : 0);
+            unsigned u = 0;
+            if (r < len) {
+                const float2 x =
+                    unpack_bf16x2(*reinterpret_cast<const unsigned*>(hv.q + (size_t)r * ld + c));
+                u = pack_bf16x2((x.x + hv.qb[c]) * scale_log2e, (x.y + hv.qb[c + 1]) * scale_log2e);
+            }
+            qf[ks][f] = u;
+        }
+    }
+
+    float oacc[DH / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < DH / 8; ++dt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) oacc[dt][e] = 0.0f;
+    float m0 = RRRA_NEG_INF, m1 = RRRA_NEG_INF, l0 = 0.0f, l1 = 0.0f;
+    // ldmatrix row addresses: lane l serves row l % 8 of matrix l / 8.
+    const int lrow = lane & 7, lmat = lane >> 3;
+
+    for (int k0 = 0, stage = 0; k0 < len; k0 += C::BK, stage ^= 1) {
+        // Prefetch the next tile into the other stage (consumed by the previous step: see the
+        // barrier at the end of the loop), then wait for this step's tile.
+        if (k0 + C::BK < len) load_tile(stage ^ 1, k0 + C::BK);
+        cp_async_commit();  // possibly empty: keeps the group count uniform
+        cp_async_wait<1>();
+        __syncthreads();
+        const bf16* Kt = Ks[stage];
+        const bf16* Vt = Vs[stage];
+
+        // S = Q K^T for the warp's 16 rows x BK keys, in log2 units. One ldmatrix.x4 gives the
+        // B fragments of 8 keys for two 16-dim steps.
+        float sacc[C::BK / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < C::BK / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) sacc[nt][e] = 0.0f;
+#pragma unroll
+            for (int ks = 0; ks < DH / 16; ks += 2) {
+                unsigned b[4];
+                ldmatrix_x4(b, Kt + (nt * 8 + lrow) * C::KS + ks * 16 + lmat * 8);
+                mma_bf16_16816(sacc[nt], qf[ks], b[0], b[1]);
+                mma_bf16_16816(sacc[nt], qf[ks + 1], b[2], b[3]);
+            }
+        }
+
+        // Mask keys past the end; row maxima over the 4 lanes (t = 0..3) that share a row.
+        const int kmax = len - k0;
+        float mx0 = RRRA_NEG_INF, mx1 = RRRA_NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < C::BK / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                if (nt * 8 + 2 * t + e >= kmax) {
+                    sacc[nt][e] = RRRA_NEG_INF;
+                    sacc[nt][2 + e] = RRRA_NEG_INF;
+                }
+                mx0 = fmaxf(mx0, sacc[nt][e]);
+                mx1 = fmaxf(mx1, sacc[nt][2 + e]);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float a0 = exp2f(m0 - mn0), a1 = exp2f(m1 - mn1);
+        m0 = mn0;
+        m1 = mn1;
+        l0 *= a0;
+        l1 *= a1;
+#pragma unroll
+        for (int dt = 0; dt < DH / 8; ++dt) {
+            oacc[dt][0] *= a0;
+            oacc[dt][1] *= a0;
+            oacc[dt][2] *= a1;
+            oacc[dt][3] *= a1;
+        }
+#pragma unroll
+        for (int nt = 0; nt < C::BK / 8; ++nt) {
+            sacc[nt][0] = exp2f(sacc[nt][0] - mn0);
+            sacc[nt][1] = exp2f(sacc[nt][1] - mn0);
+            sacc[nt][2] = exp2f(sacc[nt][2] - mn1);
+            sacc[nt][3] = exp2f(sacc[nt][3] - mn1);
+            l0 += sacc[nt][0] + sacc[nt][1];
+            l1 += sacc[nt][2] + sacc[nt][3];
+        }
+
+        // O += P V: the S accumulator pairs of n-tiles 2kk and 2kk+1 are exactly the A
+        // fragment of the 16-key step kk; one ldmatrix.x4.trans gives the B fragments of two
+        // 8-dim tiles (matrices: keys +0 / +8 of dims dt, then of dims dt + 1).
+#pragma unroll
+        for (int kk = 0; kk < C::BK / 16; ++kk) {
+            const unsigned pa[4] = {pack_bf16x2(sacc[2 * kk][0], sacc[2 * kk][1]),
+                                    pack_bf16x2(sacc[2 * kk][2], sacc[2 * kk][3]),
+                                    pack_bf16x2(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]),
+                                    pack_bf16x2(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3])};
+#pragma unroll
+            for (int dt = 0; dt < DH / 8; dt += 2) {
+                unsigned b[4];
+                ldmatrix_x4_trans(
+                    b, Vt + (kk * 16 + (lmat & 1) * 8 + lrow) * C::KS + (dt + (lmat >> 1)) * 8);
+                mma_bf16_16816(oacc[dt], pa, b[0], b[1]);
+                mma_bf16_16816(oacc[dt + 1], pa, b[2], b[3]);
+            }
+        }
+        __syncthreads();  // this stage is consumed before the next step refills it
+    }
+
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
+    bf16* out0 = ctx + (size_t)(start + r0) * h + (size_t)blockIdx.y * DH;
+    bf16* out1 = out0 + 8 * (size_t)h;
+#pragma unroll
+    for (int dt = 0; dt < DH / 8; ++dt) {
+        const int c = dt * 8 + 2 * t;
+        const float b0 = hv.vb[c], b1 = hv.vb[c + 1];
+        if (r0 < len)
+            *reinterpret_cast<unsigned*>(out0 + c) =
+                pack_bf16x2(oacc[dt][0] * inv0 + b0, oacc[dt][1] * inv0 + b1);
+        if (r1 < len)
+            *reinterpret_cast<unsigned*>(out1 + c) =
+                pack_bf16x2(oacc[dt][2] * inv1 + b0, oacc[dt][3] * inv1 + b1);
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Fallback for any head dim <= 128: one warp per query
+// ------------------------------------------------------------------------------------------
+
+constexpr int ROWWISE_WARPS = 4;
+constexpr int ROWWISE_MAX_DH = 128;
+
+template <typename T>
+__device__ __forceinline__ void attention_rowwise(const T* __restrict__ qkv,
+                                                  const float* __restrict__ bias,
+                                                  const unsigned* __restrict__ offsets, int h,
+                                                  int dh, float scale_log2e, T* __restrict__ ctx) {
+    constexpr int DPL = ROWWISE_MAX_DH / RRRA_WARP;
+    __shared__ float qs[ROWWISE_WARPS][ROWWISE_MAX_DH];
+    const int start = (int)offsets[blockIdx.z];
+    const int len = (int)offsets[blockIdx.z + 1] - start;
+    const int warp = threadIdx.x / RRRA_WARP, lane = threadIdx.x % RRRA_WARP;
+    const int q = blockIdx.x * ROWWISE_WARPS + warp;
+    if (q >= len || dh > ROWWISE_MAX_DH) return;  // per warp: only warp-level syncs below
+    const HeadView<T> hv(qkv, bias, start, h, blockIdx.y, dh);
+    const size_t ld = hv.ld;
+    for (int d = lane; d < dh; d += RRRA_WARP)
+        qs[warp][d] = (load1(hv.q + (size_t)q * ld + d) + hv.qb[d]) * scale_log2e;
+    __syncwarp();
+
+    float o[DPL];
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) o[i] = 0.0f;
+    float m = RRRA_NEG_INF, l = 0.0f;  // uniform across the warp
+    for (int k0 = 0; k0 < len; k0 += RRRA_WARP) {
+        const int key = k0 + lane;
+        float s = RRRA_NEG_INF;
+        if (key < len) {
+            const T* kr = hv.k + (size_t)key * ld;
+            float acc = 0.0f;
+            for (int d = 0; d < dh; ++d) acc = fmaf(qs[warp][d], load1(kr + d) + hv.kb[d], acc);
+            s = acc;
+        }
+        const float mn = fmaxf(m, warp_max(s));  // key k0 is valid: finite
+        const float alpha = exp2f(m - mn);
+        const float p = exp2f(s - mn);
+        l = l * alpha + warp_sum(p);
+        m = mn;
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) o[i] *= alpha;
+        const int n = min(RRRA_WARP, len - k0);
+        for (int j = 0; j < n; ++j) {
+            const float pj = __shfl_sync(0xffffffffu, p, j);
+            const T* vr = hv.v + (size_t)(k0 + j) * ld;
+#pragma unroll
+            for (int i = 0; i < DPL; ++i) {
+                const int d = lane + RRRA_WARP * i;
+                if (d < dh) o[i] = fmaf(pj, load1(vr + d), o[i]);
+            }
+        }
+    }
+    const float inv = 1.0f / l;
+    T* out = ctx + (size_t)(start + q) * h + (size_t)blockIdx.y * dh;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) {
+        const int d = lane + RRRA_WARP * i;
+        if (d < dh) store1(out + d, o[i] * inv + hv.vb[d]);
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Entry points. One signature for all: (qkv, qkv_bias, offsets, h, dh, scale_log2e, ctx),
+// grid (query tiles, heads, sequences), 128 threads. Tiles are 64 queries (d32/d64/d128) or 4
+// queries (_any); `dh` is only read by _any.
+// ------------------------------------------------------------------------------------------
+
+#define RRRA_ATTN_ARGS(T)                                                                       \
+    const T *__restrict__ qkv, const float *__restrict__ bias,                                  \
+        const unsigned *__restrict__ offsets, int h, int dh, float scale_log2e,                 \
+        T *__restrict__ ctx
+
+#define RRRA_ATTN_TILED(DH)                                                                     \
+    extern "C" __global__ void __launch_bounds__(128)                                           \
+        rrra_attention_varlen_f32_d##DH(RRRA_ATTN_ARGS(float)) {                                \
+        attention_simt<DH>(qkv, bias, offsets, h, scale_log2e, ctx);                            \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(128)                                           \
+        rrra_attention_varlen_bf16_d##DH(RRRA_ATTN_ARGS(bf16)) {                                \
+        attention_mma<DH>(qkv, bias, offsets, h, scale_log2e, ctx);                             \
+    }
+
+RRRA_ATTN_TILED(32)
+RRRA_ATTN_TILED(64)
+RRRA_ATTN_TILED(128)
+
+extern "C" __global__ void __launch_bounds__(128)
+    rrra_attention_varlen_f32_any(RRRA_ATTN_ARGS(float)) {
+    attention_rowwise<float>(qkv, bias, offsets, h, dh, scale_log2e, ctx);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    rrra_attention_varlen_bf16_any(RRRA_ATTN_ARGS(bf16)) {
+    attention_rowwise<bf16>(qkv, bias, offsets, h, dh, scale_log2e, ctx);
+}
