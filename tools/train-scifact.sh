@@ -2,7 +2,7 @@
 # Fine-tunes all-MiniLM-L6-v2 on the SciFact train split with each hard-negative sampler and
 # evaluates every result on the test split (nDCG@10 etc., max length from the model: 256).
 #   tools/train-scifact.sh [extra `rrra train` options]
-# Env: SAMPLERS (default "simans uniform trisampler"; "inbatch" trains with in-batch negatives
+# Env: SAMPLERS (default "simans simans:a=200 uniform trisampler inbatch"; "inbatch" trains with in-batch negatives
 # only, no mining), WORK (default $RRRA_CACHE/train-scifact or
 # ~/.cache/rrra/train-scifact), RRRA_SHARED (default ../shared), THREADS (default: all cores).
 # Budget (the defaults below): 1 epoch, batch 16, query 64 / document 128 tokens, 3 hard
@@ -17,7 +17,7 @@ threads=()
 cargo build --release --quiet --bin rrra
 rrra=target/release/rrra
 mkdir -p "$work"
-for sampler in ${SAMPLERS:-simans uniform trisampler}; do
+for sampler in ${SAMPLERS:-simans simans:a=200 uniform trisampler inbatch}; do
   out="$work/$sampler"
   rm -rf "$out"
   start=$(date +%s)
