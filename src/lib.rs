@@ -3,7 +3,9 @@
 //! The retrieval path, folder by folder:
 //! text → [`model`] (tokenizer, BERT encoder, pooling) → [`index`] (embedding store, exact top-k)
 //! → [`eval`] (trec_eval metrics) over [`data`] (BEIR folders, TREC runs).
-//! [`cpu`] holds the reference kernels every GPU kernel is checked against; [`device`] the GPU side.
+//! [`train`] fine-tunes the encoder (backward pass, InfoNCE, AdamW, mining, samplers, checkpoints).
+//! [`cpu`] holds the reference kernels every GPU kernel is checked against; [`device`] the GPU
+//! side (runtime, top-k, encoder forward).
 //!
 //! Exact top-k over vectors in memory (a [`index::Store`] gives the same view of a file):
 //! ```
