@@ -11,8 +11,6 @@ use super::data::TrainSet;
 use crate::error::Result;
 use crate::index::topk;
 use crate::index::Corpus;
-use crate::model::tokenizer::TextTokenizer;
-use crate::model::Encoder;
 
 /// One query's candidates, best first: corpus index and raw similarity (before 1/tau).
 pub type Candidates = Vec<(u32, f32)>;
@@ -108,37 +106,8 @@ impl std::fmt::Display for MiningStats {
     }
 }
 
-/// Encodes and mines. `doc_tokenizer` / `query_tokenizer` carry the training max lengths.
-pub fn mine(
-    encoder: &Encoder,
-    query_tokenizer: &TextTokenizer,
-    doc_tokenizer: &TextTokenizer,
-    set: &TrainSet,
-    top_k: usize,
-    exclude_same_id: bool,
-    batch_size: usize,
-    progress: &(dyn Fn(usize) + Sync),
-) -> Result<(MinedPool, MiningStats)> {
-    let docs: Vec<&str> = set.corpus.iter().map(|d| d.text.as_str()).collect();
-    let mut doc_embeddings = Vec::with_capacity(docs.len() * encoder.dim());
-    for chunk in docs.chunks(batch_size * 32) {
-        let tokens = doc_tokenizer.encode_batch(chunk)?;
-        doc_embeddings.extend(encoder.encode_tokens(&tokens, batch_size, progress)?);
-    }
-    let queries: Vec<&str> = set.queries.iter().map(|q| q.text.as_str()).collect();
-    let tokens = query_tokenizer.encode_batch(&queries)?;
-    let query_embeddings = encoder.encode_tokens(&tokens, batch_size, &|_| {})?;
-    mine_from_embeddings(
-        set,
-        encoder.dim(),
-        query_embeddings,
-        doc_embeddings,
-        top_k,
-        exclude_same_id,
-    )
-}
-
-/// The ranking and filtering part of [`mine`], for embeddings already at hand.
+/// Ranks the corpus for every training query and filters the candidates, from embeddings of
+/// the corpus and the queries made with the current encoder (the trainer encodes them).
 pub fn mine_from_embeddings(
     set: &TrainSet,
     dim: usize,

@@ -102,7 +102,7 @@ impl Stream {
     #[inline]
     pub fn open_uniform_f64_at(&self, i: u64) -> f64 {
         let b = self.block(i / 2);
-        let (a, c) = if i % 2 == 0 {
+        let (a, c) = if i.is_multiple_of(2) {
             (b[0], b[1])
         } else {
             (b[2], b[3])

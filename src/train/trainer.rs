@@ -263,7 +263,7 @@ impl Trainer {
             let needs_pool = self.cfg.hard_negatives > 0;
             if needs_pool
                 && (self.pool.is_none()
-                    || (self.step % mine_every == 0 && self.pool_step != self.step))
+                    || (self.step.is_multiple_of(mine_every) && self.pool_step != self.step))
             {
                 self.refresh_pool(on)?;
             }
@@ -273,11 +273,11 @@ impl Trainer {
             on(TrainEvent::Step(&rec));
             let last = self.step == total;
             if let Some(every) = eval_every {
-                if self.step % every == 0 || last {
+                if self.step.is_multiple_of(every) || last {
                     self.evaluate(on)?;
                 }
             }
-            if self.step % ckpt_every == 0 || last {
+            if self.step.is_multiple_of(ckpt_every) || last {
                 self.save_checkpoint(on)?;
             }
         }
