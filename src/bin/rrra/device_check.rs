@@ -139,7 +139,9 @@ fn query_path_latency(gpu: &Gpu) -> Result<QueryLatency> {
         let hits = searcher.search(&corpus, &q, 100)?;
         ms.push(t.elapsed().as_secs_f64() * 1e3);
         if hits.first().map(Vec::len) != Some(100) {
-            return Err(Error::Cuda("the query path returned fewer than 100 hits".into()));
+            return Err(Error::Cuda(
+                "the query path returned fewer than 100 hits".into(),
+            ));
         }
     }
     ms.sort_by(|a, b| a.total_cmp(b));
