@@ -3,7 +3,8 @@
 //! The retrieval path, folder by folder:
 //! text → [`model`] (tokenizer, BERT encoder, pooling) → [`index`] (embedding store, exact top-k)
 //! → [`eval`] (trec_eval metrics) over [`data`] (BEIR folders, TREC runs).
-//! [`train`] fine-tunes the encoder (backward pass, InfoNCE, AdamW, mining, samplers, checkpoints).
+//! [`train`] fine-tunes the encoder (backward pass, InfoNCE, AdamW, mining, samplers, checkpoints);
+//! [`adapter`] is RRRA's false-negative adapter (its fused scoring op and losses).
 //! [`cpu`] holds the reference kernels every GPU kernel is checked against; [`device`] the GPU
 //! side (runtime, top-k, encoder forward).
 //!
@@ -27,6 +28,7 @@
 //! # Ok::<(), rrra::Error>(())
 //! ```
 
+pub mod adapter;
 pub mod bench;
 pub mod cpu;
 pub mod data;
