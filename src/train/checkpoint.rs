@@ -67,6 +67,16 @@ impl Entry<'_> {
     }
 }
 
+impl Data<'_> {
+    /// Appends the little-endian bytes of elements `range` to `buf`.
+    fn extend_le_bytes(&self, range: std::ops::Range<usize>, buf: &mut Vec<u8>) {
+        match self {
+            Data::F32(d) => buf.extend(d[range].iter().flat_map(|v| v.to_le_bytes())),
+            Data::U32(d) => buf.extend(d[range].iter().flat_map(|v| v.to_le_bytes())),
+        }
+    }
+}
+
 /// Values converted to bytes per write call: bounds the extra memory of saving.
 const WRITE_CHUNK: usize = 1 << 14;
 
@@ -114,21 +124,11 @@ pub fn write_safetensors_with_u32(
         w.write_all(&header).map_err(io)?;
         let mut buf = Vec::with_capacity(4 * WRITE_CHUNK);
         for t in order {
-            match t.data {
-                Data::F32(d) => {
-                    for piece in d.chunks(WRITE_CHUNK) {
-                        buf.clear();
-                        buf.extend(piece.iter().flat_map(|v| v.to_le_bytes()));
-                        w.write_all(&buf).map_err(io)?;
-                    }
-                }
-                Data::U32(d) => {
-                    for piece in d.chunks(WRITE_CHUNK) {
-                        buf.clear();
-                        buf.extend(piece.iter().flat_map(|v| v.to_le_bytes()));
-                        w.write_all(&buf).map_err(io)?;
-                    }
-                }
+            for start in (0..t.len()).step_by(WRITE_CHUNK) {
+                buf.clear();
+                t.data
+                    .extend_le_bytes(start..(start + WRITE_CHUNK).min(t.len()), &mut buf);
+                w.write_all(&buf).map_err(io)?;
             }
         }
         Ok(())
@@ -216,14 +216,15 @@ pub fn read_safetensors(path: &Path) -> Result<LoadedTensors> {
         out.metadata = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     }
     for (name, view) in st.iter() {
-        if view.dtype() == Dtype::U32 {
-            let data: Vec<u32> = view
-                .data()
+        // Both dtypes are 4-byte little-endian words; F32 is the same bits reinterpreted.
+        let words = || {
+            view.data()
                 .chunks_exact(4)
                 .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
+        };
+        if view.dtype() == Dtype::U32 {
             out.u32_tensors
-                .insert(name.to_string(), (view.shape().to_vec(), data));
+                .insert(name.to_string(), (view.shape().to_vec(), words().collect()));
             continue;
         }
         if view.dtype() != Dtype::F32 {
@@ -235,11 +236,7 @@ pub fn read_safetensors(path: &Path) -> Result<LoadedTensors> {
                 ),
             ));
         }
-        let data: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let data: Vec<f32> = words().map(f32::from_bits).collect();
         out.tensors
             .insert(name.to_string(), (view.shape().to_vec(), data));
     }

@@ -32,11 +32,6 @@ pub enum TrainEvent<'a> {
     Message(String),
     Step(&'a StepRecord),
     Mined(&'a MiningStats),
-    /// Texts encoded so far / in total during a mining or evaluation pass.
-    Encoding {
-        done: usize,
-        total: usize,
-    },
     Evaluated {
         step: u64,
         metrics: &'a serde_json::Value,
@@ -518,16 +513,9 @@ impl Trainer {
             "mining hard negatives at step {}",
             self.step
         )));
-        let total = self.set.corpus.len();
-        let done = std::sync::atomic::AtomicUsize::new(0);
-        let doc_emb = {
-            let progress = |n: usize| {
-                done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-            };
+        let doc_emb =
             self.encoder
-                .encode_tokens(&self.doc_tokens, self.cfg.encode_batch_size, &progress)?
-        };
-        on(TrainEvent::Encoding { done: total, total });
+                .encode_tokens(&self.doc_tokens, self.cfg.encode_batch_size, &|_| {})?;
         let q_emb =
             self.encoder
                 .encode_tokens(&self.query_tokens, self.cfg.encode_batch_size, &|_| {})?;

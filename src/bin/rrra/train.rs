@@ -245,7 +245,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
             );
         }
         TrainEvent::Mined(stats) => say(stats.to_string()),
-        TrainEvent::Encoding { .. } => {}
         TrainEvent::Evaluated { step, metrics } => {
             let get = |k: &str| metrics[k].as_f64().unwrap_or(f64::NAN);
             say(format!(
