@@ -38,6 +38,7 @@ pub mod eval;
 pub mod index;
 pub mod model;
 pub mod pipeline;
+pub mod report;
 pub mod train;
 pub mod util;
 

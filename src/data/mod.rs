@@ -6,6 +6,7 @@
 //! the file at the right place instead of guessing.
 
 pub mod beir;
+pub mod synthetic;
 pub mod trec;
 
 pub use beir::{

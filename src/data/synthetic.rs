@@ -1,0 +1,1 @@
+//! A generated BEIR collection (placeholder until implemented).

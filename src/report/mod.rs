@@ -1,0 +1,3 @@
+//! Reports of experiments: PNG plots (loss curves, score histograms).
+
+pub mod plot;

@@ -1,0 +1,1 @@
+//! PNG plots (placeholder until implemented).
