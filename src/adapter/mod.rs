@@ -14,6 +14,11 @@
 //! losses of the adapter, `L = BCE_w(logit) + mu · L_norm(a)`:
 //! [`weighted_bce`] on the logit and [`normalisation_loss`] keeping `a` on the segment [c, q].
 
+pub mod calibrate;
+pub mod file;
+pub mod fit;
+pub mod pairs;
+pub mod rerank;
 pub mod scoring;
 
 pub use scoring::{backward, score, AdapterCache, AdapterOutput};
@@ -98,6 +103,31 @@ impl AdapterParams {
         false
     }
 
+    /// The parameter tensors in a fixed order (w1, b1, w2, b2, beta, beta0), with their names:
+    /// the optimizer's and the file's view.
+    pub fn tensors(&self) -> [(&'static str, &[f32]); 6] {
+        [
+            ("w1", &self.w1),
+            ("b1", &self.b1),
+            ("w2", &self.w2),
+            ("b2", &self.b2),
+            ("beta", std::slice::from_ref(&self.beta)),
+            ("beta0", std::slice::from_ref(&self.beta0)),
+        ]
+    }
+
+    /// Mutable [`AdapterParams::tensors`], same order.
+    pub fn tensors_mut(&mut self) -> [&mut [f32]; 6] {
+        [
+            &mut self.w1,
+            &mut self.b1,
+            &mut self.w2,
+            &mut self.b2,
+            std::slice::from_mut(&mut self.beta),
+            std::slice::from_mut(&mut self.beta0),
+        ]
+    }
+
     /// Every tensor has the size its `d` and `h` call for.
     pub fn check(&self) -> Result<()> {
         let (d, h) = (self.d, self.h);
@@ -152,8 +182,8 @@ pub fn weighted_bce(
 }
 
 /// The linear-normalisation loss, averaged over the pairs:
-/// `L = (1/P) Σ_p ||a_p − (alpha_p q + (1 − alpha_p) c_p)||²`, with `alpha` as [`score`] returns
-/// it. `d_a` (`[P × d]`) is overwritten with `∂L/∂a`; `d_queries` (`[Q × d]`) and
+/// `L = Σ_p w_p ||a_p − (alpha_p q + (1 − alpha_p) c_p)||² / Σ_p w_p`, with `alpha` as [`score`]
+/// returns it and `w_p` from `pair_weight` (all 1 when `None`; weight 0 marks a padding pair). `d_a` (`[P × d]`) is overwritten with `∂L/∂a`; `d_queries` (`[Q × d]`) and
 /// `d_candidates` (`[P × d]`), when given, are overwritten with the direct gradients through the
 /// target point (the dependence of `a` on q and c goes through [`scoring::backward`]).
 ///
@@ -169,6 +199,7 @@ pub fn normalisation_loss(
     k: usize,
     a: &[f32],
     alpha: &[f32],
+    pair_weight: Option<&[f32]>,
     d_a: &mut [f32],
     mut d_queries: Option<&mut [f32]>,
     mut d_candidates: Option<&mut [f32]>,
@@ -186,6 +217,7 @@ pub fn normalisation_loss(
         && candidates.len() == p_n * d
         && a.len() == p_n * d
         && d_a.len() == p_n * d
+        && pair_weight.is_none_or(|w| w.len() == p_n)
         && d_queries.as_ref().is_none_or(|g| g.len() == nq * d)
         && d_candidates.as_ref().is_none_or(|g| g.len() == p_n * d);
     if !ok {
@@ -201,17 +233,24 @@ pub fn normalisation_loss(
     if let Some(g) = d_queries.as_deref_mut() {
         g.fill(0.0);
     }
-    let scale = 2.0 / p_n as f64;
+    let weight = |p: usize| pair_weight.map_or(1.0, |w| w[p] as f64);
+    let weight_sum: f64 = (0..p_n).map(weight).sum();
+    if !(weight_sum > 0.0 && weight_sum.is_finite()) {
+        return Err(Error::InvalidArgument(format!(
+            "normalisation loss: pair weights must be non-negative with a positive sum, sum is {weight_sum}"
+        )));
+    }
     let mut total = 0.0f64;
     for p in 0..p_n {
         let i = p / k;
+        let scale = 2.0 * weight(p) / weight_sum;
         let al = alpha[p] as f64;
         let q = &queries[i * d..(i + 1) * d];
         let c = &candidates[p * d..(p + 1) * d];
         let ap = &a[p * d..(p + 1) * d];
         for l in 0..d {
             let r = ap[l] as f64 - (al * q[l] as f64 + (1.0 - al) * c[l] as f64);
-            total += r * r;
+            total += weight(p) * r * r;
             let g = scale * r;
             d_a[p * d + l] = g as f32;
             if let Some(dq) = d_queries.as_deref_mut() {
@@ -222,7 +261,7 @@ pub fn normalisation_loss(
             }
         }
     }
-    Ok(total / p_n as f64)
+    Ok(total / weight_sum)
 }
 
 /// `log(1 + e^x)` without overflow.
@@ -353,7 +392,7 @@ mod tests {
         let mut da = vec![0.0; a.len()];
         let mut dq = vec![0.0; q.len()];
         let mut dc = vec![0.0; c.len()];
-        let loss = normalisation_loss(&q, &c, k, &a, &alpha, &mut da, Some(&mut dq), Some(&mut dc))
+        let loss = normalisation_loss(&q, &c, k, &a, &alpha, None, &mut da, Some(&mut dq), Some(&mut dc))
             .unwrap();
         assert!((loss - norm_loss_f64(&q64, &c64, &a64, d, k)).abs() < 1e-6);
         let h = 1e-6;
@@ -375,7 +414,7 @@ mod tests {
         check(0, &dq);
         check(1, &dc);
         check(2, &da);
-        assert!(normalisation_loss(&q, &c, 0, &a, &alpha, &mut da, None, None).is_err());
-        assert!(normalisation_loss(&q, &c, k, &a[1..], &alpha, &mut da, None, None).is_err());
+        assert!(normalisation_loss(&q, &c, 0, &a, &alpha, None, &mut da, None, None).is_err());
+        assert!(normalisation_loss(&q, &c, k, &a[1..], &alpha, None, &mut da, None, None).is_err());
     }
 }

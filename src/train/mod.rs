@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod encoder_grad;
+pub mod holdout;
 pub mod loss;
 pub mod mining;
 pub mod optim;

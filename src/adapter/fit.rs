@@ -1,0 +1,471 @@
+//! Stage 2: training the adapter on a frozen encoder, from cached embeddings (no encoder
+//! passes), and scoring candidate lists with it.
+//!
+//! Each step takes a batch of queries with all their pairs ([`super::pairs`]); queries have
+//! different numbers of pairs, so a batch is padded to its longest list with weight-0 pairs.
+//! Loss `L = BCE_w(logit, y) + mu · L_norm(a)`, class weights the inverse class frequencies
+//! within the batch normalised to mean 1 over its real pairs. AdamW with a constant learning
+//! rate (weight decay 0 by default: plain Adam, as the calibration prototype used).
+
+use super::pairs::{PairClass, QueryPairs};
+use super::{backward, normalisation_loss, score, weighted_bce, AdapterParams};
+use crate::error::{Error, Result};
+use crate::index::synthetic::Rng;
+use crate::train::optim::{AdamW, AdamWConfig};
+
+/// Stage 2's knobs; every one recorded with the adapter.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdapterTrainConfig {
+    /// Hidden width of the MLP; `None` = the embedding dimension.
+    pub hidden: Option<usize>,
+    /// Retriever cut-off r of the TP/FN/FP/TN classes.
+    pub rank_cutoff: usize,
+    /// Weight of the linear-normalisation loss.
+    pub mu: f64,
+    pub lr: f32,
+    pub epochs: usize,
+    /// Queries per step (all their pairs).
+    pub batch_queries: usize,
+    pub weight_decay: f32,
+    /// Inverse-class-frequency weights in the BCE (else every pair weighs 1).
+    pub class_weights: bool,
+    /// k-fold cross-fitting of the false-negative scores of training queries (0 = off).
+    pub cross_fit_folds: usize,
+    pub seed: u64,
+}
+
+impl Default for AdapterTrainConfig {
+    fn default() -> Self {
+        AdapterTrainConfig {
+            hidden: None,
+            rank_cutoff: 10,
+            mu: 0.1,
+            lr: 1e-3,
+            epochs: 5,
+            batch_queries: 16,
+            weight_decay: 0.0,
+            class_weights: true,
+            cross_fit_folds: 0,
+            seed: 0,
+        }
+    }
+}
+
+impl AdapterTrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidArgument(format!("adapter training: {m}")));
+        if self.rank_cutoff == 0 {
+            return bad("the rank cut-off r must be at least 1".into());
+        }
+        if !(self.mu >= 0.0 && self.mu.is_finite()) {
+            return bad(format!("mu must be finite and >= 0, found {}", self.mu));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad(format!("the learning rate must be > 0, found {}", self.lr));
+        }
+        if self.batch_queries == 0 {
+            return bad("the batch must hold at least one query".into());
+        }
+        if self.hidden == Some(0) {
+            return bad("the hidden width must be at least 1".into());
+        }
+        if self.cross_fit_folds == 1 {
+            return bad("cross-fitting needs at least 2 folds (0 turns it off)".into());
+        }
+        Ok(())
+    }
+}
+
+/// One epoch's mean losses.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub loss: f64,
+    pub bce: f64,
+    pub norm: f64,
+    pub seconds: f64,
+}
+
+/// Embeddings the pairs point into: query rows and corpus rows, `dim` floats each.
+#[derive(Debug, Clone, Copy)]
+pub struct Embeddings<'a> {
+    pub queries: &'a [f32],
+    pub docs: &'a [f32],
+    pub dim: usize,
+}
+
+impl Embeddings<'_> {
+    fn query(&self, i: usize) -> &[f32] {
+        &self.queries[i * self.dim..(i + 1) * self.dim]
+    }
+    fn doc(&self, i: usize) -> &[f32] {
+        &self.docs[i * self.dim..(i + 1) * self.dim]
+    }
+}
+
+/// Trains an adapter from scratch on `pairs` (see the module notes). `on_epoch` sees each
+/// epoch's losses as it ends.
+pub fn train_adapter(
+    cfg: &AdapterTrainConfig,
+    emb: Embeddings<'_>,
+    pairs: &[QueryPairs],
+    on_epoch: &mut dyn FnMut(&EpochRecord),
+) -> Result<(AdapterParams, Vec<EpochRecord>)> {
+    cfg.validate()?;
+    let d = emb.dim;
+    let mut params = AdapterParams::init(d, cfg.hidden.unwrap_or(d), cfg.seed)?;
+    let mut grads = params.zeros_like();
+    let sizes: Vec<usize> = params.tensors().iter().map(|(_, t)| t.len()).collect();
+    let mut optim = AdamW::new(
+        AdamWConfig {
+            weight_decay: cfg.weight_decay,
+            ..AdamWConfig::default()
+        },
+        &sizes,
+    );
+    // beta and beta0 are scales, not weights: never decayed; neither are the biases.
+    let decay = [true, false, true, false, false, false];
+    let usable: Vec<usize> = (0..pairs.len()).filter(|&i| !pairs[i].is_empty()).collect();
+    if usable.is_empty() {
+        return Err(Error::InvalidArgument(
+            "adapter training: no query has any candidate pair".into(),
+        ));
+    }
+    let mut history = Vec::with_capacity(cfg.epochs);
+    for epoch in 0..cfg.epochs {
+        let started = std::time::Instant::now();
+        let mut order = usable.clone();
+        let mut rng = Rng::new(cfg.seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(epoch as u64 + 1)));
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        let (mut sum, mut sum_bce, mut sum_norm, mut steps) = (0.0, 0.0, 0.0, 0usize);
+        for batch in order.chunks(cfg.batch_queries) {
+            grads.tensors_mut().iter_mut().for_each(|t| t.fill(0.0));
+            let (bce, norm) = batch_gradients(cfg, &params, emb, pairs, batch, &mut grads)?;
+            let loss = bce + cfg.mu * norm;
+            if !loss.is_finite() {
+                return Err(Error::InvalidArgument(format!(
+                    "adapter training diverged (loss {loss}) in epoch {epoch}: lower the learning rate"
+                )));
+            }
+            let g = grads.tensors();
+            let g: Vec<&[f32]> = g.iter().map(|(_, t)| *t).collect();
+            let mut p = params.tensors_mut();
+            optim.update(&mut p, &g, &decay, cfg.lr)?;
+            sum += loss;
+            sum_bce += bce;
+            sum_norm += norm;
+            steps += 1;
+        }
+        let n = steps.max(1) as f64;
+        let rec = EpochRecord {
+            epoch: epoch + 1,
+            loss: sum / n,
+            bce: sum_bce / n,
+            norm: sum_norm / n,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        on_epoch(&rec);
+        history.push(rec);
+    }
+    Ok((params, history))
+}
+
+/// Query rows and candidate lists gathered and padded to the longest list: queries
+/// `[B × d]`, candidates `[B × K × d]`. Padding repeats the list's last candidate (any finite
+/// input would do: its outputs are dropped or weighted 0).
+fn gather_lists(emb: Embeddings<'_>, lists: &[(usize, &[u32])]) -> (usize, Vec<f32>, Vec<f32>) {
+    let d = emb.dim;
+    let k = lists.iter().map(|l| l.1.len()).max().unwrap_or(0).max(1);
+    let mut queries = Vec::with_capacity(lists.len() * d);
+    let mut candidates = Vec::with_capacity(lists.len() * k * d);
+    for &(q, docs) in lists {
+        queries.extend_from_slice(emb.query(q));
+        for j in 0..k {
+            match docs.get(j.min(docs.len().saturating_sub(1))) {
+                Some(&doc) => candidates.extend_from_slice(emb.doc(doc as usize)),
+                None => candidates.extend(std::iter::repeat_n(0.0, d)),
+            }
+        }
+    }
+    (k, queries, candidates)
+}
+
+/// A training batch: padded embeddings plus targets and classes (`None` = padding), `[B × K]`.
+struct Padded {
+    k: usize,
+    queries: Vec<f32>,
+    candidates: Vec<f32>,
+    targets: Vec<f32>,
+    classes: Vec<Option<PairClass>>,
+}
+
+fn gather(emb: Embeddings<'_>, pairs: &[QueryPairs], batch: &[usize]) -> Padded {
+    let lists: Vec<(usize, &[u32])> = batch
+        .iter()
+        .map(|&i| (pairs[i].query, &pairs[i].docs[..]))
+        .collect();
+    let (k, queries, candidates) = gather_lists(emb, &lists);
+    let mut classes = Vec::with_capacity(batch.len() * k);
+    for &i in batch {
+        classes.extend((0..k).map(|j| pairs[i].classes.get(j).copied()));
+    }
+    Padded {
+        k,
+        queries,
+        candidates,
+        targets: classes.iter().map(|c| c.map_or(0.0, PairClass::target)).collect(),
+        classes,
+    }
+}
+
+/// Per-pair BCE weights: inverse class frequency (or 1), normalised to mean 1 over the real
+/// pairs, 0 for padding.
+pub(crate) fn class_weights(classes: &[Option<PairClass>], balanced: bool) -> Vec<f32> {
+    let mut count = [0usize; 4];
+    for c in classes.iter().flatten() {
+        count[c.index()] += 1;
+    }
+    let real: usize = count.iter().sum();
+    let present = count.iter().filter(|&&n| n > 0).count().max(1);
+    classes
+        .iter()
+        .map(|c| match c {
+            None => 0.0,
+            Some(_) if !balanced => 1.0,
+            // each present class carries an equal share of the total weight `real`
+            Some(c) => (real as f64 / (present * count[c.index()]) as f64) as f32,
+        })
+        .collect()
+}
+
+/// Adds one batch's gradients to `grads`; returns (BCE, L_norm) averaged over real pairs.
+fn batch_gradients(
+    cfg: &AdapterTrainConfig,
+    params: &AdapterParams,
+    emb: Embeddings<'_>,
+    pairs: &[QueryPairs],
+    batch: &[usize],
+    grads: &mut AdapterParams,
+) -> Result<(f64, f64)> {
+    let b = gather(emb, pairs, batch);
+    let out = score(params, &b.queries, &b.candidates, b.k)?;
+    let mut weight = class_weights(&b.classes, cfg.class_weights);
+    // weighted_bce averages over all entries, padding included: rescale to real pairs
+    let real = b.classes.iter().filter(|c| c.is_some()).count();
+    let pad_scale = weight.len() as f32 / real as f32;
+    weight.iter_mut().for_each(|w| *w *= pad_scale);
+    let mut d_logit = vec![0.0f32; out.logit.len()];
+    let bce = weighted_bce(&out.logit, &b.targets, &weight, &mut d_logit)?;
+    let mut d_a = vec![0.0f32; b.candidates.len()];
+    let norm = if cfg.mu > 0.0 {
+        let valid: Vec<f32> = b.classes.iter().map(|c| c.is_some() as u8 as f32).collect();
+        let norm = normalisation_loss(
+            &b.queries,
+            &b.candidates,
+            b.k,
+            out.cache.a(),
+            &out.alpha,
+            Some(&valid),
+            &mut d_a,
+            None,
+            None,
+        )?;
+        d_a.iter_mut().for_each(|g| *g *= cfg.mu as f32);
+        norm
+    } else {
+        0.0
+    };
+    let extra = (cfg.mu > 0.0).then_some(&d_a[..]);
+    backward(
+        params,
+        &b.queries,
+        &b.candidates,
+        b.k,
+        &out.cache,
+        &d_logit,
+        extra,
+        grads,
+        None,
+        None,
+    )?;
+    Ok((bce, norm))
+}
+
+/// The adapter's logits for every pair of every list (forward only), batched by queries.
+pub fn score_pairs(
+    params: &AdapterParams,
+    emb: Embeddings<'_>,
+    pairs: &[QueryPairs],
+) -> Result<Vec<Vec<f32>>> {
+    let lists: Vec<(usize, &[u32])> = pairs.iter().map(|p| (p.query, &p.docs[..])).collect();
+    score_lists(params, emb, &lists)
+}
+
+/// The adapter's logits for candidate lists `(query row, corpus rows)`, in list order; empty
+/// lists give empty results. Lists are scored 32 at a time, padded to the longest.
+pub fn score_lists(
+    params: &AdapterParams,
+    emb: Embeddings<'_>,
+    lists: &[(usize, &[u32])],
+) -> Result<Vec<Vec<f32>>> {
+    if params.d != emb.dim {
+        return Err(Error::InvalidArgument(format!(
+            "the adapter was trained for {}-dimensional embeddings, these have {}",
+            params.d, emb.dim
+        )));
+    }
+    let mut logits: Vec<Vec<f32>> = lists.iter().map(|l| Vec::with_capacity(l.1.len())).collect();
+    let idx: Vec<usize> = (0..lists.len()).filter(|&i| !lists[i].1.is_empty()).collect();
+    for batch in idx.chunks(32) {
+        let sel: Vec<(usize, &[u32])> = batch.iter().map(|&i| lists[i]).collect();
+        let (k, queries, candidates) = gather_lists(emb, &sel);
+        let out = score(params, &queries, &candidates, k)?;
+        for (bi, &i) in batch.iter().enumerate() {
+            logits[i].extend_from_slice(&out.logit[bi * k..bi * k + lists[i].1.len()]);
+        }
+    }
+    Ok(logits)
+}
+
+/// k-fold cross-fitted logits: queries are assigned to folds round-robin in a seeded order,
+/// and each fold is scored by an adapter trained on the others.
+pub fn cross_fit_logits(
+    cfg: &AdapterTrainConfig,
+    emb: Embeddings<'_>,
+    pairs: &[QueryPairs],
+) -> Result<Vec<Vec<f32>>> {
+    let k = cfg.cross_fit_folds;
+    if k < 2 {
+        return Err(Error::InvalidArgument(format!(
+            "cross-fitting needs at least 2 folds, got {k}"
+        )));
+    }
+    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    let mut rng = Rng::new(cfg.seed ^ 0xc0ff_ee00);
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i + 1));
+    }
+    let mut fold_of = vec![0usize; pairs.len()];
+    for (pos, &i) in order.iter().enumerate() {
+        fold_of[i] = pos % k;
+    }
+    let mut logits: Vec<Vec<f32>> = vec![Vec::new(); pairs.len()];
+    for fold in 0..k {
+        let train: Vec<QueryPairs> = (0..pairs.len())
+            .filter(|&i| fold_of[i] != fold)
+            .map(|i| pairs[i].clone())
+            .collect();
+        let held: Vec<usize> = (0..pairs.len()).filter(|&i| fold_of[i] == fold).collect();
+        let (params, _) = train_adapter(cfg, emb, &train, &mut |_| {})?;
+        let held_pairs: Vec<QueryPairs> = held.iter().map(|&i| pairs[i].clone()).collect();
+        for (i, l) in held.into_iter().zip(score_pairs(&params, emb, &held_pairs)?) {
+            logits[i] = l;
+        }
+    }
+    Ok(logits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::synthetic::random_unit_vectors;
+
+    /// Queries and documents where each query's labelled positives are near it and so are a
+    /// few unlabelled "false negatives"; the rest are random.
+    fn toy(nq: usize, dim: usize) -> (Vec<f32>, Vec<f32>, Vec<QueryPairs>) {
+        let q = random_unit_vectors(nq, dim, 1);
+        let noise = random_unit_vectors(nq * 30, dim, 2);
+        let mut docs = Vec::new();
+        let mut pairs = Vec::new();
+        for i in 0..nq {
+            let mut p = QueryPairs {
+                query: i,
+                ..Default::default()
+            };
+            for j in 0..30 {
+                let near = j < 4; // 0..2 labelled, 2..4 near but unlabelled
+                let mix = if near { 0.8 } else { 0.1 };
+                let n = &noise[(i * 30 + j) * dim..(i * 30 + j + 1) * dim];
+                let v: Vec<f32> = (0..dim).map(|l| mix * q[i * dim + l] + (1.0 - mix) * n[l]).collect();
+                let s: f32 = v.iter().zip(&q[i * dim..(i + 1) * dim]).map(|(a, b)| a * b).sum();
+                p.docs.push((docs.len() / dim) as u32);
+                p.scores.push(s);
+                p.classes.push(PairClass::of(j < 2, j, 3));
+                docs.extend(v);
+            }
+            pairs.push(p);
+        }
+        (q, docs, pairs)
+    }
+
+    #[test]
+    fn class_weights_balance_classes() {
+        use PairClass::*;
+        let c = [Some(TruePositive), Some(TrueNegative), Some(TrueNegative), Some(TrueNegative), None];
+        let w = class_weights(&c, true);
+        assert_eq!(w[4], 0.0);
+        assert!((w[0] - 2.0).abs() < 1e-6 && (w[1] - 2.0 / 3.0).abs() < 1e-6);
+        let mean: f32 = w[..4].iter().sum::<f32>() / 4.0;
+        assert!((mean - 1.0).abs() < 1e-6);
+        assert_eq!(class_weights(&c, false), vec![1.0, 1.0, 1.0, 1.0, 0.0]);
+    }
+
+    #[test]
+    fn training_lowers_the_loss_and_separates_positives() {
+        let dim = 16;
+        let (q, docs, pairs) = toy(40, dim);
+        let emb = Embeddings { queries: &q, docs: &docs, dim };
+        let cfg = AdapterTrainConfig {
+            epochs: 8,
+            batch_queries: 8,
+            lr: 3e-3,
+            ..Default::default()
+        };
+        let (params, hist) = train_adapter(&cfg, emb, &pairs, &mut |_| {}).unwrap();
+        assert!(hist.last().unwrap().loss < hist[0].loss, "{hist:?}");
+        // labelled positives score above the random candidates on average
+        let logits = score_pairs(&params, emb, &pairs).unwrap();
+        let (mut pos, mut neg) = (0.0, 0.0);
+        for l in &logits {
+            pos += (l[0] + l[1]) as f64 / 2.0;
+            neg += l[4..].iter().map(|&x| x as f64).sum::<f64>() / 26.0;
+        }
+        assert!(pos > neg + 1.0, "positives {pos} vs negatives {neg}");
+        // deterministic
+        let again = train_adapter(&cfg, emb, &pairs, &mut |_| {}).unwrap().0;
+        assert_eq!(params, again);
+    }
+
+    #[test]
+    fn padded_batches_equal_unpadded_scores() {
+        let dim = 8;
+        let (q, docs, mut pairs) = toy(3, dim);
+        // different list lengths force padding
+        pairs[1].docs.truncate(10);
+        pairs[1].scores.truncate(10);
+        pairs[1].classes.truncate(10);
+        let emb = Embeddings { queries: &q, docs: &docs, dim };
+        let params = AdapterParams::init(dim, 5, 3).unwrap();
+        let all = score_pairs(&params, emb, &pairs).unwrap();
+        let alone = score_pairs(&params, emb, &pairs[1..2]).unwrap();
+        assert_eq!(all[1], alone[0]);
+        assert_eq!(all[1].len(), 10);
+    }
+
+    #[test]
+    fn cross_fitting_scores_every_query() {
+        let dim = 8;
+        let (q, docs, pairs) = toy(10, dim);
+        let emb = Embeddings { queries: &q, docs: &docs, dim };
+        let cfg = AdapterTrainConfig {
+            epochs: 1,
+            cross_fit_folds: 3,
+            ..Default::default()
+        };
+        let l = cross_fit_logits(&cfg, emb, &pairs).unwrap();
+        assert!(l.iter().zip(&pairs).all(|(l, p)| l.len() == p.len()));
+        assert!(AdapterTrainConfig { cross_fit_folds: 1, ..Default::default() }.validate().is_err());
+    }
+}
