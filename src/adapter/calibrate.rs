@@ -88,7 +88,11 @@ impl FnCalibration {
             let mut g = [0.0f64; 3];
             let mut h = [[0.0f64; 3]; 3];
             for i in 0..n {
-                let x = [1.0, (score[i] as f64 - ms) / ss, (logit[i] as f64 - ml) / sl];
+                let x = [
+                    1.0,
+                    (score[i] as f64 - ms) / ss,
+                    (logit[i] as f64 - ml) / sl,
+                ];
                 let z = w[0] + w[1] * x[1] + w[2] * x[2];
                 let p = super::sigmoid(z);
                 let r = p - label[i] as u8 as f64;
@@ -195,7 +199,8 @@ mod tests {
     fn separable_data_stays_finite_and_bad_input_errors() {
         let s = [0.1f32, 0.2, 0.8, 0.9];
         let l = [0.0f32, 0.1, 0.0, 0.1];
-        let c = FnCalibration::fit(&s, &l, &[false, false, true, true], FnScorer::Combined).unwrap();
+        let c =
+            FnCalibration::fit(&s, &l, &[false, false, true, true], FnScorer::Combined).unwrap();
         assert!(c.w_score.is_finite() && c.w_score > 0.0, "{c:?}");
         assert!(FnCalibration::fit(&s, &l, &[false; 4], FnScorer::Combined).is_err());
         assert!(FnCalibration::fit(&s, &l[..3], &[true; 4], FnScorer::Combined).is_err());

@@ -65,8 +65,14 @@ impl AdapterFile {
         meta.insert("rrra.hidden".into(), self.params.h.to_string());
         meta.insert("rrra.lambda_rr".into(), self.lambda_rr.to_string());
         meta.insert("rrra.tau".into(), self.tau.to_string());
-        meta.insert("rrra.calibration".into(), json(serde_json::to_string(&self.calibration))?);
-        meta.insert("rrra.train_config".into(), json(serde_json::to_string(&self.train_config))?);
+        meta.insert(
+            "rrra.calibration".into(),
+            json(serde_json::to_string(&self.calibration))?,
+        );
+        meta.insert(
+            "rrra.train_config".into(),
+            json(serde_json::to_string(&self.train_config))?,
+        );
         meta.insert("rrra.info".into(), self.info.to_string());
         checkpoint::write_safetensors(path, &tensors, &meta)
     }
@@ -80,7 +86,10 @@ impl AdapterFile {
         let loaded = checkpoint::read_safetensors(&path)?;
         let meta = &loaded.metadata;
         if meta.get("format").map(String::as_str) != Some(FORMAT) {
-            return Err(Error::format(&path, format!("not an adapter file (format {FORMAT})")));
+            return Err(Error::format(
+                &path,
+                format!("not an adapter file (format {FORMAT})"),
+            ));
         }
         let get = |k: &str| {
             meta.get(k)
@@ -124,7 +133,8 @@ impl AdapterFile {
         params
             .check()
             .map_err(|e| Error::format(&path, e.to_string()))?;
-        let bad = |k: &str, e: serde_json::Error| Error::format(&path, format!("metadata `{k}`: {e}"));
+        let bad =
+            |k: &str, e: serde_json::Error| Error::format(&path, format!("metadata `{k}`: {e}"));
         Ok(AdapterFile {
             calibration: serde_json::from_value(parse("rrra.calibration")?)
                 .map_err(|e| bad("rrra.calibration", e))?,
@@ -180,12 +190,20 @@ mod tests {
         assert_eq!(back, f);
         back.check_dim(6, dir.path()).unwrap();
         let e = back.check_dim(384, dir.path()).unwrap_err().to_string();
-        assert!(e.contains("adapter.safetensors") && e.contains("384"), "{e}");
-        let missing = AdapterFile::load(&dir.path().join("nope")).unwrap_err().to_string();
+        assert!(
+            e.contains("adapter.safetensors") && e.contains("384"),
+            "{e}"
+        );
+        let missing = AdapterFile::load(&dir.path().join("nope"))
+            .unwrap_err()
+            .to_string();
         assert!(missing.contains("nope"), "{missing}");
         // a safetensors file that is not an adapter
         let other = dir.path().join("other.safetensors");
         checkpoint::write_safetensors(&other, &[], &BTreeMap::new()).unwrap();
-        assert!(AdapterFile::load(&other).unwrap_err().to_string().contains("not an adapter"));
+        assert!(AdapterFile::load(&other)
+            .unwrap_err()
+            .to_string()
+            .contains("not an adapter"));
     }
 }

@@ -135,7 +135,8 @@ pub fn train_adapter(
     for epoch in 0..cfg.epochs {
         let started = std::time::Instant::now();
         let mut order = usable.clone();
-        let mut rng = Rng::new(cfg.seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(epoch as u64 + 1)));
+        let mut rng =
+            Rng::new(cfg.seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(epoch as u64 + 1)));
         for i in (1..order.len()).rev() {
             order.swap(i, rng.below(i + 1));
         }
@@ -215,7 +216,10 @@ fn gather(emb: Embeddings<'_>, pairs: &[QueryPairs], batch: &[usize]) -> Padded 
         k,
         queries,
         candidates,
-        targets: classes.iter().map(|c| c.map_or(0.0, PairClass::target)).collect(),
+        targets: classes
+            .iter()
+            .map(|c| c.map_or(0.0, PairClass::target))
+            .collect(),
         classes,
     }
 }
@@ -316,8 +320,13 @@ pub fn score_lists(
             params.d, emb.dim
         )));
     }
-    let mut logits: Vec<Vec<f32>> = lists.iter().map(|l| Vec::with_capacity(l.1.len())).collect();
-    let idx: Vec<usize> = (0..lists.len()).filter(|&i| !lists[i].1.is_empty()).collect();
+    let mut logits: Vec<Vec<f32>> = lists
+        .iter()
+        .map(|l| Vec::with_capacity(l.1.len()))
+        .collect();
+    let idx: Vec<usize> = (0..lists.len())
+        .filter(|&i| !lists[i].1.is_empty())
+        .collect();
     for batch in idx.chunks(32) {
         let sel: Vec<(usize, &[u32])> = batch.iter().map(|&i| lists[i]).collect();
         let (k, queries, candidates) = gather_lists(emb, &sel);
@@ -360,7 +369,10 @@ pub fn cross_fit_logits(
         let held: Vec<usize> = (0..pairs.len()).filter(|&i| fold_of[i] == fold).collect();
         let (params, _) = train_adapter(cfg, emb, &train, &mut |_| {})?;
         let held_pairs: Vec<QueryPairs> = held.iter().map(|&i| pairs[i].clone()).collect();
-        for (i, l) in held.into_iter().zip(score_pairs(&params, emb, &held_pairs)?) {
+        for (i, l) in held
+            .into_iter()
+            .zip(score_pairs(&params, emb, &held_pairs)?)
+        {
             logits[i] = l;
         }
     }
@@ -388,8 +400,14 @@ mod tests {
                 let near = j < 4; // 0..2 labelled, 2..4 near but unlabelled
                 let mix = if near { 0.8 } else { 0.1 };
                 let n = &noise[(i * 30 + j) * dim..(i * 30 + j + 1) * dim];
-                let v: Vec<f32> = (0..dim).map(|l| mix * q[i * dim + l] + (1.0 - mix) * n[l]).collect();
-                let s: f32 = v.iter().zip(&q[i * dim..(i + 1) * dim]).map(|(a, b)| a * b).sum();
+                let v: Vec<f32> = (0..dim)
+                    .map(|l| mix * q[i * dim + l] + (1.0 - mix) * n[l])
+                    .collect();
+                let s: f32 = v
+                    .iter()
+                    .zip(&q[i * dim..(i + 1) * dim])
+                    .map(|(a, b)| a * b)
+                    .sum();
                 p.docs.push((docs.len() / dim) as u32);
                 p.scores.push(s);
                 p.classes.push(PairClass::of(j < 2, j, 3));
@@ -403,7 +421,13 @@ mod tests {
     #[test]
     fn class_weights_balance_classes() {
         use PairClass::*;
-        let c = [Some(TruePositive), Some(TrueNegative), Some(TrueNegative), Some(TrueNegative), None];
+        let c = [
+            Some(TruePositive),
+            Some(TrueNegative),
+            Some(TrueNegative),
+            Some(TrueNegative),
+            None,
+        ];
         let w = class_weights(&c, true);
         assert_eq!(w[4], 0.0);
         assert!((w[0] - 2.0).abs() < 1e-6 && (w[1] - 2.0 / 3.0).abs() < 1e-6);
@@ -416,7 +440,11 @@ mod tests {
     fn training_lowers_the_loss_and_separates_positives() {
         let dim = 16;
         let (q, docs, pairs) = toy(40, dim);
-        let emb = Embeddings { queries: &q, docs: &docs, dim };
+        let emb = Embeddings {
+            queries: &q,
+            docs: &docs,
+            dim,
+        };
         let cfg = AdapterTrainConfig {
             epochs: 8,
             batch_queries: 8,
@@ -446,7 +474,11 @@ mod tests {
         pairs[1].docs.truncate(10);
         pairs[1].scores.truncate(10);
         pairs[1].classes.truncate(10);
-        let emb = Embeddings { queries: &q, docs: &docs, dim };
+        let emb = Embeddings {
+            queries: &q,
+            docs: &docs,
+            dim,
+        };
         let params = AdapterParams::init(dim, 5, 3).unwrap();
         let all = score_pairs(&params, emb, &pairs).unwrap();
         let alone = score_pairs(&params, emb, &pairs[1..2]).unwrap();
@@ -458,7 +490,11 @@ mod tests {
     fn cross_fitting_scores_every_query() {
         let dim = 8;
         let (q, docs, pairs) = toy(10, dim);
-        let emb = Embeddings { queries: &q, docs: &docs, dim };
+        let emb = Embeddings {
+            queries: &q,
+            docs: &docs,
+            dim,
+        };
         let cfg = AdapterTrainConfig {
             epochs: 1,
             cross_fit_folds: 3,
@@ -466,6 +502,11 @@ mod tests {
         };
         let l = cross_fit_logits(&cfg, emb, &pairs).unwrap();
         assert!(l.iter().zip(&pairs).all(|(l, p)| l.len() == p.len()));
-        assert!(AdapterTrainConfig { cross_fit_folds: 1, ..Default::default() }.validate().is_err());
+        assert!(AdapterTrainConfig {
+            cross_fit_folds: 1,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
     }
 }

@@ -392,8 +392,18 @@ mod tests {
         let mut da = vec![0.0; a.len()];
         let mut dq = vec![0.0; q.len()];
         let mut dc = vec![0.0; c.len()];
-        let loss = normalisation_loss(&q, &c, k, &a, &alpha, None, &mut da, Some(&mut dq), Some(&mut dc))
-            .unwrap();
+        let loss = normalisation_loss(
+            &q,
+            &c,
+            k,
+            &a,
+            &alpha,
+            None,
+            &mut da,
+            Some(&mut dq),
+            Some(&mut dc),
+        )
+        .unwrap();
         assert!((loss - norm_loss_f64(&q64, &c64, &a64, d, k)).abs() < 1e-6);
         let h = 1e-6;
         let check = |which: usize, grad: &[f32]| {

@@ -153,7 +153,14 @@ mod tests {
         use PairClass::*;
         assert_eq!(
             p.classes,
-            vec![FalsePositive, TruePositive, TrueNegative, TrueNegative, FalseNegative, TrueNegative]
+            vec![
+                FalsePositive,
+                TruePositive,
+                TrueNegative,
+                TrueNegative,
+                FalseNegative,
+                TrueNegative
+            ]
         );
         assert_eq!(class_counts(&[p.clone()]), [1, 1, 1, 3]);
         assert_eq!(TruePositive.target(), 1.0);

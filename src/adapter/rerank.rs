@@ -27,7 +27,11 @@ pub fn rerank_list(scores: &[f32], logits: &[f32], tau: f32, lambda: f64) -> Vec
         .zip(logits)
         .enumerate()
         .map(|(i, (&v, &l))| {
-            let adapter = if lambda == 0.0 { 0.0 } else { lambda * log_sigmoid(l as f64) };
+            let adapter = if lambda == 0.0 {
+                0.0
+            } else {
+                lambda * log_sigmoid(l as f64)
+            };
             (i, v - lse + adapter)
         })
         .collect();
@@ -50,8 +54,12 @@ impl ScoredLists {
         emb: Embeddings<'_>,
         hits: Vec<Vec<(u32, f32)>>,
     ) -> Result<Self> {
-        let docs: Vec<Vec<u32>> = hits.iter().map(|h| h.iter().map(|x| x.0).collect()).collect();
-        let lists: Vec<(usize, &[u32])> = docs.iter().enumerate().map(|(i, d)| (i, &d[..])).collect();
+        let docs: Vec<Vec<u32>> = hits
+            .iter()
+            .map(|h| h.iter().map(|x| x.0).collect())
+            .collect();
+        let lists: Vec<(usize, &[u32])> =
+            docs.iter().enumerate().map(|(i, d)| (i, &d[..])).collect();
         let logits = score_lists(params, emb, &lists)?;
         Ok(ScoredLists { hits, logits })
     }
@@ -134,7 +142,10 @@ mod tests {
 
     #[test]
     fn choose_lambda_prefers_best_then_smaller() {
-        let (l, t) = choose_lambda(&LAMBDA_GRID, |l| Ok(if l >= 1.0 && l <= 2.0 { 0.7 } else { 0.6 })).unwrap();
+        let (l, t) = choose_lambda(&LAMBDA_GRID, |l| {
+            Ok(if l >= 1.0 && l <= 2.0 { 0.7 } else { 0.6 })
+        })
+        .unwrap();
         assert_eq!(l, 1.0);
         assert_eq!(t.len(), 7);
         assert!(choose_lambda(&[], |_| Ok(0.0)).is_err());

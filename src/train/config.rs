@@ -88,6 +88,33 @@ pub struct TrainConfig {
     pub eval: Option<EvalSpec>,
     /// Texts per forward when encoding for mining and evaluation.
     pub encode_batch_size: usize,
+    /// The RRRA sampler's adapter: where it starts (a stage-2 adapter file) and how it keeps
+    /// training jointly with the encoder (ignored by the other samplers).
+    #[serde(default)]
+    pub adapter: AdapterJoint,
+}
+
+/// Stage 3 of RRRA: the adapter trained jointly with the encoder, `L = L_c + weight · L_adapter`
+/// (the class-weighted BCE of the adapter on each query's positive and drawn negatives; the
+/// normalisation term is dropped, as in the paper).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterJoint {
+    /// A stage-2 adapter file (or a folder holding `adapter.safetensors`).
+    pub init: Option<PathBuf>,
+    /// lambda of the joint loss.
+    pub loss_weight: f64,
+    /// Peak learning rate of the adapter (same warm-up and decay shape as the encoder's).
+    pub lr: f32,
+}
+
+impl Default for AdapterJoint {
+    fn default() -> Self {
+        AdapterJoint {
+            init: None,
+            loss_weight: 0.1,
+            lr: 1e-3,
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -125,6 +152,7 @@ impl TrainConfig {
             checkpoint_every: None,
             eval: None,
             encode_batch_size: 32,
+            adapter: AdapterJoint::default(),
         }
     }
 
@@ -182,6 +210,28 @@ impl TrainConfig {
         }
         if self.encode_batch_size == 0 {
             return bad("encode batch size must be at least 1".into());
+        }
+        if matches!(self.sampler, SamplerKind::Rrra { .. }) {
+            if self.adapter.init.is_none() {
+                return bad("sampler rrra needs an adapter: train one with `rrra adapter` and pass --adapter".into());
+            }
+            if self.negative_pool != NegativePool::Mined {
+                return bad(
+                    "sampler rrra scores a mined pool; it cannot use the file's negatives".into(),
+                );
+            }
+        }
+        if !(self.adapter.loss_weight >= 0.0 && self.adapter.loss_weight.is_finite()) {
+            return bad(format!(
+                "adapter loss weight must be >= 0, got {}",
+                self.adapter.loss_weight
+            ));
+        }
+        if !(self.adapter.lr >= 0.0 && self.adapter.lr.is_finite()) {
+            return bad(format!(
+                "adapter learning rate must be >= 0, got {}",
+                self.adapter.lr
+            ));
         }
         self.sampler.validate()
     }

@@ -92,10 +92,17 @@ mod tests {
         let s = set(&[1, 2]);
         let (train, dev) = dev_split(&s, 0.2);
         assert_eq!(train.queries.len() + dev.queries.len(), 200);
-        assert!((20..=60).contains(&dev.queries.len()), "{}", dev.queries.len());
+        assert!(
+            (20..=60).contains(&dev.queries.len()),
+            "{}",
+            dev.queries.len()
+        );
         let again = dev_split(&s, 0.2).1;
         assert_eq!(dev.queries, again.queries);
-        assert!(dev.queries.iter().all(|q| !train.queries.iter().any(|t| t.id == q.id)));
+        assert!(dev
+            .queries
+            .iter()
+            .all(|q| !train.queries.iter().any(|t| t.id == q.id)));
         assert_eq!(dev_split(&s, 0.0).1.queries.len(), 0);
     }
 
@@ -105,10 +112,16 @@ mod tests {
         let (reduced, planted) = plant_false_negatives(&s, 0.5);
         for ((orig, red), hid) in s.queries.iter().zip(&reduced.queries).zip(&planted) {
             let n = orig.positives.len();
-            let expect = if n < 2 { 0 } else { ((n as f64 * 0.5).round() as usize).clamp(1, n - 1) };
+            let expect = if n < 2 {
+                0
+            } else {
+                ((n as f64 * 0.5).round() as usize).clamp(1, n - 1)
+            };
             assert_eq!(hid.len(), expect, "query {}", orig.id);
             assert_eq!(red.positives.len() + hid.len(), n);
-            assert!(hid.iter().all(|d| orig.positives.contains(d) && !red.positives.contains(d)));
+            assert!(hid
+                .iter()
+                .all(|d| orig.positives.contains(d) && !red.positives.contains(d)));
         }
         // which positives are hidden differs between queries (hash of both ids)
         let sixes: Vec<&Vec<usize>> = planted.iter().filter(|h| h.len() == 3).collect();

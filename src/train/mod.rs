@@ -14,6 +14,7 @@ pub mod loss;
 pub mod mining;
 pub mod optim;
 pub mod rng;
+pub mod rrra;
 pub mod sampler;
 pub mod state;
 pub mod trainer;

@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::train::rng::Stream;
 
 /// The names [`SamplerKind::parse`] accepts.
-pub const SAMPLER_NAMES: [&str; 3] = ["uniform", "simans", "trisampler"];
+pub const SAMPLER_NAMES: [&str; 4] = ["uniform", "simans", "trisampler", "rrra"];
 
 /// Which sampler and its knobs. Serialised as `{"name": "simans", "a": 0.5, "b": 0.0}` so training
 /// configs and checkpoint metadata record it; [`SamplerKind::parse`] reads the CLI form
@@ -64,6 +64,13 @@ pub enum SamplerKind {
         max_angle_deg: f64,
         require_closer_to_positive: bool,
     },
+    /// RRRA (method notes 5.3): `w_i = s_HN,i · (1 − s_FN,i)^gamma` with hardness
+    /// `s_HN,i = exp((s_i − max_j s_j) / (tau · t_h))` (raw similarities, so `t_h = 1` is the
+    /// scale of the InfoNCE logits `s/tau`) and `s_FN` the adapter's calibrated false-negative
+    /// score ([`rrra_log_weights`]). Defaults `gamma = 2`, `t_h = 1`. `soft`: instead of drawing
+    /// by `w`, draw uniformly and give each drawn negative the loss weight `w_i · K / n` (an
+    /// unbiased estimate of using all K candidates with weights `w`; exactly that when n ≥ K).
+    Rrra { gamma: f64, t_h: f64, soft: bool },
 }
 
 impl SamplerKind {
@@ -85,6 +92,11 @@ impl SamplerKind {
             "trisampler" => SamplerKind::TriSampler {
                 max_angle_deg: 60.0,
                 require_closer_to_positive: true,
+            },
+            "rrra" => SamplerKind::Rrra {
+                gamma: 2.0,
+                t_h: 1.0,
+                soft: false,
             },
             _ => {
                 return Err(Error::InvalidArgument(format!(
@@ -145,6 +157,19 @@ impl SamplerKind {
                 *require_closer_to_positive = num(key, value)?;
                 return Ok(());
             }
+            (SamplerKind::Rrra { gamma, .. }, "gamma") => {
+                *gamma = num(key, value)?;
+                return Ok(());
+            }
+            (SamplerKind::Rrra { t_h, .. }, "t_h") => {
+                *t_h = num(key, value)?;
+                return Ok(());
+            }
+            (SamplerKind::Rrra { soft, .. }, "soft") => {
+                *soft = num(key, value)?;
+                return Ok(());
+            }
+            (SamplerKind::Rrra { .. }, _) => "gamma, t_h, soft",
             (SamplerKind::Uniform { .. }, _) => "range_min, range_max",
             (SamplerKind::SimAns { .. }, _) => "a, b",
             (SamplerKind::TriSampler { .. }, _) => "max_angle_deg, require_closer_to_positive",
@@ -161,6 +186,7 @@ impl SamplerKind {
             SamplerKind::Uniform { .. } => "uniform",
             SamplerKind::SimAns { .. } => "simans",
             SamplerKind::TriSampler { .. } => "trisampler",
+            SamplerKind::Rrra { .. } => "rrra",
         }
     }
 
@@ -196,6 +222,13 @@ impl SamplerKind {
                 ))
             }
             SamplerKind::TriSampler { .. } => Ok(()),
+            SamplerKind::Rrra { gamma, .. } if !(gamma >= 0.0 && gamma.is_finite()) => {
+                bad(format!("gamma must be finite and >= 0, found {gamma}"))
+            }
+            SamplerKind::Rrra { t_h, .. } if !(t_h > 0.0 && t_h.is_finite()) => {
+                bad(format!("t_h must be finite and > 0, found {t_h}"))
+            }
+            SamplerKind::Rrra { .. } => Ok(()),
         }
     }
 }
@@ -222,6 +255,9 @@ impl fmt::Display for SamplerKind {
                 f,
                 "trisampler:max_angle_deg={max_angle_deg},require_closer_to_positive={require_closer_to_positive}"
             ),
+            SamplerKind::Rrra { gamma, t_h, soft } => {
+                write!(f, "rrra:gamma={gamma},t_h={t_h},soft={soft}")
+            }
         }
     }
 }
@@ -387,7 +423,54 @@ pub fn log_weights(
                 })
                 .collect()
         }
+        SamplerKind::Rrra { .. } => {
+            return Err(Error::InvalidArgument(
+                "sampler rrra needs the adapter's false-negative scores: use rrra_log_weights"
+                    .into(),
+            ))
+        }
     })
+}
+
+/// RRRA's log weights `log s_HN + gamma · log(1 − s_FN)` for one pool (raw similarities `scores`
+/// and false-negative scores `s_fn` in pool order; see [`SamplerKind::Rrra`]). A candidate with
+/// `s_FN = 1` gets `-inf` when gamma > 0 (never drawn).
+pub fn rrra_log_weights(
+    scores: &[f32],
+    s_fn: &[f32],
+    tau: f32,
+    gamma: f64,
+    t_h: f64,
+) -> Result<Vec<f64>> {
+    if scores.len() != s_fn.len() {
+        return Err(Error::InvalidArgument(format!(
+            "sampler rrra: {} scores but {} false-negative scores",
+            scores.len(),
+            s_fn.len()
+        )));
+    }
+    if let Some(i) =
+        (0..scores.len()).find(|&i| !scores[i].is_finite() || !(0.0..=1.0).contains(&s_fn[i]))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "sampler rrra: candidate {i} has score {} and false-negative score {}",
+            scores[i], s_fn[i]
+        )));
+    }
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let scale = 1.0 / (tau as f64 * t_h);
+    Ok(scores
+        .iter()
+        .zip(s_fn)
+        .map(|(&s, &f)| {
+            let fn_term = if gamma == 0.0 {
+                0.0
+            } else {
+                gamma * (-(f as f64)).ln_1p()
+            };
+            (s as f64 - max) * scale + fn_term
+        })
+        .collect())
 }
 
 /// Gumbel-top-n: the indices of `n` candidates drawn without replacement, each draw choosing among

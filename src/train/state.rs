@@ -126,6 +126,44 @@ pub(crate) fn write_state(t: &mut Trainer) -> Result<()> {
             data: &scores,
         });
     }
+    // The RRRA adapter: parameters, AdamW moments, calibration and the pool's s_FN.
+    let mut fn_flat = Vec::new();
+    if let Some(j) = &t.joint {
+        for (i, (name, data)) in j.file.params.tensors().into_iter().enumerate() {
+            tensors.push(NamedTensor {
+                name: format!("adapter.{name}"),
+                shape: vec![data.len()],
+                data,
+            });
+            tensors.push(NamedTensor {
+                name: format!("adapter.adam_m.{i}"),
+                shape: vec![data.len()],
+                data: &j.optim.m[i],
+            });
+            tensors.push(NamedTensor {
+                name: format!("adapter.adam_v.{i}"),
+                shape: vec![data.len()],
+                data: &j.optim.v[i],
+            });
+        }
+        fn_flat = j.fn_scores.iter().flatten().copied().collect();
+        meta.insert("rrra.adapter_adam_step".into(), j.optim.step.to_string());
+        meta.insert(
+            "rrra.adapter_calibration".into(),
+            serde_json::to_string(&j.file.calibration).unwrap_or_default(),
+        );
+        meta.insert(
+            "rrra.adapter_scored".into(),
+            (!j.fn_scores.is_empty()).to_string(),
+        );
+    }
+    if !fn_flat.is_empty() {
+        tensors.push(NamedTensor {
+            name: "pool.fn_scores".into(),
+            shape: vec![fn_flat.len()],
+            data: &fn_flat,
+        });
+    }
     let u32s = if t.pool.is_some() {
         vec![
             U32Tensor {
@@ -248,5 +286,60 @@ pub(crate) fn restore(t: &mut Trainer, path: &Path) -> Result<()> {
     } else {
         None
     };
+    restore_joint(t, &loaded, path)
+}
+
+/// The RRRA adapter's part of the state (nothing to do for other samplers).
+fn restore_joint(t: &mut Trainer, loaded: &checkpoint::LoadedTensors, path: &Path) -> Result<()> {
+    let Some(j) = t.joint.as_mut() else {
+        return Ok(());
+    };
+    let meta = &loaded.metadata;
+    let missing = |k: &str| Error::format(path, format!("`{k}` is missing or malformed"));
+    let tensor = |n: &str, len: usize| -> Result<Vec<f32>> {
+        match loaded.tensors.get(n) {
+            Some((_, v)) if v.len() == len => Ok(v.clone()),
+            _ => Err(missing(n)),
+        }
+    };
+    let lens: Vec<usize> = j
+        .file
+        .params
+        .tensors()
+        .iter()
+        .map(|(_, d)| d.len())
+        .collect();
+    let names: Vec<&str> = j.file.params.tensors().iter().map(|(n, _)| *n).collect();
+    for (i, (p, (name, len))) in j
+        .file
+        .params
+        .tensors_mut()
+        .into_iter()
+        .zip(names.iter().zip(&lens))
+        .enumerate()
+    {
+        p.copy_from_slice(&tensor(&format!("adapter.{name}"), *len)?);
+        j.optim.m[i] = tensor(&format!("adapter.adam_m.{i}"), *len)?;
+        j.optim.v[i] = tensor(&format!("adapter.adam_v.{i}"), *len)?;
+    }
+    j.optim.step = meta
+        .get("rrra.adapter_adam_step")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| missing("rrra.adapter_adam_step"))?;
+    j.file.calibration = meta
+        .get("rrra.adapter_calibration")
+        .and_then(|v| serde_json::from_str(v).ok())
+        .ok_or_else(|| missing("rrra.adapter_calibration"))?;
+    j.fn_scores.clear();
+    if meta.get("rrra.adapter_scored").map(String::as_str) == Some("true") {
+        let pool = t.pool.as_ref().ok_or_else(|| missing("pool"))?;
+        let total: usize = pool.candidates.iter().map(Vec::len).sum();
+        let flat = tensor("pool.fn_scores", total)?;
+        let mut at = 0;
+        for c in &pool.candidates {
+            j.fn_scores.push(flat[at..at + c.len()].to_vec());
+            at += c.len();
+        }
+    }
     Ok(())
 }

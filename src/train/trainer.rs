@@ -15,6 +15,7 @@ use super::loss::{info_nce, InfoNceInput, InfoNceStats};
 use super::mining::{self, MinedPool, MiningStats};
 use super::optim::{clip_grad_norm, linear_warmup_decay, AdamW};
 use super::rng::{Site, Stream};
+use super::rrra::JointAdapter;
 use super::sampler::{self, PoolGeometry, SamplerKind};
 use super::state;
 use crate::error::{Error, Result};
@@ -63,6 +64,34 @@ pub struct StepRecord {
     pub train_s: f64,
     /// Remaining steps at the mean step time (mining and evaluation excluded).
     pub eta_s: f64,
+    /// RRRA only: the adapter's joint BCE (before the weight lambda).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter_loss: Option<f64>,
+    /// RRRA only: mean s_FN of the drawn hard negatives.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fn_mean_drawn: Option<f64>,
+    /// RRRA only: candidates with s_FN > 0.5 in the batch's pools, per query.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fn_over_half: Option<f64>,
+}
+
+/// One query's hard negatives as drawn.
+struct Drawn {
+    docs: Vec<usize>,
+    /// Soft RRRA: the InfoNCE log-weight of each drawn negative.
+    loss_log_weights: Option<Vec<f32>>,
+    /// RRRA: s_FN of each drawn negative, and how many pool candidates exceed 0.5.
+    s_fn: Vec<f32>,
+    over_half: usize,
+}
+
+/// What one batch adds to the step's record.
+struct BatchOutcome {
+    stats: InfoNceStats,
+    hard_drawn: usize,
+    adapter_loss: Option<f64>,
+    s_fn_drawn: Vec<f32>,
+    over_half: usize,
 }
 
 /// Time and examples of the optimizer steps run by this process.
@@ -113,6 +142,8 @@ pub struct Trainer {
     paths: RunPaths,
     log: std::fs::File,
     eval: Option<crate::data::beir::BeirData>,
+    /// The RRRA sampler's adapter (stage 3), when that sampler is chosen.
+    pub(crate) joint: Option<JointAdapter>,
 }
 
 impl Trainer {
@@ -176,7 +207,16 @@ impl Trainer {
         let mut grads = BertWeights::zeros(encoder.config());
         let sizes: Vec<usize> = grads.tensors_mut().iter().map(|(t, _)| t.len()).collect();
         let log = open_append(&paths.log)?;
+        let joint = match (&cfg.sampler, &cfg.adapter.init) {
+            (SamplerKind::Rrra { .. }, Some(path)) => {
+                let j = JointAdapter::load(path)?;
+                j.file.check_dim(encoder.dim(), path)?;
+                Some(j)
+            }
+            _ => None,
+        };
         Ok(Trainer {
+            joint,
             optim: AdamW::new(cfg.adamw, &sizes),
             cfg,
             encoder,
@@ -286,6 +326,7 @@ impl Trainer {
         let mut stats = Vec::new();
         let mut examples = 0;
         let mut negatives = 0usize;
+        let (mut adapter_losses, mut s_fn_drawn, mut over_half) = (Vec::new(), Vec::new(), 0usize);
         for micro in 0..self.cfg.grad_accum {
             if self.batches_epoch != Some(self.epoch) {
                 self.batches =
@@ -293,10 +334,13 @@ impl Trainer {
                 self.batches_epoch = Some(self.epoch);
             }
             let batch = self.batches[self.cursor].clone();
-            let (s, n_neg) = self.batch_gradients(&batch, micro)?;
-            stats.push(s);
+            let out = self.batch_gradients(&batch, micro)?;
+            stats.push(out.stats);
             examples += batch.len();
-            negatives += n_neg;
+            negatives += out.hard_drawn;
+            adapter_losses.extend(out.adapter_loss);
+            s_fn_drawn.extend(out.s_fn_drawn);
+            over_half += out.over_half;
             self.cursor += 1;
             if self.cursor == self.batches.len() {
                 self.cursor = 0;
@@ -335,6 +379,11 @@ impl Trainer {
             params.iter_mut().map(|(t, _)| t.as_mut_slice()).collect();
         self.optim
             .update(&mut param_slices, &grads_ro, &decay, lr)?;
+        if let Some(j) = self.joint.as_mut() {
+            // the adapter follows the encoder's schedule, scaled to its own peak
+            let adapter_lr = self.cfg.adapter.lr * (lr / self.cfg.lr);
+            j.update(adapter_lr, scale)?;
+        }
         self.step += 1;
 
         let n = stats.len() as f64;
@@ -358,27 +407,45 @@ impl Trainer {
             examples_per_s: clock.examples as f64 / clock.seconds.max(1e-9),
             train_s: clock.seconds,
             eta_s: per_step * (total - self.step) as f64,
+            adapter_loss: (!adapter_losses.is_empty())
+                .then(|| adapter_losses.iter().sum::<f64>() / adapter_losses.len() as f64),
+            fn_mean_drawn: (self.joint.is_some() && !s_fn_drawn.is_empty()).then(|| {
+                s_fn_drawn.iter().map(|&v| v as f64).sum::<f64>() / s_fn_drawn.len() as f64
+            }),
+            fn_over_half: self
+                .joint
+                .is_some()
+                .then(|| over_half as f64 / examples.max(1) as f64),
         })
     }
 
-    /// Forward, loss and backward of one batch; gradients added to `self.grads`.
-    /// Returns the loss statistics and the number of hard negatives drawn.
-    fn batch_gradients(
-        &mut self,
-        batch: &[Example],
-        micro: usize,
-    ) -> Result<(InfoNceStats, usize)> {
+    /// Forward, loss and backward of one batch; gradients added to `self.grads` (and to the
+    /// joint adapter's).
+    fn batch_gradients(&mut self, batch: &[Example], micro: usize) -> Result<BatchOutcome> {
         let b_n = batch.len();
-        // Documents: the B positives first, then each query's negatives.
+        // Documents: the B positives first, then each query's negatives. `own[b]` lists the
+        // columns of query b's own negatives with their soft log-weights (0 = weight 1).
         let mut docs: Vec<usize> = batch.iter().map(|e| e.positive).collect();
-        let mut hard_drawn = 0;
+        let mut own: Vec<Vec<(usize, f32)>> = Vec::with_capacity(b_n);
+        let (mut hard_drawn, mut s_fn_drawn, mut over_half) = (0, Vec::new(), 0);
         for (b, ex) in batch.iter().enumerate() {
             let example = (micro * b_n + b) as u64;
-            let hard = self.draw_hard_negatives(ex, example)?;
-            hard_drawn += hard.len();
-            let random = self.draw_random_negatives(ex, example, &hard);
-            docs.extend(hard);
-            docs.extend(random);
+            let drawn = self.draw_hard_negatives(ex, example)?;
+            hard_drawn += drawn.docs.len();
+            s_fn_drawn.extend_from_slice(&drawn.s_fn);
+            over_half += drawn.over_half;
+            let random = self.draw_random_negatives(ex, example, &drawn.docs);
+            let mut cols = Vec::new();
+            for (i, &d) in drawn.docs.iter().enumerate() {
+                let lw = drawn.loss_log_weights.as_ref().map_or(0.0, |w| w[i]);
+                cols.push((docs.len(), lw));
+                docs.push(d);
+            }
+            for d in random {
+                cols.push((docs.len(), 0.0));
+                docs.push(d);
+            }
+            own.push(cols);
         }
         let mut packed = PackedBatch::new();
         for ex in batch {
@@ -422,6 +489,11 @@ impl Trainer {
                     log_w[b * d_n + j] = f32::NEG_INFINITY;
                 }
             }
+            for &(j, lw) in &own[b] {
+                if log_w[b * d_n + j] != f32::NEG_INFINITY {
+                    log_w[b * d_n + j] = lw;
+                }
+            }
         }
         let targets: Vec<usize> = (0..b_n).collect();
         let (q, d) = acts.embeddings.split_at(b_n * h);
@@ -445,21 +517,88 @@ impl Trainer {
                 stats.loss, self.step
             )));
         }
+        let mut adapter_loss = None;
+        if let (Some(joint), Some(pool)) = (self.joint.as_mut(), self.pool.as_ref()) {
+            // each query's positive (column b) and its own negatives, classed by the snapshot
+            let lists: Vec<(Vec<usize>, Vec<crate::adapter::pairs::PairClass>)> = batch
+                .iter()
+                .enumerate()
+                .map(|(b, ex)| {
+                    let cols: Vec<usize> = std::iter::once(b)
+                        .chain(own[b].iter().map(|c| c.0))
+                        .collect();
+                    let classes = cols
+                        .iter()
+                        .map(|&j| joint.class_of(&self.set, pool, ex.query, docs[j]))
+                        .collect();
+                    (cols, classes)
+                })
+                .collect();
+            let (dq, dd) = d_emb.split_at_mut(b_n * h);
+            adapter_loss =
+                Some(joint.batch_loss(q, d, h, &lists, self.cfg.adapter.loss_weight, dq, dd)?);
+        }
         te.backward(&train_batch, &dropout, acts, &d_emb, &mut self.grads)?;
-        Ok((stats, hard_drawn))
+        Ok(BatchOutcome {
+            stats,
+            hard_drawn,
+            adapter_loss,
+            s_fn_drawn,
+            over_half,
+        })
     }
 
     /// The sampler's draw from the query's pool (corpus indices, draw order).
-    fn draw_hard_negatives(&self, ex: &Example, example: u64) -> Result<Vec<usize>> {
+    fn draw_hard_negatives(&self, ex: &Example, example: u64) -> Result<Drawn> {
         let n = self.cfg.hard_negatives;
+        let mut out = Drawn {
+            docs: Vec::new(),
+            loss_log_weights: None,
+            s_fn: Vec::new(),
+            over_half: 0,
+        };
         let Some(pool) = &self.pool else {
-            return Ok(Vec::new());
+            return Ok(out);
         };
         let cands = &pool.candidates[ex.query];
         if n == 0 || cands.is_empty() {
-            return Ok(Vec::new());
+            return Ok(out);
         }
         let scores: Vec<f32> = cands.iter().map(|&(_, s)| s).collect();
+        let stream = Stream::new(self.cfg.seed, self.step, example, 0, Site::Sampler);
+        if let SamplerKind::Rrra { gamma, t_h, soft } = self.cfg.sampler {
+            let joint = self.joint.as_ref().ok_or_else(|| {
+                Error::InvalidArgument("sampler rrra: the adapter is not loaded".into())
+            })?;
+            let s_fn = joint.fn_scores.get(ex.query).ok_or_else(|| {
+                Error::InvalidArgument("sampler rrra: the pool has not been scored".into())
+            })?;
+            let log_w = sampler::rrra_log_weights(&scores, s_fn, self.tau, gamma, t_h)?;
+            let picks = if soft {
+                // uniform draw, weighted in the loss by w·K/n (never above the pool size)
+                let uniform: Vec<f64> = log_w
+                    .iter()
+                    .map(|w| {
+                        if w.is_finite() {
+                            0.0
+                        } else {
+                            f64::NEG_INFINITY
+                        }
+                    })
+                    .collect();
+                let picks = sampler::sample_without_replacement(&uniform, n, &stream);
+                let ratio = (cands.len() as f64 / picks.len().max(1) as f64).ln();
+                out.loss_log_weights =
+                    Some(picks.iter().map(|&i| (log_w[i] + ratio) as f32).collect());
+                picks
+            } else {
+                sampler::sample_without_replacement(&log_w, n, &stream)
+            };
+            out.s_fn = picks.iter().map(|&i| s_fn[i]).collect();
+            out.over_half = s_fn.iter().filter(|&&f| f > 0.5).count();
+            out.docs = picks.into_iter().map(|i| cands[i].0 as usize).collect();
+            return Ok(out);
+        }
         let pos_score = pool.score(ex.query, ex.positive);
         let dim = pool.dim;
         let cand_emb: Vec<f32>;
@@ -482,11 +621,11 @@ impl Trainer {
             None
         };
         let log_w = sampler::log_weights(&self.cfg.sampler, &scores, pos_score, geometry.as_ref())?;
-        let stream = Stream::new(self.cfg.seed, self.step, example, 0, Site::Sampler);
-        Ok(sampler::sample_without_replacement(&log_w, n, &stream)
+        out.docs = sampler::sample_without_replacement(&log_w, n, &stream)
             .into_iter()
             .map(|i| cands[i].0 as usize)
-            .collect())
+            .collect();
+        Ok(out)
     }
 
     /// Uniform corpus documents that are not positives of the query and not already drawn.
@@ -541,6 +680,16 @@ impl Trainer {
         }
         self.log_json(&serde_json::json!({"event": "mine", "step": self.step, "stats": stats}))?;
         on(TrainEvent::Mined(&stats));
+        if let Some(joint) = self.joint.as_mut() {
+            let fs = joint.refresh(&self.set, &pool)?;
+            on(TrainEvent::Message(format!(
+                "adapter scored the pool: mean s_FN {:.3}, {:.2} candidates per query above 0.5",
+                fs.mean_s_fn, fs.over_half_per_query
+            )));
+            self.log_json(
+                &serde_json::json!({"event": "fn_scores", "step": self.step, "stats": fs}),
+            )?;
+        }
         self.pool = Some(pool);
         self.pool_step = self.step;
         Ok(())
@@ -590,6 +739,15 @@ impl Trainer {
     /// Writes the model folder, then the training state (each atomically).
     pub fn save_checkpoint(&mut self, on: &mut dyn FnMut(TrainEvent)) -> Result<()> {
         state::write_model(self)?;
+        if let Some(j) = self.joint.as_mut() {
+            // the jointly trained adapter, beside the encoder it now belongs to
+            j.file.info = serde_json::json!({
+                "stage": "joint", "step": self.step, "encoder": self.paths.model,
+            });
+            j.file.tau = self.tau;
+            j.file
+                .save(&self.paths.model.join(crate::adapter::file::FILE_NAME))?;
+        }
         state::write_state(self)?;
         self.log_json(&serde_json::json!({"event": "checkpoint", "step": self.step}))?;
         on(TrainEvent::Checkpoint {
