@@ -35,6 +35,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod eval;
+pub mod experiment;
 pub mod index;
 pub mod model;
 pub mod pipeline;

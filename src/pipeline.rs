@@ -119,3 +119,87 @@ pub fn search(
     }
     Ok(run)
 }
+
+/// Reranks the top `k` of every query of `run` with the adapter (method notes 6): documents are
+/// looked up in `store`, scored against the encoded query (the run's own scores only choose the
+/// candidates, so runs from any retriever work), and reordered by `s_base · p^lambda_rr` with
+/// the adapter file's lambda. Scores in the result are the log of that product. A query missing
+/// from `queries` or a document missing from the store is an error naming `run_path`.
+pub fn rerank_run(
+    encoder: &Encoder,
+    store: &Store,
+    queries: &[Query],
+    run: &Run,
+    run_path: &Path,
+    adapter: &crate::adapter::file::AdapterFile,
+    k: usize,
+) -> Result<Run> {
+    use crate::adapter::fit::Embeddings;
+    use crate::adapter::rerank::ScoredLists;
+    use std::collections::HashMap;
+    let dim = store.dim();
+    adapter.check_dim(dim, run_path)?;
+    let text: HashMap<&str, &str> = queries
+        .iter()
+        .map(|q| (q.id.as_str(), q.text.as_str()))
+        .collect();
+    let rows: HashMap<&str, usize> = store.ids().enumerate().map(|(i, id)| (id, i)).collect();
+    let qids: Vec<&str> = run.queries().collect();
+    let mut texts = Vec::with_capacity(qids.len());
+    for q in &qids {
+        texts.push(*text.get(q).ok_or_else(|| Error::Mismatch {
+            path: run_path.to_path_buf(),
+            msg: format!("query {q:?} of the run is not in the queries file"),
+        })?);
+    }
+    let q_emb = encoder.encode(&texts, 32)?;
+    // The candidates' embeddings, gathered into one local matrix.
+    let (mut docs, mut hits, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+    let mut row = vec![0.0f32; dim];
+    for (qi, q) in qids.iter().enumerate() {
+        let list = run.get(q).unwrap_or(&[]);
+        let mut h = Vec::with_capacity(k.min(list.len()));
+        for (d, _) in list.iter().take(k) {
+            let r = *rows.get(d.as_str()).ok_or_else(|| Error::Mismatch {
+                path: run_path.to_path_buf(),
+                msg: format!(
+                    "document {d:?} (query {q:?}) is not in the index {}",
+                    store.path().display()
+                ),
+            })?;
+            store.row_f32(r, &mut row)?;
+            let s: f32 = row
+                .iter()
+                .zip(&q_emb[qi * dim..(qi + 1) * dim])
+                .map(|(a, b)| a * b)
+                .sum();
+            h.push(((docs.len() / dim) as u32, s));
+            docs.extend_from_slice(&row);
+            ids.push(d.clone());
+        }
+        hits.push(h);
+    }
+    let lists = ScoredLists::score(
+        &adapter.params,
+        Embeddings {
+            queries: &q_emb,
+            docs: &docs,
+            dim,
+        },
+        hits,
+    )?;
+    let mut out = Run::new();
+    for (q, ranked) in qids
+        .iter()
+        .zip(lists.rerank(adapter.tau, adapter.lambda_rr))
+    {
+        out.add_query(
+            q.to_string(),
+            ranked
+                .into_iter()
+                .map(|(d, s)| (ids[d as usize].clone(), s))
+                .collect(),
+        )?;
+    }
+    Ok(out)
+}

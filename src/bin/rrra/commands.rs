@@ -109,6 +109,9 @@ pub struct SearchArgs {
     /// Run tag written in the last column of the run.
     #[arg(long, default_value = "rrra")]
     pub tag: String,
+    /// Rerank the top k with this adapter (file, or a folder holding adapter.safetensors).
+    #[arg(long, value_name = "PATH")]
+    pub rerank: Option<PathBuf>,
 }
 
 pub fn search(a: SearchArgs) -> Result<()> {
@@ -131,8 +134,18 @@ pub fn search(a: SearchArgs) -> Result<()> {
         queries.retain(|q: &Query| qrels.get(&q.id).is_some());
     }
     let phase = Phase::new(queries.len(), "searched");
-    let run = pipeline::search(&encoder, &store, &queries, a.k, a.batch_size, &phase.tick())?;
+    let mut run = pipeline::search(&encoder, &store, &queries, a.k, a.batch_size, &phase.tick())?;
     phase.finish("queries");
+    if let Some(path) = &a.rerank {
+        let adapter = rrra::adapter::file::AdapterFile::load(path)?;
+        adapter.check_dim(encoder.dim(), path)?;
+        run = pipeline::rerank_run(&encoder, &store, &queries, &run, path, &adapter, a.k)?;
+        eprintln!(
+            "reranked with {} (lambda_rr {})",
+            path.display(),
+            adapter.lambda_rr
+        );
+    }
     write_run(&a.out, &run, &a.tag)?;
     eprintln!(
         "wrote {} ({} queries, top {})",

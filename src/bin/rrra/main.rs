@@ -6,6 +6,7 @@ mod commands;
 mod demo;
 mod device_check;
 mod progress;
+mod rrra_cmds;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -46,6 +47,14 @@ enum Command {
     DeviceCheck(device_check::DeviceCheckArgs),
     /// Fine-tune a bi-encoder with mined hard negatives (InfoNCE, AdamW; CPU).
     Train(train::TrainArgs),
+    /// RRRA stage 2: train the false-negative adapter on a frozen encoder, choose lambda_rr
+    /// on a dev split, report the reranked test retrieval.
+    Adapter(rrra_cmds::AdapterArgs),
+    /// Rerank a TREC run's top-k with an adapter.
+    Rerank(rrra_cmds::RerankArgs),
+    /// The comparison experiment: pretrained / uniform / SimANS / TriSampler / RRRA, with and
+    /// without the adapter's rerank, over seeds; markdown + JSON + plots.
+    Experiment(rrra_cmds::ExperimentArgs),
     /// The built-in end-to-end job: encode SciFact, search its test queries, evaluate.
     Demo(demo::DemoArgs),
 }
@@ -69,6 +78,9 @@ fn main() -> ExitCode {
         Command::Export(a) => commands::export(a),
         Command::Bench(a) => bench::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::Adapter(a) => rrra_cmds::adapter(a),
+        Command::Rerank(a) => rrra_cmds::rerank(a),
+        Command::Experiment(a) => rrra_cmds::experiment(a),
         Command::Train(a) => train::run(a),
         Command::DeviceCheck(a) => device_check::run(a),
     };

@@ -75,8 +75,9 @@ pub struct TrainArgs {
         value_name = "N"
     )]
     pub random_negatives: i64,
-    /// Negative sampler: uniform, simans or trisampler, optionally with knobs
-    /// (e.g. simans:a=0.5,b=0 or uniform:range_min=10,range_max=100).
+    /// Negative sampler: uniform, simans, trisampler or rrra, optionally with knobs
+    /// (e.g. simans:a=0.5,b=0, uniform:range_min=10,range_max=100, rrra:gamma=2,t_h=1,soft=false).
+    /// rrra needs --adapter.
     #[arg(long, default_value = "simans", value_name = "SPEC")]
     pub sampler: String,
     /// Draw negatives from the mined top-K (mined) or from the file's own negatives (given).
@@ -114,6 +115,16 @@ pub struct TrainArgs {
     /// Evaluate every N optimizer steps [default: every epoch] (always at the end).
     #[arg(long, value_name = "N")]
     pub eval_every: Option<u64>,
+    /// The RRRA sampler's starting adapter: an `adapter.safetensors` from `rrra adapter` (or
+    /// the folder holding it). It keeps training jointly with the encoder.
+    #[arg(long, value_name = "PATH")]
+    pub adapter: Option<PathBuf>,
+    /// lambda of the joint loss L_c + lambda·L_adapter (rrra sampler).
+    #[arg(long, default_value_t = 0.1)]
+    pub adapter_loss_weight: f64,
+    /// Peak learning rate of the adapter in joint training (rrra sampler).
+    #[arg(long, default_value_t = 1e-3)]
+    pub adapter_lr: f32,
     /// Stop (as if killed) after this many optimizer steps of this invocation; the run stays
     /// resumable. For staged runs.
     #[arg(long, value_name = "N", hide = true)]
@@ -176,6 +187,9 @@ impl TrainArgs {
             ActivationMode::Keep
         };
         c.checkpoint_every = self.checkpoint_every;
+        c.adapter.init = self.adapter.clone();
+        c.adapter.loss_weight = self.adapter_loss_weight;
+        c.adapter.lr = self.adapter_lr;
         c.eval = self.eval_beir.as_ref().map(|dir| EvalSpec {
             dir: dir.clone(),
             split: self.eval_split.clone(),

@@ -1,0 +1,306 @@
+//! The comparison experiment of the method notes (section 7), as one call: on one BEIR
+//! collection, for each seed, the pretrained encoder and encoders fine-tuned with uniform,
+//! SimANS, TriSampler and RRRA hard negatives (same budget), each assessed with and without the
+//! adapter's rerank, plus the adapter's detection of planted false negatives. Writes
+//! `results.json` (every knob, every number, the wall time of each stage), `results.md` (the
+//! table, mean ± std over seeds) and PNG plots (training loss curves; s_FN of planted false
+//! negatives against the other candidates).
+
+pub mod assess;
+pub mod prepare;
+pub mod report;
+
+use crate::error::{Error, Result};
+use crate::train::config::{DataSource, TrainConfig};
+use crate::train::sampler::SamplerKind;
+use crate::train::trainer::{TrainEvent, Trainer};
+use assess::{assess, AssessConfig, Assessment};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// An encoder of the comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    Pretrained,
+    Uniform,
+    SimAns,
+    TriSampler,
+    Rrra,
+}
+
+impl Method {
+    pub const ALL: [Method; 5] = [
+        Method::Pretrained,
+        Method::Uniform,
+        Method::SimAns,
+        Method::TriSampler,
+        Method::Rrra,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Pretrained => "pretrained",
+            Method::Uniform => "uniform",
+            Method::SimAns => "simans",
+            Method::TriSampler => "trisampler",
+            Method::Rrra => "rrra",
+        }
+    }
+
+    /// Table labels without and with the adapter's rerank.
+    pub fn labels(self) -> (&'static str, &'static str) {
+        match self {
+            Method::Pretrained => (
+                "pretrained encoder",
+                "RRRA rerank only (pretrained + rerank)",
+            ),
+            Method::Uniform => ("uniform hard negatives", "uniform + rerank"),
+            Method::SimAns => ("SimANS", "SimANS + rerank"),
+            Method::TriSampler => ("TriSampler", "TriSampler + rerank"),
+            Method::Rrra => ("RRRA resample only", "RRRA full (resample + rerank)"),
+        }
+    }
+
+    fn sampler(self, cfg: &ExperimentConfig) -> Option<SamplerKind> {
+        match self {
+            Method::Pretrained => None,
+            Method::Uniform => Some(SamplerKind::Uniform {
+                range_min: 0,
+                range_max: None,
+            }),
+            Method::SimAns => Some(SamplerKind::SimAns { a: 0.5, b: 0.0 }),
+            Method::TriSampler => Some(SamplerKind::TriSampler {
+                max_angle_deg: 60.0,
+                require_closer_to_positive: true,
+            }),
+            Method::Rrra => Some(SamplerKind::Rrra {
+                gamma: cfg.gamma,
+                t_h: cfg.t_h,
+                soft: cfg.soft,
+            }),
+        }
+    }
+}
+
+impl std::str::FromStr for Method {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Method::ALL
+            .into_iter()
+            .find(|m| m.name() == s.to_ascii_lowercase())
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "unknown method `{s}` (valid: pretrained, uniform, simans, trisampler, rrra)"
+                ))
+            })
+    }
+}
+
+/// Every knob of the experiment.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ExperimentConfig {
+    pub data: PathBuf,
+    pub model: PathBuf,
+    pub out: PathBuf,
+    pub train_split: String,
+    pub test_split: String,
+    pub dev_fraction: f64,
+    pub plant_fraction: f64,
+    pub seeds: Vec<u64>,
+    pub methods: Vec<Method>,
+    /// Fine-tuning budget, the same for every method.
+    pub epochs: u32,
+    pub max_steps: Option<u64>,
+    pub batch_size: usize,
+    pub lr: f32,
+    pub hard_negatives: usize,
+    pub random_negatives: usize,
+    pub query_max_length: usize,
+    pub doc_max_length: usize,
+    pub mine_top_k: usize,
+    /// RRRA sampler knobs.
+    pub gamma: f64,
+    pub t_h: f64,
+    pub soft: bool,
+    pub adapter_loss_weight: f64,
+    pub adapter_lr: f32,
+    pub assess: AssessConfig,
+}
+
+impl ExperimentConfig {
+    /// The defaults: every method, 3 seeds, one epoch of batch 16 with 3 hard negatives and 1
+    /// random negative per query, documents cut to 128 tokens in training.
+    pub fn new(data: PathBuf, model: PathBuf, out: PathBuf) -> Self {
+        ExperimentConfig {
+            data,
+            model,
+            out,
+            train_split: "train".into(),
+            test_split: "test".into(),
+            dev_fraction: 0.2,
+            plant_fraction: 0.5,
+            seeds: vec![1, 2, 3],
+            methods: Method::ALL.to_vec(),
+            epochs: 1,
+            max_steps: None,
+            batch_size: 16,
+            lr: 2e-5,
+            hard_negatives: 3,
+            random_negatives: 1,
+            query_max_length: 64,
+            doc_max_length: 128,
+            mine_top_k: 200,
+            gamma: 2.0,
+            t_h: 1.0,
+            soft: false,
+            adapter_loss_weight: 0.1,
+            adapter_lr: 1e-3,
+            assess: AssessConfig::default(),
+        }
+    }
+}
+
+/// One (method, seed) result.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Trial {
+    pub method: Method,
+    pub seed: u64,
+    pub assessment: Assessment,
+    /// Wall seconds of fine-tuning (0 for the pretrained encoder).
+    pub train_s: f64,
+    /// (step, loss) of fine-tuning.
+    pub losses: Vec<(u64, f64)>,
+}
+
+/// Runs the experiment, writing into `cfg.out` as it goes; `say` gets progress lines.
+pub fn run(cfg: &ExperimentConfig, say: &mut dyn FnMut(String)) -> Result<Vec<Trial>> {
+    if cfg.seeds.is_empty() || cfg.methods.is_empty() {
+        return Err(Error::InvalidArgument(
+            "the experiment needs at least one seed and one method".into(),
+        ));
+    }
+    let started = Instant::now();
+    std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
+    let data = prepare::prepare(
+        &cfg.data,
+        &cfg.out.join("data"),
+        &cfg.train_split,
+        &cfg.test_split,
+        cfg.dev_fraction,
+        cfg.plant_fraction,
+    )?;
+    say(format!("data: {}", data.summary));
+    let mut trials: Vec<Trial> = Vec::new();
+    for &seed in &cfg.seeds {
+        // The pretrained encoder's adapter starts RRRA's stage 3, so it comes first.
+        let base_dir = cfg.out.join(format!("seed{seed}/pretrained"));
+        std::fs::create_dir_all(&base_dir).map_err(|e| Error::io(&base_dir, e))?;
+        let base_adapter = base_dir.join(crate::adapter::file::FILE_NAME);
+        let needs_base = cfg
+            .methods
+            .iter()
+            .any(|m| matches!(m, Method::Pretrained | Method::Rrra));
+        if needs_base {
+            say(format!("seed {seed}: assessing the pretrained encoder"));
+            let a = assess(&cfg.model, &data, &cfg.assess, seed, &base_adapter, say)?;
+            if cfg.methods.contains(&Method::Pretrained) {
+                trials.push(Trial {
+                    method: Method::Pretrained,
+                    seed,
+                    assessment: a,
+                    train_s: 0.0,
+                    losses: Vec::new(),
+                });
+            }
+        }
+        for &m in cfg.methods.iter().filter(|&&m| m != Method::Pretrained) {
+            let run_dir = cfg.out.join(format!("seed{seed}/{}", m.name()));
+            say(format!("seed {seed}: fine-tuning with {}", m.name()));
+            let clock = Instant::now();
+            let losses = fine_tune(cfg, &data, m, seed, &run_dir, &base_adapter, say)?;
+            let train_s = clock.elapsed().as_secs_f64();
+            let model_dir = run_dir.join("model");
+            say(format!("seed {seed}: assessing {}", m.name()));
+            let a = assess(
+                &model_dir,
+                &data,
+                &cfg.assess,
+                seed,
+                &model_dir.join("rerank_adapter.safetensors"),
+                say,
+            )?;
+            trials.push(Trial {
+                method: m,
+                seed,
+                assessment: a,
+                train_s,
+                losses,
+            });
+            report::write(cfg, &data.summary, &trials, started.elapsed().as_secs_f64())?;
+        }
+        report::write(cfg, &data.summary, &trials, started.elapsed().as_secs_f64())?;
+    }
+    Ok(trials)
+}
+
+/// Fine-tunes the base model with method `m`; returns (step, loss) of every step.
+fn fine_tune(
+    cfg: &ExperimentConfig,
+    data: &prepare::Prepared,
+    m: Method,
+    seed: u64,
+    run_dir: &Path,
+    base_adapter: &Path,
+    say: &mut dyn FnMut(String),
+) -> Result<Vec<(u64, f64)>> {
+    if run_dir.exists() {
+        std::fs::remove_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    }
+    let mut tc = TrainConfig::new(
+        cfg.model.clone(),
+        DataSource::Beir {
+            dir: data.dir.clone(),
+            split: "fit".into(),
+        },
+        run_dir.to_path_buf(),
+    );
+    tc.seed = seed;
+    tc.epochs = cfg.epochs;
+    tc.max_steps = cfg.max_steps;
+    tc.batch_size = cfg.batch_size;
+    tc.lr = cfg.lr;
+    tc.hard_negatives = cfg.hard_negatives;
+    tc.random_negatives = cfg.random_negatives;
+    tc.query_max_length = cfg.query_max_length;
+    tc.doc_max_length = cfg.doc_max_length;
+    tc.mine_top_k = cfg.mine_top_k;
+    tc.sampler = m
+        .sampler(cfg)
+        .ok_or_else(|| Error::InvalidArgument("the pretrained encoder is not fine-tuned".into()))?;
+    tc.adapter.init = (m == Method::Rrra).then(|| base_adapter.to_path_buf());
+    tc.adapter.loss_weight = cfg.adapter_loss_weight;
+    tc.adapter.lr = cfg.adapter_lr;
+    let mut trainer = Trainer::new(tc)?;
+    let mut losses = Vec::new();
+    let mut last_print = Instant::now();
+    trainer.run(None, &mut |ev| match ev {
+        TrainEvent::Step(r) => {
+            losses.push((r.step, r.loss));
+            if last_print.elapsed().as_secs_f64() > 30.0 || r.step == r.total_steps {
+                last_print = Instant::now();
+                let fnote = r
+                    .fn_mean_drawn
+                    .map(|f| format!(", drawn s_FN {f:.3}"))
+                    .unwrap_or_default();
+                say(format!(
+                    "  step {}/{} loss {:.4}{fnote} ({:.1} ex/s)",
+                    r.step, r.total_steps, r.loss, r.examples_per_s
+                ));
+            }
+        }
+        TrainEvent::Message(msg) => say(format!("  {msg}")),
+        _ => {}
+    })?;
+    Ok(losses)
+}
