@@ -7,6 +7,7 @@
 //! within the batch normalised to mean 1 over its real pairs. AdamW with a constant learning
 //! rate (weight decay 0 by default: plain Adam, as the calibration prototype used).
 
+use super::calibrate::{FnCalibration, FnScorer};
 use super::pairs::{PairClass, QueryPairs};
 use super::{backward, normalisation_loss, score, weighted_bce, AdapterParams};
 use crate::error::{Error, Result};
@@ -244,6 +245,32 @@ pub(crate) fn class_weights(classes: &[Option<PairClass>], balanced: bool) -> Ve
         .collect()
 }
 
+/// Per-pair weights for [`weighted_bce`], which averages over every entry of a padded batch:
+/// [`class_weights`] rescaled so the real pairs still average 1.
+pub(crate) fn bce_weights(classes: &[Option<PairClass>], balanced: bool) -> Vec<f32> {
+    let mut w = class_weights(classes, balanced);
+    let real = classes.iter().flatten().count().max(1);
+    let scale = w.len() as f32 / real as f32;
+    w.iter_mut().for_each(|v| *v *= scale);
+    w
+}
+
+/// The false-negative calibration fitted on pairs and their adapter logits (labelled
+/// positives 1, candidates 0).
+pub fn calibrate_pairs(
+    pairs: &[QueryPairs],
+    logits: &[Vec<f32>],
+    scorer: FnScorer,
+) -> Result<FnCalibration> {
+    let (mut s, mut l, mut y) = (Vec::new(), Vec::new(), Vec::new());
+    for (p, lg) in pairs.iter().zip(logits) {
+        s.extend_from_slice(&p.scores);
+        l.extend_from_slice(lg);
+        y.extend(p.classes.iter().map(|c| c.target() > 0.5));
+    }
+    FnCalibration::fit(&s, &l, &y, scorer)
+}
+
 /// Adds one batch's gradients to `grads`; returns (BCE, L_norm) averaged over real pairs.
 fn batch_gradients(
     cfg: &AdapterTrainConfig,
@@ -255,11 +282,7 @@ fn batch_gradients(
 ) -> Result<(f64, f64)> {
     let b = gather(emb, pairs, batch);
     let out = score(params, &b.queries, &b.candidates, b.k)?;
-    let mut weight = class_weights(&b.classes, cfg.class_weights);
-    // weighted_bce averages over all entries, padding included: rescale to real pairs
-    let real = b.classes.iter().filter(|c| c.is_some()).count();
-    let pad_scale = weight.len() as f32 / real as f32;
-    weight.iter_mut().for_each(|w| *w *= pad_scale);
+    let weight = bce_weights(&b.classes, cfg.class_weights);
     let mut d_logit = vec![0.0f32; out.logit.len()];
     let bce = weighted_bce(&out.logit, &b.targets, &weight, &mut d_logit)?;
     let mut d_a = vec![0.0f32; b.candidates.len()];

@@ -6,7 +6,8 @@ use super::prepare::Prepared;
 use crate::adapter::calibrate::{FnCalibration, FnScorer};
 use crate::adapter::file::AdapterFile;
 use crate::adapter::fit::{
-    cross_fit_logits, score_pairs, train_adapter, AdapterTrainConfig, Embeddings, EpochRecord,
+    calibrate_pairs, cross_fit_logits, score_pairs, train_adapter, AdapterTrainConfig, Embeddings,
+    EpochRecord,
 };
 use crate::adapter::pairs::{class_counts, label_pairs, QueryPairs};
 use crate::adapter::rerank::{choose_lambda, ScoredLists, LAMBDA_GRID};
@@ -179,7 +180,7 @@ pub fn assess(
         ))
     })?;
     let logits = score_pairs(&params, emb, &pairs)?;
-    let calibration = calibrate(&pairs, &logits, cfg.fn_scorer)?;
+    let calibration = calibrate_pairs(&pairs, &logits, cfg.fn_scorer)?;
     seconds.insert("adapter".into(), clock.elapsed().as_secs_f64());
 
     // Detection of the planted false negatives among the mined candidates.
@@ -190,7 +191,7 @@ pub fn assess(
     }
     if acfg.cross_fit_folds >= 2 {
         let cf = cross_fit_logits(&acfg, emb, &pairs)?;
-        let cal = calibrate(&pairs, &cf, cfg.fn_scorer)?;
+        let cal = calibrate_pairs(&pairs, &cf, cfg.fn_scorer)?;
         for (name, qs) in detection_scores(data, &pool, &pairs, &cf, &cal, cfg.simans_a) {
             if name == "s_fn" || name == "adapter_p" {
                 det.insert(format!("{name}_cross_fit"), detection(&qs));
@@ -276,16 +277,6 @@ pub fn assess(
         s_fn_planted,
         s_fn_others,
     })
-}
-
-fn calibrate(pairs: &[QueryPairs], logits: &[Vec<f32>], scorer: FnScorer) -> Result<FnCalibration> {
-    let (mut s, mut l, mut y) = (Vec::new(), Vec::new(), Vec::new());
-    for (p, lg) in pairs.iter().zip(logits) {
-        s.extend_from_slice(&p.scores);
-        l.extend_from_slice(lg);
-        y.extend(p.classes.iter().map(|c| c.target() > 0.5));
-    }
-    FnCalibration::fit(&s, &l, &y, scorer)
 }
 
 /// Per scorer, per fit query, the scores of its mined candidates (positives excluded) and

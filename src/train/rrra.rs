@@ -13,7 +13,7 @@ use super::mining::MinedPool;
 use super::optim::{AdamW, AdamWConfig};
 use crate::adapter::calibrate::FnCalibration;
 use crate::adapter::file::AdapterFile;
-use crate::adapter::fit::{class_weights, score_pairs, Embeddings};
+use crate::adapter::fit::{bce_weights, calibrate_pairs, score_pairs, Embeddings};
 use crate::adapter::pairs::{label_pairs, PairClass};
 use crate::adapter::{backward, score, weighted_bce, AdapterParams};
 use crate::error::{Error, Result};
@@ -83,13 +83,7 @@ impl JointAdapter {
             dim: pool.dim,
         };
         let logits = score_pairs(&self.file.params, emb, &pairs)?;
-        let (mut s, mut l, mut y) = (Vec::new(), Vec::new(), Vec::new());
-        for (p, lg) in pairs.iter().zip(&logits) {
-            s.extend_from_slice(&p.scores);
-            l.extend_from_slice(lg);
-            y.extend(p.classes.iter().map(|c| c.target() > 0.5));
-        }
-        let cal = FnCalibration::fit(&s, &l, &y, self.file.calibration.scorer)?;
+        let cal = calibrate_pairs(&pairs, &logits, self.file.calibration.scorer)?;
         self.file.calibration = cal;
         let mut stats = FnPoolStats {
             calibration: Some(cal),
@@ -184,10 +178,7 @@ impl JointAdapter {
         }
         let params = &self.file.params;
         let out = score(params, &q_emb[..b_n * dim], &cands, k)?;
-        let mut w = class_weights(&classes, true);
-        let real = classes.iter().flatten().count().max(1);
-        let pad = w.len() as f32 / real as f32;
-        w.iter_mut().for_each(|v| *v *= pad);
+        let w = bce_weights(&classes, true);
         let targets: Vec<f32> = classes
             .iter()
             .map(|c| c.map_or(0.0, PairClass::target))
