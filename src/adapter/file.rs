@@ -50,6 +50,7 @@ impl AdapterFile {
                 name: (*name).to_string(),
                 shape: match *name {
                     "w1" => vec![self.params.h, 3 * self.params.d],
+                    "w1_pos" => vec![self.params.h, 2 * self.params.d],
                     "w2" => vec![self.params.d, self.params.h],
                     _ => vec![data.len()],
                 },
@@ -129,6 +130,10 @@ impl AdapterFile {
             b2: tensor("b2")?,
             beta: scalar("beta")?,
             beta0: scalar("beta0")?,
+            w1_pos: match loaded.tensors.get("w1_pos") {
+                Some((_, v)) => v.clone(),
+                None => Vec::new(),
+            },
         };
         params
             .check()

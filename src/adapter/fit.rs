@@ -9,7 +9,8 @@
 
 use super::calibrate::{FnCalibration, FnScorer};
 use super::pairs::{PairClass, QueryPairs};
-use super::{backward, normalisation_loss, score, weighted_bce, AdapterParams};
+use super::scoring::{backward_with_context, score_with_context};
+use super::{normalisation_loss, score, weighted_bce, AdapterParams};
 use crate::error::{Error, Result};
 use crate::index::synthetic::Rng;
 use crate::train::optim::{AdamW, AdamWConfig};
@@ -28,10 +29,15 @@ pub struct AdapterTrainConfig {
     /// Queries per step (all their pairs).
     pub batch_queries: usize,
     pub weight_decay: f32,
-    /// Inverse-class-frequency weights in the BCE (else every pair weighs 1).
-    pub class_weights: bool,
+    /// How the BCE weighs the classes against their imbalance.
+    pub class_weights: ClassWeights,
     /// k-fold cross-fitting of the false-negative scores of training queries (0 = off).
     pub cross_fit_folds: usize,
+    /// Positive-aware scoring (method notes 4): the MLP also reads `[c − d̄+ ; c ⊙ d̄+]`. Such
+    /// an adapter can only score queries with labelled positives (detection on training
+    /// queries), never a test query.
+    #[serde(default)]
+    pub positive_aware: bool,
     pub seed: u64,
 }
 
@@ -45,8 +51,9 @@ impl Default for AdapterTrainConfig {
             epochs: 5,
             batch_queries: 16,
             weight_decay: 0.0,
-            class_weights: true,
+            class_weights: ClassWeights::Classes,
             cross_fit_folds: 0,
+            positive_aware: false,
             seed: 0,
         }
     }
@@ -114,7 +121,8 @@ pub fn train_adapter(
 ) -> Result<(AdapterParams, Vec<EpochRecord>)> {
     cfg.validate()?;
     let d = emb.dim;
-    let mut params = AdapterParams::init(d, cfg.hidden.unwrap_or(d), cfg.seed)?;
+    let mut params =
+        AdapterParams::init_with(d, cfg.hidden.unwrap_or(d), cfg.positive_aware, cfg.seed)?;
     let mut grads = params.zeros_like();
     let sizes: Vec<usize> = params.tensors().iter().map(|(_, t)| t.len()).collect();
     let mut optim = AdamW::new(
@@ -125,7 +133,11 @@ pub fn train_adapter(
         &sizes,
     );
     // beta and beta0 are scales, not weights: never decayed; neither are the biases.
-    let decay = [true, false, true, false, false, false];
+    let decay: Vec<bool> = params
+        .tensors()
+        .iter()
+        .map(|(name, _)| matches!(*name, "w1" | "w2" | "w1_pos"))
+        .collect();
     let usable: Vec<usize> = (0..pairs.len()).filter(|&i| !pairs[i].is_empty()).collect();
     if usable.is_empty() {
         return Err(Error::InvalidArgument(
@@ -194,29 +206,87 @@ fn gather_lists(emb: Embeddings<'_>, lists: &[(usize, &[u32])]) -> (usize, Vec<f
     (k, queries, candidates)
 }
 
-/// A training batch: padded embeddings plus targets and classes (`None` = padding), `[B × K]`.
+/// A training batch: padded embeddings plus targets and classes (`None` = padding, or a
+/// positive without a positive-aware context), `[B × K]`; the positive-aware contexts when
+/// asked for.
 struct Padded {
     k: usize,
     queries: Vec<f32>,
     candidates: Vec<f32>,
+    contexts: Option<Vec<f32>>,
     targets: Vec<f32>,
     classes: Vec<Option<PairClass>>,
 }
 
-fn gather(emb: Embeddings<'_>, pairs: &[QueryPairs], batch: &[usize]) -> Padded {
+/// The positive-aware context d̄+ of each pair of one query, `[len × d]`, and whether it
+/// exists: candidates get the mean of the query's labelled positives; a labelled positive gets
+/// the mean of the *other* positives (leave one out: with itself in the mean, `c − d̄+` would
+/// give its label away), and has none when it is the query's only positive.
+fn positive_contexts(emb: Embeddings<'_>, qp: &QueryPairs) -> (Vec<f32>, Vec<bool>) {
+    let d = emb.dim;
+    let positives: Vec<usize> = (0..qp.len())
+        .filter(|&j| qp.classes[j].target() > 0.5)
+        .collect();
+    let mut sum = vec![0.0f64; d];
+    for &j in &positives {
+        for (s, &v) in sum.iter_mut().zip(emb.doc(qp.docs[j] as usize)) {
+            *s += v as f64;
+        }
+    }
+    let n = positives.len();
+    let mut ctx = vec![0.0f32; qp.len() * d];
+    let mut has = vec![false; qp.len()];
+    for j in 0..qp.len() {
+        let is_pos = qp.classes[j].target() > 0.5;
+        let others = if is_pos { n - 1 } else { n };
+        if others == 0 {
+            continue;
+        }
+        let own = emb.doc(qp.docs[j] as usize);
+        for l in 0..d {
+            let s = if is_pos {
+                sum[l] - own[l] as f64
+            } else {
+                sum[l]
+            };
+            ctx[j * d + l] = (s / others as f64) as f32;
+        }
+        has[j] = true;
+    }
+    (ctx, has)
+}
+
+fn gather(
+    emb: Embeddings<'_>,
+    pairs: &[QueryPairs],
+    batch: &[usize],
+    positive_aware: bool,
+) -> Padded {
     let lists: Vec<(usize, &[u32])> = batch
         .iter()
         .map(|&i| (pairs[i].query, &pairs[i].docs[..]))
         .collect();
     let (k, queries, candidates) = gather_lists(emb, &lists);
+    let d = emb.dim;
     let mut classes = Vec::with_capacity(batch.len() * k);
+    let mut contexts = positive_aware.then(|| Vec::with_capacity(batch.len() * k * d));
     for &i in batch {
-        classes.extend((0..k).map(|j| pairs[i].classes.get(j).copied()));
+        let qp = &pairs[i];
+        match contexts.as_mut() {
+            Some(all) => {
+                let (ctx, has) = positive_contexts(emb, qp);
+                all.extend_from_slice(&ctx);
+                all.resize(all.len() + (k - qp.len()) * d, 0.0);
+                classes.extend((0..k).map(|j| qp.classes.get(j).copied().filter(|_| has[j])));
+            }
+            None => classes.extend((0..k).map(|j| qp.classes.get(j).copied())),
+        }
     }
     Padded {
         k,
         queries,
         candidates,
+        contexts,
         targets: classes
             .iter()
             .map(|c| c.map_or(0.0, PairClass::target))
@@ -225,12 +295,46 @@ fn gather(emb: Embeddings<'_>, pairs: &[QueryPairs], batch: &[usize]) -> Padded 
     }
 }
 
-/// Per-pair BCE weights: inverse class frequency (or 1), normalised to mean 1 over the real
-/// pairs, 0 for padding.
-pub(crate) fn class_weights(classes: &[Option<PairClass>], balanced: bool) -> Vec<f32> {
+/// The class-imbalance weighting of the adapter's BCE (method notes 4.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClassWeights {
+    /// Every pair weighs 1.
+    None,
+    /// Inverse frequency of the target: positives (TP, FN) and negatives (FP, TN) carry equal
+    /// total weight.
+    Target,
+    /// Inverse frequency of each of the four classes TP, FN, FP, TN (each carries an equal
+    /// share). This weighs the few unlabelled candidates ranked above r (FP, where false
+    /// negatives hide) as much as all the lower-ranked ones together.
+    Classes,
+}
+
+impl std::str::FromStr for ClassWeights {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(ClassWeights::None),
+            "target" => Ok(ClassWeights::Target),
+            "classes" => Ok(ClassWeights::Classes),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown class weighting `{s}` (valid: none, target, classes)"
+            ))),
+        }
+    }
+}
+
+/// Per-pair BCE weights: inverse frequency of the group a pair belongs to (its class, its
+/// target, or one group for all), normalised to mean 1 over the real pairs, 0 for padding.
+pub(crate) fn class_weights(classes: &[Option<PairClass>], by: ClassWeights) -> Vec<f32> {
+    let group = |c: PairClass| match by {
+        ClassWeights::None => 0,
+        ClassWeights::Target => (c.target() > 0.5) as usize,
+        ClassWeights::Classes => c.index(),
+    };
     let mut count = [0usize; 4];
-    for c in classes.iter().flatten() {
-        count[c.index()] += 1;
+    for &c in classes.iter().flatten() {
+        count[group(c)] += 1;
     }
     let real: usize = count.iter().sum();
     let present = count.iter().filter(|&&n| n > 0).count().max(1);
@@ -238,17 +342,16 @@ pub(crate) fn class_weights(classes: &[Option<PairClass>], balanced: bool) -> Ve
         .iter()
         .map(|c| match c {
             None => 0.0,
-            Some(_) if !balanced => 1.0,
-            // each present class carries an equal share of the total weight `real`
-            Some(c) => (real as f64 / (present * count[c.index()]) as f64) as f32,
+            // each present group carries an equal share of the total weight `real`
+            Some(c) => (real as f64 / (present * count[group(*c)]) as f64) as f32,
         })
         .collect()
 }
 
 /// Per-pair weights for [`weighted_bce`], which averages over every entry of a padded batch:
 /// [`class_weights`] rescaled so the real pairs still average 1.
-pub(crate) fn bce_weights(classes: &[Option<PairClass>], balanced: bool) -> Vec<f32> {
-    let mut w = class_weights(classes, balanced);
+pub(crate) fn bce_weights(classes: &[Option<PairClass>], by: ClassWeights) -> Vec<f32> {
+    let mut w = class_weights(classes, by);
     let real = classes.iter().flatten().count().max(1);
     let scale = w.len() as f32 / real as f32;
     w.iter_mut().for_each(|v| *v *= scale);
@@ -261,14 +364,20 @@ pub fn calibrate_pairs(
     pairs: &[QueryPairs],
     logits: &[Vec<f32>],
     scorer: FnScorer,
+    tau: f32,
 ) -> Result<FnCalibration> {
     let (mut s, mut l, mut y) = (Vec::new(), Vec::new(), Vec::new());
     for (p, lg) in pairs.iter().zip(logits) {
-        s.extend_from_slice(&p.scores);
-        l.extend_from_slice(lg);
-        y.extend(p.classes.iter().map(|c| c.target() > 0.5));
+        for ((&sc, &lv), c) in p.scores.iter().zip(lg).zip(&p.classes) {
+            if lv.is_nan() {
+                continue; // a positive-aware logit without a context
+            }
+            s.push(sc);
+            l.push(lv);
+            y.push(c.target() > 0.5);
+        }
     }
-    FnCalibration::fit(&s, &l, &y, scorer)
+    FnCalibration::fit(&s, &l, &y, scorer, tau)
 }
 
 /// Adds one batch's gradients to `grads`; returns (BCE, L_norm) averaged over real pairs.
@@ -280,8 +389,9 @@ fn batch_gradients(
     batch: &[usize],
     grads: &mut AdapterParams,
 ) -> Result<(f64, f64)> {
-    let b = gather(emb, pairs, batch);
-    let out = score(params, &b.queries, &b.candidates, b.k)?;
+    let b = gather(emb, pairs, batch, params.positive_aware());
+    let ctx = b.contexts.as_deref();
+    let out = score_with_context(params, &b.queries, &b.candidates, ctx, b.k)?;
     let weight = bce_weights(&b.classes, cfg.class_weights);
     let mut d_logit = vec![0.0f32; out.logit.len()];
     let bce = weighted_bce(&out.logit, &b.targets, &weight, &mut d_logit)?;
@@ -305,10 +415,11 @@ fn batch_gradients(
         0.0
     };
     let extra = (cfg.mu > 0.0).then_some(&d_a[..]);
-    backward(
+    backward_with_context(
         params,
         &b.queries,
         &b.candidates,
+        ctx,
         b.k,
         &out.cache,
         &d_logit,
@@ -321,13 +432,46 @@ fn batch_gradients(
 }
 
 /// The adapter's logits for every pair of every list (forward only), batched by queries.
+/// A positive-aware adapter reads each pair's context; a labelled positive without one (its
+/// query's only positive) gets a NaN logit, which calibration skips.
 pub fn score_pairs(
     params: &AdapterParams,
     emb: Embeddings<'_>,
     pairs: &[QueryPairs],
 ) -> Result<Vec<Vec<f32>>> {
-    let lists: Vec<(usize, &[u32])> = pairs.iter().map(|p| (p.query, &p.docs[..])).collect();
-    score_lists(params, emb, &lists)
+    if !params.positive_aware() {
+        let lists: Vec<(usize, &[u32])> = pairs.iter().map(|p| (p.query, &p.docs[..])).collect();
+        return score_lists(params, emb, &lists);
+    }
+    check_dim(params, emb)?;
+    let mut logits = Vec::with_capacity(pairs.len());
+    for qp in pairs {
+        if qp.is_empty() {
+            logits.push(Vec::new());
+            continue;
+        }
+        let (ctx, has) = positive_contexts(emb, qp);
+        let (k, queries, candidates) = gather_lists(emb, &[(qp.query, &qp.docs[..])]);
+        let out = score_with_context(params, &queries, &candidates, Some(&ctx), k)?;
+        logits.push(
+            out.logit
+                .iter()
+                .zip(&has)
+                .map(|(&l, &h)| if h { l } else { f32::NAN })
+                .collect(),
+        );
+    }
+    Ok(logits)
+}
+
+fn check_dim(params: &AdapterParams, emb: Embeddings<'_>) -> Result<()> {
+    if params.d != emb.dim {
+        return Err(Error::InvalidArgument(format!(
+            "the adapter was trained for {}-dimensional embeddings, these have {}",
+            params.d, emb.dim
+        )));
+    }
+    Ok(())
 }
 
 /// The adapter's logits for candidate lists `(query row, corpus rows)`, in list order; empty
@@ -337,12 +481,7 @@ pub fn score_lists(
     emb: Embeddings<'_>,
     lists: &[(usize, &[u32])],
 ) -> Result<Vec<Vec<f32>>> {
-    if params.d != emb.dim {
-        return Err(Error::InvalidArgument(format!(
-            "the adapter was trained for {}-dimensional embeddings, these have {}",
-            params.d, emb.dim
-        )));
-    }
+    check_dim(params, emb)?;
     let mut logits: Vec<Vec<f32>> = lists
         .iter()
         .map(|l| Vec::with_capacity(l.1.len()))
@@ -451,12 +590,35 @@ mod tests {
             Some(TrueNegative),
             None,
         ];
-        let w = class_weights(&c, true);
+        let w = class_weights(&c, ClassWeights::Classes);
         assert_eq!(w[4], 0.0);
         assert!((w[0] - 2.0).abs() < 1e-6 && (w[1] - 2.0 / 3.0).abs() < 1e-6);
         let mean: f32 = w[..4].iter().sum::<f32>() / 4.0;
         assert!((mean - 1.0).abs() < 1e-6);
-        assert_eq!(class_weights(&c, false), vec![1.0, 1.0, 1.0, 1.0, 0.0]);
+        assert_eq!(
+            class_weights(&c, ClassWeights::None),
+            vec![1.0, 1.0, 1.0, 1.0, 0.0]
+        );
+        // by target: FN and FP join their targets' groups
+        let c = [
+            Some(TruePositive),
+            Some(FalseNegative),
+            Some(FalsePositive),
+            Some(TrueNegative),
+            Some(TrueNegative),
+            Some(TrueNegative),
+        ];
+        let w = class_weights(&c, ClassWeights::Target);
+        assert!(
+            (w[0] - 1.5).abs() < 1e-6 && (w[1] - 1.5).abs() < 1e-6,
+            "{w:?}"
+        );
+        assert!(w[2..].iter().all(|&v| (v - 0.75).abs() < 1e-6), "{w:?}");
+        let w = class_weights(&c, ClassWeights::Classes);
+        assert!(
+            (w[2] - 1.5).abs() < 1e-6 && (w[3] - 0.5).abs() < 1e-6,
+            "{w:?}"
+        );
     }
 
     #[test]
@@ -487,6 +649,52 @@ mod tests {
         // deterministic
         let again = train_adapter(&cfg, emb, &pairs, &mut |_| {}).unwrap().0;
         assert_eq!(params, again);
+    }
+
+    #[test]
+    fn positive_aware_contexts_leave_one_out_and_training_works() {
+        let dim = 16;
+        let (q, docs, mut pairs) = toy(40, dim);
+        let emb = Embeddings {
+            queries: &q,
+            docs: &docs,
+            dim,
+        };
+        let doc = |i: u32| &docs[i as usize * dim..(i as usize + 1) * dim];
+        let (ctx, has) = positive_contexts(emb, &pairs[0]);
+        assert!(has.iter().all(|&h| h));
+        let (d0, d1) = (doc(pairs[0].docs[0]), doc(pairs[0].docs[1]));
+        for l in 0..dim {
+            assert_eq!(ctx[l], d1[l]); // positive 0 sees only positive 1
+            assert_eq!(ctx[dim + l], d0[l]);
+            assert!((ctx[5 * dim + l] - (d0[l] + d1[l]) / 2.0).abs() < 1e-6);
+        }
+        let cfg = AdapterTrainConfig {
+            epochs: 8,
+            batch_queries: 8,
+            lr: 3e-3,
+            positive_aware: true,
+            ..Default::default()
+        };
+        let (params, hist) = train_adapter(&cfg, emb, &pairs, &mut |_| {}).unwrap();
+        assert!(params.positive_aware());
+        assert!(hist.last().unwrap().loss < hist[0].loss, "{hist:?}");
+        // the unlabelled near candidates (2, 3) score above the far ones
+        let logits = score_pairs(&params, emb, &pairs).unwrap();
+        let (mut near, mut far) = (0.0, 0.0);
+        for l in &logits {
+            near += (l[2] + l[3]) as f64 / 2.0;
+            far += l[4..].iter().map(|&x| x as f64).sum::<f64>() / 26.0;
+        }
+        assert!(near > far + 1.0, "near {near} vs far {far}");
+        // a query's only positive has no leave-one-out context: NaN, and calibration skips it
+        pairs[0].classes[1] = PairClass::of(false, 1, 3);
+        let logits = score_pairs(&params, emb, &pairs).unwrap();
+        assert!(logits[0][0].is_nan() && logits[0][1].is_finite());
+        let cal = calibrate_pairs(&pairs, &logits, FnScorer::Combined, 0.05).unwrap();
+        assert!(cal.w_logit.is_finite());
+        // the plain scoring path refuses a positive-aware adapter (test queries have no context)
+        assert!(score_lists(&params, emb, &[(0, &pairs[0].docs[..])]).is_err());
     }
 
     #[test]

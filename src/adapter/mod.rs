@@ -10,6 +10,11 @@
 //! p     = sigmoid(beta · (QA − CA) + beta0)
 //! ```
 //!
+//! Positive-aware option (method notes 4, off by default): for training queries, whose labelled
+//! positives are known, the MLP also reads `[c − d̄+ ; c ⊙ d̄+]` with d̄+ the mean embedding of
+//! the query's labelled positives (`W1pos: h × 2d`), TriSampler's intuition that a negative
+//! close to the positives is suspect.
+//!
 //! [`scoring`] holds the fused forward/backward op; this file the parameters and the two training
 //! losses of the adapter, `L = BCE_w(logit) + mu · L_norm(a)`:
 //! [`weighted_bce`] on the logit and [`normalisation_loss`] keeping `a` on the segment [c, q].
@@ -45,6 +50,9 @@ pub struct AdapterParams {
     pub beta: f32,
     /// Bias of the logit.
     pub beta0: f32,
+    /// Positive-aware scoring: `[h × 2d]`, columns `0..d` act on `c − d̄+`, `d..2d` on
+    /// `c ⊙ d̄+`; empty when the option is off.
+    pub w1_pos: Vec<f32>,
 }
 
 impl AdapterParams {
@@ -52,6 +60,12 @@ impl AdapterParams {
     /// `z` gives unit-scale pre-activations), `b1 = 0`; `W2 = 0` and `b2 = 0`, so the adapter
     /// starts as the identity `a = c`; `beta = 10`, `beta0 = 0`. Deterministic in `seed`.
     pub fn init(d: usize, h: usize, seed: u64) -> Result<Self> {
+        Self::init_with(d, h, false, seed)
+    }
+
+    /// [`AdapterParams::init`], with the positive-aware block `W1pos` when `positive_aware`
+    /// (drawn from the same normal after `W1`; the adapter still starts as `a = c`).
+    pub fn init_with(d: usize, h: usize, positive_aware: bool, seed: u64) -> Result<Self> {
         if d == 0 || h == 0 {
             return Err(Error::InvalidArgument(format!(
                 "adapter needs non-zero sizes, got d = {d}, h = {h}"
@@ -59,18 +73,27 @@ impl AdapterParams {
         }
         let std = 1.0 / ((3 * d) as f64).sqrt();
         let mut rng = Rng::new(seed);
-        let n = h * 3 * d;
-        let mut w1 = Vec::with_capacity(n + 1);
-        while w1.len() < n {
-            let (x, y) = rng.normal_pair();
-            w1.push((x * std) as f32);
-            w1.push((y * std) as f32);
-        }
-        w1.truncate(n);
+        let mut normal = |n: usize| {
+            let mut w = Vec::with_capacity(n + 1);
+            while w.len() < n {
+                let (x, y) = rng.normal_pair();
+                w.push((x * std) as f32);
+                w.push((y * std) as f32);
+            }
+            w.truncate(n);
+            w
+        };
+        let w1 = normal(h * 3 * d);
+        let w1_pos = if positive_aware {
+            normal(h * 2 * d)
+        } else {
+            Vec::new()
+        };
         Ok(AdapterParams {
             d,
             h,
             w1,
+            w1_pos,
             b1: vec![0.0; h],
             w2: vec![0.0; d * h],
             b2: vec![0.0; d],
@@ -90,12 +113,18 @@ impl AdapterParams {
             b2: vec![0.0; self.b2.len()],
             beta: 0.0,
             beta0: 0.0,
+            w1_pos: vec![0.0; self.w1_pos.len()],
         }
+    }
+
+    /// Whether the positive-aware block is present.
+    pub fn positive_aware(&self) -> bool {
+        !self.w1_pos.is_empty()
     }
 
     /// Number of scalar parameters.
     pub fn len(&self) -> usize {
-        self.w1.len() + self.b1.len() + self.w2.len() + self.b2.len() + 2
+        self.w1.len() + self.b1.len() + self.w2.len() + self.b2.len() + 2 + self.w1_pos.len()
     }
 
     /// Never true for checked parameters (beta and beta0 always exist); for clippy's sake.
@@ -103,29 +132,38 @@ impl AdapterParams {
         false
     }
 
-    /// The parameter tensors in a fixed order (w1, b1, w2, b2, beta, beta0), with their names:
-    /// the optimizer's and the file's view.
-    pub fn tensors(&self) -> [(&'static str, &[f32]); 6] {
-        [
+    /// The parameter tensors in a fixed order (w1, b1, w2, b2, beta, beta0, then w1_pos when
+    /// present), with their names: the optimizer's and the file's view.
+    pub fn tensors(&self) -> Vec<(&'static str, &[f32])> {
+        let mut t: Vec<(&'static str, &[f32])> = vec![
             ("w1", &self.w1),
             ("b1", &self.b1),
             ("w2", &self.w2),
             ("b2", &self.b2),
             ("beta", std::slice::from_ref(&self.beta)),
             ("beta0", std::slice::from_ref(&self.beta0)),
-        ]
+        ];
+        if self.positive_aware() {
+            t.push(("w1_pos", &self.w1_pos));
+        }
+        t
     }
 
     /// Mutable [`AdapterParams::tensors`], same order.
-    pub fn tensors_mut(&mut self) -> [&mut [f32]; 6] {
-        [
+    pub fn tensors_mut(&mut self) -> Vec<&mut [f32]> {
+        let pos = self.positive_aware();
+        let mut t: Vec<&mut [f32]> = vec![
             &mut self.w1,
             &mut self.b1,
             &mut self.w2,
             &mut self.b2,
             std::slice::from_mut(&mut self.beta),
             std::slice::from_mut(&mut self.beta0),
-        ]
+        ];
+        if pos {
+            t.push(&mut self.w1_pos);
+        }
+        t
     }
 
     /// Every tensor has the size its `d` and `h` call for.
@@ -136,16 +174,19 @@ impl AdapterParams {
             && self.w1.len() == h * 3 * d
             && self.b1.len() == h
             && self.w2.len() == d * h
-            && self.b2.len() == d;
+            && self.b2.len() == d
+            && (self.w1_pos.is_empty() || self.w1_pos.len() == h * 2 * d);
         if ok {
             Ok(())
         } else {
             Err(Error::InvalidArgument(format!(
-                "adapter parameters disagree with d = {d}, h = {h}: w1 {}, b1 {}, w2 {}, b2 {}",
+                "adapter parameters disagree with d = {d}, h = {h}: w1 {}, b1 {}, w2 {}, b2 {}, \
+                 w1_pos {}",
                 self.w1.len(),
                 self.b1.len(),
                 self.w2.len(),
-                self.b2.len()
+                self.b2.len(),
+                self.w1_pos.len()
             )))
         }
     }
@@ -265,7 +306,7 @@ pub fn normalisation_loss(
 }
 
 /// `log(1 + e^x)` without overflow.
-fn softplus(x: f64) -> f64 {
+pub(crate) fn softplus(x: f64) -> f64 {
     x.max(0.0) + (-x.abs()).exp().ln_1p()
 }
 

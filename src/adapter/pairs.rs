@@ -162,7 +162,7 @@ mod tests {
                 TrueNegative
             ]
         );
-        assert_eq!(class_counts(&[p.clone()]), [1, 1, 1, 3]);
+        assert_eq!(class_counts(std::slice::from_ref(p)), [1, 1, 1, 3]);
         assert_eq!(TruePositive.target(), 1.0);
         assert_eq!(FalsePositive.target(), 0.0);
     }

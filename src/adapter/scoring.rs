@@ -191,7 +191,42 @@ pub fn score(
     candidates: &[f32],
     k: usize,
 ) -> Result<AdapterOutput> {
+    score_with_context(params, queries, candidates, None, k)
+}
+
+/// Checks that positive-aware contexts are given exactly when the parameters read them.
+fn check_contexts(params: &AdapterParams, contexts: Option<&[f32]>, pairs: usize) -> Result<()> {
+    match (params.positive_aware(), contexts) {
+        (false, None) => Ok(()),
+        (true, Some(x)) if x.len() == pairs * params.d => Ok(()),
+        (true, Some(x)) => Err(Error::InvalidArgument(format!(
+            "positive-aware contexts: {} floats for {pairs} pairs of dimension {}",
+            x.len(),
+            params.d
+        ))),
+        (true, None) => Err(Error::InvalidArgument(
+            "a positive-aware adapter needs the mean positive embedding of each pair's query"
+                .into(),
+        )),
+        (false, Some(_)) => Err(Error::InvalidArgument(
+            "contexts given to an adapter without the positive-aware block".into(),
+        )),
+    }
+}
+
+/// [`score`] for a positive-aware adapter: `contexts` (`[Q × k × d]`) holds each pair's d̄+.
+/// The extra input `[c − d̄+ ; c ⊙ d̄+]` varies per pair, so it is built per query (`k × 2d`)
+/// and applied as one more product: about 2·h·d more multiply-adds per pair. It is an
+/// ablation option for training queries, not the serving path.
+pub fn score_with_context(
+    params: &AdapterParams,
+    queries: &[f32],
+    candidates: &[f32],
+    contexts: Option<&[f32]>,
+    k: usize,
+) -> Result<AdapterOutput> {
     let nq = check_inputs(params, queries, candidates, k)?;
+    check_contexts(params, contexts, nq * k)?;
     let (d, h) = (params.d, params.h);
     let (w_sum, w_diff) = sum_diff(params);
     let mut u = vec![0.0f32; nq * h];
@@ -218,6 +253,14 @@ pub fn score(
                 }
             }
             linear(c_i, k, d, &m, &u[i * h..(i + 1) * h], h, pre_i);
+            if let Some(ctx) = contexts {
+                let y = positive_features(c_i, &ctx[i * k * d..(i + 1) * k * d], d);
+                let mut extra = vec![0.0f32; k * h];
+                linear(&y, k, 2 * d, &params.w1_pos, &vec![0.0; h], h, &mut extra);
+                for (p, e) in pre_i.iter_mut().zip(&extra) {
+                    *p += e;
+                }
+            }
             let g: Vec<f32> = pre_i.iter().map(|&x| gelu(x)).collect();
             linear(&g, k, h, &params.w2, &params.b2, d, a_i);
             // residual last, so W2 = 0, b2 = 0 gives a = c exactly
@@ -252,6 +295,18 @@ pub fn score(
             a,
         },
     })
+}
+
+/// `[c − x ; c ⊙ x]` per pair, `[k × 2d]`, for candidates `c` and contexts `x` (`[k × d]`).
+fn positive_features(c: &[f32], x: &[f32], d: usize) -> Vec<f32> {
+    let mut y = vec![0.0f32; c.len() * 2];
+    for (p, (cp, xp)) in c.chunks_exact(d).zip(x.chunks_exact(d)).enumerate() {
+        for l in 0..d {
+            y[p * 2 * d + l] = cp[l] - xp[l];
+            y[p * 2 * d + d + l] = cp[l] * xp[l];
+        }
+    }
+    y
 }
 
 /// GELU'(x) = Φ(x) + x·φ(x), with Φ from the same `erf` the forward uses.
@@ -291,7 +346,44 @@ pub fn backward(
     d_queries: Option<&mut [f32]>,
     d_candidates: Option<&mut [f32]>,
 ) -> Result<()> {
+    backward_with_context(
+        params,
+        queries,
+        candidates,
+        None,
+        k,
+        cache,
+        d_logit,
+        d_a_extra,
+        grads,
+        d_queries,
+        d_candidates,
+    )
+}
+
+/// [`backward`] of [`score_with_context`]. Input gradients are not available with contexts
+/// (the positive-aware option is for the frozen-encoder stage).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_with_context(
+    params: &AdapterParams,
+    queries: &[f32],
+    candidates: &[f32],
+    contexts: Option<&[f32]>,
+    k: usize,
+    cache: &AdapterCache,
+    d_logit: &[f32],
+    d_a_extra: Option<&[f32]>,
+    grads: &mut AdapterParams,
+    d_queries: Option<&mut [f32]>,
+    d_candidates: Option<&mut [f32]>,
+) -> Result<()> {
     let nq = check_inputs(params, queries, candidates, k)?;
+    check_contexts(params, contexts, nq * k)?;
+    if contexts.is_some() && (d_queries.is_some() || d_candidates.is_some()) {
+        return Err(Error::InvalidArgument(
+            "input gradients of a positive-aware adapter are not implemented".into(),
+        ));
+    }
     let (d, h) = (params.d, params.h);
     let p_n = nq * k;
     grads.check()?;
@@ -301,6 +393,7 @@ pub fn backward(
         && d_logit.len() == p_n
         && d_a_extra.is_none_or(|g| g.len() == p_n * d)
         && (grads.d, grads.h) == (d, h)
+        && grads.w1_pos.len() == params.w1_pos.len()
         && d_queries.as_ref().is_none_or(|g| g.len() == nq * d)
         && d_candidates.as_ref().is_none_or(|g| g.len() == p_n * d);
     if !ok {
@@ -431,6 +524,7 @@ pub fn backward(
         b2: gb2,
         beta: gbeta,
         beta0: gbeta0,
+        w1_pos: gw1_pos,
         ..
     } = grads;
     gw1.par_chunks_mut(3 * d)
@@ -466,6 +560,27 @@ pub fn backward(
             }
             *b = (*b as f64 + s_b) as f32;
         });
+    if let Some(ctx) = contexts {
+        // ∂W1pos = Σ_p δ_p [c_p − x_p ; c_p ⊙ x_p]ᵀ
+        gw1_pos
+            .par_chunks_mut(2 * d)
+            .enumerate()
+            .for_each(|(j, row)| {
+                let (mut s_diff, mut s_prod) = (vec![0.0f64; d], vec![0.0f64; d]);
+                for p in 0..p_n {
+                    let g = dpre[p * h + j] as f64;
+                    let (c, x) = (&candidates[p * d..(p + 1) * d], &ctx[p * d..(p + 1) * d]);
+                    for l in 0..d {
+                        s_diff[l] += g * (c[l] - x[l]) as f64;
+                        s_prod[l] += g * (c[l] * x[l]) as f64;
+                    }
+                }
+                for l in 0..d {
+                    row[l] = (row[l] as f64 + s_diff[l]) as f32;
+                    row[d + l] = (row[d + l] as f64 + s_prod[l]) as f32;
+                }
+            });
+    }
     let act: Vec<f32> = cache.pre.par_iter().map(|&x| gelu(x)).collect();
     gw2.par_chunks_mut(h)
         .zip(gb2.par_iter_mut())
@@ -513,13 +628,14 @@ mod tests {
         p
     }
 
-    /// Parameters as one f64 vector: w1, b1, w2, b2, beta, beta0.
+    /// Parameters as one f64 vector: w1, b1, w2, b2, beta, beta0, w1_pos (when present).
     fn flat(p: &AdapterParams) -> Vec<f64> {
         p.w1.iter()
             .chain(&p.b1)
             .chain(&p.w2)
             .chain(&p.b2)
             .chain([&p.beta, &p.beta0])
+            .chain(&p.w1_pos)
             .map(|&v| v as f64)
             .collect()
     }
@@ -540,11 +656,26 @@ mod tests {
 
     /// The adapter straight from its definition, in f64: z built explicitly, W1 applied to it.
     fn naive(w: &[f64], d: usize, h: usize, q: &[f64], c: &[f64], k: usize) -> Naive {
+        naive_ctx(w, d, h, q, c, None, k)
+    }
+
+    /// [`naive`] with positive-aware contexts (`x`, one per pair): z gains `[c − x ; c ⊙ x]`
+    /// and W1 the `w1_pos` block that follows beta0 in `w`.
+    fn naive_ctx(
+        w: &[f64],
+        d: usize,
+        h: usize,
+        q: &[f64],
+        c: &[f64],
+        x: Option<&[f64]>,
+        k: usize,
+    ) -> Naive {
         let (w1, rest) = w.split_at(h * 3 * d);
         let (b1, rest) = rest.split_at(h);
         let (w2, rest) = rest.split_at(d * h);
         let (b2, rest) = rest.split_at(d);
         let (beta, beta0) = (rest[0], rest[1]);
+        let w1p = &rest[2..];
         let p_n = c.len() / d;
         let mut out = Naive {
             logit: vec![],
@@ -562,9 +693,21 @@ mod tests {
                 .chain((0..d).map(|l| qi[l] * cp[l]))
                 .chain((0..d).map(|l| qi[l] + cp[l]))
                 .collect();
+            let y: Vec<f64> = match x {
+                Some(x) => {
+                    let xp = &x[p * d..(p + 1) * d];
+                    (0..d)
+                        .map(|l| cp[l] - xp[l])
+                        .chain((0..d).map(|l| cp[l] * xp[l]))
+                        .collect()
+                }
+                None => Vec::new(),
+            };
             let g: Vec<f64> = (0..h)
                 .map(|j| {
-                    let x = b1[j] + (0..3 * d).map(|t| w1[j * 3 * d + t] * z[t]).sum::<f64>();
+                    let x = b1[j]
+                        + (0..3 * d).map(|t| w1[j * 3 * d + t] * z[t]).sum::<f64>()
+                        + (0..y.len()).map(|t| w1p[j * 2 * d + t] * y[t]).sum::<f64>();
                     0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))
                 })
                 .collect();
@@ -847,5 +990,91 @@ mod tests {
             None,
             None
         )));
+    }
+
+    #[test]
+    fn positive_aware_matches_naive_and_finite_differences() {
+        let (d, h, nq, k) = (5, 4, 2, 3);
+        let mut params = trained_like(d, h, 21);
+        let with = AdapterParams::init_with(d, h, true, 21).unwrap();
+        assert!(with.positive_aware() && !params.positive_aware());
+        assert_eq!(with.w1, params.w1); // the block is drawn after W1
+        params.w1_pos = with.w1_pos;
+        let mut rng = Rng::new(22);
+        let q = random(&mut rng, nq * d, 1.0);
+        let c = random(&mut rng, nq * k * d, 1.0);
+        let x = random(&mut rng, nq * k * d, 1.0);
+        let d_logit = random(&mut rng, nq * k, 1.0);
+        let d_a = random(&mut rng, nq * k * d, 1.0);
+        let out = score_with_context(&params, &q, &c, Some(&x), k).unwrap();
+        let (q64, c64, x64) = (to64(&q), to64(&c), to64(&x));
+        let want = naive_ctx(&flat(&params), d, h, &q64, &c64, Some(&x64), k);
+        assert!(max_err(&out.logit, &want.logit) <= 1e-4);
+        assert!(max_err(out.cache.a(), &want.a) <= 1e-5);
+        // the block matters: without it the logits differ
+        let mut plain = params.clone();
+        plain.w1_pos.clear();
+        let base = score(&plain, &q, &c, k).unwrap();
+        assert!(max_err(&base.logit, &want.logit) > 1e-3);
+        // contexts and the block go together
+        assert!(score(&params, &q, &c, k).is_err());
+        assert!(score_with_context(&plain, &q, &c, Some(&x), k).is_err());
+        assert!(score_with_context(&params, &q, &c, Some(&x[1..]), k).is_err());
+
+        let mut grads = params.zeros_like();
+        backward_with_context(
+            &params,
+            &q,
+            &c,
+            Some(&x),
+            k,
+            &out.cache,
+            &d_logit,
+            Some(&d_a),
+            &mut grads,
+            None,
+            None,
+        )
+        .unwrap();
+        let mut dq = vec![0.0f32; q.len()];
+        assert!(backward_with_context(
+            &params,
+            &q,
+            &c,
+            Some(&x),
+            k,
+            &out.cache,
+            &d_logit,
+            None,
+            &mut grads.clone(),
+            Some(&mut dq),
+            None,
+        )
+        .is_err());
+        let w = flat(&params);
+        let loss = |w: &[f64]| {
+            let n = naive_ctx(w, d, h, &q64, &c64, Some(&x64), k);
+            n.logit
+                .iter()
+                .zip(&d_logit)
+                .map(|(l, g)| l * *g as f64)
+                .sum::<f64>()
+                + n.a
+                    .iter()
+                    .zip(&d_a)
+                    .map(|(a, g)| a * *g as f64)
+                    .sum::<f64>()
+        };
+        let step = 1e-5;
+        for (i, gv) in flat(&grads).into_iter().enumerate() {
+            let mut up = w.clone();
+            up[i] += step;
+            let mut down = w.clone();
+            down[i] -= step;
+            let want = (loss(&up) - loss(&down)) / (2.0 * step);
+            // f32 forward and gradients against an f64 oracle: ~1e-6 relative
+            let err = (gv - want).abs() / (1.0 + want.abs());
+            assert!(err < 2e-5, "parameter {i}: {gv} vs {want}");
+        }
     }
 }

@@ -47,6 +47,15 @@ const DECAY: [bool; 6] = [false; 6];
 impl JointAdapter {
     pub fn load(path: &Path) -> Result<Self> {
         let file = AdapterFile::load(path)?;
+        if file.params.positive_aware() {
+            return Err(Error::Mismatch {
+                path: path.to_path_buf(),
+                msg: "a positive-aware adapter cannot guide training (its joint loss would need \
+                      the gradient through the positives' mean); train the stage-2 adapter \
+                      without --positive-aware"
+                    .into(),
+            });
+        }
         let sizes: Vec<usize> = file.params.tensors().iter().map(|(_, t)| t.len()).collect();
         let optim = AdamW::new(
             AdamWConfig {
@@ -83,7 +92,7 @@ impl JointAdapter {
             dim: pool.dim,
         };
         let logits = score_pairs(&self.file.params, emb, &pairs)?;
-        let cal = calibrate_pairs(&pairs, &logits, self.file.calibration.scorer)?;
+        let cal = calibrate_pairs(&pairs, &logits, self.file.calibration.scorer, self.file.tau)?;
         self.file.calibration = cal;
         let mut stats = FnPoolStats {
             calibration: Some(cal),
@@ -149,6 +158,7 @@ impl JointAdapter {
     /// Adds the joint loss of one batch: for query b (row b of `q_emb`), the documents
     /// `lists[b]` (rows of `d_emb`) with their classes. Writes `weight · ∂L/∂embedding` into
     /// `dq` and `dd`, accumulates the adapter's gradient; returns the BCE.
+    #[allow(clippy::too_many_arguments)]
     pub fn batch_loss(
         &mut self,
         q_emb: &[f32],
@@ -178,7 +188,7 @@ impl JointAdapter {
         }
         let params = &self.file.params;
         let out = score(params, &q_emb[..b_n * dim], &cands, k)?;
-        let w = bce_weights(&classes, true);
+        let w = bce_weights(&classes, self.file.train_config.class_weights);
         let targets: Vec<f32> = classes
             .iter()
             .map(|c| c.map_or(0.0, PairClass::target))
