@@ -10,7 +10,7 @@ use crate::adapter::fit::{
     EpochRecord,
 };
 use crate::adapter::pairs::{class_counts, label_pairs, QueryPairs};
-use crate::adapter::rerank::{choose_lambda, ScoredLists, LAMBDA_GRID};
+use crate::adapter::rerank::{choose_lambda, log_sigmoid, ScoredLists, LAMBDA_GRID};
 use crate::data::beir::Qrels;
 use crate::data::trec::Run;
 use crate::error::Result;
@@ -38,6 +38,11 @@ pub struct AssessConfig {
     pub encode_batch_size: usize,
     /// SimANS's `a`, for SimANS's implicit false-negative score in the detection table.
     pub simans_a: f64,
+    /// Also train a positive-aware adapter (method notes 4) and report its detection as
+    /// `s_fn_positive_aware` and `adapter_p_positive_aware`. The rerank always uses the plain
+    /// adapter: test queries have no labelled positives.
+    #[serde(default)]
+    pub positive_aware: bool,
 }
 
 impl Default for AssessConfig {
@@ -51,6 +56,7 @@ impl Default for AssessConfig {
             max_length: 256,
             encode_batch_size: 32,
             simans_a: 0.5,
+            positive_aware: false,
         }
     }
 }
@@ -99,16 +105,27 @@ fn metrics(run: &Run, qrels: &Qrels) -> BTreeMap<String, f64> {
     evaluate(run, qrels, &EvalOptions::default()).mean
 }
 
-/// Assesses the encoder in `model` on `data`; the adapter is saved to `adapter_out`.
-pub fn assess(
+/// One encoder's embeddings of everything the assessment reads.
+#[derive(Debug, Clone)]
+pub struct EncodedSets {
+    pub dim: usize,
+    /// The retriever's temperature: 0.05 for a normalising encoder, else 1.
+    pub tau: f32,
+    pub docs: Vec<f32>,
+    pub fit: Vec<f32>,
+    pub dev: Vec<f32>,
+    pub test: Vec<f32>,
+    /// Wall seconds the encoding took.
+    pub seconds: f64,
+}
+
+/// Encodes the corpus and the fit, dev and test queries with the encoder in `model`.
+pub fn encode_sets(
     model: &Path,
     data: &Prepared,
     cfg: &AssessConfig,
-    seed: u64,
-    adapter_out: &Path,
     say: &mut dyn FnMut(String),
-) -> Result<Assessment> {
-    let mut seconds = BTreeMap::new();
+) -> Result<EncodedSets> {
     let clock = Instant::now();
     let encoder = Encoder::load(
         model,
@@ -127,15 +144,41 @@ pub fn assess(
     let fit_emb = encoder.encode(&fit_q, cfg.encode_batch_size)?;
     let dev_emb = encoder.encode(&dev_q, cfg.encode_batch_size)?;
     let test_emb = encoder.encode(&test_q, cfg.encode_batch_size)?;
-    seconds.insert("encode".into(), clock.elapsed().as_secs_f64());
     say(format!(
         "encoded {} documents and {} queries",
         docs.len(),
         fit_q.len() + dev_q.len() + test_q.len()
     ));
+    Ok(EncodedSets {
+        dim,
+        tau: if encoder.normalize() { 0.05 } else { 1.0 },
+        docs: doc_emb,
+        fit: fit_emb,
+        dev: dev_emb,
+        test: test_emb,
+        seconds: clock.elapsed().as_secs_f64(),
+    })
+}
+
+/// Assesses the encoder in `model` (embeddings `enc`) on `data`; the adapter is saved to
+/// `adapter_out`.
+pub fn assess(
+    enc: &EncodedSets,
+    model: &Path,
+    data: &Prepared,
+    cfg: &AssessConfig,
+    seed: u64,
+    adapter_out: &Path,
+    say: &mut dyn FnMut(String),
+) -> Result<Assessment> {
+    let mut seconds = BTreeMap::new();
+    seconds.insert("encode".into(), enc.seconds);
+    let (dim, tau) = (enc.dim, enc.tau);
+    let (doc_emb, fit_emb, dev_emb, test_emb) = (&enc.docs, &enc.fit, &enc.dev, &enc.test);
+    let test_queries: Vec<&crate::data::beir::Query> = data.test.judged_queries().collect();
 
     // Retrieval without the adapter.
-    let corpus = Corpus::from_f32(&doc_emb, dim)?;
+    let corpus = Corpus::from_f32(doc_emb, dim)?;
     let k = cfg.rerank_k.min(data.corpus.len());
     let top = |emb: &[f32]| -> Result<Vec<Vec<(u32, f32)>>> {
         Ok(topk::search_batch(&corpus, emb, k)?
@@ -143,7 +186,7 @@ pub fn assess(
             .map(|h| h.into_iter().map(|x| (x.index as u32, x.score)).collect())
             .collect())
     };
-    let test_hits = top(&test_emb)?;
+    let test_hits = top(test_emb)?;
     let test_ids: Vec<&str> = test_queries.iter().map(|q| q.id.as_str()).collect();
     let as_f64 = |h: &[Vec<(u32, f32)>]| -> Vec<Vec<(u32, f64)>> {
         h.iter()
@@ -167,8 +210,8 @@ pub fn assess(
     )?;
     let pairs = label_pairs(&data.fit, &pool, cfg.adapter.rank_cutoff);
     let emb = Embeddings {
-        queries: &fit_emb,
-        docs: &doc_emb,
+        queries: fit_emb,
+        docs: doc_emb,
         dim,
     };
     let mut acfg = cfg.adapter.clone();
@@ -180,21 +223,46 @@ pub fn assess(
         ))
     })?;
     let logits = score_pairs(&params, emb, &pairs)?;
-    let calibration = calibrate_pairs(&pairs, &logits, cfg.fn_scorer)?;
+    let calibration = calibrate_pairs(&pairs, &logits, cfg.fn_scorer, tau)?;
     seconds.insert("adapter".into(), clock.elapsed().as_secs_f64());
 
     // Detection of the planted false negatives among the mined candidates.
     let mut det = BTreeMap::new();
-    let scorers = detection_scores(data, &pool, &pairs, &logits, &calibration, cfg.simans_a);
+    let scorers = detection_scores(
+        data,
+        &pool,
+        &pairs,
+        &logits,
+        &calibration,
+        tau,
+        cfg.simans_a,
+    );
     for (name, qs) in &scorers {
         det.insert(name.clone(), detection(qs));
     }
     if acfg.cross_fit_folds >= 2 {
         let cf = cross_fit_logits(&acfg, emb, &pairs)?;
-        let cal = calibrate_pairs(&pairs, &cf, cfg.fn_scorer)?;
-        for (name, qs) in detection_scores(data, &pool, &pairs, &cf, &cal, cfg.simans_a) {
+        let cal = calibrate_pairs(&pairs, &cf, cfg.fn_scorer, tau)?;
+        for (name, qs) in detection_scores(data, &pool, &pairs, &cf, &cal, tau, cfg.simans_a) {
             if name == "s_fn" || name == "adapter_p" {
                 det.insert(format!("{name}_cross_fit"), detection(&qs));
+            }
+        }
+    }
+    if cfg.positive_aware {
+        let mut pcfg = acfg.clone();
+        pcfg.positive_aware = true;
+        let (pparams, _) = train_adapter(&pcfg, emb, &pairs, &mut |e| {
+            say(format!(
+                "positive-aware adapter epoch {}: loss {:.4}",
+                e.epoch, e.loss
+            ))
+        })?;
+        let pl = score_pairs(&pparams, emb, &pairs)?;
+        let cal = calibrate_pairs(&pairs, &pl, cfg.fn_scorer, tau)?;
+        for (name, qs) in detection_scores(data, &pool, &pairs, &pl, &cal, tau, cfg.simans_a) {
+            if name == "s_fn" || name == "adapter_p" {
+                det.insert(format!("{name}_positive_aware"), detection(&qs));
             }
         }
     }
@@ -217,14 +285,13 @@ pub fn assess(
     let dev_lists = ScoredLists::score(
         &params,
         Embeddings {
-            queries: &dev_emb,
-            docs: &doc_emb,
+            queries: dev_emb,
+            docs: doc_emb,
             dim,
         },
-        top(&dev_emb)?,
+        top(dev_emb)?,
     )?;
     let dev_ids: Vec<&str> = data.dev.queries.iter().map(|q| q.id.as_str()).collect();
-    let tau = if encoder.normalize() { 0.05 } else { 1.0 };
     let (lambda_rr, lambda_table) = if dev_ids.is_empty() {
         (1.0, Vec::new())
     } else {
@@ -239,8 +306,8 @@ pub fn assess(
     let test_lists = ScoredLists::score(
         &params,
         Embeddings {
-            queries: &test_emb,
-            docs: &doc_emb,
+            queries: test_emb,
+            docs: doc_emb,
             dim,
         },
         test_hits,
@@ -281,16 +348,24 @@ pub fn assess(
 
 /// Per scorer, per fit query, the scores of its mined candidates (positives excluded) and
 /// whether each is planted. Scores are monotone in each scorer's estimate (log-odds of s_FN,
-/// the adapter logit, the raw similarity, SimANS's log weight with the best visible positive).
+/// the adapter logit, the raw similarity, SimANS's log weight with the best visible positive,
+/// and the prototype's fixed combination `s/tau + log p` whatever the configured scorer).
 fn detection_scores(
     data: &Prepared,
     pool: &MinedPool,
     pairs: &[QueryPairs],
     logits: &[Vec<f32>],
     cal: &FnCalibration,
+    tau: f32,
     simans_a: f64,
 ) -> Vec<(String, Vec<QueryScores>)> {
-    let names = ["s_fn", "adapter_p", "retriever", "simans"];
+    let names = [
+        "s_fn",
+        "adapter_p",
+        "retriever",
+        "simans",
+        "score_plus_log_p",
+    ];
     let mut out: Vec<(String, Vec<QueryScores>)> =
         names.iter().map(|n| (n.to_string(), Vec::new())).collect();
     for (qi, (p, lg)) in pairs.iter().zip(logits).enumerate() {
@@ -315,6 +390,7 @@ fn detection_scores(
                 l as f64,
                 s as f64,
                 -simans_a * (s as f64 - best_pos).powi(2),
+                s as f64 / tau as f64 + log_sigmoid(l as f64),
             ];
             for (q, v) in qs.iter_mut().zip(vals) {
                 q.scores.push(v);

@@ -13,8 +13,8 @@ pub mod report;
 use crate::error::{Error, Result};
 use crate::train::config::{DataSource, TrainConfig};
 use crate::train::sampler::SamplerKind;
-use crate::train::trainer::{TrainEvent, Trainer};
-use assess::{assess, AssessConfig, Assessment};
+use crate::train::trainer::{MiningSnapshot, TrainEvent, Trainer};
+use assess::{assess, encode_sets, AssessConfig, Assessment, EncodedSets};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -192,6 +192,10 @@ pub fn run(cfg: &ExperimentConfig, say: &mut dyn FnMut(String)) -> Result<Vec<Tr
     )?;
     say(format!("data: {}", data.summary));
     let mut trials: Vec<Trial> = Vec::new();
+    // Every fine-tuning starts from the same encoder on the same data, so the first mining's
+    // embeddings and the pretrained encoder's assessment embeddings are computed once.
+    let mut first_mining: Option<MiningSnapshot> = None;
+    let mut base_encoded: Option<EncodedSets> = None;
     for &seed in &cfg.seeds {
         // The pretrained encoder's adapter starts RRRA's stage 3, so it comes first.
         let base_dir = cfg.out.join(format!("seed{seed}/pretrained"));
@@ -203,7 +207,25 @@ pub fn run(cfg: &ExperimentConfig, say: &mut dyn FnMut(String)) -> Result<Vec<Tr
             .any(|m| matches!(m, Method::Pretrained | Method::Rrra));
         if needs_base {
             say(format!("seed {seed}: assessing the pretrained encoder"));
-            let a = assess(&cfg.model, &data, &cfg.assess, seed, &base_adapter, say)?;
+            let fresh = base_encoded.is_none();
+            if fresh {
+                base_encoded = Some(encode_sets(&cfg.model, &data, &cfg.assess, say)?);
+            }
+            let encoded = base_encoded.as_ref().ok_or_else(|| {
+                Error::InvalidArgument("the pretrained encoder's embeddings are missing".into())
+            })?;
+            let mut a = assess(
+                encoded,
+                &cfg.model,
+                &data,
+                &cfg.assess,
+                seed,
+                &base_adapter,
+                say,
+            )?;
+            if !fresh {
+                a.seconds.insert("encode".into(), 0.0); // reused from the first seed
+            }
             if cfg.methods.contains(&Method::Pretrained) {
                 trials.push(Trial {
                     method: Method::Pretrained,
@@ -218,11 +240,22 @@ pub fn run(cfg: &ExperimentConfig, say: &mut dyn FnMut(String)) -> Result<Vec<Tr
             let run_dir = cfg.out.join(format!("seed{seed}/{}", m.name()));
             say(format!("seed {seed}: fine-tuning with {}", m.name()));
             let clock = Instant::now();
-            let losses = fine_tune(cfg, &data, m, seed, &run_dir, &base_adapter, say)?;
+            let losses = fine_tune(
+                cfg,
+                &data,
+                m,
+                seed,
+                &run_dir,
+                &base_adapter,
+                &mut first_mining,
+                say,
+            )?;
             let train_s = clock.elapsed().as_secs_f64();
             let model_dir = run_dir.join("model");
             say(format!("seed {seed}: assessing {}", m.name()));
+            let encoded = encode_sets(&model_dir, &data, &cfg.assess, say)?;
             let a = assess(
+                &encoded,
                 &model_dir,
                 &data,
                 &cfg.assess,
@@ -245,6 +278,8 @@ pub fn run(cfg: &ExperimentConfig, say: &mut dyn FnMut(String)) -> Result<Vec<Tr
 }
 
 /// Fine-tunes the base model with method `m`; returns (step, loss) of every step.
+/// `first_mining` carries the base encoder's mining embeddings from one run to the next.
+#[allow(clippy::too_many_arguments)]
 fn fine_tune(
     cfg: &ExperimentConfig,
     data: &prepare::Prepared,
@@ -252,6 +287,7 @@ fn fine_tune(
     seed: u64,
     run_dir: &Path,
     base_adapter: &Path,
+    first_mining: &mut Option<MiningSnapshot>,
     say: &mut dyn FnMut(String),
 ) -> Result<Vec<(u64, f64)>> {
     if run_dir.exists() {
@@ -282,6 +318,12 @@ fn fine_tune(
     tc.adapter.loss_weight = cfg.adapter_loss_weight;
     tc.adapter.lr = cfg.adapter_lr;
     let mut trainer = Trainer::new(tc)?;
+    let snap = match first_mining.take() {
+        Some(s) => s,
+        None => trainer.mining_snapshot()?,
+    };
+    trainer.reuse_first_snapshot(snap.clone())?;
+    *first_mining = Some(snap);
     let mut losses = Vec::new();
     let mut last_print = Instant::now();
     trainer.run(None, &mut |ev| match ev {

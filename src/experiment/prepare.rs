@@ -92,7 +92,16 @@ pub fn prepare(
 
     // Read back what training will read, and align the planted documents with it by id.
     let fit = read_beir_train(&dir, "fit")?;
-    let dev = read_beir_train(&dir, "dev")?;
+    // With no dev split, lambda_rr falls back to its default and the dev set stays empty.
+    let dev = if dev.queries.is_empty() {
+        TrainSet {
+            corpus: Vec::new(),
+            queries: Vec::new(),
+            stats: Default::default(),
+        }
+    } else {
+        read_beir_train(&dir, "dev")?
+    };
     let dev_qrels = beir::read_qrels(&dir.join("qrels/dev.tsv"))?;
     let by_id: HashMap<&str, &Vec<usize>> = fit_full
         .queries

@@ -151,8 +151,10 @@ pub fn markdown(
         md,
         "\nScorers: `s_fn` = sigmoid(w_s·s + w_p·logit p + w_0) fitted on the training pairs; \
          `adapter_p` = the adapter's p alone; `retriever` = the raw similarity (the rank); \
-         `simans` = SimANS's weight with the best visible positive (a = {}); `_cross_fit` = \
-         {}-fold cross-fitted adapters.\n",
+         `simans` = SimANS's weight with the best visible positive (a = {}); \
+         `score_plus_log_p` = s/tau + log p (the prototype's fixed combination); `_cross_fit` = \
+         {}-fold cross-fitted adapters; `_positive_aware` = an adapter that also reads the mean \
+         of the query's labelled positives.\n",
         cfg.assess.simans_a, cfg.assess.adapter.cross_fit_folds
     );
     let _ = writeln!(md, "## Wall time per stage (seconds, mean over seeds)\n");

@@ -144,6 +144,17 @@ pub struct Trainer {
     eval: Option<crate::data::beir::BeirData>,
     /// The RRRA sampler's adapter (stage 3), when that sampler is chosen.
     pub(crate) joint: Option<JointAdapter>,
+    /// Embeddings given by the caller for the first mining (see `reuse_first_snapshot`).
+    preset_snapshot: Option<MiningSnapshot>,
+}
+
+/// The training documents' and queries' embeddings by one encoder, as mining computes them.
+#[derive(Debug, Clone)]
+pub struct MiningSnapshot {
+    /// `[corpus × dim]`.
+    pub docs: Vec<f32>,
+    /// `[queries × dim]`, in training-set order.
+    pub queries: Vec<f32>,
 }
 
 impl Trainer {
@@ -237,6 +248,7 @@ impl Trainer {
             paths,
             log,
             eval,
+            preset_snapshot: None,
         })
     }
 
@@ -647,17 +659,55 @@ impl Trainer {
         out
     }
 
+    /// The embeddings the next mining would compute with the current encoder. Runs that start
+    /// from the same encoder on the same data and lengths can share them through
+    /// `reuse_first_snapshot` instead of each encoding the corpus again.
+    pub fn mining_snapshot(&self) -> Result<MiningSnapshot> {
+        let bs = self.cfg.encode_batch_size;
+        Ok(MiningSnapshot {
+            docs: self.encoder.encode_tokens(&self.doc_tokens, bs, &|_| {})?,
+            queries: self
+                .encoder
+                .encode_tokens(&self.query_tokens, bs, &|_| {})?,
+        })
+    }
+
+    /// Uses `snap` for the first mining of a fresh run instead of encoding. The caller vouches
+    /// that it comes from this run's starting encoder, data and max lengths (`mining_snapshot`
+    /// of a twin run); only the shapes can be checked here.
+    pub fn reuse_first_snapshot(&mut self, snap: MiningSnapshot) -> Result<()> {
+        let dim = self.encoder.dim();
+        if self.step != 0 || self.pool.is_some() {
+            return Err(Error::InvalidArgument(
+                "a mining snapshot can only seed the first mining of a fresh run".into(),
+            ));
+        }
+        if snap.docs.len() != self.doc_tokens.len() * dim
+            || snap.queries.len() != self.query_tokens.len() * dim
+        {
+            return Err(Error::InvalidArgument(format!(
+                "mining snapshot of {} document and {} query values does not fit {} documents \
+                 and {} queries of dimension {dim}",
+                snap.docs.len(),
+                snap.queries.len(),
+                self.doc_tokens.len(),
+                self.query_tokens.len()
+            )));
+        }
+        self.preset_snapshot = Some(snap);
+        Ok(())
+    }
+
     fn refresh_pool(&mut self, on: &mut dyn FnMut(TrainEvent)) -> Result<()> {
         on(TrainEvent::Message(format!(
             "mining hard negatives at step {}",
             self.step
         )));
-        let doc_emb =
-            self.encoder
-                .encode_tokens(&self.doc_tokens, self.cfg.encode_batch_size, &|_| {})?;
-        let q_emb =
-            self.encoder
-                .encode_tokens(&self.query_tokens, self.cfg.encode_batch_size, &|_| {})?;
+        let snap = match self.preset_snapshot.take() {
+            Some(s) => s,
+            None => self.mining_snapshot()?,
+        };
+        let (doc_emb, q_emb) = (snap.docs, snap.queries);
         let (mut pool, stats) = mining::mine_from_embeddings(
             &self.set,
             self.encoder.dim(),

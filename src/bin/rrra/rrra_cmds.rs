@@ -7,7 +7,7 @@ use rrra::adapter::file::AdapterFile;
 use rrra::data::beir::read_queries;
 use rrra::data::trec::{read_run, write_run};
 use rrra::error::{Error, Result};
-use rrra::experiment::assess::{assess, AssessConfig};
+use rrra::experiment::assess::{assess, encode_sets, AssessConfig};
 use rrra::experiment::{prepare, ExperimentConfig, Method};
 use rrra::index::store::Store;
 use rrra::model::Encoder;
@@ -32,13 +32,19 @@ pub struct AdapterKnobs {
     /// Weight mu of the linear-normalisation loss.
     #[arg(long, default_value_t = 0.1)]
     pub mu: f64,
-    /// Plain BCE instead of inverse-class-frequency weights.
-    #[arg(long)]
-    pub no_class_weights: bool,
+    /// Class-imbalance weights of the adapter's BCE: classes (TP/FN/FP/TN each an equal share),
+    /// target (positives and negatives each half), or none.
+    #[arg(long, default_value = "classes")]
+    pub class_weights: String,
     /// k-fold cross-fitting of the training queries' false-negative scores (0 = off).
     #[arg(long, default_value_t = 0)]
     pub cross_fit_folds: usize,
-    /// False-negative score: combined (retriever score + adapter, fitted) or adapter-only.
+    /// Also train a positive-aware adapter (reads the mean of the query's labelled positives)
+    /// and report its false-negative detection; the rerank keeps the plain adapter.
+    #[arg(long)]
+    pub positive_aware: bool,
+    /// False-negative score: combined (retriever score + adapter logit, fitted), adapter-only,
+    /// or score-plus-log-p (s/tau + log p, intercept fitted).
     #[arg(long, default_value = "combined")]
     pub fn_scorer: String,
     /// Documents reranked per query.
@@ -60,8 +66,9 @@ impl AdapterKnobs {
         c.adapter.hidden = self.adapter_hidden;
         c.adapter.rank_cutoff = self.rank_cutoff;
         c.adapter.mu = self.mu;
-        c.adapter.class_weights = !self.no_class_weights;
+        c.adapter.class_weights = self.class_weights.parse()?;
         c.adapter.cross_fit_folds = self.cross_fit_folds;
+        c.positive_aware = self.positive_aware;
         c.adapter.validate()?;
         c.fn_scorer = self.fn_scorer.parse::<FnScorer>()?;
         c.rerank_k = self.rerank_k;
@@ -106,9 +113,9 @@ pub fn adapter(a: AdapterArgs) -> Result<()> {
         0.0,
     )?;
     let path = a.out.join(rrra::adapter::file::FILE_NAME);
-    let r = assess(&a.model, &data, &cfg, a.seed, &path, &mut |m| {
-        eprintln!("{m}")
-    })?;
+    let mut say = |m: String| eprintln!("{m}");
+    let encoded = encode_sets(&a.model, &data, &cfg, &mut say)?;
+    let r = assess(&encoded, &a.model, &data, &cfg, a.seed, &path, &mut say)?;
     let json = serde_json::json!({"config": cfg, "data": data.summary, "assessment": r});
     let report = a.out.join("assessment.json");
     std::fs::write(
