@@ -5,6 +5,7 @@
 //! → [`eval`] (trec_eval metrics) over [`data`] (BEIR folders, TREC runs).
 //! [`train`] fine-tunes the encoder (backward pass, InfoNCE, AdamW, mining, samplers, checkpoints);
 //! [`adapter`] is RRRA's false-negative adapter (its fused scoring op and losses).
+//! [`retriever`] is the API for services: open once, retrieve (and rerank) from many threads.
 //! [`cpu`] holds the reference kernels every GPU kernel is checked against; [`device`] the GPU
 //! side (runtime, top-k, encoder forward).
 //!
@@ -40,6 +41,7 @@ pub mod index;
 pub mod model;
 pub mod pipeline;
 pub mod report;
+pub mod retriever;
 pub mod train;
 pub mod util;
 

@@ -1,0 +1,260 @@
+//! The retrieval API for services: a [`Retriever`] opened once from a model folder, an
+//! embedding store and optionally an RRRA adapter, then shared by any number of threads
+//! (`Retriever: Send + Sync`; every method takes `&self`). Errors are typed ([`Error`]); no
+//! method panics on bad input or exits the process.
+//!
+//! ```no_run
+//! use rrra::retriever::{Retriever, RetrieverOptions};
+//! let r = Retriever::open(
+//!     "all-MiniLM-L6-v2".as_ref(),
+//!     "corpus.store".as_ref(),
+//!     &RetrieverOptions { adapter: Some("adapter.safetensors".into()), ..Default::default() },
+//! )?;
+//! for hit in r.retrieve("what causes lift on a wing", 10, true)? {
+//!     println!("{} {:.3} p={:?}", hit.id, hit.score, hit.adapter_p);
+//! }
+//! # Ok::<(), rrra::Error>(())
+//! ```
+
+use crate::adapter::file::AdapterFile;
+use crate::adapter::fit::Embeddings;
+use crate::adapter::rerank::ScoredLists;
+use crate::adapter::sigmoid;
+use crate::error::{Error, Result};
+use crate::index::{topk, Store};
+use crate::model::Encoder;
+use crate::pipeline::{check_store_matches, store_encoder_options};
+use std::path::{Path, PathBuf};
+
+/// How a [`Retriever`] is opened.
+#[derive(Debug, Clone)]
+pub struct RetrieverOptions {
+    /// An adapter file (or a folder holding `adapter.safetensors`) for the rerank.
+    pub adapter: Option<PathBuf>,
+    /// Candidates the adapter rescores per query (method notes 6: 100); at least `k`.
+    pub rerank_depth: usize,
+    /// Queries encoded per forward pass in [`Retriever::retrieve_batch`].
+    pub batch_size: usize,
+}
+
+impl Default for RetrieverOptions {
+    fn default() -> Self {
+        RetrieverOptions {
+            adapter: None,
+            rerank_depth: 100,
+            batch_size: 32,
+        }
+    }
+}
+
+/// One retrieved document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hit {
+    /// The document's id in the store.
+    pub id: String,
+    /// Its row in the store.
+    pub row: usize,
+    /// The retriever's similarity of query and document.
+    pub score: f32,
+    /// The adapter's relevance probability p, when the list was reranked.
+    pub adapter_p: Option<f32>,
+    /// What the list is ordered by: `score`, or with the rerank `log(s_base · p^lambda)`.
+    pub rank_score: f64,
+}
+
+/// A model, its store and an optional adapter, ready to answer queries.
+pub struct Retriever {
+    encoder: Encoder,
+    store: Store,
+    adapter: Option<AdapterFile>,
+    opts: RetrieverOptions,
+}
+
+impl std::fmt::Debug for Retriever {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Retriever")
+            .field("model", &self.encoder.dir())
+            .field("store", &self.store.path())
+            .field("documents", &self.store.len())
+            .field("adapter", &self.adapter.is_some())
+            .finish()
+    }
+}
+
+// Services share one retriever across threads; keep that a compile-time fact.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<Retriever>();
+};
+
+impl Retriever {
+    /// Opens the store at `store`, loads the encoder in `model` with the options the store was
+    /// built with, and the adapter if one is given. A store built by another encoder, or an
+    /// adapter of another dimension, is an error naming the file.
+    pub fn open(model: &Path, store: &Path, opts: &RetrieverOptions) -> Result<Self> {
+        if opts.batch_size == 0 {
+            return Err(Error::InvalidArgument(
+                "the batch size must be at least 1".into(),
+            ));
+        }
+        let s = Store::open(store)?;
+        let encoder = Encoder::load(model, &store_encoder_options(&s))?;
+        check_store_matches(&s, store, &encoder)?;
+        let adapter = match &opts.adapter {
+            Some(p) => {
+                let a = AdapterFile::load(p)?;
+                a.check_dim(s.dim(), p)?;
+                if a.params.positive_aware() {
+                    return Err(Error::mismatch(
+                        p,
+                        "a positive-aware adapter needs labelled positives and cannot rerank \
+                         queries",
+                    ));
+                }
+                Some(a)
+            }
+            None => None,
+        };
+        Ok(Retriever {
+            encoder,
+            store: s,
+            adapter,
+            opts: opts.clone(),
+        })
+    }
+
+    /// Embedding dimension.
+    pub fn dim(&self) -> usize {
+        self.store.dim()
+    }
+
+    /// Documents in the store.
+    pub fn len(&self) -> usize {
+        self.store.len()
+    }
+
+    /// True for a store without documents.
+    pub fn is_empty(&self) -> bool {
+        self.store.is_empty()
+    }
+
+    /// Whether an adapter is loaded (the rerank is available).
+    pub fn has_adapter(&self) -> bool {
+        self.adapter.is_some()
+    }
+
+    /// Encodes texts as the store's documents were encoded: `texts.len() × dim()` floats.
+    pub fn encode(&self, texts: &[&str]) -> Result<Vec<f32>> {
+        self.encoder.encode(texts, self.opts.batch_size)
+    }
+
+    /// The top `k` documents for `query`, reranked by the adapter when `rerank` (an error
+    /// without an adapter). `k = 0` gives an empty list; `k` beyond the store gives every
+    /// document.
+    pub fn retrieve(&self, query: &str, k: usize, rerank: bool) -> Result<Vec<Hit>> {
+        let mut out = self.retrieve_batch(&[query], k, rerank)?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// [`Retriever::retrieve`] for many queries, encoded in batches; lists in query order.
+    pub fn retrieve_batch(
+        &self,
+        queries: &[&str],
+        k: usize,
+        rerank: bool,
+    ) -> Result<Vec<Vec<Hit>>> {
+        if rerank && self.adapter.is_none() {
+            return Err(Error::InvalidArgument(
+                "rerank asked of a retriever opened without an adapter".into(),
+            ));
+        }
+        if queries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let k = k.min(self.store.len());
+        if k == 0 {
+            return Ok(vec![Vec::new(); queries.len()]);
+        }
+        let q_emb = self.encode(queries)?;
+        let depth = if rerank {
+            self.opts.rerank_depth.max(k).min(self.store.len())
+        } else {
+            k
+        };
+        let hits = topk::search_batch(&self.store.corpus(), &q_emb, depth)?;
+        match (&self.adapter, rerank) {
+            (Some(a), true) => self.reranked(a, &q_emb, hits, k),
+            _ => Ok(hits
+                .into_iter()
+                .map(|h| {
+                    h.into_iter()
+                        .map(|x| Hit {
+                            id: self.store.id(x.index).to_string(),
+                            row: x.index,
+                            score: x.score,
+                            adapter_p: None,
+                            rank_score: x.score as f64,
+                        })
+                        .collect()
+                })
+                .collect()),
+        }
+    }
+
+    /// Scores each query's candidates with the adapter and keeps the best `k` of the rerank.
+    fn reranked(
+        &self,
+        adapter: &AdapterFile,
+        q_emb: &[f32],
+        hits: Vec<Vec<topk::Hit>>,
+        k: usize,
+    ) -> Result<Vec<Vec<Hit>>> {
+        let dim = self.dim();
+        // The candidates' vectors, gathered (and converted to f32) into one local matrix.
+        let total: usize = hits.iter().map(Vec::len).sum();
+        let mut docs = vec![0.0f32; total * dim];
+        let mut lists = Vec::with_capacity(hits.len());
+        let mut starts = Vec::with_capacity(hits.len());
+        let mut at = 0usize;
+        for h in &hits {
+            starts.push(at);
+            let mut l = Vec::with_capacity(h.len());
+            for x in h {
+                self.store
+                    .row_f32(x.index, &mut docs[at * dim..(at + 1) * dim])?;
+                l.push((at as u32, x.score));
+                at += 1;
+            }
+            lists.push(l);
+        }
+        let emb = Embeddings {
+            queries: q_emb,
+            docs: &docs,
+            dim,
+        };
+        let scored = ScoredLists::score(&adapter.params, emb, lists)?;
+        let reranked = scored.rerank(adapter.tau, adapter.lambda_rr);
+        Ok(reranked
+            .into_iter()
+            .zip(&scored.logits)
+            .zip(hits.iter().zip(starts))
+            .map(|((ranked, logits), (h, base))| {
+                // `ranked` holds local rows; this query's start among them maps back to `h`.
+                ranked
+                    .into_iter()
+                    .take(k)
+                    .map(|(r, s)| {
+                        let i = r as usize - base;
+                        Hit {
+                            id: self.store.id(h[i].index).to_string(),
+                            row: h[i].index,
+                            score: h[i].score,
+                            adapter_p: Some(sigmoid(logits[i] as f64) as f32),
+                            rank_score: s,
+                        }
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+}
