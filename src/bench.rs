@@ -232,3 +232,103 @@ fn non_embedding_weights(enc: &Encoder) -> usize {
         .map(|l| l.qkv_w.len() + l.attn_out_w.len() + l.inter_w.len() + l.out_w.len())
         .sum()
 }
+
+/// Store size and rerank depth of the batch-1 query-path benchmark.
+pub const QUERY_STORE: usize = 100_000;
+pub const QUERY_RERANK_K: usize = 100;
+pub const QUERY_MAX_TOKENS: usize = 16;
+
+/// Latency percentiles of one stage, in milliseconds.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+}
+
+impl Percentiles {
+    pub fn of(ms: &[f64]) -> Percentiles {
+        let mut v = ms.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        Percentiles {
+            p50: at(0.50),
+            p95: at(0.95),
+            p99: at(0.99),
+        }
+    }
+}
+
+/// Per-stage latency of the batch-1 query path: encode one query (≤ 16 tokens), top-100 over
+/// a `QUERY_STORE × dim` f32 store, adapter scoring of the 100 candidates and the rerank.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueryLatency {
+    pub queries: usize,
+    pub encode: Percentiles,
+    pub search: Percentiles,
+    pub adapter: Percentiles,
+    pub total: Percentiles,
+    /// Median over queries of each query's adapter time / total time.
+    pub adapter_share: f64,
+}
+
+/// Times the batch-1 query path on `queries` (one untimed warm-up pass over the first few).
+/// The store is random unit vectors and the adapter a random one of the encoder's width: the
+/// cost of both does not depend on their values.
+pub fn query_path(enc: &Encoder, queries: &[&str]) -> Result<QueryLatency> {
+    use crate::adapter::rerank::ScoredLists;
+    use crate::adapter::{fit::Embeddings, AdapterParams};
+    if queries.is_empty() {
+        return Err(crate::Error::InvalidArgument(
+            "the query-path benchmark needs queries".into(),
+        ));
+    }
+    let dim = enc.dim();
+    let store = random_unit_vectors(QUERY_STORE, dim, 7);
+    let corpus = Corpus::from_f32(&store, dim)?;
+    let mut params = AdapterParams::init(dim, dim, 3)?;
+    // a trained adapter has a non-zero output layer; the cost is the same either way
+    for (i, w) in params.w2.iter_mut().enumerate() {
+        *w = ((i % 7) as f32 - 3.0) * 1e-3;
+    }
+    let one = |q: &str| -> Result<[f64; 3]> {
+        let t0 = Instant::now();
+        let emb = enc.encode(&[q], 1)?;
+        let t1 = Instant::now();
+        let hits = topk::search_one(&corpus, &emb, QUERY_RERANK_K)?;
+        let t2 = Instant::now();
+        let list = vec![hits.iter().map(|h| (h.index as u32, h.score)).collect()];
+        let emb_ref = Embeddings {
+            queries: &emb,
+            docs: &store,
+            dim,
+        };
+        let reranked = ScoredLists::score(&params, emb_ref, list)?.rerank(0.05, 1.0);
+        let t3 = Instant::now();
+        std::hint::black_box(reranked);
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        Ok([ms(t0, t1), ms(t1, t2), ms(t2, t3)])
+    };
+    for q in queries.iter().take(5) {
+        one(q)?;
+    }
+    let mut stages = [Vec::new(), Vec::new(), Vec::new()];
+    let (mut total, mut share) = (Vec::new(), Vec::new());
+    for q in queries {
+        let t = one(q)?;
+        let sum: f64 = t.iter().sum();
+        for (s, v) in stages.iter_mut().zip(t) {
+            s.push(v);
+        }
+        total.push(sum);
+        share.push(t[2] / sum);
+    }
+    Ok(QueryLatency {
+        queries: queries.len(),
+        encode: Percentiles::of(&stages[0]),
+        search: Percentiles::of(&stages[1]),
+        adapter: Percentiles::of(&stages[2]),
+        total: Percentiles::of(&total),
+        adapter_share: median(share),
+    })
+}

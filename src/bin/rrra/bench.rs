@@ -15,7 +15,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "DIR", default_value = "../shared")]
     pub shared: PathBuf,
     /// Workloads to run, comma-separated: encode-sentences, encode-docs, topk-batch, topk-single,
-    /// train-step.
+    /// train-step, query-path (batch-1 encode + top-100 + adapter rerank latency; not in the
+    /// default set).
     #[arg(long, value_delimiter = ',', default_values_t = ["encode-sentences".to_string(), "encode-docs".into(), "topk-batch".into(), "topk-single".into(), "train-step".into()])]
     pub only: Vec<String>,
     /// Timed repetitions per workload, after one untimed warm-up (encode-docs: always 1;
@@ -36,6 +37,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "topk-batch",
             "topk-single",
             "train-step",
+            "query-path",
         ]
         .contains(&w.as_str())
         {
@@ -92,6 +94,31 @@ pub fn run(a: BenchArgs) -> Result<()> {
             rows.push(bench::topk_single(&corpus, some, a.reps)?);
         }
     }
+    let latency = if wants("query-path") {
+        let model = a
+            .model
+            .clone()
+            .unwrap_or_else(rrra::util::default_model_dir);
+        let enc = Encoder::load(
+            &model,
+            &EncoderOptions {
+                max_length: Some(bench::QUERY_MAX_TOKENS),
+                ..Default::default()
+            },
+        )?;
+        let queries = data::read_queries(&a.shared.join("data/scifact/queries.jsonl"))?;
+        let q: Vec<&str> = queries.iter().take(300).map(|q| q.text.as_str()).collect();
+        eprintln!(
+            "query-path: {} queries, store {} x {}, rerank {} ...",
+            q.len(),
+            bench::QUERY_STORE,
+            enc.dim(),
+            bench::QUERY_RERANK_K
+        );
+        Some(bench::query_path(&enc, &q)?)
+    } else {
+        None
+    };
     println!(
         "threads: {}, cpu: {}",
         rayon::current_num_threads(),
@@ -116,9 +143,31 @@ pub fn run(a: BenchArgs) -> Result<()> {
             m.throughput / mid
         );
     }
+    if let Some(l) = &latency {
+        println!();
+        println!(
+            "batch-1 query path, {} queries (ms) | p50 | p95 | p99 |",
+            l.queries
+        );
+        println!("|---|---|---|---|");
+        for (name, p) in [
+            ("encode (≤ 16 tokens)", l.encode),
+            ("top-100 search", l.search),
+            ("adapter scoring + rerank of 100", l.adapter),
+            ("total", l.total),
+        ] {
+            println!("| {name} | {:.3} | {:.3} | {:.3} |", p.p50, p.p95, p.p99);
+        }
+        println!(
+            "adapter share of the query latency (median over queries): {:.1}%",
+            100.0 * l.adapter_share
+        );
+    }
     if let Some(p) = &a.json {
-        let text = serde_json::to_string_pretty(&rows)
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let text = serde_json::to_string_pretty(&serde_json::json!({
+            "workloads": rows, "query_path": latency,
+        }))
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         rrra::util::atomic_write(p, |w| {
             use std::io::Write;
             w.write_all(text.as_bytes()).map_err(|e| Error::io(p, e))
