@@ -143,7 +143,7 @@ mod tests {
     #[test]
     fn choose_lambda_prefers_best_then_smaller() {
         let (l, t) = choose_lambda(&LAMBDA_GRID, |l| {
-            Ok(if l >= 1.0 && l <= 2.0 { 0.7 } else { 0.6 })
+            Ok(if (1.0..=2.0).contains(&l) { 0.7 } else { 0.6 })
         })
         .unwrap();
         assert_eq!(l, 1.0);
