@@ -336,8 +336,16 @@ mod tests {
         for i in 0..20_000 {
             let pos = i % 200 == 0;
             let u = rng.next_f64();
-            s.push(if pos { 0.9 + 0.05 * u as f32 } else { 0.3 * u as f32 });
-            l.push(if pos { 30.0 } else { (-40.0 * u.powi(8)) as f32 });
+            s.push(if pos {
+                0.9 + 0.05 * u as f32
+            } else {
+                0.3 * u as f32
+            });
+            l.push(if pos {
+                30.0
+            } else {
+                (-40.0 * u.powi(8)) as f32
+            });
             y.push(pos);
         }
         for scorer in [FnScorer::Combined, FnScorer::ScorePlusLogP] {
