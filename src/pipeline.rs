@@ -134,8 +134,6 @@ pub fn rerank_run(
     adapter: &crate::adapter::file::AdapterFile,
     k: usize,
 ) -> Result<Run> {
-    use crate::adapter::fit::Embeddings;
-    use crate::adapter::rerank::ScoredLists;
     use std::collections::HashMap;
     let dim = store.dim();
     adapter.check_dim(dim, run_path)?;
@@ -153,12 +151,11 @@ pub fn rerank_run(
         })?);
     }
     let q_emb = encoder.encode(&texts, 32)?;
-    // The candidates' embeddings, gathered into one local matrix.
-    let (mut docs, mut hits, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+    let mut lists = Vec::with_capacity(qids.len());
     let mut row = vec![0.0f32; dim];
     for (qi, q) in qids.iter().enumerate() {
         let list = run.get(q).unwrap_or(&[]);
-        let mut h = Vec::with_capacity(k.min(list.len()));
+        let mut l = Vec::with_capacity(k.min(list.len()));
         for (d, _) in list.iter().take(k) {
             let r = *rows.get(d.as_str()).ok_or_else(|| Error::Mismatch {
                 path: run_path.to_path_buf(),
@@ -173,33 +170,90 @@ pub fn rerank_run(
                 .zip(&q_emb[qi * dim..(qi + 1) * dim])
                 .map(|(a, b)| a * b)
                 .sum();
-            h.push(((docs.len() / dim) as u32, s));
-            docs.extend_from_slice(&row);
-            ids.push(d.clone());
+            l.push((r, s));
         }
-        hits.push(h);
+        lists.push(l);
     }
-    let lists = ScoredLists::score(
-        &adapter.params,
-        Embeddings {
-            queries: &q_emb,
-            docs: &docs,
-            dim,
-        },
-        hits,
-    )?;
     let mut out = Run::new();
     for (q, ranked) in qids
         .iter()
-        .zip(lists.rerank(adapter.tau, adapter.lambda_rr))
+        .zip(rerank_rows(store, adapter, &q_emb, &lists)?)
     {
         out.add_query(
             q.to_string(),
             ranked
                 .into_iter()
-                .map(|(d, s)| (ids[d as usize].clone(), s))
+                .map(|c| (store.id(c.row).to_string(), c.rank_score))
                 .collect(),
         )?;
+    }
+    Ok(out)
+}
+
+/// One candidate after the adapter's rerank.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reranked {
+    /// Row in the store.
+    pub row: usize,
+    /// The retriever's similarity.
+    pub score: f32,
+    /// The adapter's logit (p = sigmoid(logit)).
+    pub logit: f32,
+    /// `log(s_base · p^lambda)`, what the list is ordered by.
+    pub rank_score: f64,
+}
+
+/// The adapter's rerank of candidate lists `(store row, retriever score)`, one per row of
+/// `q_emb`: the candidates' vectors are gathered from `store` (as f32) into one local matrix,
+/// scored, and each list is ordered by `s_base · p^lambda_rr` of the adapter file.
+pub fn rerank_rows(
+    store: &Store,
+    adapter: &crate::adapter::file::AdapterFile,
+    q_emb: &[f32],
+    lists: &[Vec<(usize, f32)>],
+) -> Result<Vec<Vec<Reranked>>> {
+    use crate::adapter::fit::Embeddings;
+    use crate::adapter::rerank::ScoredLists;
+    let dim = store.dim();
+    let total: usize = lists.iter().map(Vec::len).sum();
+    let mut docs = vec![0.0f32; total * dim];
+    let mut local = Vec::with_capacity(lists.len());
+    let mut at = 0usize;
+    for l in lists {
+        let mut h = Vec::with_capacity(l.len());
+        for &(r, s) in l {
+            store.row_f32(r, &mut docs[at * dim..(at + 1) * dim])?;
+            h.push((at as u32, s));
+            at += 1;
+        }
+        local.push(h);
+    }
+    let emb = Embeddings {
+        queries: q_emb,
+        docs: &docs,
+        dim,
+    };
+    let scored = ScoredLists::score(&adapter.params, emb, local)?;
+    let reranked = scored.rerank(adapter.tau, adapter.lambda_rr);
+    // Local rows are numbered across all lists; each list's start maps them back.
+    let mut start = 0usize;
+    let mut out = Vec::with_capacity(lists.len());
+    for ((ranked, logits), l) in reranked.into_iter().zip(&scored.logits).zip(lists) {
+        out.push(
+            ranked
+                .into_iter()
+                .map(|(r, rank_score)| {
+                    let i = r as usize - start;
+                    Reranked {
+                        row: l[i].0,
+                        score: l[i].1,
+                        logit: logits[i],
+                        rank_score,
+                    }
+                })
+                .collect(),
+        );
+        start += l.len();
     }
     Ok(out)
 }

@@ -17,13 +17,11 @@
 //! ```
 
 use crate::adapter::file::AdapterFile;
-use crate::adapter::fit::Embeddings;
-use crate::adapter::rerank::ScoredLists;
 use crate::adapter::sigmoid;
 use crate::error::{Error, Result};
 use crate::index::{topk, Store};
 use crate::model::Encoder;
-use crate::pipeline::{check_store_matches, store_encoder_options};
+use crate::pipeline::{check_store_matches, rerank_rows, store_encoder_options};
 use std::path::{Path, PathBuf};
 
 /// How a [`Retriever`] is opened.
@@ -209,49 +207,22 @@ impl Retriever {
         hits: Vec<Vec<topk::Hit>>,
         k: usize,
     ) -> Result<Vec<Vec<Hit>>> {
-        let dim = self.dim();
-        // The candidates' vectors, gathered (and converted to f32) into one local matrix.
-        let total: usize = hits.iter().map(Vec::len).sum();
-        let mut docs = vec![0.0f32; total * dim];
-        let mut lists = Vec::with_capacity(hits.len());
-        let mut starts = Vec::with_capacity(hits.len());
-        let mut at = 0usize;
-        for h in &hits {
-            starts.push(at);
-            let mut l = Vec::with_capacity(h.len());
-            for x in h {
-                self.store
-                    .row_f32(x.index, &mut docs[at * dim..(at + 1) * dim])?;
-                l.push((at as u32, x.score));
-                at += 1;
-            }
-            lists.push(l);
-        }
-        let emb = Embeddings {
-            queries: q_emb,
-            docs: &docs,
-            dim,
-        };
-        let scored = ScoredLists::score(&adapter.params, emb, lists)?;
-        let reranked = scored.rerank(adapter.tau, adapter.lambda_rr);
-        Ok(reranked
+        let lists: Vec<Vec<(usize, f32)>> = hits
+            .iter()
+            .map(|h| h.iter().map(|x| (x.index, x.score)).collect())
+            .collect();
+        Ok(rerank_rows(&self.store, adapter, q_emb, &lists)?
             .into_iter()
-            .zip(&scored.logits)
-            .zip(hits.iter().zip(starts))
-            .map(|((ranked, logits), (h, base))| {
-                // `ranked` holds local rows; this query's start among them maps back to `h`.
+            .map(|ranked| {
                 ranked
                     .into_iter()
                     .take(k)
-                    .map(|(r, s)| {
-                        let i = r as usize - base;
-                        Hit {
-                            id: self.store.id(h[i].index).to_string(),
-                            row: h[i].index,
-                            score: h[i].score,
-                            adapter_p: Some(sigmoid(logits[i] as f64) as f32),
-                            rank_score: s,
-                        }
+                    .map(|c| Hit {
+                        id: self.store.id(c.row).to_string(),
+                        row: c.row,
+                        score: c.score,
+                        adapter_p: Some(sigmoid(c.logit as f64) as f32),
+                        rank_score: c.rank_score,
                     })
                     .collect()
             })
