@@ -105,12 +105,29 @@ impl AdapterFile {
             serde_json::from_str(get(k)?)
                 .map_err(|e| Error::format(&path, format!("metadata `{k}`: {e}")))
         };
+        let dim = |k: &str| -> Result<usize> {
+            get(k)?.parse().map_err(|_| {
+                Error::format(&path, format!("metadata `{k}` is not a positive integer"))
+            })
+        };
+        // A NaN or infinite weight would make every rerank score NaN: refuse it here, by name.
+        let finite = |name: &str, v: &[f32]| -> Result<()> {
+            match v.iter().position(|x| !x.is_finite()) {
+                Some(i) => Err(Error::format(
+                    &path,
+                    format!("tensor `{name}` has a non-finite value at element {i}"),
+                )),
+                None => Ok(()),
+            }
+        };
         let tensor = |name: &str| -> Result<Vec<f32>> {
-            loaded
+            let v = loaded
                 .tensors
                 .get(name)
                 .map(|(_, v)| v.clone())
-                .ok_or_else(|| Error::format(&path, format!("tensor `{name}` is missing")))
+                .ok_or_else(|| Error::format(&path, format!("tensor `{name}` is missing")))?;
+            finite(name, &v)?;
+            Ok(v)
         };
         let scalar = |name: &str| -> Result<f32> {
             match tensor(name)?.as_slice() {
@@ -122,8 +139,8 @@ impl AdapterFile {
             }
         };
         let params = AdapterParams {
-            d: num("rrra.dim")? as usize,
-            h: num("rrra.hidden")? as usize,
+            d: dim("rrra.dim")?,
+            h: dim("rrra.hidden")?,
             w1: tensor("w1")?,
             b1: tensor("b1")?,
             w2: tensor("w2")?,
@@ -131,10 +148,20 @@ impl AdapterFile {
             beta: scalar("beta")?,
             beta0: scalar("beta0")?,
             w1_pos: match loaded.tensors.get("w1_pos") {
-                Some((_, v)) => v.clone(),
+                Some(_) => tensor("w1_pos")?,
                 None => Vec::new(),
             },
         };
+        // Sizes are compared as products in `check`: bound them first so those cannot overflow.
+        if params.d > 1 << 20 || params.h > 1 << 20 {
+            return Err(Error::format(
+                &path,
+                format!(
+                    "implausible adapter size d = {}, h = {}",
+                    params.d, params.h
+                ),
+            ));
+        }
         params
             .check()
             .map_err(|e| Error::format(&path, e.to_string()))?;
@@ -146,8 +173,14 @@ impl AdapterFile {
             train_config: serde_json::from_value(parse("rrra.train_config")?)
                 .map_err(|e| bad("rrra.train_config", e))?,
             info: parse("rrra.info")?,
-            lambda_rr: num("rrra.lambda_rr")?,
-            tau: num("rrra.tau")? as f32,
+            lambda_rr: Some(num("rrra.lambda_rr")?)
+                .filter(|l| l.is_finite())
+                .ok_or_else(|| Error::format(&path, "metadata `rrra.lambda_rr` is not finite"))?,
+            tau: Some(num("rrra.tau")? as f32)
+                .filter(|t| t.is_finite() && *t > 0.0)
+                .ok_or_else(|| {
+                    Error::format(&path, "metadata `rrra.tau` is not a finite positive number")
+                })?,
             params,
         })
     }

@@ -4,7 +4,7 @@
 //! The readers are strict: a malformed line, a missing field or a repeated id is an error naming
 //! the file and line, because a silently skipped document or judgement shifts every metric.
 
-use super::{for_each_line, json_error_message, UniqueIds};
+use super::{for_each_line, json_error_message, quoted, UniqueIds};
 use crate::error::{Error, Result};
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
@@ -294,7 +294,7 @@ pub fn read_qrels(path: &Path) -> Result<Qrels> {
             Error::parse(
                 path,
                 line_no,
-                format!("relevance {score:?} is not an integer"),
+                format!("relevance {} is not an integer", quoted(score)),
             )
         })?;
         qrels.insert(qid, doc, rel, line_no).map_err(|prev| {

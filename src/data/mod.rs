@@ -111,6 +111,16 @@ impl UniqueIds {
     }
 }
 
+/// A field quoted in an error message: its `Debug` form, cut to a short prefix so that a huge
+/// field (a 10 MB token on one line) does not become a 10 MB message.
+pub(crate) fn quoted(s: &str) -> String {
+    const MAX_CHARS: usize = 40;
+    match s.char_indices().nth(MAX_CHARS) {
+        None => format!("{s:?}"),
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &s[..cut], s.len()),
+    }
+}
+
 /// Formats a `serde_json` error for a single-line document: its own "line 1" is meaningless
 /// there, the caller reports the file line, so only the column is kept.
 pub(crate) fn json_error_message(e: &serde_json::Error) -> String {

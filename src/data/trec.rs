@@ -4,7 +4,7 @@
 //! order they first appear, so a run written from search results comes out in query-file order
 //! and evaluation re-sorts by score itself (as trec_eval does) instead of trusting ranks.
 
-use super::{for_each_line, UniqueIds};
+use super::{for_each_line, quoted, UniqueIds};
 use crate::error::{Error, Result};
 use crate::util::atomic_write;
 use std::collections::HashMap;
@@ -129,7 +129,7 @@ pub fn read_run(path: &Path) -> Result<Run> {
             return Err(Error::parse(
                 path,
                 line_no,
-                format!("rank {rank:?} is not an integer"),
+                format!("rank {} is not an integer", quoted(rank)),
             ));
         }
         let score: f64 = match score.parse::<f64>() {
@@ -138,7 +138,7 @@ pub fn read_run(path: &Path) -> Result<Run> {
                 return Err(Error::parse(
                     path,
                     line_no,
-                    format!("score {score:?} is not a finite number"),
+                    format!("score {} is not a finite number", quoted(score)),
                 ))
             }
         };

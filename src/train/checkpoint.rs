@@ -247,9 +247,18 @@ pub fn read_safetensors(path: &Path) -> Result<LoadedTensors> {
 pub fn read_safetensors_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
     use std::io::Read;
     let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    // A cut file is a format error like any other bad content, not an I/O "unexpected EOF".
+    let truncated = || Error::format(path, format!("truncated: {file_len} bytes"));
+    if file_len < 8 {
+        return Err(truncated());
+    }
     let mut len = [0u8; 8];
     f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
     let n = u64::from_le_bytes(len);
+    if n > file_len - 8 && n <= 100 << 20 {
+        return Err(truncated());
+    }
     if n > 100 << 20 {
         return Err(Error::format(
             path,

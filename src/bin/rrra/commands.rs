@@ -179,6 +179,22 @@ pub struct EvalArgs {
 pub fn eval(a: EvalArgs) -> Result<()> {
     let run = read_run(&a.run)?;
     let qrels = read_qrels(&a.qrels)?;
+    // Run queries missing from the qrels are ignored (trec_eval), but when none is judged the
+    // two files do not belong together and every metric would silently be 0.
+    if !qrels.is_empty() {
+        if let Some(first) = run.queries().next() {
+            if run.queries().all(|q| qrels.get(q).is_none()) {
+                return Err(Error::mismatch(
+                    &a.run,
+                    format!(
+                        "none of the {} queries of the run (first {first:?}) is judged in {}",
+                        run.len(),
+                        a.qrels.display()
+                    ),
+                ));
+            }
+        }
+    }
     let opts = EvalOptions {
         ks: a.cutoffs,
         ignore_identical_ids: a.ignore_identical_ids,

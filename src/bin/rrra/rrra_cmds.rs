@@ -165,6 +165,12 @@ pub struct RerankArgs {
 }
 
 pub fn rerank(a: RerankArgs) -> Result<()> {
+    // k = 0 would drop every document and write an empty run: refused, as `search --k 0` is.
+    if a.k == 0 {
+        return Err(Error::InvalidArgument(
+            "--k 0: at least one document per query must be reranked".into(),
+        ));
+    }
     let store = Store::open(&a.index)?;
     let encoder = Encoder::load(&a.model, &pipeline::store_encoder_options(&store))?;
     pipeline::check_store_matches(&store, &a.index, &encoder)?;
