@@ -37,6 +37,8 @@ pub mod device;
 pub mod error;
 pub mod eval;
 pub mod experiment;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod index;
 pub mod model;
 pub mod pipeline;

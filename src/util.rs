@@ -13,7 +13,7 @@ where
     F: FnOnce(&mut BufWriter<File>) -> Result<()>,
 {
     let tmp = temp_path(path);
-    let guard = RemoveOnDrop(Some(tmp.clone()));
+    let mut guard = RemoveOnDrop(Some(tmp.clone()));
     let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     write(&mut w)?;
@@ -24,7 +24,8 @@ where
     file.sync_all().map_err(|e| Error::io(&tmp, e))?;
     drop(file);
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    std::mem::forget(guard);
+    // Disarmed rather than forgotten: `mem::forget` would leak the path on every write.
+    guard.0 = None;
     // Make the rename itself durable; failure here loses nothing, so it is not an error.
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if let Ok(d) = File::open(dir) {

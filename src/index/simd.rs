@@ -352,7 +352,13 @@ mod tests {
     /// 8-lane panel must equal the matching lane of the 16-lane panel bit for bit.
     #[test]
     fn kernels_match_reference_and_each_other() {
-        for d in [1usize, 7, 8, 33, 384] {
+        // Miri interprets every instruction: the long rows add time, not cases.
+        let dims: &[usize] = if cfg!(miri) {
+            &[1, 7, 33]
+        } else {
+            &[1, 7, 8, 33, 384]
+        };
+        for &d in dims {
             let queries = data(16 * d, d as u32);
             let rows = data(8 * d, 7 + d as u32);
             let mut panel16 = vec![0f32; d * 16];

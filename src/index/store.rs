@@ -491,11 +491,41 @@ pub fn write_store(
     w.finish()
 }
 
+/// The bytes of an open store: the file's memory map, or (for [`Store::from_image`]) a copy in
+/// memory that starts at a 64-byte aligned address, as a map does.
+enum Image {
+    Map(Mmap),
+    Heap {
+        buf: Vec<u8>,
+        start: usize,
+        len: usize,
+    },
+}
+
+impl std::ops::Deref for Image {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Image::Map(m) => m,
+            Image::Heap { buf, start, len } => &buf[*start..*start + *len],
+        }
+    }
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Image::Map(m) => write!(f, "Map({} bytes)", m.len()),
+            Image::Heap { len, .. } => write!(f, "Heap({len} bytes)"),
+        }
+    }
+}
+
 /// A read-only, memory-mapped store. Opening checks everything; accessors then cannot fail.
 #[derive(Debug)]
 pub struct Store {
     path: PathBuf,
-    map: Mmap,
+    map: Image,
     header: Header,
     metadata: String,
     /// Start of the id blob (after the offset table) in the file.
@@ -535,6 +565,32 @@ impl Store {
         // leaves this mapping on the old inode); a store truncated or rewritten in place by
         // another program while mapped is outside this contract.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::check(path, Image::Map(map), verify_vectors)
+    }
+
+    /// A store from its bytes in memory, checked like [`Store::open`] (`path` only names it in
+    /// errors). The bytes are copied to a 64-byte aligned buffer, so the vectors are viewed in
+    /// place exactly as from a map: tests of the typed views run where memory maps cannot
+    /// (Miri).
+    pub(crate) fn from_image(path: &Path, bytes: &[u8]) -> Result<Store> {
+        let mut buf = vec![0u8; bytes.len() + VECTORS_ALIGN - 1];
+        // `align_offset` may give up (usize::MAX); the alignment check in `check` then refuses.
+        let start = buf
+            .as_ptr()
+            .align_offset(VECTORS_ALIGN)
+            .min(VECTORS_ALIGN - 1);
+        buf[start..start + bytes.len()].copy_from_slice(bytes);
+        let image = Image::Heap {
+            buf,
+            start,
+            len: bytes.len(),
+        };
+        Self::check(path, image, true)
+    }
+
+    /// Every check of `open` past reading the file, on the whole file's bytes.
+    fn check(path: &Path, map: Image, verify_vectors: bool) -> Result<Store> {
+        let bad = |msg: String| Error::format(path, msg);
         let bytes: &[u8] = &map;
         let header = Header::decode(path, bytes)?;
         let len = bytes.len() as u64;
@@ -772,5 +828,130 @@ impl Store {
         }
         self.vectors().to_f32(i * self.dim(), out);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store image laid out by hand as docs/FORMAT.md says, so these tests need no file (they
+    /// run under Miri, which cannot map files): vectors at 128, then metadata, then ids.
+    fn image(dtype: Dtype, dim: usize, rows: &[f32], ids: &[&str], meta: &str) -> Vec<u8> {
+        let mut vectors = Vec::new();
+        for &x in rows {
+            match dtype {
+                Dtype::F32 => vectors.extend_from_slice(&x.to_le_bytes()),
+                Dtype::F16 => vectors.extend_from_slice(&f16::from_f32(x).to_bits().to_le_bytes()),
+                Dtype::Bf16 => {
+                    vectors.extend_from_slice(&bf16::from_f32(x).to_bits().to_le_bytes())
+                }
+            }
+        }
+        let mut id_section = 0u64.to_le_bytes().to_vec();
+        let mut blob = Vec::new();
+        for id in ids {
+            blob.extend_from_slice(id.as_bytes());
+            id_section.extend_from_slice(&(blob.len() as u64).to_le_bytes());
+        }
+        id_section.extend_from_slice(&blob);
+        let section = |offset: usize, bytes: &[u8]| Section {
+            offset: offset as u64,
+            len: bytes.len() as u64,
+            xxh3: xxh3_64(bytes),
+        };
+        let vectors_s = section(HEADER_LEN, &vectors);
+        let meta_at = HEADER_LEN + vectors.len();
+        let header = Header {
+            dtype,
+            normalized: false,
+            dim: dim as u64,
+            count: ids.len() as u64,
+            fingerprint: 42,
+            vectors: vectors_s,
+            metadata: section(meta_at, meta.as_bytes()),
+            ids: section(meta_at + meta.len(), &id_section),
+        };
+        [&header.encode()[..], &vectors, meta.as_bytes(), &id_section].concat()
+    }
+
+    const META: &str = r#"{"model":"tiny"}"#;
+
+    #[test]
+    fn in_memory_views_read_every_dtype() {
+        // Values every dtype holds exactly, and more than 8 per row so the wide conversion
+        // paths run as well as their tails.
+        let dim = 11;
+        let rows: Vec<f32> = (0..3 * dim).map(|i| (i as f32 - 16.0) * 0.25).collect();
+        let ids = ["a", "ünï", "c-3"];
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::Bf16] {
+            let bytes = image(dtype, dim, &rows, &ids, META);
+            let store = Store::from_image(Path::new("mem.rrra"), &bytes).unwrap();
+            assert_eq!((store.len(), store.dim(), store.dtype()), (3, dim, dtype));
+            assert_eq!(store.ids().collect::<Vec<_>>(), ids);
+            assert_eq!(store.metadata_json(), META);
+            let v = store.vectors();
+            assert_eq!(v.len(), rows.len());
+            let elem = |i: usize| match v {
+                Vectors::F32(s) => s[i],
+                Vectors::F16(s) => s[i].to_f32(),
+                Vectors::Bf16(s) => s[i].to_f32(),
+            };
+            assert!((0..rows.len()).all(|i| elem(i) == rows[i]), "{dtype}");
+            let mut row = vec![0f32; dim];
+            for i in 0..3 {
+                store.row_f32(i, &mut row).unwrap();
+                assert_eq!(row, rows[i * dim..(i + 1) * dim], "{dtype} row {i}");
+            }
+            let mut all = vec![0f32; rows.len()];
+            v.to_f32(0, &mut all);
+            assert_eq!(all, rows);
+            let hits = crate::index::topk::search_one(&store.corpus(), &row, 2).unwrap();
+            assert_eq!(hits[0].index, 2, "{dtype}");
+        }
+        let empty = image(Dtype::F32, 4, &[], &[], META);
+        let store = Store::from_image(Path::new("mem.rrra"), &empty).unwrap();
+        assert!(store.is_empty() && store.vectors().is_empty());
+    }
+
+    /// The hand-made image is byte for byte what the writer produces.
+    #[test]
+    #[cfg_attr(miri, ignore = "writes a file")]
+    fn image_matches_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.rrra");
+        let rows = [0.5f32, -1.0, 2.0, 0.25, 0.0, 8.0];
+        let spec = StoreSpec {
+            dim: 3,
+            dtype: Dtype::F16,
+            normalized: false,
+            fingerprint: 42,
+            metadata_json: META.into(),
+        };
+        write_store(&p, spec, &["x".into(), "y".into()], &rows).unwrap();
+        let on_disk = std::fs::read(&p).unwrap();
+        assert_eq!(on_disk, image(Dtype::F16, 3, &rows, &["x", "y"], META));
+        let mapped = Store::open(&p).unwrap();
+        let copied = Store::from_image(&p, &on_disk).unwrap();
+        assert_eq!(
+            mapped.ids().collect::<Vec<_>>(),
+            copied.ids().collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn in_memory_images_are_checked_like_files() {
+        let p = Path::new("mem.rrra");
+        let good = image(Dtype::F32, 2, &[1.0, 0.0], &["a"], META);
+        let format = |bytes: &[u8]| match Store::from_image(p, bytes) {
+            Err(Error::Format { .. }) => {}
+            other => panic!("{other:?}"),
+        };
+        format(&good[..100]);
+        format(&good[..good.len() - 1]);
+        format(&[good.as_slice(), &[0]].concat());
+        let mut flipped = good.clone();
+        flipped[HEADER_LEN] ^= 1;
+        format(&flipped);
     }
 }

@@ -236,57 +236,108 @@ pub(crate) fn restore(t: &mut Trainer, path: &Path) -> Result<()> {
         t.optim.v[i] = take(&format!("adam_v.{i:03}"), len)?;
     }
     t.encoder.bert_mut().weights.file_hash = 0;
-    t.pool = if meta.get("rrra.has_pool").map(String::as_str) == Some("true") {
-        let get = |n: &str| {
-            loaded
-                .tensors
-                .get(n)
-                .ok_or_else(|| Error::format(path, format!("tensor `{n}` is missing")))
-        };
-        let u = |n: &str| {
-            loaded
-                .u32_tensors
-                .get(n)
-                .map(|(_, v)| v.clone())
-                .ok_or_else(|| Error::format(path, format!("tensor `{n}` is missing")))
-        };
-        let (qshape, q) = get("pool.query_embeddings")?;
-        let (_, d) = get("pool.doc_embeddings")?;
-        let (_, scores) = get("pool.scores")?;
-        let ids = u("pool.doc_ids")?;
-        let offsets = u("pool.offsets")?;
-        let dim = qshape.get(1).copied().unwrap_or(0);
-        let bad = || Error::format(path, "pool tensors disagree in size");
-        if dim == 0
-            || ids.len() != scores.len()
-            || offsets.last().copied() != Some(ids.len() as u32)
-        {
+    t.pool = decode_pool(&loaded, path)?;
+    // The trainer indexes the pool by training query and corpus document, and the batches by
+    // the cursor: a state that disagrees with the data it resumes on must fail here, not panic
+    // in the middle of a step.
+    let set = t.train_set();
+    if let Some(pool) = &t.pool {
+        let (queries, docs) = (pool.candidates.len(), pool.doc_embeddings.len() / pool.dim);
+        if pool.dim != t.encoder.dim() || queries != set.queries.len() || docs != set.corpus.len() {
+            return Err(Error::format(
+                path,
+                format!(
+                    "the mined pool ({queries} queries, {docs} documents of dimension {}) does \
+                     not match the training data ({} queries, {} documents) and encoder \
+                     (dimension {})",
+                    pool.dim,
+                    set.queries.len(),
+                    set.corpus.len(),
+                    t.encoder.dim()
+                ),
+            ));
+        }
+    }
+    let batches = super::data::epoch_batches(set, t.cfg.seed, t.epoch, t.cfg.batch_size)?.len();
+    if t.cursor >= batches {
+        return Err(Error::format(
+            path,
+            format!(
+                "data cursor {} is outside the {batches} batches of epoch {}",
+                t.cursor, t.epoch
+            ),
+        ));
+    }
+    restore_joint(t, &loaded, path)
+}
+
+/// The mined pool of a training state (`None` when the state has none), checked to be
+/// self-consistent: offsets that tile the candidate lists, one list per query embedding, and
+/// candidates that name documents of the pool.
+pub(crate) fn decode_pool(
+    loaded: &checkpoint::LoadedTensors,
+    path: &Path,
+) -> Result<Option<MinedPool>> {
+    if loaded.metadata.get("rrra.has_pool").map(String::as_str) != Some("true") {
+        return Ok(None);
+    }
+    let get = |n: &str| {
+        loaded
+            .tensors
+            .get(n)
+            .ok_or_else(|| Error::format(path, format!("tensor `{n}` is missing")))
+    };
+    let u = |n: &str| {
+        loaded
+            .u32_tensors
+            .get(n)
+            .map(|(_, v)| v.as_slice())
+            .ok_or_else(|| Error::format(path, format!("tensor `{n}` is missing")))
+    };
+    let (qshape, q) = get("pool.query_embeddings")?;
+    let (_, d) = get("pool.doc_embeddings")?;
+    let (_, scores) = get("pool.scores")?;
+    let ids = u("pool.doc_ids")?;
+    let offsets = u("pool.offsets")?;
+    let dim = qshape.get(1).copied().unwrap_or(0);
+    let bad = || Error::format(path, "pool tensors disagree in size");
+    if dim == 0
+        || !q.len().is_multiple_of(dim)
+        || !d.len().is_multiple_of(dim)
+        || q.len() / dim + 1 != offsets.len()
+        || ids.len() != scores.len()
+        || offsets.first() != Some(&0)
+        || offsets.last().map(|&o| o as usize) != Some(ids.len())
+    {
+        return Err(bad());
+    }
+    let docs = d.len() / dim;
+    if let Some(&id) = ids.iter().find(|&&id| id as usize >= docs) {
+        return Err(Error::format(
+            path,
+            format!("pool candidate {id} is outside the pool's {docs} documents"),
+        ));
+    }
+    let mut candidates = Vec::with_capacity(offsets.len() - 1);
+    for w in offsets.windows(2) {
+        let (a, b) = (w[0] as usize, w[1] as usize);
+        if a > b || b > ids.len() {
             return Err(bad());
         }
-        let mut candidates = Vec::with_capacity(offsets.len().saturating_sub(1));
-        for w in offsets.windows(2) {
-            let (a, b) = (w[0] as usize, w[1] as usize);
-            if a > b || b > ids.len() {
-                return Err(bad());
-            }
-            candidates.push(
-                ids[a..b]
-                    .iter()
-                    .copied()
-                    .zip(scores[a..b].iter().copied())
-                    .collect(),
-            );
-        }
-        Some(MinedPool {
-            dim,
-            query_embeddings: q.clone(),
-            doc_embeddings: d.clone(),
-            candidates,
-        })
-    } else {
-        None
-    };
-    restore_joint(t, &loaded, path)
+        candidates.push(
+            ids[a..b]
+                .iter()
+                .copied()
+                .zip(scores[a..b].iter().copied())
+                .collect(),
+        );
+    }
+    Ok(Some(MinedPool {
+        dim,
+        query_embeddings: q.clone(),
+        doc_embeddings: d.clone(),
+        candidates,
+    }))
 }
 
 /// The RRRA adapter's part of the state (nothing to do for other samplers).
@@ -342,4 +393,111 @@ fn restore_joint(t: &mut Trainer, loaded: &checkpoint::LoadedTensors, path: &Pat
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool of 2 queries and 3 documents of dimension 2, as `write_state` lays it out.
+    fn pool_state() -> checkpoint::LoadedTensors {
+        let mut l = checkpoint::LoadedTensors::default();
+        l.metadata.insert("rrra.has_pool".into(), "true".into());
+        let f = |shape: Vec<usize>, v: Vec<f32>| (shape, v);
+        l.tensors.insert(
+            "pool.query_embeddings".into(),
+            f(vec![2, 2], vec![1.0, 0.0, 0.0, 1.0]),
+        );
+        l.tensors.insert(
+            "pool.doc_embeddings".into(),
+            f(vec![3, 2], vec![1.0, 0.0, 0.0, 1.0, 0.6, 0.8]),
+        );
+        l.tensors
+            .insert("pool.scores".into(), f(vec![3], vec![0.6, 0.8, 0.0]));
+        l.u32_tensors
+            .insert("pool.doc_ids".into(), (vec![3], vec![2, 2, 0]));
+        l.u32_tensors
+            .insert("pool.offsets".into(), (vec![3], vec![0, 1, 3]));
+        l
+    }
+
+    #[test]
+    fn pool_decodes() {
+        let p = Path::new("state.safetensors");
+        let pool = decode_pool(&pool_state(), p).unwrap().unwrap();
+        assert_eq!(pool.dim, 2);
+        assert_eq!(
+            pool.candidates,
+            vec![vec![(2, 0.6)], vec![(2, 0.8), (0, 0.0)]]
+        );
+        assert!((pool.score(1, 2) - 0.8).abs() < 1e-6);
+        let mut none = pool_state();
+        none.metadata.insert("rrra.has_pool".into(), "false".into());
+        assert!(decode_pool(&none, p).unwrap().is_none());
+    }
+
+    /// Pools that once decoded and then made the trainer index out of bounds (`MinedPool::score`
+    /// and the batch gathering slice by query, document and dimension).
+    #[test]
+    fn inconsistent_pools_are_format_errors() {
+        let p = Path::new("state.safetensors");
+        let cases: Vec<(&str, Box<dyn Fn(&mut checkpoint::LoadedTensors)>)> = vec![
+            (
+                "candidate beyond the documents",
+                Box::new(|l| l.u32_tensors.get_mut("pool.doc_ids").unwrap().1[1] = 3),
+            ),
+            (
+                "documents not a multiple of dim",
+                Box::new(|l| {
+                    l.tensors.get_mut("pool.doc_embeddings").unwrap().1.pop();
+                }),
+            ),
+            (
+                "queries not a multiple of dim",
+                Box::new(|l| {
+                    l.tensors
+                        .get_mut("pool.query_embeddings")
+                        .unwrap()
+                        .1
+                        .push(0.5);
+                }),
+            ),
+            (
+                "more candidate lists than queries",
+                Box::new(|l| {
+                    l.u32_tensors.get_mut("pool.offsets").unwrap().1 = vec![0, 1, 2, 3];
+                }),
+            ),
+            (
+                "offsets not starting at 0",
+                Box::new(|l| l.u32_tensors.get_mut("pool.offsets").unwrap().1[0] = 1),
+            ),
+            (
+                "decreasing offsets",
+                Box::new(|l| {
+                    l.u32_tensors.get_mut("pool.offsets").unwrap().1 = vec![0, 4, 3];
+                }),
+            ),
+            (
+                "no dimension",
+                Box::new(|l| {
+                    l.tensors.get_mut("pool.query_embeddings").unwrap().0 = vec![4];
+                }),
+            ),
+            (
+                "missing tensor",
+                Box::new(|l| {
+                    l.tensors.remove("pool.scores");
+                }),
+            ),
+        ];
+        for (name, corrupt) in cases {
+            let mut l = pool_state();
+            corrupt(&mut l);
+            match decode_pool(&l, p) {
+                Err(Error::Format { .. }) => {}
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+    }
 }
