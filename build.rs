@@ -5,6 +5,9 @@
 //! `tools/install-nvcc.sh` creates. Without nvcc (or with `RRRA_NO_CUDA=1`) the crate builds
 //! CPU-only and says so in a warning. Targets: `RRRA_CUDA_ARCHS="90 100"` (default `90`).
 //! No GPU is queried: the build machine need not have one.
+//!
+//! It also generates the C header `include/rrra.h` from `src/capi.rs` (cbindgen, settings in
+//! `cbindgen.toml`).
 
 use std::env;
 use std::fs;
@@ -12,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
+    generate_header();
     println!("cargo::rustc-check-cfg=cfg(rrra_cuda)");
     println!("cargo::rerun-if-changed=kernels");
     for v in [
@@ -110,4 +114,34 @@ fn find_nvcc() -> Option<PathBuf> {
         .ok()?
         .filter_map(|e| e.ok())
         .find_map(|e| exists(e.path().join("site-packages/nvidia/cu13/bin/nvcc")))
+}
+
+/// Writes the C header to `OUT_DIR/rrra.h` and copies it to `include/rrra.h` when its content
+/// changed, so a build leaves the committed header alone unless the C interface moved.
+///
+/// Only `src/capi.rs` is parsed (no `cargo metadata`, no other module), so generation does not
+/// depend on the rest of the crate: a failure is a bug in that file and fails the build. A
+/// source tree that cannot be written (a packaged or read-only checkout) is only a warning.
+fn generate_header() {
+    println!("cargo::rerun-if-changed=src/capi.rs");
+    println!("cargo::rerun-if-changed=cbindgen.toml");
+    let config = cbindgen::Config::from_file("cbindgen.toml")
+        .unwrap_or_else(|e| panic!("cbindgen.toml: {e}"));
+    let header = cbindgen::Builder::new()
+        .with_config(config)
+        .with_src("src/capi.rs")
+        .generate()
+        .unwrap_or_else(|e| panic!("generating the C header from src/capi.rs: {e}"));
+    let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR")).join("rrra.h");
+    header.write_to_file(&out);
+    let fresh = fs::read(&out).expect("read the generated header");
+    let committed = Path::new("include/rrra.h");
+    if fs::read(committed).ok().as_deref() != Some(&fresh[..]) {
+        if let Err(e) = fs::create_dir_all("include").and_then(|()| fs::write(committed, &fresh)) {
+            println!(
+                "cargo::warning=cannot update include/rrra.h ({e}); the header is in {}",
+                out.display()
+            );
+        }
+    }
 }

@@ -31,6 +31,7 @@
 
 pub mod adapter;
 pub mod bench;
+pub mod capi;
 pub mod cpu;
 pub mod data;
 pub mod device;
