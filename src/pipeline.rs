@@ -1,6 +1,8 @@
 //! The retrieval path end to end, as the CLI and services use it: encode a corpus into an
 //! embedding store, and search a store with encoded queries into a TREC run.
 
+use crate::adapter::rerank::rerank_list;
+use crate::adapter::scoring::{query_logits, FusedWeights};
 use crate::data::{Document, Query, Run};
 use crate::error::{Error, Result};
 use crate::index::store::{Store, StoreSpec, StoreWriter};
@@ -111,8 +113,16 @@ pub fn search(
         for (q, hits) in window.iter().zip(hits) {
             let docs = hits
                 .into_iter()
-                .map(|h| (store.id(h.index).to_string(), h.score as f64))
-                .collect();
+                .map(|h| {
+                    // Queries are finite, so a NaN or infinite score comes from the stored row
+                    // (a store not written by `StoreWriter`, which refuses such values).
+                    if h.score.is_finite() {
+                        Ok((store.id(h.index).to_string(), h.score as f64))
+                    } else {
+                        Err(non_finite_row(store, h.index))
+                    }
+                })
+                .collect::<Result<_>>()?;
             run.add_query(q.id.clone(), docs)?;
         }
         progress(window.len());
@@ -120,11 +130,50 @@ pub fn search(
     Ok(run)
 }
 
+/// The error for a stored row whose score with a finite query is not finite.
+fn non_finite_row(store: &Store, row: usize) -> Error {
+    Error::format(
+        store.path(),
+        format!(
+            "document {:?} (row {row}) scores NaN or infinity: its stored vector is not finite",
+            store.id(row)
+        ),
+    )
+}
+
+/// The first line of the run file `path` about query `qid` (and `doc`, when given), so an
+/// error about the run's content points at the line; `None` when `path` is not such a file.
+/// Only called on the error path: reading the file again is cheap next to the search.
+fn run_line(path: &Path, qid: &str, doc: Option<&str>) -> Option<usize> {
+    let mut found = None;
+    let _ = crate::data::for_each_line(path, |n, line| {
+        let mut f = line.split_ascii_whitespace();
+        let (q, d) = (f.next(), f.nth(1));
+        if q == Some(qid) && doc.is_none_or(|doc| d == Some(doc)) {
+            found = Some(n);
+            // Stops the scan; the error itself is dropped.
+            return Err(Error::InvalidArgument(String::new()));
+        }
+        Ok(())
+    });
+    found
+}
+
+/// An error about the run file: a parse error at the line it is about when that line can be
+/// found, else a mismatch naming the file.
+fn run_error(path: &Path, qid: &str, doc: Option<&str>, msg: String) -> Error {
+    match run_line(path, qid, doc) {
+        Some(line) => Error::parse(path, line, msg),
+        None => Error::mismatch(path, msg),
+    }
+}
+
 /// Reranks the top `k` of every query of `run` with the adapter (method notes 6): documents are
 /// looked up in `store`, scored against the encoded query (the run's own scores only choose the
 /// candidates, so runs from any retriever work), and reordered by `s_base · p^lambda_rr` with
 /// the adapter file's lambda. Scores in the result are the log of that product. A query missing
-/// from `queries` or a document missing from the store is an error naming `run_path`.
+/// from `queries` or a document missing from the store is an error naming `run_path` and, when
+/// `run_path` is the run's file, the line (`Error::Parse`).
 pub fn rerank_run(
     encoder: &Encoder,
     store: &Store,
@@ -145,9 +194,13 @@ pub fn rerank_run(
     let qids: Vec<&str> = run.queries().collect();
     let mut texts = Vec::with_capacity(qids.len());
     for q in &qids {
-        texts.push(*text.get(q).ok_or_else(|| Error::Mismatch {
-            path: run_path.to_path_buf(),
-            msg: format!("query {q:?} of the run is not in the queries file"),
+        texts.push(*text.get(q).ok_or_else(|| {
+            run_error(
+                run_path,
+                q,
+                None,
+                format!("query {q:?} of the run is not in the queries file"),
+            )
         })?);
     }
     let q_emb = encoder.encode(&texts, 32)?;
@@ -157,12 +210,16 @@ pub fn rerank_run(
         let list = run.get(q).unwrap_or(&[]);
         let mut l = Vec::with_capacity(k.min(list.len()));
         for (d, _) in list.iter().take(k) {
-            let r = *rows.get(d.as_str()).ok_or_else(|| Error::Mismatch {
-                path: run_path.to_path_buf(),
-                msg: format!(
-                    "document {d:?} (query {q:?}) is not in the index {}",
-                    store.path().display()
-                ),
+            let r = *rows.get(d.as_str()).ok_or_else(|| {
+                run_error(
+                    run_path,
+                    q,
+                    Some(d),
+                    format!(
+                        "document {d:?} (query {q:?}) is not in the index {}",
+                        store.path().display()
+                    ),
+                )
             })?;
             store.row_f32(r, &mut row)?;
             let s: f32 = row
@@ -170,15 +227,21 @@ pub fn rerank_run(
                 .zip(&q_emb[qi * dim..(qi + 1) * dim])
                 .map(|(a, b)| a * b)
                 .sum();
+            if !s.is_finite() {
+                return Err(non_finite_row(store, r));
+            }
             l.push((r, s));
         }
         lists.push(l);
     }
     let mut out = Run::new();
-    for (q, ranked) in qids
-        .iter()
-        .zip(rerank_rows(store, adapter, &q_emb, &lists)?)
-    {
+    for (q, ranked) in qids.iter().zip(rerank_rows(
+        store,
+        adapter,
+        &FusedWeights::of(&adapter.params),
+        &q_emb,
+        &lists,
+    )?) {
         out.add_query(
             q.to_string(),
             ranked
@@ -204,56 +267,47 @@ pub struct Reranked {
 }
 
 /// The adapter's rerank of candidate lists `(store row, retriever score)`, one per row of
-/// `q_emb`: the candidates' vectors are gathered from `store` (as f32) into one local matrix,
-/// scored, and each list is ordered by `s_base · p^lambda_rr` of the adapter file.
+/// `q_emb`: each list's vectors are gathered from `store` (as f32), scored with the adapter's
+/// prepared weights (`fused`, from [`FusedWeights::of`] of the file's parameters), and ordered
+/// by `s_base · p^lambda_rr` of the adapter file. Lists are scored in parallel.
 pub fn rerank_rows(
     store: &Store,
     adapter: &crate::adapter::file::AdapterFile,
+    fused: &FusedWeights,
     q_emb: &[f32],
     lists: &[Vec<(usize, f32)>],
 ) -> Result<Vec<Vec<Reranked>>> {
-    use crate::adapter::fit::Embeddings;
-    use crate::adapter::rerank::ScoredLists;
+    use rayon::prelude::*;
     let dim = store.dim();
-    let total: usize = lists.iter().map(Vec::len).sum();
-    let mut docs = vec![0.0f32; total * dim];
-    let mut local = Vec::with_capacity(lists.len());
-    let mut at = 0usize;
-    for l in lists {
-        let mut h = Vec::with_capacity(l.len());
-        for &(r, s) in l {
-            store.row_f32(r, &mut docs[at * dim..(at + 1) * dim])?;
-            h.push((at as u32, s));
-            at += 1;
-        }
-        local.push(h);
+    if q_emb.len() != lists.len() * dim {
+        return Err(Error::InvalidArgument(format!(
+            "{} query floats for {} lists of dimension {dim}",
+            q_emb.len(),
+            lists.len()
+        )));
     }
-    let emb = Embeddings {
-        queries: q_emb,
-        docs: &docs,
-        dim,
-    };
-    let scored = ScoredLists::score(&adapter.params, emb, local)?;
-    let reranked = scored.rerank(adapter.tau, adapter.lambda_rr);
-    // Local rows are numbered across all lists; each list's start maps them back.
-    let mut start = 0usize;
-    let mut out = Vec::with_capacity(lists.len());
-    for ((ranked, logits), l) in reranked.into_iter().zip(&scored.logits).zip(lists) {
-        out.push(
-            ranked
-                .into_iter()
-                .map(|(r, rank_score)| {
-                    let i = r as usize - start;
-                    Reranked {
+    lists
+        .par_iter()
+        .zip(q_emb.par_chunks_exact(dim))
+        .map(|(l, q)| {
+            let mut docs = vec![0.0f32; l.len() * dim];
+            for (&(r, _), v) in l.iter().zip(docs.chunks_exact_mut(dim)) {
+                store.row_f32(r, v)?;
+            }
+            let mut logits = vec![0.0f32; l.len()];
+            query_logits(&adapter.params, fused, q, &docs, &mut logits)?;
+            let scores: Vec<f32> = l.iter().map(|x| x.1).collect();
+            Ok(
+                rerank_list(&scores, &logits, adapter.tau, adapter.lambda_rr)
+                    .into_iter()
+                    .map(|(i, rank_score)| Reranked {
                         row: l[i].0,
                         score: l[i].1,
                         logit: logits[i],
                         rank_score,
-                    }
-                })
-                .collect(),
-        );
-        start += l.len();
-    }
-    Ok(out)
+                    })
+                    .collect(),
+            )
+        })
+        .collect()
 }

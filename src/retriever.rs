@@ -17,6 +17,7 @@
 //! ```
 
 use crate::adapter::file::AdapterFile;
+use crate::adapter::scoring::FusedWeights;
 use crate::adapter::sigmoid;
 use crate::error::{Error, Result};
 use crate::index::{topk, Store};
@@ -64,7 +65,8 @@ pub struct Hit {
 pub struct Retriever {
     encoder: Encoder,
     store: Store,
-    adapter: Option<AdapterFile>,
+    /// The adapter with its first layer prepared for scoring (built once at open).
+    adapter: Option<(AdapterFile, FusedWeights)>,
     opts: RetrieverOptions,
 }
 
@@ -109,7 +111,8 @@ impl Retriever {
                          queries",
                     ));
                 }
-                Some(a)
+                let fused = FusedWeights::of(&a.params);
+                Some((a, fused))
             }
             None => None,
         };
@@ -179,9 +182,15 @@ impl Retriever {
         } else {
             k
         };
-        let hits = topk::search_batch(&self.store.corpus(), &q_emb, depth)?;
+        // One query streams the store once through the single-query kernel; several share
+        // each pass over it (the batch kernel).
+        let hits = if queries.len() == 1 {
+            vec![topk::search_one(&self.store.corpus(), &q_emb, depth)?]
+        } else {
+            topk::search_batch(&self.store.corpus(), &q_emb, depth)?
+        };
         match (&self.adapter, rerank) {
-            (Some(a), true) => self.reranked(a, &q_emb, hits, k),
+            (Some((a, fused)), true) => self.reranked(a, fused, &q_emb, hits, k),
             _ => Ok(hits
                 .into_iter()
                 .map(|h| {
@@ -203,6 +212,7 @@ impl Retriever {
     fn reranked(
         &self,
         adapter: &AdapterFile,
+        fused: &FusedWeights,
         q_emb: &[f32],
         hits: Vec<Vec<topk::Hit>>,
         k: usize,
@@ -211,7 +221,7 @@ impl Retriever {
             .iter()
             .map(|h| h.iter().map(|x| (x.index, x.score)).collect())
             .collect();
-        Ok(rerank_rows(&self.store, adapter, q_emb, &lists)?
+        Ok(rerank_rows(&self.store, adapter, fused, q_emb, &lists)?
             .into_iter()
             .map(|ranked| {
                 ranked

@@ -13,15 +13,15 @@
 //!      = (W1a + W1c)·q  +  (W1c − W1a)·c  +  (W1b·diag(q))·c
 //!      = u_q + M_q·c,     u_q = (W1a + W1c)·q + b1,   M_q = (W1c − W1a) + W1b·diag(q)
 //! ```
-//! `u_q` (h) and `M_q` (h × d, i.e. `W1b ⊙ qᵀ` added to the shared `W1c − W1a`) are formed once
-//! per query; a pair then costs one `h × d` product `M_q·c` and one `d × h` product `W2·g`: about
-//! 2·h·d multiply-adds, against 3d·h + h·d for building `z` and applying `W1` naively, and `z`
-//! (3d per pair) is never materialised. The Hadamard term costs h·d per pair either way because
-//! it mixes q and c; the two linear terms do not, which is why they fold into per-query and
-//! per-candidate work. Here each candidate belongs to one query, so the candidate term
-//! `v_c = (W1c − W1a)·c` is folded into `M_q` at no extra cost; a kernel scoring one candidate
-//! pool against many queries would compute `v_c` once per candidate and add only
-//! `(W1b ⊙ qᵀ)·c` per pair. The K pairs of a query are batched as GEMMs (`cpu::gemm::linear`).
+//! `u_q` (h) is formed once per query, and `M_q·c = (W1c − W1a)·c + W1b·(q ⊙ c)` is one product
+//! of the pair's features `[c ; q ⊙ c]` (2d) with the fixed `[W1c − W1a | W1b]` (h × 2d,
+//! [`FusedWeights`], built once per parameter set): a pair costs about 2·h·d multiply-adds for
+//! the first layer and h·d for `W2·g`, against 3d·h + h·d for building `z` and applying `W1`
+//! naively, and `z` (3d per pair) is never materialised. The Hadamard term costs h·d per pair
+//! either way because it mixes q and c; the two linear terms do not, which is why they fold into
+//! per-query and per-candidate work (a kernel scoring one candidate pool against many queries
+//! would compute `(W1c − W1a)·c` once per candidate). The K pairs of a query are batched as
+//! GEMMs (`cpu::gemm::linear`).
 //!
 //! # Backward
 //! The forward keeps a cache of the pre-activations `W1·z + b1` (`[P × h]`) and the adapted
@@ -162,6 +162,104 @@ fn sum_diff(params: &AdapterParams) -> (Vec<f32>, Vec<f32>) {
     (w_sum, w_diff)
 }
 
+/// The first layer re-cut for the fused product (module docs): `W1a + W1c` (`[h × d]`, applied
+/// to the query) and `[W1c − W1a | W1b]` (`[h × 2d]`, applied to a pair's `[c ; q ⊙ c]`). A
+/// service builds it once per adapter; training rebuilds it per call (the weights move).
+#[derive(Debug, Clone)]
+pub struct FusedWeights {
+    d: usize,
+    h: usize,
+    w_sum: Vec<f32>,
+    w_pair: Vec<f32>,
+}
+
+impl FusedWeights {
+    pub fn of(params: &AdapterParams) -> FusedWeights {
+        let (d, h) = (params.d, params.h);
+        let (w_sum, w_diff) = sum_diff(params);
+        let mut w_pair = vec![0.0f32; h * 2 * d];
+        for j in 0..h {
+            w_pair[j * 2 * d..j * 2 * d + d].copy_from_slice(&w_diff[j * d..(j + 1) * d]);
+            w_pair[j * 2 * d + d..(j + 1) * 2 * d]
+                .copy_from_slice(&params.w1[j * 3 * d + d..j * 3 * d + 2 * d]);
+        }
+        FusedWeights {
+            d,
+            h,
+            w_sum,
+            w_pair,
+        }
+    }
+
+    fn check(&self, params: &AdapterParams) -> Result<()> {
+        if (self.d, self.h) != (params.d, params.h) {
+            return Err(Error::InvalidArgument(format!(
+                "fused weights of d = {}, h = {} used with an adapter of d = {}, h = {}",
+                self.d, self.h, params.d, params.h
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One query's pairs: pre-activations, adapted points and per-pair statistics
+/// `[p, logit, QA, CA, alpha]` into the given slices (`k × h`, `k × d`, `k`). `feats` is
+/// scratch of `k × 2d`.
+#[allow(clippy::too_many_arguments)]
+fn forward_query(
+    params: &AdapterParams,
+    fused: &FusedWeights,
+    q: &[f32],
+    c_i: &[f32],
+    u_i: &[f32],
+    ctx: Option<&[f32]>,
+    feats: &mut [f32],
+    pre_i: &mut [f32],
+    a_i: &mut [f32],
+    st_i: &mut [[f32; 5]],
+) {
+    let (d, h) = (params.d, params.h);
+    let k = st_i.len();
+    for (f, c) in feats.chunks_exact_mut(2 * d).zip(c_i.chunks_exact(d)) {
+        let (fc, fqc) = f.split_at_mut(d);
+        fc.copy_from_slice(c);
+        for ((o, &qv), &cv) in fqc.iter_mut().zip(q).zip(c) {
+            *o = qv * cv;
+        }
+    }
+    linear(feats, k, 2 * d, &fused.w_pair, u_i, h, pre_i);
+    if let Some(ctx) = ctx {
+        let y = positive_features(c_i, ctx, d);
+        let mut extra = vec![0.0f32; k * h];
+        linear(&y, k, 2 * d, &params.w1_pos, &vec![0.0; h], h, &mut extra);
+        for (p, e) in pre_i.iter_mut().zip(&extra) {
+            *p += e;
+        }
+    }
+    // GELU into the adapted-point buffer's space would alias; feats is free again now.
+    let g = &mut feats[..k * h];
+    for (gv, &x) in g.iter_mut().zip(pre_i.iter()) {
+        *gv = gelu(x);
+    }
+    linear(g, k, h, &params.w2, &params.b2, d, a_i);
+    // residual last, so W2 = 0, b2 = 0 gives a = c exactly
+    for (av, &cv) in a_i.iter_mut().zip(c_i) {
+        *av += cv;
+    }
+    let (beta, beta0) = (params.beta as f64, params.beta0 as f64);
+    for (kk, st) in st_i.iter_mut().enumerate() {
+        let g = geometry(q, &c_i[kk * d..(kk + 1) * d], &a_i[kk * d..(kk + 1) * d]);
+        let logit = beta * (g.qa - g.ca) + beta0;
+        *st = [
+            sigmoid(logit) as f32,
+            logit as f32,
+            g.qa as f32,
+            g.ca as f32,
+            g.alpha as f32,
+        ];
+    }
+}
+
 /// Checks the parameters and input shapes; returns the number of queries.
 fn check_inputs(
     params: &AdapterParams,
@@ -192,6 +290,56 @@ pub fn score(
     k: usize,
 ) -> Result<AdapterOutput> {
     score_with_context(params, queries, candidates, None, k)
+}
+
+/// The logits of one query's `k` candidates (`candidates`: `[k × d]`) into `out` (length k),
+/// with the weights prepared once ([`FusedWeights::of`]): the serving path. Same arithmetic as
+/// [`score`]; nothing is kept for a backward pass, and the working buffers are reused across
+/// calls on the same thread.
+pub fn query_logits(
+    params: &AdapterParams,
+    fused: &FusedWeights,
+    query: &[f32],
+    candidates: &[f32],
+    out: &mut [f32],
+) -> Result<()> {
+    let k = out.len();
+    if k == 0 && candidates.is_empty() && query.len() == params.d {
+        return Ok(());
+    }
+    check_inputs(params, query, candidates, k)?;
+    check_contexts(params, None, k)?;
+    fused.check(params)?;
+    let (d, h) = (params.d, params.h);
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<[f32; 5]>)> =
+            const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    }
+    SCRATCH.with_borrow_mut(|(buf, stats)| {
+        let feats_len = k * (2 * d).max(h);
+        buf.resize(h + feats_len + k * h + k * d, 0.0);
+        stats.resize(k, [0.0; 5]);
+        let (u, rest) = buf.split_at_mut(h);
+        let (feats, rest) = rest.split_at_mut(feats_len);
+        let (pre, a) = rest.split_at_mut(k * h);
+        linear(query, 1, d, &fused.w_sum, &params.b1, h, u);
+        forward_query(
+            params,
+            fused,
+            query,
+            candidates,
+            u,
+            None,
+            feats,
+            pre,
+            &mut a[..k * d],
+            &mut stats[..k],
+        );
+        for (o, st) in out.iter_mut().zip(stats.iter()) {
+            *o = st[1];
+        }
+    });
+    Ok(())
 }
 
 /// Checks that positive-aware contexts are given exactly when the parameters read them.
@@ -228,56 +376,32 @@ pub fn score_with_context(
     let nq = check_inputs(params, queries, candidates, k)?;
     check_contexts(params, contexts, nq * k)?;
     let (d, h) = (params.d, params.h);
-    let (w_sum, w_diff) = sum_diff(params);
+    let fused = FusedWeights::of(params);
     let mut u = vec![0.0f32; nq * h];
-    linear(queries, nq, d, &w_sum, &params.b1, h, &mut u);
+    linear(queries, nq, d, &fused.w_sum, &params.b1, h, &mut u);
 
     let p_n = nq * k;
     let mut pre = vec![0.0f32; p_n * h];
     let mut a = vec![0.0f32; p_n * d];
     let mut stats = vec![[0.0f32; 5]; p_n];
-    let (beta, beta0) = (params.beta as f64, params.beta0 as f64);
     pre.par_chunks_mut(k * h)
         .zip(a.par_chunks_mut(k * d))
         .zip(stats.par_chunks_mut(k))
         .enumerate()
         .for_each(|(i, ((pre_i, a_i), st_i))| {
-            let q = &queries[i * d..(i + 1) * d];
-            let c_i = &candidates[i * k * d..(i + 1) * k * d];
-            // M_q = (W1c − W1a) + W1b·diag(q)
-            let mut m = w_diff.clone();
-            for j in 0..h {
-                let wb = &params.w1[j * 3 * d + d..j * 3 * d + 2 * d];
-                for l in 0..d {
-                    m[j * d + l] += wb[l] * q[l];
-                }
-            }
-            linear(c_i, k, d, &m, &u[i * h..(i + 1) * h], h, pre_i);
-            if let Some(ctx) = contexts {
-                let y = positive_features(c_i, &ctx[i * k * d..(i + 1) * k * d], d);
-                let mut extra = vec![0.0f32; k * h];
-                linear(&y, k, 2 * d, &params.w1_pos, &vec![0.0; h], h, &mut extra);
-                for (p, e) in pre_i.iter_mut().zip(&extra) {
-                    *p += e;
-                }
-            }
-            let g: Vec<f32> = pre_i.iter().map(|&x| gelu(x)).collect();
-            linear(&g, k, h, &params.w2, &params.b2, d, a_i);
-            // residual last, so W2 = 0, b2 = 0 gives a = c exactly
-            for (av, &cv) in a_i.iter_mut().zip(c_i) {
-                *av += cv;
-            }
-            for (kk, st) in st_i.iter_mut().enumerate() {
-                let g = geometry(q, &c_i[kk * d..(kk + 1) * d], &a_i[kk * d..(kk + 1) * d]);
-                let logit = beta * (g.qa - g.ca) + beta0;
-                *st = [
-                    sigmoid(logit) as f32,
-                    logit as f32,
-                    g.qa as f32,
-                    g.ca as f32,
-                    g.alpha as f32,
-                ];
-            }
+            let mut feats = vec![0.0f32; k * (2 * d).max(h)];
+            forward_query(
+                params,
+                &fused,
+                &queries[i * d..(i + 1) * d],
+                &candidates[i * k * d..(i + 1) * k * d],
+                &u[i * h..(i + 1) * h],
+                contexts.map(|c| &c[i * k * d..(i + 1) * k * d]),
+                &mut feats,
+                pre_i,
+                a_i,
+                st_i,
+            );
         });
     let col = |j: usize| stats.iter().map(|s| s[j]).collect::<Vec<f32>>();
     Ok(AdapterOutput {
@@ -763,6 +887,37 @@ mod tests {
         // the test exercises the MLP: a moved away from c, alpha not stuck at a bound
         assert!(out.ca.iter().all(|&v| v < 0.999));
         assert!(out.alpha.iter().any(|&v| v > 0.0 && v < 1.0));
+    }
+
+    /// The serving entry (prepared weights, one query at a time, reused buffers) against the
+    /// f64 definition (fp32 tolerances as above) and against [`score`] on the same query
+    /// (bitwise: one arithmetic), at a realistic width and with lists of different lengths
+    /// on one thread, so the reused buffers shrink and grow.
+    #[test]
+    fn query_logits_match_naive_and_score() {
+        let (d, h) = (48, 40);
+        let params = trained_like(d, h, 5);
+        let fused = FusedWeights::of(&params);
+        let mut rng = Rng::new(6);
+        let w = flat(&params);
+        for k in [17, 3, 1, 17] {
+            let q = random(&mut rng, d, 0.3);
+            let c = random(&mut rng, k * d, 0.3);
+            let mut got = vec![0.0f32; k];
+            query_logits(&params, &fused, &q, &c, &mut got).unwrap();
+            let want = naive(&w, d, h, &to64(&q), &to64(&c), k);
+            assert!(max_err(&got, &want.logit) <= 1e-4, "k {k}");
+            let out = score(&params, &q, &c, k).unwrap();
+            assert!(got
+                .iter()
+                .zip(&out.logit)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+        let other = FusedWeights::of(&trained_like(d, h + 1, 5));
+        let (q, c) = (vec![0.1; d], vec![0.2; 2 * d]);
+        assert!(query_logits(&params, &other, &q, &c, &mut [0.0; 2]).is_err());
+        assert!(query_logits(&params, &fused, &q, &c, &mut [0.0; 3]).is_err());
+        assert!(query_logits(&params, &fused, &q, &[], &mut []).is_ok());
     }
 
     #[test]
