@@ -260,9 +260,11 @@ impl Percentiles {
 }
 
 /// Per-stage latency of the batch-1 query path: encode one query (≤ 16 tokens), top-100 over
-/// a `QUERY_STORE × dim` f32 store, adapter scoring of the 100 candidates and the rerank.
+/// a `QUERY_STORE × dim` store of the given dtype, then the adapter's serving path: gather the
+/// 100 candidate rows as f32, score them with prepared weights, rerank.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct QueryLatency {
+    pub store_dtype: &'static str,
     pub queries: usize,
     pub encode: Percentiles,
     pub search: Percentiles,
@@ -272,12 +274,27 @@ pub struct QueryLatency {
     pub adapter_share: f64,
 }
 
+/// A random adapter of the encoder's width with a non-zero output layer, as a trained one has
+/// (the cost does not depend on the values).
+fn bench_adapter(dim: usize) -> Result<crate::adapter::AdapterParams> {
+    let mut params = crate::adapter::AdapterParams::init(dim, dim, 3)?;
+    for (i, w) in params.w2.iter_mut().enumerate() {
+        *w = ((i % 7) as f32 - 3.0) * 1e-3;
+    }
+    Ok(params)
+}
+
 /// Times the batch-1 query path on `queries` (one untimed warm-up pass over the first few).
-/// The store is random unit vectors and the adapter a random one of the encoder's width: the
-/// cost of both does not depend on their values.
-pub fn query_path(enc: &Encoder, queries: &[&str]) -> Result<QueryLatency> {
-    use crate::adapter::rerank::ScoredLists;
-    use crate::adapter::{fit::Embeddings, AdapterParams};
+/// The store is random unit vectors (converted to `dtype`) and the adapter a random one of
+/// the encoder's width: the cost of both does not depend on their values.
+pub fn query_path(
+    enc: &Encoder,
+    queries: &[&str],
+    dtype: crate::index::Dtype,
+) -> Result<QueryLatency> {
+    use crate::adapter::rerank::rerank_list;
+    use crate::adapter::scoring::{query_logits, FusedWeights};
+    use crate::index::{Dtype, Vectors};
     if queries.is_empty() {
         return Err(crate::Error::InvalidArgument(
             "the query-path benchmark needs queries".into(),
@@ -285,25 +302,40 @@ pub fn query_path(enc: &Encoder, queries: &[&str]) -> Result<QueryLatency> {
     }
     let dim = enc.dim();
     let store = random_unit_vectors(QUERY_STORE, dim, 7);
-    let corpus = Corpus::from_f32(&store, dim)?;
-    let mut params = AdapterParams::init(dim, dim, 3)?;
-    // a trained adapter has a non-zero output layer; the cost is the same either way
-    for (i, w) in params.w2.iter_mut().enumerate() {
-        *w = ((i % 7) as f32 - 3.0) * 1e-3;
-    }
-    let one = |q: &str| -> Result<[f64; 3]> {
+    let (h16, b16): (Vec<half::f16>, Vec<half::bf16>) = match dtype {
+        Dtype::F32 => (Vec::new(), Vec::new()),
+        Dtype::F16 => (
+            store.iter().map(|&v| half::f16::from_f32(v)).collect(),
+            Vec::new(),
+        ),
+        Dtype::Bf16 => (
+            Vec::new(),
+            store.iter().map(|&v| half::bf16::from_f32(v)).collect(),
+        ),
+    };
+    let vectors = match dtype {
+        Dtype::F32 => Vectors::F32(&store),
+        Dtype::F16 => Vectors::F16(&h16),
+        Dtype::Bf16 => Vectors::Bf16(&b16),
+    };
+    let corpus = Corpus::new(vectors, dim)?;
+    let params = bench_adapter(dim)?;
+    let fused = FusedWeights::of(&params);
+    let mut docs = vec![0.0f32; QUERY_RERANK_K * dim];
+    let mut logits = vec![0.0f32; QUERY_RERANK_K];
+    let mut one = |q: &str| -> Result<[f64; 3]> {
         let t0 = Instant::now();
         let emb = enc.encode(&[q], 1)?;
         let t1 = Instant::now();
         let hits = topk::search_one(&corpus, &emb, QUERY_RERANK_K)?;
         let t2 = Instant::now();
-        let list = vec![hits.iter().map(|h| (h.index as u32, h.score)).collect()];
-        let emb_ref = Embeddings {
-            queries: &emb,
-            docs: &store,
-            dim,
-        };
-        let reranked = ScoredLists::score(&params, emb_ref, list)?.rerank(0.05, 1.0);
+        let n = hits.len();
+        for (h, v) in hits.iter().zip(docs.chunks_exact_mut(dim)) {
+            corpus.vectors.to_f32(h.index * dim, v);
+        }
+        query_logits(&params, &fused, &emb, &docs[..n * dim], &mut logits[..n])?;
+        let scores: Vec<f32> = hits.iter().map(|h| h.score).collect();
+        let reranked = rerank_list(&scores, &logits[..n], 0.05, 1.0);
         let t3 = Instant::now();
         std::hint::black_box(reranked);
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
@@ -324,6 +356,7 @@ pub fn query_path(enc: &Encoder, queries: &[&str]) -> Result<QueryLatency> {
         share.push(t[2] / sum);
     }
     Ok(QueryLatency {
+        store_dtype: dtype.name(),
         queries: queries.len(),
         encode: Percentiles::of(&stages[0]),
         search: Percentiles::of(&stages[1]),
@@ -331,4 +364,126 @@ pub fn query_path(enc: &Encoder, queries: &[&str]) -> Result<QueryLatency> {
         total: Percentiles::of(&total),
         adapter_share: median(share),
     })
+}
+
+/// Request latency and throughput of one shared [`crate::retriever::Retriever`] under
+/// `clients` threads that each send their queries back to back.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoadPoint {
+    pub clients: usize,
+    pub requests: usize,
+    pub latency: Percentiles,
+    /// Requests answered per second of wall time.
+    pub throughput: f64,
+}
+
+/// The serving path under concurrent load: a retriever opened on `model` (queries cut at
+/// [`QUERY_MAX_TOKENS`]), a `QUERY_STORE`-document store of random unit vectors of `dtype`
+/// written to `dir`, and a random adapter; every request is `retrieve(query, 10, rerank)` with
+/// the rerank over the top [`QUERY_RERANK_K`]. Each client count answers every query once
+/// (after a warm-up pass), the queries dealt round-robin to the clients.
+pub fn query_load(
+    model: &std::path::Path,
+    dir: &std::path::Path,
+    queries: &[&str],
+    clients: &[usize],
+    dtype: crate::index::Dtype,
+) -> Result<Vec<LoadPoint>> {
+    use crate::adapter::file::AdapterFile;
+    use crate::index::store::{StoreSpec, StoreWriter};
+    use crate::model::EncoderOptions;
+    use crate::retriever::{Retriever, RetrieverOptions};
+    if queries.is_empty() || clients.contains(&0) {
+        return Err(crate::Error::InvalidArgument(
+            "the query-load benchmark needs queries and at least one client".into(),
+        ));
+    }
+    let enc = Encoder::load(
+        model,
+        &EncoderOptions {
+            max_length: Some(QUERY_MAX_TOKENS),
+            ..Default::default()
+        },
+    )?;
+    let dim = enc.dim();
+    let store_path = dir.join("bench.store");
+    let mut w = StoreWriter::create(
+        &store_path,
+        StoreSpec {
+            dim,
+            dtype,
+            normalized: true,
+            fingerprint: enc.fingerprint(),
+            metadata_json: enc.describe().to_string(),
+        },
+    )?;
+    for (i, v) in random_unit_vectors(QUERY_STORE, dim, 7)
+        .chunks_exact(dim)
+        .enumerate()
+    {
+        w.push(&format!("d{i}"), v)?;
+    }
+    w.finish()?;
+    let adapter_path = dir.join("adapter.safetensors");
+    AdapterFile {
+        params: bench_adapter(dim)?,
+        calibration: Default::default(),
+        lambda_rr: 1.0,
+        tau: 0.05,
+        train_config: Default::default(),
+        info: serde_json::json!({}),
+    }
+    .save(&adapter_path)?;
+    drop(enc);
+    let r = Retriever::open(
+        model,
+        &store_path,
+        &RetrieverOptions {
+            adapter: Some(adapter_path),
+            ..Default::default()
+        },
+    )?;
+    for q in queries.iter().take(10) {
+        r.retrieve(q, 10, true)?;
+    }
+    let mut points = Vec::new();
+    for &c in clients {
+        let t0 = Instant::now();
+        let per_client: Vec<Result<Vec<f64>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..c)
+                .map(|t| {
+                    let r = &r;
+                    scope.spawn(move || {
+                        let mut ms = Vec::new();
+                        for q in queries.iter().skip(t).step_by(c) {
+                            let s = Instant::now();
+                            std::hint::black_box(r.retrieve(q, 10, true)?);
+                            ms.push(s.elapsed().as_secs_f64() * 1e3);
+                        }
+                        Ok(ms)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(crate::Error::InvalidArgument("a client panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        let wall = t0.elapsed().as_secs_f64();
+        let mut all = Vec::new();
+        for ms in per_client {
+            all.extend(ms?);
+        }
+        points.push(LoadPoint {
+            clients: c,
+            requests: all.len(),
+            latency: Percentiles::of(&all),
+            throughput: all.len() as f64 / wall,
+        });
+    }
+    Ok(points)
 }

@@ -2,6 +2,7 @@
 
 use clap::Args;
 use rrra::bench::{self, Measurement};
+use rrra::index::Dtype;
 use rrra::model::{Encoder, EncoderOptions};
 use rrra::{data, Error, Result};
 use std::path::PathBuf;
@@ -15,8 +16,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "DIR", default_value = "../shared")]
     pub shared: PathBuf,
     /// Workloads to run, comma-separated: encode-sentences, encode-docs, topk-batch, topk-single,
-    /// train-step, query-path (batch-1 encode + top-100 + adapter rerank latency; not in the
-    /// default set).
+    /// train-step, query-path (batch-1 encode + top-100 + adapter rerank latency per stage, f32
+    /// and f16 stores), query-load (the Retriever shared by 1, 2 and 8 client threads); the
+    /// last two are not in the default set.
     #[arg(long, value_delimiter = ',', default_values_t = ["encode-sentences".to_string(), "encode-docs".into(), "topk-batch".into(), "topk-single".into(), "train-step".into()])]
     pub only: Vec<String>,
     /// Timed repetitions per workload, after one untimed warm-up (encode-docs: always 1;
@@ -38,6 +40,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "topk-single",
             "train-step",
             "query-path",
+            "query-load",
         ]
         .contains(&w.as_str())
         {
@@ -94,11 +97,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
             rows.push(bench::topk_single(&corpus, some, a.reps)?);
         }
     }
-    let latency = if wants("query-path") {
-        let model = a
-            .model
-            .clone()
-            .unwrap_or_else(rrra::util::default_model_dir);
+    let serving_queries = || -> Result<Vec<String>> {
+        let queries = data::read_queries(&a.shared.join("data/scifact/queries.jsonl"))?;
+        Ok(queries.into_iter().take(300).map(|q| q.text).collect())
+    };
+    let model = a
+        .model
+        .clone()
+        .unwrap_or_else(rrra::util::default_model_dir);
+    let mut latency = Vec::new();
+    if wants("query-path") {
         let enc = Encoder::load(
             &model,
             &EncoderOptions {
@@ -106,19 +114,34 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 ..Default::default()
             },
         )?;
-        let queries = data::read_queries(&a.shared.join("data/scifact/queries.jsonl"))?;
-        let q: Vec<&str> = queries.iter().take(300).map(|q| q.text.as_str()).collect();
-        eprintln!(
-            "query-path: {} queries, store {} x {}, rerank {} ...",
-            q.len(),
-            bench::QUERY_STORE,
-            enc.dim(),
-            bench::QUERY_RERANK_K
-        );
-        Some(bench::query_path(&enc, &q)?)
-    } else {
-        None
-    };
+        let texts = serving_queries()?;
+        let q: Vec<&str> = texts.iter().map(String::as_str).collect();
+        for dtype in [Dtype::F32, Dtype::F16] {
+            eprintln!(
+                "query-path: {} queries, {dtype} store {} x {}, rerank {} ...",
+                q.len(),
+                bench::QUERY_STORE,
+                enc.dim(),
+                bench::QUERY_RERANK_K
+            );
+            latency.push(bench::query_path(&enc, &q, dtype)?);
+        }
+    }
+    let mut load = Vec::new();
+    if wants("query-load") {
+        let texts = serving_queries()?;
+        let q: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let dir = tempfile_dir()?;
+        for dtype in [Dtype::F32, Dtype::F16] {
+            eprintln!(
+                "query-load: {} queries, {dtype} store {} documents, 1/2/8 clients ...",
+                q.len(),
+                bench::QUERY_STORE
+            );
+            let points = bench::query_load(&model, dir.path(), &q, &[1, 2, 8], dtype);
+            load.push((dtype.name(), points?));
+        }
+    }
     println!(
         "threads: {}, cpu: {}",
         rayon::current_num_threads(),
@@ -143,11 +166,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             m.throughput / mid
         );
     }
-    if let Some(l) = &latency {
+    for l in &latency {
         println!();
         println!(
-            "batch-1 query path, {} queries (ms) | p50 | p95 | p99 |",
-            l.queries
+            "batch-1 query path, {} store, {} queries (ms) | p50 | p95 | p99 |",
+            l.store_dtype, l.queries
         );
         println!("|---|---|---|---|");
         for (name, p) in [
@@ -163,9 +186,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
             100.0 * l.adapter_share
         );
     }
+    for (dtype, points) in &load {
+        println!();
+        println!("Retriever under load, {dtype} store: retrieve(k 10, rerank 100)");
+        println!("| clients | requests | p50 ms | p95 ms | p99 ms | requests/s |");
+        println!("|---|---|---|---|---|---|");
+        for p in points {
+            println!(
+                "| {} | {} | {:.2} | {:.2} | {:.2} | {:.1} |",
+                p.clients, p.requests, p.latency.p50, p.latency.p95, p.latency.p99, p.throughput
+            );
+        }
+    }
     if let Some(p) = &a.json {
         let text = serde_json::to_string_pretty(&serde_json::json!({
             "workloads": rows, "query_path": latency,
+            "query_load": load.iter().map(|(d, p)| serde_json::json!({"store": d, "points": p})).collect::<Vec<_>>(),
         }))
         .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         rrra::util::atomic_write(p, |w| {
@@ -180,4 +216,26 @@ fn cpu_model() -> Option<String> {
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("model name"))?;
     Some(line.split(':').nth(1)?.trim().to_string())
+}
+
+/// A scratch folder for the load benchmark's store and adapter, removed when dropped.
+fn tempfile_dir() -> Result<TempDir> {
+    let base = std::env::temp_dir();
+    let path = base.join(format!("rrra-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+    Ok(TempDir(path))
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
