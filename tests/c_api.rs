@@ -6,15 +6,8 @@
 
 mod common;
 
-use rrra::adapter::calibrate::FnCalibration;
-use rrra::adapter::file::AdapterFile;
-use rrra::adapter::fit::AdapterTrainConfig;
-use rrra::adapter::AdapterParams;
 use rrra::capi::*;
-use rrra::data::beir::{read_corpus, read_queries};
-use rrra::index::Dtype;
-use rrra::model::{Encoder, EncoderOptions};
-use rrra::pipeline;
+use rrra::data::beir::read_queries;
 use rrra::retriever::{Hit, Retriever, RetrieverOptions};
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::path::{Path, PathBuf};
@@ -32,28 +25,13 @@ struct Setup {
 /// A store of the Cranfield documents encoded by tiny-bert, and a random adapter (W2 non-zero,
 /// so the rerank moves documents).
 fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let model = common::shared().join("fixtures/tiny-bert");
+    let common::TinyCranfield {
+        dir,
+        model,
+        store,
+        adapter,
+    } = common::tiny_cranfield();
     let data = common::shared().join("data/cranfield");
-    let enc = Encoder::load(&model, &EncoderOptions::default()).unwrap();
-    let docs = read_corpus(&data.join("corpus.jsonl")).unwrap();
-    let store = dir.path().join("cranfield.store");
-    pipeline::encode_corpus(&enc, &docs, &store, Dtype::F32, 64, &|_| {}).unwrap();
-    let mut params = AdapterParams::init(enc.dim(), 16, 5).unwrap();
-    for (i, w) in params.w2.iter_mut().enumerate() {
-        *w = ((i * 7919 % 13) as f32 - 6.0) * 0.05;
-    }
-    let adapter = dir.path().join("adapter.safetensors");
-    AdapterFile {
-        params,
-        calibration: FnCalibration::default(),
-        lambda_rr: 2.0,
-        tau: 0.05,
-        train_config: AdapterTrainConfig::default(),
-        info: serde_json::json!({}),
-    }
-    .save(&adapter)
-    .unwrap();
     let queries = read_queries(&data.join("queries.jsonl"))
         .unwrap()
         .into_iter()

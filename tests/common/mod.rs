@@ -131,3 +131,48 @@ pub fn gpu_or_skip() -> Option<rrra::device::Gpu> {
         }
     }
 }
+
+/// A store of the Cranfield documents encoded by the tiny random BERT of the fixtures, and a
+/// random adapter file (W2 non-zero, so the rerank moves documents), in a temporary folder:
+/// what the retriever and C ABI tests serve.
+pub struct TinyCranfield {
+    pub dir: tempfile::TempDir,
+    pub model: PathBuf,
+    pub store: PathBuf,
+    pub adapter: PathBuf,
+}
+
+pub fn tiny_cranfield() -> TinyCranfield {
+    use rrra::adapter::file::AdapterFile;
+    use rrra::adapter::AdapterParams;
+    use rrra::model::{Encoder, EncoderOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let model = shared().join("fixtures/tiny-bert");
+    let data = shared().join("data/cranfield");
+    let enc = Encoder::load(&model, &EncoderOptions::default()).unwrap();
+    let docs = rrra::data::beir::read_corpus(&data.join("corpus.jsonl")).unwrap();
+    let store = dir.path().join("cranfield.store");
+    rrra::pipeline::encode_corpus(&enc, &docs, &store, rrra::index::Dtype::F32, 64, &|_| {})
+        .unwrap();
+    let mut params = AdapterParams::init(enc.dim(), 16, 5).unwrap();
+    for (i, w) in params.w2.iter_mut().enumerate() {
+        *w = ((i * 7919 % 13) as f32 - 6.0) * 0.05;
+    }
+    let adapter = dir.path().join("adapter.safetensors");
+    AdapterFile {
+        params,
+        calibration: Default::default(),
+        lambda_rr: 2.0,
+        tau: 0.05,
+        train_config: Default::default(),
+        info: serde_json::json!({}),
+    }
+    .save(&adapter)
+    .unwrap();
+    TinyCranfield {
+        dir,
+        model,
+        store,
+        adapter,
+    }
+}
