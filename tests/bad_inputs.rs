@@ -1055,19 +1055,7 @@ fn broken_tokenizer_and_weights_files() {
 #[test]
 fn resume_from_a_truncated_training_state() {
     let d = tempfile::tempdir().unwrap();
-    let beir = d.path().join("beir");
-    std::fs::create_dir_all(beir.join("qrels")).unwrap();
-    write(
-        &beir,
-        "corpus.jsonl",
-        "{\"_id\":\"d1\",\"text\":\"one\"}\n{\"_id\":\"d2\",\"text\":\"two\"}\n{\"_id\":\"d3\",\"text\":\"three\"}\n",
-    );
-    write(
-        &beir,
-        "queries.jsonl",
-        "{\"_id\":\"q1\",\"text\":\"first\"}\n{\"_id\":\"q2\",\"text\":\"second\"}\n",
-    );
-    write(&beir, "qrels/train.tsv", "q1\td1\t1\nq2\td2\t1\n");
+    let beir = common::tiny_beir(d.path());
     let out = d.path().join("run");
     cli_ok(&a![
         "train",

@@ -56,18 +56,7 @@ fn resume_fails(out: &Path, what: &str) {
 #[test]
 fn resume_refuses_a_state_that_does_not_fit_the_data() {
     let d = tempfile::tempdir().unwrap();
-    let beir = d.path().join("beir");
-    write(
-        &beir,
-        "corpus.jsonl",
-        "{\"_id\":\"d1\",\"text\":\"one\"}\n{\"_id\":\"d2\",\"text\":\"two\"}\n{\"_id\":\"d3\",\"text\":\"three\"}\n",
-    );
-    write(
-        &beir,
-        "queries.jsonl",
-        "{\"_id\":\"q1\",\"text\":\"first\"}\n{\"_id\":\"q2\",\"text\":\"second\"}\n",
-    );
-    write(&beir, "qrels/train.tsv", "q1\td1\t1\nq2\td2\t1\n");
+    let beir = common::tiny_beir(d.path());
     let out = d.path().join("run");
     let mut cfg = TrainConfig::new(
         common::shared().join("fixtures/tiny-bert"),

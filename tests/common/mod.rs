@@ -176,3 +176,25 @@ pub fn tiny_cranfield() -> TinyCranfield {
         adapter,
     }
 }
+
+/// A three-document, two-query BEIR folder with train qrels, written to `dir/beir`: the
+/// smallest training set the trainer accepts.
+pub fn tiny_beir(dir: &std::path::Path) -> PathBuf {
+    let beir = dir.join("beir");
+    std::fs::create_dir_all(beir.join("qrels")).unwrap();
+    let files = [
+        (
+            "corpus.jsonl",
+            "{\"_id\":\"d1\",\"text\":\"one\"}\n{\"_id\":\"d2\",\"text\":\"two\"}\n{\"_id\":\"d3\",\"text\":\"three\"}\n",
+        ),
+        (
+            "queries.jsonl",
+            "{\"_id\":\"q1\",\"text\":\"first\"}\n{\"_id\":\"q2\",\"text\":\"second\"}\n",
+        ),
+        ("qrels/train.tsv", "q1\td1\t1\nq2\td2\t1\n"),
+    ];
+    for (name, body) in files {
+        std::fs::write(beir.join(name), body).unwrap();
+    }
+    beir
+}
