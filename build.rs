@@ -6,6 +6,11 @@
 //! CPU-only and says so in a warning. Targets: `RRRA_CUDA_ARCHS="90 100"` (default `90`).
 //! No GPU is queried: the build machine need not have one.
 //!
+//! In the CUDA build, the argument structs that kernels and Rust share (`kernels/*_params.h`)
+//! are turned into Rust by bindgen (`OUT_DIR/kernel_params.rs`); libclang is found through
+//! `LIBCLANG_PATH`, the system's library folders, or the private environment of
+//! `tools/install-nvcc.sh`, which installs it. The CPU-only build does not need it.
+//!
 //! It also generates the C header `include/rrra.h` from `src/capi.rs` (cbindgen, settings in
 //! `cbindgen.toml`).
 
@@ -17,6 +22,7 @@ use std::process::Command;
 fn main() {
     generate_header();
     println!("cargo::rustc-check-cfg=cfg(rrra_cuda)");
+    println!("cargo::rustc-check-cfg=cfg(rrra_nvtx)");
     println!("cargo::rerun-if-changed=kernels");
     for v in [
         "NVCC",
@@ -24,6 +30,7 @@ fn main() {
         "RRRA_NO_CUDA",
         "RRRA_CUDA_ARCHS",
         "RRRA_CACHE",
+        "LIBCLANG_PATH",
         "PATH",
     ] {
         println!("cargo::rerun-if-env-changed={v}");
@@ -45,6 +52,8 @@ fn main() {
         ),
         Some(nvcc) => {
             println!("cargo::rustc-cfg=rrra_cuda");
+            generate_params(&out);
+            build_nvtx_shim(nvcc);
             let archs = env::var("RRRA_CUDA_ARCHS").unwrap_or_else(|_| "90".into());
             for src in &sources {
                 let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
@@ -91,6 +100,89 @@ fn compile(nvcc: &Path, src: &Path, fatbin: &Path, report: &Path, archs: &str) {
     fs::write(report, &stderr).expect("write ptxas report");
 }
 
+/// Every `kernels/*_params.h` through bindgen into one Rust file (structs and constants).
+fn generate_params(out: &Path) {
+    let mut headers: Vec<PathBuf> = fs::read_dir("kernels")
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    headers.retain(|p| p.to_string_lossy().ends_with("_params.h"));
+    headers.sort();
+    if env::var_os("LIBCLANG_PATH").is_none() {
+        if let Some(dir) = private_env_site_packages()
+            .map(|s| s.join("clang/native"))
+            .filter(|d| d.join("libclang.so").is_file())
+        {
+            // SAFETY: the build script is single-threaded here.
+            env::set_var("LIBCLANG_PATH", dir);
+        }
+    }
+    let mut rust = String::new();
+    for h in &headers {
+        let bindings = bindgen::Builder::default()
+            .header(h.to_string_lossy())
+            .use_core()
+            .derive_default(false)
+            .derive_debug(true)
+            .derive_copy(true)
+            .generate_comments(false)
+            .layout_tests(true)
+            .generate()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "bindgen failed on {} ({e}). It needs libclang: run tools/install-nvcc.sh \
+                     (installs it beside nvcc), install your distribution's libclang, set \
+                     LIBCLANG_PATH, or build CPU-only with RRRA_NO_CUDA=1",
+                    h.display()
+                )
+            });
+        rust.push_str(&bindings.to_string());
+    }
+    fs::write(out.join("kernel_params.rs"), rust).expect("write kernel_params.rs");
+}
+
+/// The NVTX shim (`kernels/nvtx_shim.c`) when the NVTX 3 headers are found next to nvcc, under
+/// `$CUDA_HOME/include` or in the private environment; otherwise the ranges are no-ops (a
+/// warning says so): profiler markers are not worth failing a build for.
+fn build_nvtx_shim(nvcc: &Path) {
+    println!("cargo::rerun-if-changed=kernels/nvtx_shim.c");
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(bin) = nvcc.parent() {
+        dirs.push(bin.join("../include"));
+    }
+    if let Some(h) = env::var_os("CUDA_HOME") {
+        dirs.push(PathBuf::from(h).join("include"));
+    }
+    if let Some(s) = private_env_site_packages() {
+        dirs.push(s.join("nvidia/cu13/include"));
+    }
+    let Some(include) = dirs
+        .into_iter()
+        .find(|d| d.join("nvtx3/nvToolsExt.h").is_file())
+    else {
+        println!("cargo::warning=NVTX headers not found: GPU stages carry no profiler ranges (tools/install-nvcc.sh installs them)");
+        return;
+    };
+    cc::Build::new()
+        .file("kernels/nvtx_shim.c")
+        .include(include)
+        .warnings(false)
+        .compile("rrra_nvtx_shim");
+    println!("cargo::rustc-link-lib=dl");
+    println!("cargo::rustc-cfg=rrra_nvtx");
+}
+
+/// `site-packages` of the private Python environment that tools/install-nvcc.sh creates.
+fn private_env_site_packages() -> Option<PathBuf> {
+    let cache = env::var_os("RRRA_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/rrra")))?;
+    fs::read_dir(cache.join("nvcc-venv/lib"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("site-packages"))
+        .find(|p| p.is_dir())
+}
+
 fn find_nvcc() -> Option<PathBuf> {
     let exists = |p: PathBuf| p.is_file().then_some(p);
     if let Some(p) = env::var_os("NVCC") {
@@ -106,14 +198,7 @@ fn find_nvcc() -> Option<PathBuf> {
     {
         return Some(p);
     }
-    let cache = env::var_os("RRRA_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/rrra")))?;
-    let lib = cache.join("nvcc-venv/lib");
-    fs::read_dir(lib)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .find_map(|e| exists(e.path().join("site-packages/nvidia/cu13/bin/nvcc")))
+    exists(private_env_site_packages()?.join("nvidia/cu13/bin/nvcc"))
 }
 
 /// Writes the C header to `OUT_DIR/rrra.h` and copies it to `include/rrra.h` when its content

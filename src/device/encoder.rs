@@ -287,7 +287,28 @@ pub struct GpuBert {
     w: DeviceWeights,
     ws: Workspace,
     host_offsets: Vec<u32>,
+    /// Captured `embed` launches per batch shape, when graphs are on ([`GpuBert::use_graphs`]).
+    graphs: Option<std::collections::HashMap<GraphKey, Graph>>,
 }
+
+/// What fixes every launch of an `embed` call: the batch's shape and the pooling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct GraphKey {
+    tokens: usize,
+    sequences: usize,
+    max_len: usize,
+    pooling: Pooling,
+    normalize: bool,
+}
+
+/// Shapes whose graphs are kept; calls of further shapes launch eagerly.
+const MAX_GRAPHS: usize = 64;
+
+/// A captured and instantiated CUDA graph.
+struct Graph(cudarc::driver::CudaGraph);
+// SAFETY: a graph is only used through `&mut GpuBert` (never from two threads at once), which
+// is all CUDA asks of graph objects; it holds no thread-local state.
+unsafe impl Send for Graph {}
 
 impl GpuBert {
     /// Uploads `bert`'s weights (bf16 copies of the GEMM weights for [`Precision::Bf16`]) and
@@ -295,6 +316,25 @@ impl GpuBert {
     /// `max_sequences` sequences.
     pub fn new(
         gpu: &Gpu,
+        bert: &Bert,
+        precision: Precision,
+        max_tokens: usize,
+        max_sequences: usize,
+    ) -> Result<GpuBert> {
+        Self::on_stream(
+            gpu,
+            gpu.stream().clone(),
+            bert,
+            precision,
+            max_tokens,
+            max_sequences,
+        )
+    }
+
+    /// [`GpuBert::new`] with its work queued on `stream` (one per worker thread).
+    pub fn on_stream(
+        gpu: &Gpu,
+        stream: Arc<CudaStream>,
         bert: &Bert,
         precision: Precision,
         max_tokens: usize,
@@ -319,7 +359,6 @@ impl GpuBert {
                 "the cuBLAS library (libcublas) is not installed".into(),
             ));
         }
-        let stream = gpu.stream().clone();
         stream
             .context()
             .bind_to_thread()
@@ -359,7 +398,18 @@ impl GpuBert {
             w,
             ws,
             host_offsets: Vec::with_capacity(max_sequences + 1),
+            graphs: None,
         })
+    }
+
+    /// With `on`, [`GpuBert::embed`] captures its ~50 launches (kernels and cuBLAS GEMMs) into a
+    /// CUDA graph the first time it sees a batch shape (token count, sequence count, longest
+    /// sequence, pooling) and replays the graph for later batches of that shape: one launch
+    /// instead of fifty, the fixed-shape query path's main cost. Token ids and offsets are
+    /// still copied into the workspace before each replay; results are bitwise those of the
+    /// eager launches. Up to 64 shapes are kept; others run eagerly.
+    pub fn use_graphs(&mut self, on: bool) {
+        self.graphs = on.then(Default::default);
     }
 
     pub fn config(&self) -> &BertConfig {
@@ -400,12 +450,99 @@ impl GpuBert {
         if shape.sequences == 0 {
             return Ok(out);
         }
-        if shape.tokens > 0 {
-            self.encode(&shape)?;
+        let _range = super::nvtx::range(c"rrra encode");
+        let key = GraphKey {
+            tokens: shape.tokens,
+            sequences: shape.sequences,
+            max_len: shape.max_len,
+            pooling,
+            normalize,
+        };
+        let graphed = match &self.graphs {
+            Some(g) if g.contains_key(&key) => true,
+            Some(g) if g.len() < MAX_GRAPHS => {
+                let graph = self.capture(&shape, pooling, normalize)?;
+                self.graphs
+                    .get_or_insert_with(Default::default)
+                    .insert(key, graph);
+                true
+            }
+            _ => false,
+        };
+        if graphed {
+            let g = self
+                .graphs
+                .as_ref()
+                .and_then(|g| g.get(&key))
+                .ok_or_else(|| Error::Cuda("internal: a captured graph went missing".into()))?;
+            g.0.launch()
+                .map_err(cuda_err("launching the encoder's graph"))?;
+        } else {
+            self.launch_embed_pool(&shape, pooling, normalize)?;
         }
-        self.launch_pool(&shape, pooling, normalize)?;
         self.download(&self.ws.pooled, &mut out)?;
         Ok(out)
+    }
+
+    /// Embeds tokenized texts in batches of up to `batch_size` sequences, longest first (as the
+    /// CPU's `Encoder::encode_tokens` does), each batch within the workspace; rows in input
+    /// order. An empty text embeds to zeros.
+    pub fn encode_tokens(
+        &mut self,
+        tokens: &[crate::model::tokenizer::Tokens],
+        batch_size: usize,
+        pooling: Pooling,
+        normalize: bool,
+    ) -> Result<Vec<f32>> {
+        let dim = self.cfg.hidden_size;
+        let mut out = vec![0.0f32; tokens.len() * dim];
+        let mut order: Vec<usize> = (0..tokens.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(tokens[i].ids.len()));
+        let mut at = 0;
+        while at < order.len() {
+            let mut batch = PackedBatch::new();
+            let start = at;
+            while at < order.len()
+                && at - start < batch_size.clamp(1, self.max_sequences)
+                && (at == start || batch.ids.len() + tokens[order[at]].ids.len() <= self.max_tokens)
+            {
+                let t = &tokens[order[at]];
+                batch.push(&t.ids, &t.type_ids);
+                at += 1;
+            }
+            let pooled = self.embed(&batch, pooling, normalize)?;
+            for (j, &i) in order[start..at].iter().enumerate() {
+                out[i * dim..(i + 1) * dim].copy_from_slice(&pooled[j * dim..(j + 1) * dim]);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The encoder and the pooling, launched one by one.
+    fn launch_embed_pool(&self, shape: &Shape, pooling: Pooling, normalize: bool) -> Result<()> {
+        if shape.tokens > 0 {
+            self.encode(shape)?;
+        }
+        self.launch_pool(shape, pooling, normalize)
+    }
+
+    /// Records [`GpuBert::launch_embed_pool`] into a graph (nothing runs while capturing).
+    fn capture(&self, shape: &Shape, pooling: Pooling, normalize: bool) -> Result<Graph> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        // Thread-local mode: other threads' CUDA calls do not disturb (or fail) this capture.
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(cuda_err("starting a graph capture"))?;
+        let launched = self.launch_embed_pool(shape, pooling, normalize);
+        // The capture must end whatever happened, or the stream stays unusable.
+        let graph = self
+            .stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .map_err(cuda_err("capturing the encoder's graph"));
+        launched?;
+        graph?
+            .map(Graph)
+            .ok_or_else(|| Error::Cuda("the encoder's graph capture recorded nothing".into()))
     }
 
     /// Validates the batch against the model and the workspace, and uploads ids and offsets.

@@ -26,6 +26,8 @@ pub mod runtime;
 pub use runtime::KernelTiming;
 pub use runtime::{unavailable_reason, DeviceInfo, Gpu};
 
+pub mod adapter;
 pub mod ceilings;
 pub mod encoder;
+pub mod nvtx;
 pub mod topk;

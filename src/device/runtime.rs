@@ -5,7 +5,11 @@
 
 use super::{cuda_compiled, kernel_module};
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig,
+};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -80,6 +84,13 @@ impl Gpu {
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(cuda_err("creating a context"))?;
+        // The engine orders its streams itself: every buffer belongs to the stream of the object
+        // that owns it, and the one hand-off between streams (the streamed top-k's copy stream)
+        // waits on explicit events. cudarc's per-buffer event tracking would add an event record
+        // (and, with several streams, waits) to every pointer lookup, and such waits on events
+        // recorded outside a capture break CUDA-graph capture. Off before any allocation.
+        // SAFETY: see above; nothing has been allocated in this context yet.
+        unsafe { ctx.disable_event_tracking() };
         use cudarc::driver::sys::CUdevice_attribute as A;
         let attr = |a| {
             ctx.attribute(a)
@@ -197,4 +208,64 @@ pub struct KernelTiming {
     /// Bytes the op must move at least (for GB/s), and FLOPs it performs (for TFLOP/s).
     pub bytes: f64,
     pub flops: f64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers shared by the op modules
+
+/// A device buffer and its address (kernels take raw addresses, so launches record no events).
+pub(crate) struct DevBuf<T> {
+    pub(crate) slice: CudaSlice<T>,
+    pub(crate) ptr: u64,
+}
+
+impl<T: DeviceRepr> DevBuf<T> {
+    pub(crate) fn new(
+        stream: &Arc<CudaStream>,
+        len: usize,
+        what: &str,
+        count: &mut u64,
+    ) -> Result<Self> {
+        // SAFETY: every buffer is written (by a copy, a memset or a kernel) before it is read.
+        let slice = unsafe { stream.alloc::<T>(len.max(1)) }
+            .map_err(cuda_err(&format!("allocating {what}")))?;
+        *count += 1;
+        let ptr = {
+            let (p, _record) = slice.device_ptr(stream);
+            p
+        };
+        Ok(DevBuf { slice, ptr })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.slice.len()
+    }
+}
+
+pub(crate) fn round_up(x: usize, m: usize) -> usize {
+    x.div_ceil(m) * m
+}
+
+pub(crate) fn to_i32(x: usize, what: &str) -> Result<i32> {
+    i32::try_from(x).map_err(|_| Error::InvalidArgument(format!("{what} ({x}) is too large")))
+}
+
+pub(crate) fn to_u32(x: usize, what: &str) -> Result<u32> {
+    u32::try_from(x).map_err(|_| Error::InvalidArgument(format!("{what} ({x}) is too large")))
+}
+
+pub(crate) fn launch_cfg(grid: usize, block: u32, smem: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (to_u32(grid.max(1), "grid size")?, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: to_u32(smem, "shared memory")?,
+    })
+}
+
+pub(crate) fn allow_smem(f: &CudaFunction, bytes: usize) -> Result<()> {
+    f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        to_i32(bytes, "shared memory")?,
+    )
+    .map_err(cuda_err("setting a kernel's shared memory size"))
 }

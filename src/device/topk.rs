@@ -30,14 +30,16 @@
 //! f16/bf16 scores on the tensor-core path (more than 8 queries) can be NaN where the CPU has ±inf
 //! when a row holds an infinity (the split query has zero terms); finite corpora are unaffected.
 
-use super::runtime::{cuda_err, Gpu, KernelTiming};
+use super::runtime::{
+    allow_smem, cuda_err, launch_cfg, round_up, to_i32, to_u32, DevBuf, Gpu, KernelTiming,
+};
 use crate::error::{Error, Result};
 use crate::index::synthetic::random_unit_vectors;
 use crate::index::{hit_order, Corpus, Dtype, Hit, Vectors};
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{
     result as cu, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr,
-    DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    PinnedHostSlice, PushKernelArg,
 };
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -73,30 +75,6 @@ const HOST_COPY_PIECE: usize = 4 << 20;
 // ---------------------------------------------------------------------------------------------
 // Small helpers
 
-/// A device buffer and its address (kernels take raw addresses, so launches record no events).
-struct DevBuf<T> {
-    slice: CudaSlice<T>,
-    ptr: u64,
-}
-
-impl<T: DeviceRepr> DevBuf<T> {
-    fn new(stream: &Arc<CudaStream>, len: usize, what: &str, count: &mut u64) -> Result<Self> {
-        // SAFETY: every buffer is written (by a copy, a memset or a kernel) before it is read.
-        let slice = unsafe { stream.alloc::<T>(len.max(1)) }
-            .map_err(cuda_err(&format!("allocating {what}")))?;
-        *count += 1;
-        let ptr = {
-            let (p, _record) = slice.device_ptr(stream);
-            p
-        };
-        Ok(DevBuf { slice, ptr })
-    }
-
-    fn len(&self) -> usize {
-        self.slice.len()
-    }
-}
-
 fn dtype_index(d: Dtype) -> usize {
     match d {
         Dtype::F32 => 0,
@@ -115,26 +93,6 @@ fn vector_bytes<'a>(v: &Vectors<'a>) -> &'a [u8] {
     // SAFETY: f32, f16 and bf16 are plain bit patterns without padding; the bytes are borrowed
     // for as long as the typed slice is.
     unsafe { std::slice::from_raw_parts(ptr, len) }
-}
-
-fn round_up(x: usize, m: usize) -> usize {
-    x.div_ceil(m) * m
-}
-
-fn to_i32(x: usize, what: &str) -> Result<i32> {
-    i32::try_from(x).map_err(|_| Error::InvalidArgument(format!("{what} ({x}) is too large")))
-}
-
-fn to_u32(x: usize, what: &str) -> Result<u32> {
-    u32::try_from(x).map_err(|_| Error::InvalidArgument(format!("{what} ({x}) is too large")))
-}
-
-fn launch_cfg(grid: usize, block: u32, smem: usize) -> Result<LaunchConfig> {
-    Ok(LaunchConfig {
-        grid_dim: (to_u32(grid.max(1), "grid size")?, 1, 1),
-        block_dim: (block, 1, 1),
-        shared_mem_bytes: to_u32(smem, "shared memory")?,
-    })
 }
 
 /// Inverse of the kernels' key: score from the high 32 bits (NaN as 0, -0.0 folded into 0.0, as
@@ -253,14 +211,6 @@ impl Kernels {
     }
 }
 
-fn allow_smem(f: &CudaFunction, bytes: usize) -> Result<()> {
-    f.set_attribute(
-        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        to_i32(bytes, "shared memory")?,
-    )
-    .map_err(cuda_err("setting a kernel's shared memory size"))
-}
-
 // ---------------------------------------------------------------------------------------------
 // Corpus on the device
 
@@ -292,6 +242,10 @@ impl GpuCorpus {
             let (p, _record) = data.device_ptr(stream);
             p
         };
+        // Done before returning: other streams (one per worker) read the corpus.
+        stream
+            .synchronize()
+            .map_err(cuda_err("uploading the corpus"))?;
         Ok(GpuCorpus {
             data,
             ptr,
@@ -344,6 +298,9 @@ impl GpuCorpus {
                 .launch(launch_cfg(blocks, 256, 0)?)
         }
         .map_err(cuda_err("launching rrra_topk_synth"))?;
+        stream
+            .synchronize()
+            .map_err(cuda_err("generating the corpus"))?;
         Ok(GpuCorpus {
             data,
             ptr,
@@ -369,6 +326,10 @@ impl GpuCorpus {
     /// Bytes of device memory the rows take.
     pub fn bytes(&self) -> usize {
         self.data.len()
+    }
+    /// The device address of row 0 (rows are `dim` elements of `dtype`, back to back).
+    pub(crate) fn device_ptr(&self) -> u64 {
+        self.ptr
     }
 
     /// The raw element bits back on the host (16-bit types only; for benchmarks).
@@ -456,6 +417,17 @@ impl GpuSearcher {
         max_k: usize,
         chunk_rows: usize,
     ) -> Result<GpuSearcher> {
+        Self::on_stream(gpu, gpu.stream().clone(), max_queries, max_k, chunk_rows)
+    }
+
+    /// [`GpuSearcher::new`] with its work queued on `stream` (one per worker thread).
+    pub fn on_stream(
+        gpu: &Gpu,
+        stream: Arc<CudaStream>,
+        max_queries: usize,
+        max_k: usize,
+        chunk_rows: usize,
+    ) -> Result<GpuSearcher> {
         if max_queries == 0 || chunk_rows == 0 {
             return Err(Error::InvalidArgument(
                 "max_queries and chunk_rows must be at least 1".into(),
@@ -503,7 +475,6 @@ impl GpuSearcher {
                 .max(0) as usize;
             allow_smem(f, smem_optin.saturating_sub(fixed.max(SIMT_STATIC_SMEM)))?;
         }
-        let stream = gpu.stream().clone();
         let mut n = 0u64;
         let lists = [
             DevBuf::new(&stream, list_len, "candidate lists", &mut n)?,
@@ -670,6 +641,7 @@ impl GpuSearcher {
         let Some(nq) = self.check(corpus.dim, corpus.rows, queries, k)? else {
             return Ok(Vec::new());
         };
+        let _range = super::nvtx::range(c"rrra top-k");
         let (dim, rows, dtype) = (corpus.dim, corpus.rows, corpus.dtype);
         let k = k.min(rows);
         self.reserve(dim)?;
