@@ -36,6 +36,21 @@ pub fn encode_corpus(
     batch_size: usize,
     progress: &(dyn Fn(usize) + Sync),
 ) -> Result<()> {
+    encode_corpus_with(encoder, docs, out, dtype, &mut |texts| {
+        encoder.encode_with_progress(texts, batch_size, progress)
+    })
+}
+
+/// [`encode_corpus`] with the embeddings computed by `embed` (texts → `texts × dim` floats,
+/// e.g. on a GPU), which must encode as `encoder` does: the store records `encoder`'s
+/// description and fingerprint.
+pub fn encode_corpus_with(
+    encoder: &Encoder,
+    docs: &[Document],
+    out: &Path,
+    dtype: Dtype,
+    embed: &mut dyn FnMut(&[&str]) -> Result<Vec<f32>>,
+) -> Result<()> {
     let mut meta = encoder.describe();
     meta["corpus_xxh3"] = format!("{:016x}", corpus_hash(docs)).into();
     meta["documents"] = docs.len().into();
@@ -49,7 +64,15 @@ pub fn encode_corpus(
     let mut writer = StoreWriter::create(out, spec)?;
     for window in docs.chunks(ENCODE_WINDOW) {
         let texts: Vec<&str> = window.iter().map(|d| d.text.as_str()).collect();
-        let vecs = encoder.encode_with_progress(&texts, batch_size, progress)?;
+        let vecs = embed(&texts)?;
+        if vecs.len() != texts.len() * encoder.dim() {
+            return Err(Error::InvalidArgument(format!(
+                "{} floats embedded for {} texts of dimension {}",
+                vecs.len(),
+                texts.len(),
+                encoder.dim()
+            )));
+        }
         for (doc, v) in window.iter().zip(vecs.chunks_exact(encoder.dim())) {
             writer.push(&doc.id, v)?;
         }

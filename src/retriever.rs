@@ -17,8 +17,10 @@
 //! ```
 
 use crate::adapter::file::AdapterFile;
+use crate::adapter::rerank::rerank_list;
 use crate::adapter::scoring::FusedWeights;
 use crate::adapter::sigmoid;
+use crate::device::retriever::{GpuEngineOptions, GpuQueryEngine};
 use crate::error::{Error, Result};
 use crate::index::{topk, Store};
 use crate::model::Encoder;
@@ -34,6 +36,10 @@ pub struct RetrieverOptions {
     pub rerank_depth: usize,
     /// Queries encoded per forward pass in [`Retriever::retrieve_batch`].
     pub batch_size: usize,
+    /// Serve from a GPU: the encoder, the store's vectors and the adapter are uploaded at open
+    /// and every query runs on the device ([`crate::device::retriever`]). `None` (the default):
+    /// the CPU path. Opening fails with [`Error::CudaUnavailable`] when no GPU can be used.
+    pub gpu: Option<GpuEngineOptions>,
 }
 
 impl Default for RetrieverOptions {
@@ -42,6 +48,7 @@ impl Default for RetrieverOptions {
             adapter: None,
             rerank_depth: 100,
             batch_size: 32,
+            gpu: None,
         }
     }
 }
@@ -67,6 +74,8 @@ pub struct Retriever {
     store: Store,
     /// The adapter with its first layer prepared for scoring (built once at open).
     adapter: Option<(AdapterFile, FusedWeights)>,
+    /// The device copy of all of the above, when serving from a GPU.
+    gpu: Option<GpuQueryEngine>,
     opts: RetrieverOptions,
 }
 
@@ -77,6 +86,10 @@ impl std::fmt::Debug for Retriever {
             .field("store", &self.store.path())
             .field("documents", &self.store.len())
             .field("adapter", &self.adapter.is_some())
+            .field(
+                "gpu",
+                &self.gpu.as_ref().map(|g| g.gpu().info().to_string()),
+            )
             .finish()
     }
 }
@@ -116,10 +129,28 @@ impl Retriever {
             }
             None => None,
         };
+        let gpu = match &opts.gpu {
+            Some(g) => {
+                let depth = opts.rerank_depth.max(g.max_depth);
+                let g = GpuEngineOptions {
+                    max_batch: g.max_batch.min(opts.batch_size),
+                    max_depth: depth,
+                    ..g.clone()
+                };
+                Some(GpuQueryEngine::new(
+                    &encoder,
+                    &s.corpus(),
+                    adapter.as_ref().map(|(a, _)| &a.params),
+                    &g,
+                )?)
+            }
+            None => None,
+        };
         Ok(Retriever {
             encoder,
             store: s,
             adapter,
+            gpu,
             opts: opts.clone(),
         })
     }
@@ -146,7 +177,30 @@ impl Retriever {
 
     /// Encodes texts as the store's documents were encoded: `texts.len() × dim()` floats.
     pub fn encode(&self, texts: &[&str]) -> Result<Vec<f32>> {
-        self.encoder.encode(texts, self.opts.batch_size)
+        match &self.gpu {
+            None => self.encoder.encode(texts, self.opts.batch_size),
+            Some(g) => {
+                let mut out = Vec::with_capacity(texts.len() * self.dim());
+                for chunk in texts.chunks(g.max_batch()) {
+                    out.extend(g.embed(&self.pack(chunk)?)?);
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// Whether queries run on a GPU.
+    pub fn on_gpu(&self) -> bool {
+        self.gpu.is_some()
+    }
+
+    /// Tokenized texts, packed back to back.
+    fn pack(&self, texts: &[&str]) -> Result<crate::model::bert::PackedBatch> {
+        let mut batch = crate::model::bert::PackedBatch::new();
+        for t in self.encoder.tokenizer().encode_batch(texts)? {
+            batch.push(&t.ids, &t.type_ids);
+        }
+        Ok(batch)
     }
 
     /// The top `k` documents for `query`, reranked by the adapter when `rerank` (an error
@@ -176,12 +230,16 @@ impl Retriever {
         if k == 0 {
             return Ok(vec![Vec::new(); queries.len()]);
         }
-        let q_emb = self.encode(queries)?;
         let depth = if rerank {
             self.opts.rerank_depth.max(k).min(self.store.len())
         } else {
             k
         };
+        // Deeper lists than the device's buffers take the CPU search (after a GPU encode).
+        if let Some(g) = self.gpu.as_ref().filter(|g| depth <= g.max_depth()) {
+            return self.retrieve_on_gpu(g, queries, k, depth, rerank);
+        }
+        let q_emb = self.encode(queries)?;
         // One query streams the store once through the single-query kernel; several share
         // each pass over it (the batch kernel).
         let hits = if queries.len() == 1 {
@@ -206,6 +264,55 @@ impl Retriever {
                 })
                 .collect()),
         }
+    }
+
+    /// The GPU path of [`Retriever::retrieve_batch`]: per batch, embeddings, hits and the
+    /// adapter's logits come from the device; the rerank's ordering (O(depth)) is done here.
+    fn retrieve_on_gpu(
+        &self,
+        g: &GpuQueryEngine,
+        queries: &[&str],
+        k: usize,
+        depth: usize,
+        rerank: bool,
+    ) -> Result<Vec<Vec<Hit>>> {
+        let mut out = Vec::with_capacity(queries.len());
+        for chunk in queries.chunks(g.max_batch()) {
+            let ans = g.query(&self.pack(chunk)?, depth, rerank)?;
+            match (&self.adapter, ans.logits) {
+                (Some((a, _)), Some(logits)) => {
+                    for (hits, logits) in ans.hits.iter().zip(&logits) {
+                        let scores: Vec<f32> = hits.iter().map(|h| h.score).collect();
+                        let ranked = rerank_list(&scores, logits, a.tau, a.lambda_rr);
+                        out.push(
+                            ranked
+                                .into_iter()
+                                .take(k)
+                                .map(|(i, rank_score)| Hit {
+                                    id: self.store.id(hits[i].index).to_string(),
+                                    row: hits[i].index,
+                                    score: hits[i].score,
+                                    adapter_p: Some(sigmoid(logits[i] as f64) as f32),
+                                    rank_score,
+                                })
+                                .collect(),
+                        );
+                    }
+                }
+                _ => out.extend(ans.hits.into_iter().map(|h| {
+                    h.into_iter()
+                        .map(|x| Hit {
+                            id: self.store.id(x.index).to_string(),
+                            row: x.index,
+                            score: x.score,
+                            adapter_p: None,
+                            rank_score: x.score as f64,
+                        })
+                        .collect()
+                })),
+            }
+        }
+        Ok(out)
     }
 
     /// Scores each query's candidates with the adapter and keeps the best `k` of the rerank.

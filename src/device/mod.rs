@@ -30,4 +30,5 @@ pub mod adapter;
 pub mod ceilings;
 pub mod encoder;
 pub mod nvtx;
+pub mod retriever;
 pub mod topk;
