@@ -32,3 +32,8 @@ pub mod encoder;
 pub mod nvtx;
 pub mod retriever;
 pub mod topk;
+
+// Training ops on the device (loss, optimizer, negative sampling).
+pub mod adamw;
+pub mod infonce;
+pub mod sampler;
