@@ -13,6 +13,7 @@ pub mod holdout;
 pub mod loss;
 pub mod mining;
 pub mod optim;
+pub mod parallel;
 pub mod rng;
 pub mod rrra;
 pub mod sampler;
