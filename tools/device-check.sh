@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check, in one command, on a machine with an NVIDIA GPU:
 #   1. build the release binary and the GPU test binaries (skipped when RRRA_PREBUILT names a
-#      folder made by tools/device-prebuild.sh on a machine with Rust: bin/ and shared/);
+#      folder made by tools/device-prebuild.sh on a machine with Rust: its payload and model
+#      parts are unpacked in place);
 #   2. run every GPU test with RRRA_REQUIRE_GPU=1 (a test that cannot find the GPU fails);
-#   3. `rrra device-check`: measured ceilings and every kernel family's timing, one table;
-#   4. the peers on the same machine when python3 has torch: tools/peer-torch-gpu.py.
+#   3. `rrra device-check`: measured ceilings and every kernel family's timing, one table, and
+#      the batch-1 query path (eager, as a CUDA graph, with the adapter's rerank);
+#   4. SciFact end to end on the GPU (`rrra demo --gpu`, bf16 and f32) against the reference
+#      metrics, when the model is at hand ($RRRA_MODEL, or the prebuilt folder's);
+#   5. the peers on the same machine when python3 has torch: tools/peer-torch-gpu.py.
 # Full logs go to $RRRA_DEVICE_LOG (default ./device-logs). Exit status: non-zero when a test
 # or a step failed. Meant to finish in well under 8 minutes on an H200.
 set -uo pipefail
@@ -15,6 +19,12 @@ status=0
 step() { echo "== $*" | tee -a "$log/summary.txt"; }
 
 if [ -n "${RRRA_PREBUILT:-}" ]; then
+  [ -f "$RRRA_PREBUILT/payload.tar.xz" ] && tar -C "$RRRA_PREBUILT" -xJf "$RRRA_PREBUILT/payload.tar.xz"
+  if ls "$RRRA_PREBUILT"/model/model.safetensors.part-* >/dev/null 2>&1; then
+    cat "$RRRA_PREBUILT"/model/model.safetensors.part-* > "$RRRA_PREBUILT/model/model.safetensors"
+    rm -f "$RRRA_PREBUILT"/model/model.safetensors.part-*
+  fi
+  [ -f "$RRRA_PREBUILT/model/model.safetensors" ] && export RRRA_MODEL="${RRRA_MODEL:-$RRRA_PREBUILT/model}"
   bin="$RRRA_PREBUILT/bin"
   export RRRA_SHARED="${RRRA_SHARED:-$RRRA_PREBUILT/shared}"
 else
@@ -50,6 +60,18 @@ done
 
 step "kernels"
 "$bin/rrra" device-check --log-dir "$log" 2>&1 | tee "$log/kernels.txt" || status=1
+
+shared="${RRRA_SHARED:-../shared}"
+if [ -n "${RRRA_MODEL:-}" ] && [ -d "$shared/data/scifact" ]; then
+  for p in bf16 f32; do
+    step "SciFact on the GPU ($p)"
+    "$bin/rrra" demo --gpu --gpu-precision "$p" --model "$RRRA_MODEL" --data "$shared/data/scifact" \
+      --work "$log/demo" --expect "$shared/fixtures/scifact-minilm/expected_metrics.json" \
+      2>&1 | tee "$log/scifact-$p.txt" | tail -n 12 || status=1
+  done
+else
+  step "SciFact skipped: no model (RRRA_MODEL) or no data/scifact"
+fi
 
 if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
   step "peers (PyTorch on this machine)"

@@ -4,7 +4,7 @@
 //! runs both).
 
 use clap::Args;
-use rrra::device::{ceilings, encoder, topk, Gpu, KernelTiming};
+use rrra::device::{adamw, adapter, ceilings, encoder, infonce, sampler, topk, Gpu, KernelTiming};
 use rrra::{Error, Result};
 use std::path::PathBuf;
 
@@ -33,6 +33,10 @@ pub fn run(a: DeviceCheckArgs) -> Result<()> {
             topk::bench as fn(&Gpu) -> Result<Vec<KernelTiming>>,
         ),
         ("encoder", encoder::bench),
+        ("adapter", adapter::bench),
+        ("sampler", sampler::bench),
+        ("InfoNCE", infonce::bench),
+        ("AdamW", adamw::bench),
     ] {
         eprintln!("timing {what} kernels ...");
         match bench(&gpu) {
@@ -65,19 +69,23 @@ pub fn run(a: DeviceCheckArgs) -> Result<()> {
             cell(100.0 * tf / ceil.bf16_gemm_tflop_s, r.flops > 0.0, 0),
         );
     }
-    let latency = match query_path_latency(&gpu) {
-        Ok(l) => {
-            println!(
-                "batch-1 query path (16-token query, MiniLM-L6 shape bf16 encode + mean pool + L2, top-100 over 1M x 384 f32, results on the host), {} queries: p50 {:.3} ms, p95 {:.3} ms, p99 {:.3} ms",
-                l.queries, l.p50_ms, l.p95_ms, l.p99_ms
-            );
-            Some(l)
+    let mut latency = Vec::new();
+    for (graphs, rerank) in [(false, false), (true, false), (true, true)] {
+        match query_path_latency(&gpu, graphs, rerank) {
+            Ok(l) => {
+                println!(
+                    "batch-1 query path (16-token query, MiniLM-L6 shape bf16 encode{} + mean pool + L2, top-100 over 1M x 384 f32{}, results on the host), {} queries: p50 {:.3} ms, p95 {:.3} ms, p99 {:.3} ms",
+                    if graphs { " as a CUDA graph" } else { "" },
+                    if rerank { ", adapter logits of the 100 hits (d = h = 384) and the rerank" } else { "" },
+                    l.queries, l.p50_ms, l.p95_ms, l.p99_ms
+                );
+                latency.push(l);
+            }
+            Err(e) => eprintln!(
+                "error: batch-1 query path (graphs {graphs}, rerank {rerank}) failed: {e}"
+            ),
         }
-        Err(e) => {
-            eprintln!("error: batch-1 query path failed: {e}");
-            None
-        }
-    };
+    }
     let dir = a
         .log_dir
         .or_else(|| std::env::var_os("RRRA_DEVICE_LOG").map(PathBuf::from));
@@ -102,17 +110,20 @@ pub fn run(a: DeviceCheckArgs) -> Result<()> {
 
 /// Wall-clock latency of the serving path for one query, end to end from token ids on the host
 /// to hits on the host: encode (bf16) → pooled, normalised embedding → exact top-100 over a
-/// resident 1M × 384 f32 corpus. Random weights and data (latency does not depend on them).
-/// The rerank is not part of it yet.
+/// resident 1M × 384 f32 corpus, then, with `rerank`, the adapter's logits of the 100 hits read
+/// from the resident corpus and the rerank's ordering on the host. Random weights and data
+/// (latency does not depend on them).
 #[derive(Debug, Clone, serde::Serialize)]
 struct QueryLatency {
+    graphs: bool,
+    rerank: bool,
     queries: usize,
     p50_ms: f64,
     p95_ms: f64,
     p99_ms: f64,
 }
 
-fn query_path_latency(gpu: &Gpu) -> Result<QueryLatency> {
+fn query_path_latency(gpu: &Gpu, graphs: bool, rerank: bool) -> Result<QueryLatency> {
     use rrra::device::encoder::{GpuBert, Precision};
     use rrra::index::Dtype;
     use rrra::model::synthetic::{minilm_l6_config, random_batch, random_bert};
@@ -120,7 +131,26 @@ fn query_path_latency(gpu: &Gpu) -> Result<QueryLatency> {
     let cfg = minilm_l6_config();
     let bert = random_bert(cfg.clone(), 7);
     let mut enc = GpuBert::new(gpu, &bert, Precision::Bf16, 64, 1)?;
+    enc.use_graphs(graphs);
     let corpus = topk::GpuCorpus::synthetic(gpu, 1_000_000, cfg.hidden_size, Dtype::F32, 11)?;
+    let mut params = rrra::adapter::AdapterParams::init(cfg.hidden_size, cfg.hidden_size, 3)?;
+    for (i, w) in params.w2.iter_mut().enumerate() {
+        *w = ((i % 7) as f32 - 3.0) * 1e-3;
+    }
+    let mut ad = rrra::device::adapter::GpuAdapter::new(gpu, &params, 100)?;
+    let (mut rows, mut logits) = (vec![0u32; 100], vec![0.0f32; 100]);
+    let mut one = |q: &[f32], hits: &[rrra::index::Hit]| -> Result<()> {
+        if rerank {
+            for (r, h) in rows.iter_mut().zip(hits) {
+                *r = h.index as u32;
+            }
+            ad.logits_for_rows(&corpus, q, &rows, 100, &mut logits)?;
+            let scores: Vec<f32> = hits.iter().map(|h| h.score).collect();
+            let ranked = rrra::adapter::rerank::rerank_list(&scores, &logits, 0.05, 1.0);
+            std::hint::black_box(ranked);
+        }
+        Ok(())
+    };
     let mut searcher = topk::GpuSearcher::new(gpu, 1, 100, 1 << 20)?;
     searcher.reserve(cfg.hidden_size)?;
     let batches: Vec<_> = (0..64)
@@ -129,7 +159,8 @@ fn query_path_latency(gpu: &Gpu) -> Result<QueryLatency> {
     // Warm-up: first launches load modules and fill caches.
     for b in batches.iter().take(8) {
         let q = enc.embed(b, Pooling::Mean, true)?;
-        searcher.search(&corpus, &q, 100)?;
+        let hits = searcher.search(&corpus, &q, 100)?;
+        one(&q, &hits[0])?;
     }
     let n = 500;
     let mut ms = Vec::with_capacity(n);
@@ -137,6 +168,9 @@ fn query_path_latency(gpu: &Gpu) -> Result<QueryLatency> {
         let t = std::time::Instant::now();
         let q = enc.embed(&batches[i % batches.len()], Pooling::Mean, true)?;
         let hits = searcher.search(&corpus, &q, 100)?;
+        if let Some(h) = hits.first() {
+            one(&q, h)?;
+        }
         ms.push(t.elapsed().as_secs_f64() * 1e3);
         if hits.first().map(Vec::len) != Some(100) {
             return Err(Error::Cuda(
@@ -147,6 +181,8 @@ fn query_path_latency(gpu: &Gpu) -> Result<QueryLatency> {
     ms.sort_by(|a, b| a.total_cmp(b));
     let at = |p: f64| ms[((n - 1) as f64 * p).round() as usize];
     Ok(QueryLatency {
+        graphs,
+        rerank,
         queries: n,
         p50_ms: at(0.5),
         p95_ms: at(0.95),
