@@ -37,8 +37,8 @@
 #define THREADS 256
 #define WARPS (THREADS / 32)
 #define TP RRRA_ADAPTER_TILE_PAIRS
-// The seven sums of a pair's geometry: <a,a>, <c,c>, <q,a>, <a,c>, <a−c,q−c>, <q−c,q−c>, and
-// slot 6 = <q,q> (the query's, the same for every pair; computed once per tile).
+// The six sums of a pair's geometry: <a,a>, <c,c>, <q,a>, <a,c>, <a−c,q−c>, <q−c,q−c>. The
+// query's <q,q>, the same for every pair, takes one more slot per warp (index TP·NSUM).
 #define NSUM 6
 
 static_assert(sizeof(RrraAdapterArgs) == RRRA_ADAPTER_ARGS_SIZE, "RrraAdapterArgs layout");

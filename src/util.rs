@@ -52,12 +52,17 @@ pub fn default_model_dir() -> PathBuf {
         .unwrap_or_else(|| cache_dir().join("models/all-MiniLM-L6-v2"))
 }
 
+/// A temporary name beside `path`, unique per process and per call: two threads of one
+/// process writing the same file (the last rename wins) never share a temporary.
 fn temp_path(path: &Path) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "out".into());
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
 }
 
 struct RemoveOnDrop(Option<PathBuf>);
@@ -87,5 +92,29 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         atomic_write(&p, |w| w.write_all(b"new").map_err(|e| Error::io("x", e))).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"new");
+    }
+
+    #[test]
+    fn concurrent_writers_of_one_file_do_not_collide() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("shared.bin");
+        std::thread::scope(|s| {
+            for t in 0..8u8 {
+                let p = &p;
+                s.spawn(move || {
+                    for _ in 0..20 {
+                        atomic_write(p, |w| {
+                            w.write_all(&[t; 4096]).map_err(|e| Error::io("x", e))
+                        })
+                        .unwrap();
+                    }
+                });
+            }
+        });
+        // one writer's whole content, and no temporary left behind
+        let got = std::fs::read(&p).unwrap();
+        assert_eq!(got.len(), 4096);
+        assert!(got.iter().all(|&b| b == got[0]));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }
