@@ -29,6 +29,7 @@ pub use runtime::{unavailable_reason, DeviceInfo, Gpu};
 pub mod adapter;
 pub mod ceilings;
 pub mod encoder;
+pub mod mining;
 pub mod nvtx;
 pub mod retriever;
 pub mod topk;

@@ -117,15 +117,48 @@ pub fn mine_from_embeddings(
     exclude_same_id: bool,
 ) -> Result<(MinedPool, MiningStats)> {
     let corpus = Corpus::from_f32(&doc_embeddings, dim)?;
-    // Ask for enough extra hits that removing positives and a same-id document still leaves K.
+    let hits = topk::search_batch(&corpus, &query_embeddings, search_depth(set, top_k))?;
+    mine_from_hits(
+        set,
+        dim,
+        query_embeddings,
+        doc_embeddings,
+        &hits,
+        top_k,
+        exclude_same_id,
+    )
+}
+
+/// How many hits per query mining asks the index for: enough that removing the labelled
+/// positives and a same-id document still leaves `top_k`.
+pub fn search_depth(set: &TrainSet, top_k: usize) -> usize {
     let max_pos = set
         .queries
         .iter()
         .map(|q| q.positives.len())
         .max()
         .unwrap_or(0);
-    let want = (top_k + max_pos + 1).min(set.corpus.len());
-    let hits = topk::search_batch(&corpus, &query_embeddings, want)?;
+    (top_k + max_pos + 1).min(set.corpus.len())
+}
+
+/// [`mine_from_embeddings`] from hits already ranked (by any index, e.g. the GPU's): each query's
+/// `search_depth` best documents, best first.
+pub fn mine_from_hits(
+    set: &TrainSet,
+    dim: usize,
+    query_embeddings: Vec<f32>,
+    doc_embeddings: Vec<f32>,
+    hits: &[Vec<topk::Hit>],
+    top_k: usize,
+    exclude_same_id: bool,
+) -> Result<(MinedPool, MiningStats)> {
+    if hits.len() != set.queries.len() {
+        return Err(crate::error::Error::InvalidArgument(format!(
+            "{} hit lists for {} training queries",
+            hits.len(),
+            set.queries.len()
+        )));
+    }
     let mut stats = MiningStats {
         queries: set.queries.len(),
         top_k,
@@ -134,7 +167,7 @@ pub fn mine_from_embeddings(
     let (mut pos_scores, mut rank1, mut all) = (Vec::new(), Vec::new(), Vec::new());
     let (mut pos_total, mut pos_inside) = (0usize, 0usize);
     let mut candidates = Vec::with_capacity(set.queries.len());
-    for (qi, (q, hits)) in set.queries.iter().zip(&hits).enumerate() {
+    for (qi, (q, hits)) in set.queries.iter().zip(hits).enumerate() {
         let mut kept: Candidates = Vec::with_capacity(top_k);
         for (rank, hit) in hits.iter().enumerate() {
             if set.is_positive(qi, hit.index) {
