@@ -36,5 +36,6 @@ pub mod topk;
 
 // Training ops on the device (loss, optimizer, negative sampling).
 pub mod adamw;
+pub mod backward;
 pub mod infonce;
 pub mod sampler;

@@ -4,7 +4,9 @@
 //! runs both).
 
 use clap::Args;
-use rrra::device::{adamw, adapter, ceilings, encoder, infonce, sampler, topk, Gpu, KernelTiming};
+use rrra::device::{
+    adamw, adapter, backward, ceilings, encoder, infonce, sampler, topk, Gpu, KernelTiming,
+};
 use rrra::{Error, Result};
 use std::path::PathBuf;
 
@@ -37,6 +39,7 @@ pub fn run(a: DeviceCheckArgs) -> Result<()> {
         ("sampler", sampler::bench),
         ("InfoNCE", infonce::bench),
         ("AdamW", adamw::bench),
+        ("encoder backward", backward::bench),
     ] {
         eprintln!("timing {what} kernels ...");
         match bench(&gpu) {
