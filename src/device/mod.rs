@@ -36,6 +36,7 @@ pub mod topk;
 
 // Training ops on the device (loss, optimizer, negative sampling).
 pub mod adamw;
+pub mod attention_backward;
 pub mod backward;
 pub mod infonce;
 pub mod sampler;

@@ -5,7 +5,8 @@
 
 use clap::Args;
 use rrra::device::{
-    adamw, adapter, backward, ceilings, encoder, infonce, sampler, topk, Gpu, KernelTiming,
+    adamw, adapter, attention_backward, backward, ceilings, encoder, infonce, sampler, topk, Gpu,
+    KernelTiming,
 };
 use rrra::{Error, Result};
 use std::path::PathBuf;
@@ -40,6 +41,7 @@ pub fn run(a: DeviceCheckArgs) -> Result<()> {
         ("InfoNCE", infonce::bench),
         ("AdamW", adamw::bench),
         ("encoder backward", backward::bench),
+        ("attention backward", attention_backward::bench),
     ] {
         eprintln!("timing {what} kernels ...");
         match bench(&gpu) {

@@ -1,0 +1,510 @@
+// rrra_attention_backward_*: the backward of bidirectional multi-head attention over packed
+// variable-length sequences (the f32 training path), FlashAttention-2 style: the len x len
+// probabilities are recomputed from Q and K tile by tile and never reach global memory.
+//
+// Inputs are exactly those of the CPU reference (cpu::backward::attention_sequence_backward):
+// the fused QKV projection [tokens x 3h] (Q | K | V columns, head `hd` at hd*dh .. hd*dh + dh)
+// and dctx = dO [tokens x h]. `bias` ([3h]) is optional (null = none): the GPU forward keeps QKV
+// *without* its bias (kernels/attention.cu adds it on load), the CPU keeps it with; pass the
+// bias for the former and null for the latter. Output: dqkv [tokens x 3h] = (dQ | dK | dV), every
+// element of every token of the batch overwritten (the gradient w.r.t. the biased and the
+// unbiased projection is the same). Sequence s owns rows offsets[s] .. offsets[s + 1]; the
+// packing is the padding mask: a block only ever reads its own sequence's rows, keys of a partial
+// tile are masked to -inf, queries past the end are computed on zero rows and never stored.
+//
+// Maths per head (S = Q K^T * scale, P = softmax(S), dO given):
+//   dV = P^T dO,  dP = dO V^T,  D_i = sum_j P_ij dP_ij (= rowsum(dO . O)),
+//   dS = P . (dP - D),  dQ = dS K * scale,  dK = dS^T Q * scale.
+// Optional dropout on the probabilities, the CPU's AttnDropout bit for bit: with P~ = P . keep,
+// keep_ij = 0 where uniform(n) < p and 1/(1-p) elsewhere, n = (head * len + i) * len + j within
+// the sequence, uniform(n) = (word n of Philox4x32-10 >> 8) * 2^-24, the sequence's stream given
+// as 4 words (key0, key1, counter2, counter3) in `drop_ctr` (train::rng::Stream):
+//   dV = P~^T dO,  dP = (dO V^T) . keep,  D_i = sum_j P_ij dP_ij,  dS = P . (dP - D).
+// Each keep is recomputed where needed (one Philox block per score element and pass).
+//
+// Two kernels, both grid (64-row tiles, heads, sequences), 256 threads (16 x 16), no atomics, so
+// results are bitwise deterministic run to run:
+// * rrra_attention_backward_dq_*: one block per 64 queries. Pass 1 streams the key tiles and
+//   keeps an online softmax (running max m, sum l) *and* a running c = sum_j e^(s_ij - m) dP_ij,
+//   so D_i = c / l comes out without O: it needs only the CPU's inputs. It stores
+//   LSE_i = m + log l and D_i in the scratch buffer `stats` ([2][heads][tokens]). Pass 2 streams
+//   the key tiles again: P = exp(S - LSE), dS = P (dP - D), dQ += dS K in registers; dQ is
+//   written once, in place, by the block that owns the rows.
+// * rrra_attention_backward_dkdv_*: one block per 64 keys (launched after the first, same
+//   stream). K and V stay in shared memory, dK and dV accumulate in registers while the block
+//   streams the query tiles with their LSE and D: P and dS go to shared memory, then
+//   dV += P^T dO and dK += dS^T Q.
+// Thread (ty, tx) = (tid / 16, tid % 16) owns score rows ty + 16r and columns tx + 16c (r, c < 4)
+// of each 64 x 64 tile, and rows ty + 16r, columns tx + 16c (c < dh/16) of its 64 x dh
+// accumulators. Shared tiles are [64][dh + 1] (row pad 1: the 16 distinct rows a warp reads in
+// the Q K^T loop fall into 16 distinct banks). Dynamic shared memory, floats:
+//   dq:   4 * 64 * (dh + 1) + 64 * 65              (d32 49 KB, d64 81 KB, d128 145 KB)
+//   dkdv: 4 * 64 * (dh + 1) + 2 * 64 * 65 + 128    (d32 66 KB, d64 98 KB, d128 162 KB)
+// (mirrored in src/device/attention_backward.rs; the kernels trap if launched with less).
+// Variants d32, d64, d128 (dh fixed at compile time) and _any (any dh <= 128, tiles sized for 128,
+// columns past dh zero).
+//
+// Roofline (per layer, N = sum(len^2) over sequences, h = heads * dh): the FA-2 backward is
+// 5 GEMMs of 2 N h flops (S, dP, dV, dK, dQ) = 10 N h; this one recomputes S and dP in each of
+// its three passes: 2 (pass 1) + 3 (pass 2) + 4 (dkdv) = 9 GEMMs = 18 N h flops. BERT-base
+// 128 x 128 tokens, h 768: N = 2.1M, 28.9 GFLOP as run (16.1 GFLOP as counted by FA-2); at the
+// H200's ~67 TFLOP/s f32 FMA peak >= 0.43 ms. Memory, at least QKV and dO read and dQKV
+// written: 16384 x (2304 + 768 + 2304) x 4 B = 352 MB, ~82 us at 4.3 TB/s (the tiles each pass
+// re-reads, 128 KB of Q/K/V/dO per sequence and head at len 128, mostly hit L2), so the kernels
+// are FMA (and shared-memory bandwidth) bound. SIMT with 4 x 4 register tiles: each inner step
+// issues 8 shared loads for 16 FMAs, so expect 25-40% of FMA peak; tensor cores (bf16 or TF32
+// mma.sync) and a fused dq+dkdv with a deterministic dQ reduction are the next steps. Dropout
+// adds one Philox4x32-10 block (~60 integer ops) per score element and pass, against 2 dh FMAs.
+// Registers (sm_90, no spills): dq 100-128, dkdv 122-173 (d32's dkdv has launch bounds of 2
+// blocks per SM, see below).
+//
+// Validated on a CPU emulation of the CUDA blocks against the Rust CPU reference (head dims 16,
+// 32, 40, 64, 128, lengths 0, 1, 63, 64, 65, 129, 130, dropout 0 to 0.5): max difference 1e-6
+// of the largest gradient.
+
+#define RRRA_ATTB_NEG_INF (-__int_as_float(0x7f800000))
+
+namespace attb {
+
+constexpr int T = 64;         // rows per query tile and per key tile
+constexpr int THREADS = 256;  // 16 x 16
+constexpr int PLD = T + 1;    // row stride of the 64 x 64 P / dS tiles
+
+template <int DMAX>
+struct Layout {
+    static constexpr int LD = DMAX + 1;  // row stride of the 64 x dh tiles
+    static constexpr int NC = DMAX / 16;  // accumulator columns per thread
+    static constexpr int DQ_FLOATS = 4 * T * LD + T * PLD;
+    static constexpr int DKDV_FLOATS = 4 * T * LD + 2 * T * PLD + 2 * T;
+};
+
+// Dropout of one sequence: probability p, keep-scale 1/(1-p), the stream's key and counter words.
+struct Dropout {
+    float p, scale;
+    unsigned k0, k1, c2, c3;
+    bool on;
+    __device__ Dropout(float p_, float scale_, const unsigned* __restrict__ ctr) {
+        p = p_;
+        scale = scale_;
+        on = p_ > 0.0f;
+        k0 = k1 = c2 = c3 = 0;
+        if (on) {
+            const unsigned* w = ctr + 4 * (size_t)blockIdx.z;
+            k0 = w[0];
+            k1 = w[1];
+            c2 = w[2];
+            c3 = w[3];
+        }
+    }
+    // Keep-scale of number n of the stream (1 when dropout is off).
+    __device__ __forceinline__ float keep(unsigned long long n) const {
+        if (!on) return 1.0f;
+        const unsigned long long b = n >> 2;
+        unsigned c0 = (unsigned)b, c1 = (unsigned)(b >> 32), cc2 = c2, cc3 = c3;
+        unsigned ka = k0, kb = k1;
+#pragma unroll
+        for (int round = 0; round < 10; ++round) {
+            if (round > 0) {
+                ka += 0x9E3779B9u;
+                kb += 0xBB67AE85u;
+            }
+            const unsigned hi0 = __umulhi(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
+            const unsigned hi1 = __umulhi(0xCD9E8D57u, cc2), lo1 = 0xCD9E8D57u * cc2;
+            const unsigned n0 = hi1 ^ c1 ^ ka, n2 = hi0 ^ cc3 ^ kb;
+            c0 = n0;
+            c1 = lo1;
+            cc2 = n2;
+            cc3 = lo0;
+        }
+        const int w = (int)(n & 3);
+        const unsigned word = w == 0 ? c0 : w == 1 ? c1 : w == 2 ? cc2 : cc3;
+        const float u = (float)(word >> 8) * (1.0f / 16777216.0f);
+        return u < p ? 0.0f : scale;
+    }
+};
+
+__device__ __forceinline__ unsigned dynamic_smem_bytes() {
+#ifdef __CUDA_ARCH__
+    unsigned dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    return dyn;
+#else
+    return ~0u;
+#endif
+}
+
+// Sum over the 16 lanes of a half-warp (the lanes with the same ty).
+__device__ __forceinline__ float sum16(float v) {
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float max16(float v) {
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Rows r0 .. r0 + 63 of a [rows x ld] matrix, columns col0 .. col0 + dh (plus bias[col], when
+// given) into a [64][DMAX + 1] shared tile; rows >= n and columns >= dh are zero.
+template <int DMAX>
+__device__ __forceinline__ void load_tile(float* dst, const float* __restrict__ src, size_t ld,
+                                          int r0, int n, int dh, const float* __restrict__ bias) {
+    constexpr int LD = Layout<DMAX>::LD;
+    for (int idx = threadIdx.x; idx < T * DMAX; idx += THREADS) {
+        const int r = idx / DMAX, c = idx % DMAX;
+        float v = 0.0f;
+        if (r0 + r < n && c < dh) {
+            v = src[(size_t)(r0 + r) * ld + c];
+            if (bias) v += bias[c];
+        }
+        dst[r * LD + c] = v;
+    }
+}
+
+// s[r][c] = (A[ty + 16r] * scale) . B[tx + 16c] and dp[r][c] = dO[ty + 16r] . V[tx + 16c] over
+// the first dh columns of four [64][DMAX + 1] tiles.
+template <int DMAX, bool FIXED>
+__device__ __forceinline__ void scores(const float* Qs, const float* Ks, const float* dOs,
+                                       const float* Vs, int dh_arg, float scale, float (&s)[4][4],
+                                       float (&dp)[4][4]) {
+    constexpr int LD = Layout<DMAX>::LD;
+    const int dh = FIXED ? DMAX : dh_arg;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) s[r][c] = dp[r][c] = 0.0f;
+#pragma unroll 4
+    for (int d = 0; d < dh; ++d) {
+        float a[4], o[4], b[4], v[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            a[r] = Qs[(ty + 16 * r) * LD + d] * scale;  // q scaled first, as the CPU does
+            o[r] = dOs[(ty + 16 * r) * LD + d];
+        }
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            b[c] = Ks[(tx + 16 * c) * LD + d];
+            v[c] = Vs[(tx + 16 * c) * LD + d];
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                s[r][c] = fmaf(a[r], b[c], s[r][c]);
+                dp[r][c] = fmaf(o[r], v[c], dp[r][c]);
+            }
+    }
+}
+
+// Per-sequence geometry of a block.
+struct Seq {
+    int start, len;
+    __device__ Seq(const unsigned* __restrict__ offsets) {
+        start = (int)offsets[blockIdx.z];
+        len = (int)offsets[blockIdx.z + 1] - start;
+    }
+};
+
+template <int DMAX, bool FIXED>
+__device__ __forceinline__ void backward_dq(const float* __restrict__ qkv,
+                                            const float* __restrict__ bias,
+                                            const float* __restrict__ dctx,
+                                            const unsigned* __restrict__ offsets, int tokens,
+                                            int h, int dh_arg, float scale, float drop_p,
+                                            float drop_scale,
+                                            const unsigned* __restrict__ drop_ctr,
+                                            float* __restrict__ stats,
+                                            float* __restrict__ dqkv) {
+    using L = Layout<DMAX>;
+    constexpr int LD = L::LD, NC = L::NC;
+    const int dh = FIXED ? DMAX : dh_arg;
+    extern __shared__ float4 rrra_attb_smem[];
+    if (dynamic_smem_bytes() < L::DQ_FLOATS * sizeof(float)) __trap();
+    float* Qs = reinterpret_cast<float*>(rrra_attb_smem);
+    float* dOs = Qs + T * LD;
+    float* Ks = dOs + T * LD;
+    float* Vs = Ks + T * LD;
+    float* Ss = Vs + T * LD;
+
+    const Seq sq(offsets);
+    const int len = sq.len;
+    const int q0 = blockIdx.x * T;
+    if (q0 >= len) return;  // uniform per block, before any barrier
+    const int head = blockIdx.y;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const Dropout drop(drop_p, drop_scale, drop_ctr);
+    // number of probability (row, 0) of this head in the sequence's stream
+    const unsigned long long nbase = (unsigned long long)head * len * len;
+    const size_t ld = 3 * (size_t)h;
+    const float* q = qkv + (size_t)sq.start * ld + (size_t)head * dh;
+    const float* k = q + h;
+    const float* v = q + 2 * (size_t)h;
+    const float* qb = bias ? bias + (size_t)head * dh : nullptr;
+    const float* kb = bias ? qb + h : nullptr;
+    const float* vb = bias ? qb + 2 * (size_t)h : nullptr;
+    const float* dO = dctx + (size_t)sq.start * h + (size_t)head * dh;
+
+    load_tile<DMAX>(Qs, q, ld, q0, len, dh, qb);
+    load_tile<DMAX>(dOs, dO, h, q0, len, dh, nullptr);
+
+    // Pass 1: LSE and D = sum_j P dP, online. m is uniform over a row's 16 lanes; l and c are
+    // per-lane partial sums (all relative to the same m), reduced at the end.
+    float m[4], l[4], cs[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        m[r] = RRRA_ATTB_NEG_INF;
+        l[r] = cs[r] = 0.0f;
+    }
+    float s[4][4], dp[4][4];
+    for (int k0 = 0; k0 < len; k0 += T) {
+        __syncthreads();  // the previous K / V tiles are consumed (Q and dO are written)
+        load_tile<DMAX>(Ks, k, ld, k0, len, dh, kb);
+        load_tile<DMAX>(Vs, v, ld, k0, len, dh, vb);
+        __syncthreads();
+        scores<DMAX, FIXED>(Qs, Ks, dOs, Vs, dh, scale, s, dp);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            float mx = RRRA_ATTB_NEG_INF;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                if (k0 + tx + 16 * c >= len) s[r][c] = RRRA_ATTB_NEG_INF;
+                mx = fmaxf(mx, s[r][c]);
+            }
+            // finite: key k0 (lane tx 0, c 0) is in range
+            const float mn = fmaxf(m[r], max16(mx));
+            const float alpha = expf(m[r] - mn);  // 0 on the first tile (m = -inf)
+            l[r] *= alpha;
+            cs[r] *= alpha;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const float e = expf(s[r][c] - mn);  // 0 for masked keys
+                l[r] += e;
+                const int i = q0 + ty + 16 * r, j = k0 + tx + 16 * c;
+                const float kp = drop.keep(nbase + (unsigned long long)i * len + j);
+                cs[r] = fmaf(e, dp[r][c] * kp, cs[r]);
+            }
+            m[r] = mn;
+        }
+    }
+    float lse[4], delta[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const float lt = sum16(l[r]), ct = sum16(cs[r]);
+        lse[r] = m[r] + logf(lt);
+        delta[r] = ct / lt;
+        const int i = q0 + ty + 16 * r;
+        if (tx == 0 && i < len) {
+            const size_t at = (size_t)head * tokens + sq.start + i;
+            stats[at] = lse[r];
+            stats[(size_t)tokens * (h / dh) + at] = delta[r];
+        }
+    }
+
+    // Pass 2: dQ = dS K, dS = P (dP - D), P = exp(S - LSE).
+    float acc[4][NC];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int c = 0; c < NC; ++c) acc[r][c] = 0.0f;
+    for (int k0 = 0; k0 < len; k0 += T) {
+        __syncthreads();  // K / V / dS of the previous tile are consumed
+        load_tile<DMAX>(Ks, k, ld, k0, len, dh, kb);
+        load_tile<DMAX>(Vs, v, ld, k0, len, dh, vb);
+        __syncthreads();
+        scores<DMAX, FIXED>(Qs, Ks, dOs, Vs, dh, scale, s, dp);
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int i = q0 + ty + 16 * r, j = k0 + tx + 16 * c;
+                const bool valid = j < len;
+                const float p = valid ? expf(s[r][c] - lse[r]) : 0.0f;
+                const float kp = valid ? drop.keep(nbase + (unsigned long long)i * len + j) : 0.0f;
+                Ss[(ty + 16 * r) * PLD + tx + 16 * c] = p * (dp[r][c] * kp - delta[r]);
+            }
+        __syncthreads();
+        const int kn = min(T, len - k0);
+        for (int j = 0; j < kn; ++j) {
+            float a[4];
+#pragma unroll
+            for (int r = 0; r < 4; ++r) a[r] = Ss[(ty + 16 * r) * PLD + j];
+#pragma unroll
+            for (int c = 0; c < NC; ++c) {
+                const float b = Ks[j * LD + tx + 16 * c];
+#pragma unroll
+                for (int r = 0; r < 4; ++r) acc[r][c] = fmaf(a[r], b, acc[r][c]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const int i = q0 + ty + 16 * r;
+        if (i >= len) continue;
+        float* out = dqkv + (size_t)(sq.start + i) * ld + (size_t)head * dh;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+            const int d = tx + 16 * c;
+            if (d < dh) out[d] = acc[r][c] * scale;
+        }
+    }
+}
+
+template <int DMAX, bool FIXED>
+__device__ __forceinline__ void backward_dkdv(const float* __restrict__ qkv,
+                                              const float* __restrict__ bias,
+                                              const float* __restrict__ dctx,
+                                              const unsigned* __restrict__ offsets, int tokens,
+                                              int h, int dh_arg, float scale, float drop_p,
+                                              float drop_scale,
+                                              const unsigned* __restrict__ drop_ctr,
+                                              const float* __restrict__ stats,
+                                              float* __restrict__ dqkv) {
+    using L = Layout<DMAX>;
+    constexpr int LD = L::LD, NC = L::NC;
+    const int dh = FIXED ? DMAX : dh_arg;
+    extern __shared__ float4 rrra_attb_smem[];
+    if (dynamic_smem_bytes() < L::DKDV_FLOATS * sizeof(float)) __trap();
+    float* Ks = reinterpret_cast<float*>(rrra_attb_smem);
+    float* Vs = Ks + T * LD;
+    float* Qs = Vs + T * LD;
+    float* dOs = Qs + T * LD;
+    float* Ps = dOs + T * LD;   // P[i][j], i query, j key
+    float* dSs = Ps + T * PLD;  // dS[i][j]
+    float* lse_s = dSs + T * PLD;
+    float* delta_s = lse_s + T;
+
+    const Seq sq(offsets);
+    const int len = sq.len;
+    const int k0 = blockIdx.x * T;
+    if (k0 >= len) return;  // uniform per block, before any barrier
+    const int head = blockIdx.y;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const Dropout drop(drop_p, drop_scale, drop_ctr);
+    // number of probability (row, 0) of this head in the sequence's stream
+    const unsigned long long nbase = (unsigned long long)head * len * len;
+    const size_t ld = 3 * (size_t)h;
+    const float* q = qkv + (size_t)sq.start * ld + (size_t)head * dh;
+    const float* k = q + h;
+    const float* v = q + 2 * (size_t)h;
+    const float* qb = bias ? bias + (size_t)head * dh : nullptr;
+    const float* kb = bias ? qb + h : nullptr;
+    const float* vb = bias ? qb + 2 * (size_t)h : nullptr;
+    const float* dO = dctx + (size_t)sq.start * h + (size_t)head * dh;
+    const float* lse_g = stats + (size_t)head * tokens + sq.start;
+    const float* delta_g = lse_g + (size_t)tokens * (h / dh);
+
+    load_tile<DMAX>(Ks, k, ld, k0, len, dh, kb);
+    load_tile<DMAX>(Vs, v, ld, k0, len, dh, vb);
+
+    float dk[4][NC], dv[4][NC];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int c = 0; c < NC; ++c) dk[r][c] = dv[r][c] = 0.0f;
+    float s[4][4], dp[4][4];
+    for (int q0 = 0; q0 < len; q0 += T) {
+        __syncthreads();  // the previous Q / dO / P / dS tiles are consumed
+        load_tile<DMAX>(Qs, q, ld, q0, len, dh, qb);
+        load_tile<DMAX>(dOs, dO, h, q0, len, dh, nullptr);
+        if (threadIdx.x < T) {
+            const int i = q0 + threadIdx.x;
+            lse_s[threadIdx.x] = i < len ? lse_g[i] : 0.0f;
+            delta_s[threadIdx.x] = i < len ? delta_g[i] : 0.0f;
+        }
+        __syncthreads();
+        // rows: queries ty + 16r; columns: keys tx + 16c
+        scores<DMAX, FIXED>(Qs, Ks, dOs, Vs, dh, scale, s, dp);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int ir = ty + 16 * r;
+            const bool qvalid = q0 + ir < len;
+            const float lr = lse_s[ir], dr = delta_s[ir];
+            const unsigned long long row = nbase + (unsigned long long)(q0 + ir) * len + k0;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int jc = tx + 16 * c;
+                const bool valid = qvalid && k0 + jc < len;
+                const float p = valid ? expf(s[r][c] - lr) : 0.0f;
+                const float kp = valid ? drop.keep(row + jc) : 0.0f;
+                Ps[ir * PLD + jc] = p * kp;  // P~ = P . keep, for dV
+                dSs[ir * PLD + jc] = p * (dp[r][c] * kp - dr);
+            }
+        }
+        __syncthreads();
+        // rows: keys ty + 16r; columns: d = tx + 16c
+        const int qn = min(T, len - q0);
+        for (int i = 0; i < qn; ++i) {
+            float pa[4], sa[4];
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                pa[r] = Ps[i * PLD + ty + 16 * r];
+                sa[r] = dSs[i * PLD + ty + 16 * r];
+            }
+#pragma unroll
+            for (int c = 0; c < NC; ++c) {
+                const float o = dOs[i * LD + tx + 16 * c];
+                const float qq = Qs[i * LD + tx + 16 * c];
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    dv[r][c] = fmaf(pa[r], o, dv[r][c]);
+                    dk[r][c] = fmaf(sa[r], qq, dk[r][c]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const int j = k0 + ty + 16 * r;
+        if (j >= len) continue;
+        float* out = dqkv + (size_t)(sq.start + j) * ld + (size_t)head * dh;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+            const int d = tx + 16 * c;
+            if (d < dh) {
+                out[h + d] = dk[r][c] * scale;
+                out[2 * (size_t)h + d] = dv[r][c];
+            }
+        }
+    }
+}
+
+}  // namespace attb
+
+// ------------------------------------------------------------------------------------------
+// Entry points. One signature for all: (qkv, bias or null, dctx, offsets, tokens, h, dh, scale,
+// drop_p, drop_scale, drop_ctr, stats, dqkv), grid (ceil(max_len / 64), heads, sequences), 256 threads, dynamic shared memory
+// as in the header. `tokens` = offsets[sequences]; `stats` holds 2 * heads * tokens floats,
+// written by _dq and read by _dkdv (launch _dq first). `dh` is only read by _any. drop_p 0: no
+// dropout (drop_ctr may be null); else drop_ctr holds 4 words per sequence (see Dropout).
+// ------------------------------------------------------------------------------------------
+
+#define RRRA_ATTB_ARGS(STATS_CONST)                                                             \
+    const float *__restrict__ qkv, const float *__restrict__ bias,                              \
+        const float *__restrict__ dctx, const unsigned *__restrict__ offsets, int tokens, int h, \
+        int dh, float scale, float drop_p, float drop_scale,                                    \
+        const unsigned *__restrict__ drop_ctr, STATS_CONST float *__restrict__ stats,           \
+        float *__restrict__ dqkv
+
+// The dkdv kernel's launch bounds: plain, or at least 2 blocks per SM (d32: ptxas otherwise
+// squeezes it to 80 registers and spills 4 bytes in the dropout path; with 2 it takes 123, none).
+#define RRRA_ATTB_BOUNDS_1 __launch_bounds__(256)
+#define RRRA_ATTB_BOUNDS_2 __launch_bounds__(256, 2)
+
+#define RRRA_ATTB_KERNELS(SUFFIX, DMAX, FIXED, DKDV_MIN_BLOCKS)                                 \
+    extern "C" __global__ void __launch_bounds__(256)                                           \
+        rrra_attention_backward_dq_##SUFFIX(RRRA_ATTB_ARGS()) {                                 \
+        attb::backward_dq<DMAX, FIXED>(qkv, bias, dctx, offsets, tokens, h, dh, scale, drop_p,   \
+                                       drop_scale, drop_ctr, stats, dqkv);                      \
+    }                                                                                           \
+    extern "C" __global__ void RRRA_ATTB_BOUNDS_##DKDV_MIN_BLOCKS                               \
+        rrra_attention_backward_dkdv_##SUFFIX(RRRA_ATTB_ARGS(const)) {                          \
+        attb::backward_dkdv<DMAX, FIXED>(qkv, bias, dctx, offsets, tokens, h, dh, scale, drop_p, \
+                                         drop_scale, drop_ctr, stats, dqkv);                    \
+    }
+
+RRRA_ATTB_KERNELS(f32_d32, 32, true, 2)
+RRRA_ATTB_KERNELS(f32_d64, 64, true, 1)
+RRRA_ATTB_KERNELS(f32_d128, 128, true, 1)
+RRRA_ATTB_KERNELS(f32_any, 128, false, 1)
