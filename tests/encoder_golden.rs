@@ -9,16 +9,7 @@ use rrra::model::{Encoder, EncoderOptions};
 #[test]
 fn minilm_sentences_match_reference() {
     let fx = shared().join("fixtures/minilm");
-    let texts: Vec<String> = std::fs::read_to_string(fx.join("sentences.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let texts = minilm_sentences();
     let (shape, want) = read_f32_tensor(&fx.join("embeddings.safetensors"), "embeddings");
     assert_eq!(shape, vec![texts.len(), 384]);
 

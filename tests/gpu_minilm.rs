@@ -28,16 +28,7 @@ fn minilm_sentences_match_reference_on_the_gpu() {
     };
     let enc = model();
     let fx = shared().join("fixtures/minilm");
-    let texts: Vec<String> = std::fs::read_to_string(fx.join("sentences.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let texts = minilm_sentences();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let (_, want) = read_f32_tensor(&fx.join("embeddings.safetensors"), "embeddings");
     for (p, bound) in [(Precision::Bf16, 0.9999), (Precision::F32, 0.99999)] {

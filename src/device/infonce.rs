@@ -51,38 +51,10 @@ fn cfg(blocks: usize) -> Result<LaunchConfig> {
     })
 }
 
-/// The same checks as the CPU's `info_nce`; returns (B, D).
+/// The CPU's checks ([`InfoNceInput::check`]), and sizes the kernels can index; returns (B, D).
 fn validate(inp: &InfoNceInput<'_>) -> Result<(usize, usize)> {
+    let (b_n, d_n) = inp.check()?;
     let dim = inp.dim;
-    let b_n = inp.targets.len();
-    if dim == 0 || b_n == 0 {
-        return Err(Error::InvalidArgument(
-            "InfoNCE needs at least one query and a non-zero dimension".into(),
-        ));
-    }
-    let d_n = inp.docs.len() / dim;
-    let shapes_ok = inp.queries.len() == b_n * dim
-        && inp.docs.len() == d_n * dim
-        && d_n > 0
-        && inp.log_weights.is_none_or(|w| w.len() == b_n * d_n);
-    if !shapes_ok {
-        return Err(Error::InvalidArgument(format!(
-            "InfoNCE shapes disagree: {b_n} queries, {} query floats, {} doc floats, dim {dim}",
-            inp.queries.len(),
-            inp.docs.len()
-        )));
-    }
-    if let Some(&t) = inp.targets.iter().find(|&&t| t >= d_n) {
-        return Err(Error::InvalidArgument(format!(
-            "InfoNCE target {t} is outside the {d_n} documents"
-        )));
-    }
-    if !(inp.tau > 0.0 && inp.tau.is_finite()) {
-        return Err(Error::InvalidArgument(format!(
-            "temperature must be positive, got {}",
-            inp.tau
-        )));
-    }
     to_i32(b_n, "query count")?;
     to_i32(d_n, "document count")?;
     to_i32(dim, "dimension")?;

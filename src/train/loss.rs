@@ -43,38 +43,54 @@ pub struct InfoNceInput<'a> {
     pub tau: f32,
 }
 
+impl InfoNceInput<'_> {
+    /// Checks shapes, targets and the temperature (the CPU and GPU losses share it); returns
+    /// the number of queries B and of documents D.
+    pub fn check(&self) -> Result<(usize, usize)> {
+        let dim = self.dim;
+        let b_n = self.targets.len();
+        if dim == 0 || b_n == 0 {
+            return Err(Error::InvalidArgument(
+                "InfoNCE needs at least one query and a non-zero dimension".into(),
+            ));
+        }
+        let d_n = self.docs.len() / dim;
+        let shapes_ok = self.queries.len() == b_n * dim
+            && self.docs.len() == d_n * dim
+            && self.log_weights.is_none_or(|w| w.len() == b_n * d_n);
+        if !shapes_ok {
+            return Err(Error::InvalidArgument(format!(
+                "InfoNCE shapes disagree: {b_n} queries, {} query floats, {} doc floats, dim {dim}",
+                self.queries.len(),
+                self.docs.len()
+            )));
+        }
+        if let Some(&t) = self.targets.iter().find(|&&t| t >= d_n) {
+            return Err(Error::InvalidArgument(format!(
+                "InfoNCE target {t} is outside the {d_n} documents"
+            )));
+        }
+        if !(self.tau > 0.0 && self.tau.is_finite()) {
+            return Err(Error::InvalidArgument(format!(
+                "temperature must be positive, got {}",
+                self.tau
+            )));
+        }
+        Ok((b_n, d_n))
+    }
+}
+
 /// Loss and gradients: `dq` (`[B × dim]`) and `dd` (`[D × dim]`) are overwritten with
 /// `∂L/∂queries` and `∂L/∂docs`.
 pub fn info_nce(inp: &InfoNceInput<'_>, dq: &mut [f32], dd: &mut [f32]) -> Result<InfoNceStats> {
+    let (b_n, d_n) = inp.check()?;
     let dim = inp.dim;
-    let b_n = inp.targets.len();
-    if dim == 0 || b_n == 0 {
-        return Err(Error::InvalidArgument(
-            "InfoNCE needs at least one query and a non-zero dimension".into(),
-        ));
-    }
-    let d_n = inp.docs.len() / dim;
-    let shapes_ok = inp.queries.len() == b_n * dim
-        && inp.docs.len() == d_n * dim
-        && dq.len() == b_n * dim
-        && dd.len() == d_n * dim
-        && inp.log_weights.is_none_or(|w| w.len() == b_n * d_n);
-    if !shapes_ok {
+    if dq.len() != b_n * dim || dd.len() != d_n * dim {
         return Err(Error::InvalidArgument(format!(
-            "InfoNCE shapes disagree: {b_n} queries, {} query floats, {} doc floats, dim {dim}",
-            inp.queries.len(),
-            inp.docs.len()
-        )));
-    }
-    if let Some(&t) = inp.targets.iter().find(|&&t| t >= d_n) {
-        return Err(Error::InvalidArgument(format!(
-            "InfoNCE target {t} is outside the {d_n} documents"
-        )));
-    }
-    if !(inp.tau > 0.0 && inp.tau.is_finite()) {
-        return Err(Error::InvalidArgument(format!(
-            "temperature must be positive, got {}",
-            inp.tau
+            "InfoNCE gradient buffers of {} and {} floats for {b_n} queries and {d_n} documents \
+             of dimension {dim}",
+            dq.len(),
+            dd.len()
         )));
     }
     dq.fill(0.0);

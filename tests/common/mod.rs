@@ -34,6 +34,20 @@ pub fn minilm() -> PathBuf {
     .clone()
 }
 
+/// The texts of the MiniLM fixture (`fixtures/minilm/sentences.jsonl`), in file order.
+pub fn minilm_sentences() -> Vec<String> {
+    std::fs::read_to_string(shared().join("fixtures/minilm/sentences.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
 /// A named f32 tensor and the file's metadata from a safetensors fixture.
 pub fn read_f32_tensor(path: &std::path::Path, name: &str) -> (Vec<usize>, Vec<f32>) {
     let bytes = std::fs::read(path).unwrap();
