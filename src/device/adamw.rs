@@ -16,28 +16,15 @@
 //! changes and the step count is not advanced; the norm is returned so the caller can stop, as
 //! the trainer does).
 
-use super::runtime::{cuda_err, Gpu, KernelTiming};
+use super::runtime::{alloc, cuda_err, ptr, Gpu, KernelTiming};
 use crate::error::{Error, Result};
 use crate::train::optim::AdamWConfig;
-use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
-};
-use std::sync::Arc;
+use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 
 const MODULE: &str = "adamw";
 const THREADS: u32 = 256;
 /// Elements per chunk: the CPU's `CHUNK`, so the norm's partition is the CPU's.
 const CHUNK: usize = 1 << 14;
-
-fn alloc<T: DeviceRepr>(stream: &Arc<CudaStream>, len: usize, what: &str) -> Result<CudaSlice<T>> {
-    // SAFETY: every buffer is written by a copy, a memset or a kernel before it is read.
-    unsafe { stream.alloc::<T>(len.max(1)) }.map_err(cuda_err(&format!("allocating {what}")))
-}
-
-fn ptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
-    let (p, _record) = s.device_ptr(stream);
-    p
-}
 
 fn cfg(blocks: usize, threads: u32) -> Result<LaunchConfig> {
     let g = i32::try_from(blocks.max(1))

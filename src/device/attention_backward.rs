@@ -28,12 +28,12 @@
 //! (`2 · heads · tokens` floats), sized at construction for `max_tokens` and `max_sequences`;
 //! a call allocates nothing on the device.
 
-use super::runtime::{allow_smem, cuda_err, launch_cfg, to_i32, to_u32, Gpu, KernelTiming};
+use super::runtime::{
+    alloc, allow_smem, cuda_err, launch_cfg, ptr, to_i32, to_u32, Gpu, KernelTiming,
+};
 use crate::error::{Error, Result};
 use crate::train::rng::Site;
-use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
 const MODULE: &str = "attention_backward";
@@ -113,17 +113,6 @@ fn check_offsets(offsets: &[u32], tokens: usize) -> Result<usize> {
         max_len = max_len.max((w[1] - w[0]) as usize);
     }
     Ok(max_len)
-}
-
-fn ptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
-    let (p, _record) = s.device_ptr(stream);
-    p
-}
-
-fn alloc<T: DeviceRepr>(stream: &Arc<CudaStream>, len: usize, what: &str) -> Result<CudaSlice<T>> {
-    // SAFETY: the offsets are copied in before every launch and the LSE / D scratch is written
-    // by the dq kernel before the dkdv kernel reads it (same stream).
-    unsafe { stream.alloc::<T>(len.max(1)) }.map_err(cuda_err(&format!("allocating {what}")))
 }
 
 /// The attention backward for one head layout (`h`, `heads`) and batch capacity.

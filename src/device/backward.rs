@@ -22,12 +22,11 @@
 //! CPU functions' signatures and accumulation rules, and fill every device output with NaN
 //! before the kernels run, so an element a kernel failed to write cannot pass for a result.
 
-use super::runtime::{cuda_err, launch_cfg, to_i32, Gpu, KernelTiming};
+use super::runtime::{alloc, cuda_err, launch_cfg, ptr, to_i32, Gpu, KernelTiming};
 use crate::error::{Error, Result};
 use crate::model::pooling::Pooling;
 use cudarc::driver::{
-    result as cu, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
-    PushKernelArg,
+    result as cu, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use std::sync::Arc;
 
@@ -50,16 +49,6 @@ pub const EMBED_CHUNK: usize = 64;
 const LN_WIDTHS: [usize; 5] = [128, 256, 512, 768, 1024];
 /// Largest LayerNorm width.
 pub const MAX_LN_WIDTH: usize = 1024;
-
-fn ptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
-    let (p, _record) = s.device_ptr(stream);
-    p
-}
-
-fn alloc<T: DeviceRepr>(stream: &Arc<CudaStream>, len: usize, what: &str) -> Result<CudaSlice<T>> {
-    // SAFETY: every buffer is written by a copy, a memset or a kernel before it is read.
-    unsafe { stream.alloc::<T>(len.max(1)) }.map_err(cuda_err(&format!("allocating {what}")))
-}
 
 fn upload<T: DeviceRepr>(stream: &Arc<CudaStream>, host: &[T], what: &str) -> Result<CudaSlice<T>> {
     if host.is_empty() {

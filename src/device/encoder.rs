@@ -42,7 +42,7 @@
 //! at ~49 TFLOP/s. One 16-token query through an all-MiniLM-L6-v2-shaped model, upload to
 //! download: 0.39 ms (bf16), 0.46 ms (f32), bound by the latency of its ~50 launches.
 
-use super::runtime::{cuda_err, Gpu, KernelTiming};
+use super::runtime::{cuda_err, ptr, Gpu, KernelTiming};
 use crate::error::{Error, Result};
 use crate::model::bert::{Bert, PackedBatch};
 use crate::model::config::BertConfig;
@@ -149,11 +149,6 @@ fn upload_f32(stream: &Arc<CudaStream>, host: &[f32]) -> Result<CudaSlice<f32>> 
 
 /// The raw device address of a slice, for kernel arguments and cuBLAS. Everything runs on one
 /// stream, so stream order is the only synchronisation the buffers need.
-fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
-    let (p, _sync) = s.device_ptr(stream);
-    p
-}
-
 struct DeviceLayer {
     qkv_w: DMat,
     qkv_b: CudaSlice<f32>,

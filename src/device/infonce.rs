@@ -14,34 +14,16 @@
 //! filled with NaN before every launch, so an element a kernel failed to write cannot pass for a
 //! result.
 
-use super::runtime::{cuda_err, Gpu, KernelTiming};
+use super::runtime::{alloc, cuda_err, ptr, to_i32, Gpu, KernelTiming};
 use crate::error::{Error, Result};
 use crate::train::loss::{InfoNceInput, InfoNceStats};
-use cudarc::driver::{
-    result as cu, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
-    PushKernelArg,
-};
-use std::sync::Arc;
+use cudarc::driver::{result as cu, CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 const MODULE: &str = "infonce";
 const THREADS: u32 = 256;
 /// Per-query statistics the rows kernel writes: loss, correct, positive score, negative sum and
 /// count.
 const STATS: usize = 5;
-
-fn alloc<T: DeviceRepr>(stream: &Arc<CudaStream>, len: usize, what: &str) -> Result<CudaSlice<T>> {
-    // SAFETY: every buffer is written by a copy, a memset or a kernel before it is read.
-    unsafe { stream.alloc::<T>(len.max(1)) }.map_err(cuda_err(&format!("allocating {what}")))
-}
-
-fn ptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
-    let (p, _record) = s.device_ptr(stream);
-    p
-}
-
-fn to_i32(x: usize, what: &str) -> Result<i32> {
-    i32::try_from(x).map_err(|_| Error::InvalidArgument(format!("{what} ({x}) is too large")))
-}
 
 fn cfg(blocks: usize) -> Result<LaunchConfig> {
     Ok(LaunchConfig {

@@ -226,20 +226,33 @@ impl<T: DeviceRepr> DevBuf<T> {
         what: &str,
         count: &mut u64,
     ) -> Result<Self> {
-        // SAFETY: every buffer is written (by a copy, a memset or a kernel) before it is read.
-        let slice = unsafe { stream.alloc::<T>(len.max(1)) }
-            .map_err(cuda_err(&format!("allocating {what}")))?;
+        let slice = alloc(stream, len, what)?;
         *count += 1;
-        let ptr = {
-            let (p, _record) = slice.device_ptr(stream);
-            p
-        };
+        let ptr = ptr(&slice, stream);
         Ok(DevBuf { slice, ptr })
     }
 
     pub(crate) fn len(&self) -> usize {
         self.slice.len()
     }
+}
+
+/// An uninitialised device buffer of `len` elements (at least one: a zero-length allocation is
+/// not a valid device pointer). Callers write every element before they read it.
+pub(crate) fn alloc<T: DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    len: usize,
+    what: &str,
+) -> Result<CudaSlice<T>> {
+    // SAFETY: uninitialised memory is only a hazard if read; see the contract above.
+    unsafe { stream.alloc::<T>(len.max(1)) }.map_err(cuda_err(&format!("allocating {what}")))
+}
+
+/// The raw device address of a slice, for kernel arguments. Event tracking is off
+/// ([`Gpu::open`]), so this records nothing: stream order is the buffers' synchronisation.
+pub(crate) fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    let (p, _record) = s.device_ptr(stream);
+    p
 }
 
 pub(crate) fn round_up(x: usize, m: usize) -> usize {

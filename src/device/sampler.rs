@@ -17,11 +17,10 @@
 //! difference from the CPU is CUDA's double `ln` (≤ 1 ulp), which can reorder two keys only when
 //! they agree to ~1e-16.
 
-use super::runtime::{cuda_err, Gpu, KernelTiming};
+use super::runtime::{alloc, cuda_err, ptr, to_i32, Gpu, KernelTiming};
 use crate::error::{Error, Result};
 use crate::train::rng::{philox4x32_10, Site};
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
-use std::sync::Arc;
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 const MODULE: &str = "sampler";
 const THREADS: u32 = 256;
@@ -77,21 +76,6 @@ pub struct GpuSampler {
     rrra: CudaFunction,
 }
 
-fn alloc<T: cudarc::driver::DeviceRepr>(
-    stream: &Arc<CudaStream>,
-    len: usize,
-    what: &str,
-) -> Result<CudaSlice<T>> {
-    // SAFETY: every buffer allocated here is fully written by a copy or a kernel before it is
-    // read (the kernels write every element of their outputs).
-    unsafe { stream.alloc::<T>(len.max(1)) }.map_err(cuda_err(&format!("allocating {what}")))
-}
-
-fn ptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
-    let (p, _record) = s.device_ptr(stream);
-    p
-}
-
 fn grid(blocks: usize) -> Result<LaunchConfig> {
     let g = u32::try_from(blocks.max(1))
         .ok()
@@ -102,10 +86,6 @@ fn grid(blocks: usize) -> Result<LaunchConfig> {
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     })
-}
-
-fn to_i32(x: usize, what: &str) -> Result<i32> {
-    i32::try_from(x).map_err(|_| Error::InvalidArgument(format!("{what} ({x}) is too large")))
 }
 
 impl GpuSampler {
