@@ -867,23 +867,15 @@ impl GpuBackward {
     /// `db` += column sums of `dy` (`[rows × cols]`, cols = `db.len()`): the bias part of
     /// `cpu::backward::linear_backward`, bitwise.
     pub fn bias_backward_host(&mut self, dy: &[f32], db: &mut [f32]) -> Result<()> {
-        let cols = db.len();
-        if cols == 0 || !dy.len().is_multiple_of(cols) {
-            return Err(Error::InvalidArgument(format!(
-                "bias gradient: {} values are not rows of width {cols}",
-                dy.len()
-            )));
-        }
-        let st = self.stream.clone();
-        let dy_d = upload(&st, dy, "bias gradient input")?;
-        let mut db_d = upload(&st, db, "bias gradient")?;
-        self.bias_impl(&dy_d, dy.len() / cols, cols, &mut db_d, true, true)?;
-        download(&st, &db_d, db, "the bias gradient")?;
-        self.sync("running the bias gradient")
+        self.bias_host(dy, db)
     }
 
     /// [`GpuBackward::bias_backward_host`] from a bf16 gradient (bits in `u16`).
     pub fn bias_backward_bf16_host(&mut self, dy: &[u16], db: &mut [f32]) -> Result<()> {
+        self.bias_host(dy, db)
+    }
+
+    fn bias_host<T: BiasInput>(&mut self, dy: &[T], db: &mut [f32]) -> Result<()> {
         let cols = db.len();
         if cols == 0 || !dy.len().is_multiple_of(cols) {
             return Err(Error::InvalidArgument(format!(
