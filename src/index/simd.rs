@@ -20,8 +20,10 @@
 //! whether any score could enter a top-k (`!(s < thr)`, true for NaN); the caller inspects the
 //! tile only then, which for k ≪ n is almost never.
 
+use super::vectors::Vectors;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
+use std::ops::Range;
 
 /// Whether a score may enter a top-k whose threshold is `thr`: not below it, and always when
 /// either is NaN (a NaN threshold means "not full yet"; a NaN score is sorted out later).
@@ -35,7 +37,8 @@ pub(crate) fn may_enter(score: f32, thr: f32) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) enum Isa {
-    /// x86-64 with AVX2 and FMA (Haswell / Zen and later).
+    /// x86-64 with AVX2, FMA and F16C (Haswell / Zen and later: every CPU with the first two
+    /// has the third).
     Avx2Fma,
     /// Plain Rust; the compiler vectorises the lane loop with whatever the target has.
     Portable,
@@ -46,7 +49,10 @@ impl Isa {
     pub(crate) fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
                 return Isa::Avx2Fma;
             }
         }
@@ -125,6 +131,77 @@ pub(crate) fn tile(
         _ => {
             let _ = ahead; // a hint the portable kernel has no use for
             portable(panel, lanes, rows, nrows, d, thr, out)
+        }
+    }
+}
+
+/// The single-query kernel, rows as lanes: scores rows `row..row + 8` of `vectors` (each `d`
+/// long) against `query` into `out[r]`, and returns whether any `!(out[r] < thr)`.
+///
+/// Lane `r` computes `s = fma(q[k], c_r[k], s)` for `k = 0, 1, …, d-1` from `s = 0`, exactly as
+/// [`tile`] does, so the scores are bit-identical to the batch path's. It loads eight values of
+/// each of the eight rows, transposes the 8 × 8 block in registers and does eight FMAs with
+/// `q[k]` broadcast: one useful lane per FMA in [`tile`]'s 8-lane shape becomes eight, which
+/// moves the scan from FMA-bound to memory-bound. f16 and bf16 rows are widened in registers
+/// as they are loaded (no scratch copy), so a half-precision store is read at half the bytes.
+///
+/// `ahead` (a row range, may be empty) is prefetched, spread over the tile's steps.
+///
+/// Returns `None` where there is no such kernel (not x86-64 with AVX2/FMA/F16C): the caller
+/// uses [`tile`].
+///
+/// # Panics
+/// If `row + 8` or `ahead` runs past the vectors or `query` is shorter than `d` (internal
+/// invariants of the search loop).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rows8(
+    isa: Isa,
+    query: &[f32],
+    vectors: &Vectors<'_>,
+    row: usize,
+    d: usize,
+    ahead: Range<usize>,
+    thr: f32,
+    out: &mut [f32; ONE_ROWS],
+) -> Option<bool> {
+    assert!(query.len() >= d, "query too short");
+    assert!(ahead.start <= ahead.end, "bad prefetch range");
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => {
+            fn check<T>(v: &[T], row: usize, d: usize, ahead: &Range<usize>) {
+                assert!((row + ONE_ROWS) * d <= v.len(), "tile past the vectors");
+                assert!(ahead.end * d <= v.len(), "prefetch past the vectors");
+            }
+            let q = query.as_ptr();
+            let o = out.as_mut_ptr();
+            let pf_len = ahead.len() * d;
+            // SAFETY: `Isa::Avx2Fma` is only produced by `Isa::detect` after checking AVX2, FMA
+            // and F16C; `check` covers the 8 rows read and the prefetch range, `query` has `d`
+            // values and `out` has 8.
+            unsafe {
+                Some(match vectors {
+                    Vectors::F32(v) => {
+                        check(v, row, d, &ahead);
+                        let (c, pf) = (v.as_ptr().add(row * d), v.as_ptr().add(ahead.start * d));
+                        avx2::rows8(q, c, d, pf, pf_len, thr, o)
+                    }
+                    Vectors::F16(v) => {
+                        check(v, row, d, &ahead);
+                        let (c, pf) = (v.as_ptr().add(row * d), v.as_ptr().add(ahead.start * d));
+                        avx2::rows8(q, c, d, pf, pf_len, thr, o)
+                    }
+                    Vectors::Bf16(v) => {
+                        check(v, row, d, &ahead);
+                        let (c, pf) = (v.as_ptr().add(row * d), v.as_ptr().add(ahead.start * d));
+                        avx2::rows8(q, c, d, pf, pf_len, thr, o)
+                    }
+                })
+            }
+        }
+        _ => {
+            let _ = (vectors, row, thr, out);
+            None
         }
     }
 }
@@ -287,6 +364,127 @@ mod avx2 {
         _mm256_movemask_ps(any) != 0
     }
 
+    /// A stored element type the rows-as-lanes kernel widens to f32 in registers.
+    pub(super) trait Widen: Copy {
+        /// Eight consecutive values as f32.
+        ///
+        /// # Safety
+        /// `p` has 8 readable values; the CPU has AVX2 and F16C.
+        unsafe fn load8(p: *const Self) -> __m256;
+        fn widen(self) -> f32;
+    }
+
+    impl Widen for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        fn widen(self) -> f32 {
+            self
+        }
+    }
+
+    impl Widen for half::f16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const half::f16) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+        }
+        fn widen(self) -> f32 {
+            self.to_f32()
+        }
+    }
+
+    impl Widen for half::bf16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const half::bf16) -> __m256 {
+            // A bf16 is the top half of an f32.
+            let w = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())));
+            _mm256_castsi256_ps(w)
+        }
+        fn widen(self) -> f32 {
+            self.to_f32()
+        }
+    }
+
+    /// Transposes an 8 × 8 block: afterwards `v[j]` lane `r` is what `v[r]` lane `j` was.
+    #[inline(always)]
+    unsafe fn transpose8(v: &mut [__m256; 8]) {
+        let t0 = _mm256_unpacklo_ps(v[0], v[1]);
+        let t1 = _mm256_unpackhi_ps(v[0], v[1]);
+        let t2 = _mm256_unpacklo_ps(v[2], v[3]);
+        let t3 = _mm256_unpackhi_ps(v[2], v[3]);
+        let t4 = _mm256_unpacklo_ps(v[4], v[5]);
+        let t5 = _mm256_unpackhi_ps(v[4], v[5]);
+        let t6 = _mm256_unpacklo_ps(v[6], v[7]);
+        let t7 = _mm256_unpackhi_ps(v[6], v[7]);
+        let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        v[0] = _mm256_permute2f128_ps::<0x20>(s0, s4);
+        v[1] = _mm256_permute2f128_ps::<0x20>(s1, s5);
+        v[2] = _mm256_permute2f128_ps::<0x20>(s2, s6);
+        v[3] = _mm256_permute2f128_ps::<0x20>(s3, s7);
+        v[4] = _mm256_permute2f128_ps::<0x31>(s0, s4);
+        v[5] = _mm256_permute2f128_ps::<0x31>(s1, s5);
+        v[6] = _mm256_permute2f128_ps::<0x31>(s2, s6);
+        v[7] = _mm256_permute2f128_ps::<0x31>(s3, s7);
+    }
+
+    /// The rows-as-lanes kernel (see [`super::rows8`]).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `q` has `d` readable floats, `c` has `8 * d` readable
+    /// values (8 rows of stride `d`), `pf` has `pf_len`, `out` has 8 writable floats.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn rows8<T: Widen>(
+        q: *const f32,
+        c: *const T,
+        d: usize,
+        pf: *const T,
+        pf_len: usize,
+        thr: f32,
+        out: *mut f32,
+    ) -> bool {
+        let line = 64 / std::mem::size_of::<T>();
+        // Each step of 8 consumes 64 values, i.e. size_of::<T>() cache lines: prefetch as many.
+        let lines_per_step = std::mem::size_of::<T>();
+        let mut pfo = 0usize;
+        let mut acc = _mm256_setzero_ps();
+        let d8 = d - d % 8;
+        let mut k = 0;
+        while k < d8 {
+            for _ in 0..lines_per_step {
+                if pfo < pf_len {
+                    _mm_prefetch::<_MM_HINT_T0>(pf.add(pfo).cast());
+                    pfo += line;
+                }
+            }
+            let mut v = [_mm256_setzero_ps(); 8];
+            for (r, vr) in v.iter_mut().enumerate() {
+                *vr = T::load8(c.add(r * d + k));
+            }
+            transpose8(&mut v);
+            for (j, vj) in v.iter().enumerate() {
+                acc = _mm256_fmadd_ps(_mm256_broadcast_ss(&*q.add(k + j)), *vj, acc);
+            }
+            k += 8;
+        }
+        for k in d8..d {
+            let at = |r: usize| (*c.add(r * d + k)).widen();
+            let v = _mm256_setr_ps(at(0), at(1), at(2), at(3), at(4), at(5), at(6), at(7));
+            acc = _mm256_fmadd_ps(_mm256_broadcast_ss(&*q.add(k)), v, acc);
+        }
+        _mm256_storeu_ps(out, acc);
+        // !(s < t), true for NaN: the same test as the scalar code.
+        let any = _mm256_cmp_ps::<_CMP_NLT_UQ>(acc, _mm256_set1_ps(thr));
+        _mm256_movemask_ps(any) != 0
+    }
+
     /// Picks the monomorphised kernel for (lanes, nrows).
     ///
     /// # Safety
@@ -402,6 +600,70 @@ mod tests {
                             assert!((got - exact).abs() <= bound, "{isa:?} d={d} r={r}");
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// The rows-as-lanes kernel gives, for every stored type, the tile kernel's scores bit for
+    /// bit (on the rows widened to f32), and the same threshold answer.
+    #[test]
+    fn rows_as_lanes_match_the_tile_kernel() {
+        let isa = Isa::detect();
+        let dims: &[usize] = if cfg!(miri) {
+            &[1, 9]
+        } else {
+            &[1, 7, 8, 13, 384]
+        };
+        for &d in dims {
+            let q = data(d, 3 + d as u32);
+            let mut panel8 = vec![0f32; d * 8];
+            for k in 0..d {
+                panel8[k * 8] = q[k];
+            }
+            let raw: Vec<f32> = data(11 * d, 5 + d as u32);
+            let h: Vec<f16> = raw.iter().map(|&x| f16::from_f32(x)).collect();
+            let b: Vec<bf16> = raw.iter().map(|&x| bf16::from_f32(x)).collect();
+            for (name, vectors) in [
+                ("f32", Vectors::F32(&raw)),
+                ("f16", Vectors::F16(&h)),
+                ("bf16", Vectors::Bf16(&b)),
+            ] {
+                let mut wide = vec![0f32; raw.len()];
+                vectors.to_f32(0, &mut wide);
+                for row in [0usize, 3] {
+                    let mut want = vec![0f32; 64];
+                    tile(
+                        isa,
+                        &panel8,
+                        8,
+                        &wide[row * d..],
+                        8,
+                        d,
+                        &[f32::INFINITY; 8],
+                        &mut want,
+                        &[],
+                    );
+                    let mut got = [0f32; 8];
+                    let Some(any) =
+                        rows8(isa, &q, &vectors, row, d, 0..11, f32::INFINITY, &mut got)
+                    else {
+                        assert_eq!(isa, Isa::Portable, "no rows-as-lanes kernel on {isa:?}");
+                        return;
+                    };
+                    assert!(!any);
+                    for r in 0..8 {
+                        assert_eq!(
+                            got[r].to_bits(),
+                            want[r * 8].to_bits(),
+                            "{name} d={d} row {r}"
+                        );
+                    }
+                    let max = got.iter().cloned().fold(f32::MIN, f32::max);
+                    let mut pass = |t: f32| rows8(isa, &q, &vectors, row, d, 3..3, t, &mut got);
+                    assert_eq!(pass(max), Some(true), "ties pass");
+                    assert_eq!(pass(f32::NAN), Some(true), "a NaN threshold passes all");
+                    assert_eq!(pass(max + 1.0), Some(false));
                 }
             }
         }

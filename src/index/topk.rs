@@ -446,19 +446,56 @@ pub(crate) fn search_one_with(
     let shards = split(n, (n / MIN_SHARD_ROWS).clamp(1, threads));
     let parts: Vec<Vec<u64>> = shards
         .into_par_iter()
-        .map(|rows| scan_one(isa, corpus, rows, panel.panel(0), k))
+        .map(|rows| scan_one(isa, corpus, rows, query, panel.panel(0), k))
         .collect();
     let parts: Vec<&[u64]> = parts.iter().map(|p| &p[..]).collect();
     Ok(merge(&parts, k))
 }
 
-/// One shard of the single-query path.
-fn scan_one(isa: Isa, corpus: &Corpus, rows: Range<usize>, panel: &[f32], k: usize) -> Vec<u64> {
+/// One shard of the single-query path: groups of 8 rows through the rows-as-lanes kernel
+/// where the CPU has it, the rest (the last < 8 rows, or everything on other CPUs) through the
+/// 8-lane tile kernel with the query in lane 0. Both compute the same scores.
+fn scan_one(
+    isa: Isa,
+    corpus: &Corpus,
+    rows: Range<usize>,
+    query: &[f32],
+    panel: &[f32],
+    k: usize,
+) -> Vec<u64> {
     let d = corpus.dim;
     let mut top = TopK::new(k);
     let mut thr = [f32::INFINITY; ONE_LANES];
     thr[0] = top.threshold();
     let mut out = [0f32; ONE_ROWS * ONE_LANES];
+    let mut start = rows.start;
+    let mut scores = [0f32; ONE_ROWS];
+    while start + ONE_ROWS <= rows.end {
+        let ahead = (start + PREFETCH_ROWS).min(rows.end);
+        let ahead = ahead..(ahead + ONE_ROWS).min(rows.end);
+        let Some(any) = simd::rows8(
+            isa,
+            query,
+            &corpus.vectors,
+            start,
+            d,
+            ahead,
+            thr[0],
+            &mut scores,
+        ) else {
+            break;
+        };
+        if any {
+            for (r, &s) in scores.iter().enumerate() {
+                if may_enter(s, thr[0]) {
+                    top.push(start + r, s);
+                    thr[0] = top.threshold();
+                }
+            }
+        }
+        start += ONE_ROWS;
+    }
+    let rows = start..rows.end;
     let chunk = match corpus.vectors {
         Vectors::F32(_) => rows.len(),
         _ => ONE_CHUNK_ROWS,
