@@ -61,25 +61,71 @@ fn linear_split_out(
     let y_ptr = SendPtr(y.as_mut_ptr());
     (0..out.div_ceil(cols)).into_par_iter().for_each(|blk| {
         let o0 = blk * cols;
-        let n = cols.min(out - o0);
         let y_ptr = &y_ptr;
-        // SAFETY: block `blk` reads weight rows o0..o0+n and biases o0..o0+n (in bounds, as
-        // the caller asserted the shapes) and writes columns o0..o0+n of every row of y:
-        // disjoint between blocks, and y outlives the parallel loop.
-        unsafe {
-            let (wb, yb) = (w.as_ptr().add(o0 * inp), y_ptr.0.add(o0));
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return skinny::block(x.as_ptr(), rows, inp, wb, b.as_ptr().add(o0), n, yb, out);
-            }
-            for r in 0..rows {
-                std::ptr::copy_nonoverlapping(b.as_ptr().add(o0), yb.add(r * out), n);
-            }
-            sgemm_rows(rows, inp, n, x.as_ptr(), wb, yb, out)
-        };
+        // SAFETY: block `blk` writes columns o0..o0+n of every row of y: disjoint between
+        // blocks, and y outlives the parallel loop; the shapes were asserted by the caller.
+        unsafe { columns(x, rows, inp, w, b, o0, cols.min(out - o0), y_ptr.0, out) };
     });
+}
+
+/// [`linear`] on the calling thread only, for callers that already split their work over
+/// threads (e.g. the adapter's candidates). The same values as [`linear`], bit for bit.
+pub fn linear_serial(
+    x: &[f32],
+    rows: usize,
+    inp: usize,
+    w: &[f32],
+    b: &[f32],
+    out: usize,
+    y: &mut [f32],
+) {
+    assert_eq!(x.len(), rows * inp, "linear: x shape");
+    assert_eq!(w.len(), out * inp, "linear: w shape");
+    assert_eq!(b.len(), out, "linear: b shape");
+    assert_eq!(y.len(), rows * out, "linear: y shape");
+    if rows == 0 {
+        return;
+    }
+    if rows < SMALL_ROWS {
+        // SAFETY: all columns of y, whose shape was asserted above.
+        return unsafe { columns(x, rows, inp, w, b, 0, out, y.as_mut_ptr(), out) };
+    }
+    // The many-row path computes each row chunk independently: one chunk of all rows gives
+    // the same values.
+    for row in y.chunks_exact_mut(out) {
+        row.copy_from_slice(b);
+    }
+    // SAFETY: as in `linear`.
+    unsafe { sgemm_rows(rows, inp, out, x.as_ptr(), w.as_ptr(), y.as_mut_ptr(), out) };
+}
+
+/// Output columns `o0..o0 + n` of the few-row product, for every row, written into `y` (row
+/// stride `out`).
+///
+/// # Safety
+/// `x` holds rows×inp floats, `w` out×inp, `b` out, `y` rows×out; `o0 + n ≤ out`; no other
+/// thread writes these columns meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn columns(
+    x: &[f32],
+    rows: usize,
+    inp: usize,
+    w: &[f32],
+    b: &[f32],
+    o0: usize,
+    n: usize,
+    y: *mut f32,
+    out: usize,
+) {
+    let (wb, yb) = (w.as_ptr().add(o0 * inp), y.add(o0));
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        return skinny::block(x.as_ptr(), rows, inp, wb, b.as_ptr().add(o0), n, yb, out);
+    }
+    for r in 0..rows {
+        std::ptr::copy_nonoverlapping(b.as_ptr().add(o0), yb.add(r * out), n);
+    }
+    sgemm_rows(rows, inp, n, x.as_ptr(), wb, yb, out)
 }
 
 /// The few-row kernel: tiles of 4 input rows × 3 weight rows, 12 eight-lane accumulators over
@@ -312,6 +358,19 @@ mod tests {
                     "{rows}×{inp}×{out}: {threads} threads differ from 1"
                 );
             }
+            let mut y = vec![0.0f32; rows * out];
+            linear_serial(&x, rows, inp, &w, &b, out, &mut y);
+            assert!(
+                y.iter().zip(&y1).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{rows}×{inp}×{out}: linear_serial differs"
+            );
         }
+        // and on the many-row path
+        let (rows, inp, out) = (300, 40, 24);
+        let (x, w, b) = (pseudo(rows * inp, 4), pseudo(out * inp, 5), pseudo(out, 6));
+        let (mut y, mut ys) = (vec![0.0f32; rows * out], vec![0.0f32; rows * out]);
+        linear(&x, rows, inp, &w, &b, out, &mut y);
+        linear_serial(&x, rows, inp, &w, &b, out, &mut ys);
+        assert!(y.iter().zip(&ys).all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 }

@@ -33,8 +33,9 @@ pub fn gelu(x: f32) -> f32 {
 }
 
 dispatch_avx2! {
-    /// Bias-free in-place GELU over a slice (the bias was added by the GEMM).
-    fn gelu_serial(xs: &mut [f32]) {
+    /// Bias-free in-place GELU over a slice (the bias was added by the GEMM), on the calling
+    /// thread.
+    pub fn gelu_serial(xs: &mut [f32]) {
         for x in xs.iter_mut() {
             *x = gelu(*x);
         }
