@@ -8,6 +8,7 @@ pub mod pooling;
 pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;
+pub mod wordpiece;
 
 pub use config::BertConfig;
 pub use encoder::{Encoder, EncoderOptions};
