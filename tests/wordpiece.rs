@@ -197,7 +197,8 @@ fn same_ids_with_other_normaliser_settings() {
     let base: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(tiny_bert_tokenizer()).unwrap()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let variants: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+    type Change = Box<dyn Fn(&mut serde_json::Value)>;
+    let variants: Vec<(&str, Change)> = vec![
         (
             "cased",
             Box::new(|j| j["normalizer"]["lowercase"] = false.into()),
