@@ -15,7 +15,8 @@
 use half::{bf16, f16};
 use rrra::index::synthetic::{random_unit_vectors, Rng};
 use rrra::index::{
-    search_batch, search_one, write_store, Corpus, Dtype, Hit, Store, StoreSpec, Vectors,
+    search_batch, search_one, search_one_into, write_store, Corpus, Dtype, Hit, OneQueryScratch,
+    Store, StoreSpec, Vectors,
 };
 use rrra::Error;
 
@@ -222,6 +223,37 @@ fn exact_ties_are_ordered_by_index() {
             .map(|h| h.index)
             .collect();
         assert_eq!(got, want);
+    }
+}
+
+/// One scratch reused across corpora of other sizes, dimensions and types, and across k, gives
+/// what a fresh search gives; a failed search leaves an empty list.
+#[test]
+fn reused_scratch_gives_fresh_results() {
+    let mut scratch = OneQueryScratch::default();
+    let mut out = vec![Hit {
+        index: 9,
+        score: 9.0,
+    }];
+    for (n, dim, dtype, seed) in [
+        (20_000, 32, Dtype::F32, 1),
+        (37, 19, Dtype::F16, 2),
+        (9_000, 32, Dtype::Bf16, 3),
+        (20_000, 8, Dtype::F32, 4),
+    ] {
+        let data = Data::new(&random_unit_vectors(n, dim, seed), dim, dtype);
+        let corpus = data.corpus();
+        let q = random_unit_vectors(1, dim, seed + 100);
+        for k in [1, 10, 100, n + 5] {
+            search_one_into(&corpus, &q, k, &mut scratch, &mut out).unwrap();
+            assert_eq!(
+                out,
+                search_one(&corpus, &q, k).unwrap(),
+                "n {n} dim {dim} k {k}"
+            );
+        }
+        assert!(search_one_into(&corpus, &q, 0, &mut scratch, &mut out).is_err());
+        assert!(out.is_empty());
     }
 }
 

@@ -17,5 +17,5 @@ pub mod vectors;
 
 pub use npy::{export_ids, export_npy};
 pub use store::{write_store, Store, StoreSpec, StoreWriter};
-pub use topk::{hit_order, search_batch, search_one, Hit};
+pub use topk::{hit_order, search_batch, search_one, search_one_into, Hit, OneQueryScratch};
 pub use vectors::{Corpus, Dtype, Vectors};

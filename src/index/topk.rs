@@ -132,17 +132,43 @@ impl TopK {
         }
     }
 
-    /// The k best keys, best first.
-    fn into_sorted(mut self) -> Vec<u64> {
+    /// Empties the selector for a new search with `k`, keeping its memory.
+    fn reset(&mut self, k: usize) {
+        self.k = k.max(1);
+        self.cap = Self::capacity_for(k);
+        self.buf.clear();
+        self.thr = f32::NAN;
+    }
+
+    /// The k best keys, best first, in place.
+    fn finish(&mut self) -> &[u64] {
         self.buf.sort_unstable();
         self.buf.truncate(self.k);
+        &self.buf
+    }
+
+    /// The k best keys, best first.
+    fn into_sorted(mut self) -> Vec<u64> {
+        self.finish();
         self.buf
     }
 }
 
 /// Merges per-shard sorted keys into the final k hits.
 fn merge(parts: &[&[u64]], k: usize) -> Vec<Hit> {
-    let mut all: Vec<u64> = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    let (mut all, mut out) = (Vec::new(), Vec::new());
+    merge_into(parts.iter().copied(), k, &mut all, &mut out);
+    out
+}
+
+/// [`merge`] into `out` (cleared first), with `all` as working memory.
+fn merge_into<'p>(
+    parts: impl Iterator<Item = &'p [u64]>,
+    k: usize,
+    all: &mut Vec<u64>,
+    out: &mut Vec<Hit>,
+) {
+    all.clear();
     for p in parts {
         all.extend_from_slice(p);
     }
@@ -151,7 +177,8 @@ fn merge(parts: &[&[u64]], k: usize) -> Vec<Hit> {
         all.truncate(k);
     }
     all.sort_unstable();
-    all.into_iter().map(unpack).collect()
+    out.clear();
+    out.extend(all.iter().map(|&key| unpack(key)));
 }
 
 /// Candidate memory allowed per batch of queries; more queries than fit are run in sequence.
@@ -428,6 +455,54 @@ pub(crate) fn search_one_with(
     query: &[f32],
     k: usize,
 ) -> Result<Vec<Hit>> {
+    let mut out = Vec::new();
+    search_one_into_with(
+        isa,
+        corpus,
+        query,
+        k,
+        &mut OneQueryScratch::default(),
+        &mut out,
+    )?;
+    Ok(out)
+}
+
+/// Reusable memory of [`search_one_into`]: the query panel, one selector per corpus shard and
+/// the merge buffer. Once a search of the same shape has grown it, a search allocates nothing.
+#[derive(Debug, Default)]
+pub struct OneQueryScratch {
+    panel: Vec<f32>,
+    shards: Vec<ShardScratch>,
+    all: Vec<u64>,
+}
+
+#[derive(Debug)]
+struct ShardScratch {
+    top: TopK,
+    /// f16/bf16 rows widened for the tile kernel.
+    rows: Vec<f32>,
+}
+
+/// [`search_one`] into `out` (cleared first), with reused working memory: the serving path.
+pub fn search_one_into(
+    corpus: &Corpus,
+    query: &[f32],
+    k: usize,
+    scratch: &mut OneQueryScratch,
+    out: &mut Vec<Hit>,
+) -> Result<()> {
+    search_one_into_with(Isa::detect(), corpus, query, k, scratch, out)
+}
+
+fn search_one_into_with(
+    isa: Isa,
+    corpus: &Corpus,
+    query: &[f32],
+    k: usize,
+    scratch: &mut OneQueryScratch,
+    out: &mut Vec<Hit>,
+) -> Result<()> {
+    out.clear();
     check_common(corpus, query, k)?;
     if query.len() != corpus.dim {
         return Err(Error::InvalidArgument(format!(
@@ -438,18 +513,44 @@ pub(crate) fn search_one_with(
     }
     let n = corpus.len();
     if n == 0 {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let k = k.min(n);
-    let panel = Panels::pack(query, corpus.dim, ONE_LANES);
+    let d = corpus.dim;
+    // The 8-lane panel of the tile kernel (query in lane 0), for the rows the rows-as-lanes
+    // kernel does not take.
+    scratch.panel.clear();
+    scratch.panel.resize(d * ONE_LANES, 0.0);
+    for (kk, &x) in query.iter().enumerate() {
+        scratch.panel[kk * ONE_LANES] = x;
+    }
     let threads = rayon::current_num_threads().max(1);
-    let shards = split(n, (n / MIN_SHARD_ROWS).clamp(1, threads));
-    let parts: Vec<Vec<u64>> = shards
-        .into_par_iter()
-        .map(|rows| scan_one(isa, corpus, rows, query, panel.panel(0), k))
-        .collect();
-    let parts: Vec<&[u64]> = parts.iter().map(|p| &p[..]).collect();
-    Ok(merge(&parts, k))
+    let parts = (n / MIN_SHARD_ROWS).clamp(1, threads);
+    if scratch.shards.len() < parts {
+        scratch.shards.resize_with(parts, || ShardScratch {
+            top: TopK::new(k),
+            rows: Vec::new(),
+        });
+    }
+    let panel = &scratch.panel;
+    let shard = |(i, sh): (usize, &mut ShardScratch)| {
+        sh.top.reset(k);
+        let rows = (i * n / parts)..((i + 1) * n / parts);
+        scan_one(isa, corpus, rows, query, panel, sh);
+    };
+    if parts == 1 {
+        shard((0, &mut scratch.shards[0])); // no trip through the thread pool
+    } else {
+        scratch.shards[..parts]
+            .par_iter_mut()
+            .enumerate()
+            .for_each(shard);
+    }
+    let parts = scratch.shards[..parts]
+        .iter_mut()
+        .map(|sh| sh.top.finish() as &[u64]);
+    merge_into(parts, k, &mut scratch.all, out);
+    Ok(())
 }
 
 /// One shard of the single-query path: groups of 8 rows through the rows-as-lanes kernel
@@ -461,10 +562,10 @@ fn scan_one(
     rows: Range<usize>,
     query: &[f32],
     panel: &[f32],
-    k: usize,
-) -> Vec<u64> {
+    sh: &mut ShardScratch,
+) {
     let d = corpus.dim;
-    let mut top = TopK::new(k);
+    let top = &mut sh.top;
     let mut thr = [f32::INFINITY; ONE_LANES];
     thr[0] = top.threshold();
     let mut out = [0f32; ONE_ROWS * ONE_LANES];
@@ -500,11 +601,10 @@ fn scan_one(
         Vectors::F32(_) => rows.len(),
         _ => ONE_CHUNK_ROWS,
     };
-    let mut scratch = Vec::new();
     let mut start = rows.start;
     while start < rows.end {
         let end = (start + chunk).min(rows.end);
-        let data = rows_f32(&corpus.vectors, d, start..end, &mut scratch);
+        let data = rows_f32(&corpus.vectors, d, start..end, &mut sh.rows);
         let mut r = 0;
         while r < end - start {
             let nr = ONE_ROWS.min(end - start - r);
@@ -527,7 +627,6 @@ fn scan_one(
         }
         start = end;
     }
-    top.into_sorted()
 }
 
 #[cfg(test)]
