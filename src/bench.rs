@@ -293,7 +293,7 @@ pub fn query_path(
     dtype: crate::index::Dtype,
 ) -> Result<QueryLatency> {
     use crate::adapter::rerank::rerank_list;
-    use crate::adapter::scoring::{query_logits, FusedWeights};
+    use crate::adapter::scoring::{query_logits, AdapterScratch, FusedWeights};
     use crate::index::{Dtype, Vectors};
     if queries.is_empty() {
         return Err(crate::Error::InvalidArgument(
@@ -323,6 +323,7 @@ pub fn query_path(
     let fused = FusedWeights::of(&params);
     let mut docs = vec![0.0f32; QUERY_RERANK_K * dim];
     let mut logits = vec![0.0f32; QUERY_RERANK_K];
+    let mut adapter_scratch = AdapterScratch::default();
     let mut one = |q: &str| -> Result<[f64; 3]> {
         let t0 = Instant::now();
         let emb = enc.encode(&[q], 1)?;
@@ -333,7 +334,14 @@ pub fn query_path(
         for (h, v) in hits.iter().zip(docs.chunks_exact_mut(dim)) {
             corpus.vectors.to_f32(h.index * dim, v);
         }
-        query_logits(&params, &fused, &emb, &docs[..n * dim], &mut logits[..n])?;
+        query_logits(
+            &params,
+            &fused,
+            &emb,
+            &docs[..n * dim],
+            &mut logits[..n],
+            &mut adapter_scratch,
+        )?;
         let scores: Vec<f32> = hits.iter().map(|h| h.score).collect();
         let reranked = rerank_list(&scores, &logits[..n], 0.05, 1.0);
         let t3 = Instant::now();

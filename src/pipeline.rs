@@ -2,7 +2,7 @@
 //! embedding store, and search a store with encoded queries into a TREC run.
 
 use crate::adapter::rerank::rerank_list;
-use crate::adapter::scoring::{query_logits, FusedWeights};
+use crate::adapter::scoring::{query_logits, AdapterScratch, FusedWeights};
 use crate::data::{Document, Query, Run};
 use crate::error::{Error, Result};
 use crate::index::store::{Store, StoreSpec, StoreWriter};
@@ -312,13 +312,13 @@ pub fn rerank_rows(
     lists
         .par_iter()
         .zip(q_emb.par_chunks_exact(dim))
-        .map(|(l, q)| {
+        .map_init(AdapterScratch::default, |scratch, (l, q)| {
             let mut docs = vec![0.0f32; l.len() * dim];
             for (&(r, _), v) in l.iter().zip(docs.chunks_exact_mut(dim)) {
                 store.row_f32(r, v)?;
             }
             let mut logits = vec![0.0f32; l.len()];
-            query_logits(&adapter.params, fused, q, &docs, &mut logits)?;
+            query_logits(&adapter.params, fused, q, &docs, &mut logits, scratch)?;
             let scores: Vec<f32> = l.iter().map(|x| x.1).collect();
             Ok(
                 rerank_list(&scores, &logits, adapter.tau, adapter.lambda_rr)

@@ -17,15 +17,16 @@
 //! ```
 
 use crate::adapter::file::AdapterFile;
-use crate::adapter::rerank::rerank_list;
-use crate::adapter::scoring::FusedWeights;
+use crate::adapter::rerank::{rerank_list, rerank_list_into};
+use crate::adapter::scoring::{query_logits, AdapterScratch, FusedWeights};
 use crate::adapter::sigmoid;
 use crate::device::retriever::{GpuEngineOptions, GpuQueryEngine};
 use crate::error::{Error, Result};
-use crate::index::{topk, Store};
-use crate::model::Encoder;
+use crate::index::{topk, OneQueryScratch, Store};
+use crate::model::{EncodeScratch, Encoder};
 use crate::pipeline::{check_store_matches, rerank_rows, store_encoder_options};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// How a [`Retriever`] is opened.
 #[derive(Debug, Clone)]
@@ -68,6 +69,51 @@ pub struct Hit {
     pub rank_score: f64,
 }
 
+/// One retrieved document with its id borrowed from the retriever's store: what
+/// [`Retriever::retrieve_into`] fills without allocating.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HitRef<'r> {
+    /// The document's id in the store.
+    pub id: &'r str,
+    /// Its row in the store.
+    pub row: usize,
+    /// The retriever's similarity of query and document.
+    pub score: f32,
+    /// The adapter's relevance probability p, when the list was reranked.
+    pub adapter_p: Option<f32>,
+    /// What the list is ordered by: `score`, or with the rerank `log(s_base · p^lambda)`.
+    pub rank_score: f64,
+}
+
+impl HitRef<'_> {
+    /// The owned [`Hit`].
+    pub fn to_hit(&self) -> Hit {
+        Hit {
+            id: self.id.to_string(),
+            row: self.row,
+            score: self.score,
+            adapter_p: self.adapter_p,
+            rank_score: self.rank_score,
+        }
+    }
+}
+
+/// Working memory of one query on the CPU path. The retriever keeps a pool of them (one per
+/// thread that has been inside a query at the same time), so a query in the steady state
+/// allocates nothing.
+#[derive(Debug, Default)]
+struct QueryScratch {
+    encode: EncodeScratch,
+    emb: Vec<f32>,
+    search: OneQueryScratch,
+    hits: Vec<topk::Hit>,
+    docs: Vec<f32>,
+    scores: Vec<f32>,
+    logits: Vec<f32>,
+    adapter: AdapterScratch,
+    ranked: Vec<(usize, f64)>,
+}
+
 /// A model, its store and an optional adapter, ready to answer queries.
 pub struct Retriever {
     encoder: Encoder,
@@ -77,6 +123,7 @@ pub struct Retriever {
     /// The device copy of all of the above, when serving from a GPU.
     gpu: Option<GpuQueryEngine>,
     opts: RetrieverOptions,
+    scratch: Mutex<Vec<Box<QueryScratch>>>,
 }
 
 impl std::fmt::Debug for Retriever {
@@ -152,6 +199,7 @@ impl Retriever {
             adapter,
             gpu,
             opts: opts.clone(),
+            scratch: Mutex::new(Vec::new()),
         })
     }
 
@@ -207,8 +255,144 @@ impl Retriever {
     /// without an adapter). `k = 0` gives an empty list; `k` beyond the store gives every
     /// document.
     pub fn retrieve(&self, query: &str, k: usize, rerank: bool) -> Result<Vec<Hit>> {
-        let mut out = self.retrieve_batch(&[query], k, rerank)?;
-        Ok(out.pop().unwrap_or_default())
+        let mut out = Vec::new();
+        self.retrieve_into(query, k, rerank, &mut out)?;
+        Ok(out.iter().map(HitRef::to_hit).collect())
+    }
+
+    /// [`Retriever::retrieve`] into `out` (cleared first), with ids borrowed from the store:
+    /// the path for latency budgets. On the CPU, once the retriever has served a few queries
+    /// (its pooled working memory grown to their lengths) and `out` has room for `k` hits, the
+    /// engine allocates nothing per query (queries under 256 tokens, WordPiece tokenizer).
+    /// Called from a thread outside rayon's pool, the pool's shared job queue still allocates
+    /// a block per 63 parallel steps handed to it (one per 10–25 queries); from a pool thread,
+    /// nothing. See `tests/retriever_alloc.rs`. The GPU path allocates per query.
+    ///
+    /// ```no_run
+    /// # use rrra::retriever::{Retriever, RetrieverOptions};
+    /// # let r = Retriever::open("m".as_ref(), "s.store".as_ref(), &RetrieverOptions::default())?;
+    /// let mut hits = Vec::with_capacity(10);
+    /// for q in ["lift on a wing", "boundary layer transition"] {
+    ///     r.retrieve_into(q, 10, false, &mut hits)?;
+    ///     println!("{q}: {}", hits.first().map_or("-", |h| h.id));
+    /// }
+    /// # Ok::<(), rrra::Error>(())
+    /// ```
+    pub fn retrieve_into<'r>(
+        &'r self,
+        query: &str,
+        k: usize,
+        rerank: bool,
+        out: &mut Vec<HitRef<'r>>,
+    ) -> Result<()> {
+        out.clear();
+        if rerank && self.adapter.is_none() {
+            return Err(Error::InvalidArgument(
+                "rerank asked of a retriever opened without an adapter".into(),
+            ));
+        }
+        let k = k.min(self.store.len());
+        if k == 0 {
+            return Ok(());
+        }
+        if self.gpu.is_some() {
+            let mut lists = self.retrieve_batch(&[query], k, rerank)?;
+            let hits = lists.pop().unwrap_or_default();
+            out.extend(hits.iter().map(|h| HitRef {
+                id: self.store.id(h.row),
+                row: h.row,
+                score: h.score,
+                adapter_p: h.adapter_p,
+                rank_score: h.rank_score,
+            }));
+            return Ok(());
+        }
+        let depth = if rerank {
+            self.opts.rerank_depth.max(k).min(self.store.len())
+        } else {
+            k
+        };
+        // The query runs on the calling thread, its parallel steps on the pool. (Running the
+        // whole query as a pool job would keep rayon's shared queue out of it, but a pool
+        // thread waiting inside one query then picks up another whole query: under 8 clients
+        // that tripled the p99.)
+        let mut scratch = self.take_scratch();
+        let r = self.query_cpu(query, k, depth, rerank, &mut scratch, out);
+        self.put_scratch(scratch);
+        r
+    }
+
+    fn take_scratch(&self) -> Box<QueryScratch> {
+        let pooled = match self.scratch.lock() {
+            Ok(mut pool) => pool.pop(),
+            Err(poisoned) => poisoned.into_inner().pop(),
+        };
+        pooled.unwrap_or_default()
+    }
+
+    fn put_scratch(&self, s: Box<QueryScratch>) {
+        match self.scratch.lock() {
+            Ok(mut pool) => pool.push(s),
+            Err(poisoned) => poisoned.into_inner().push(s),
+        }
+    }
+
+    /// One query on the CPU: encode, search `depth`, rerank when asked, keep `k`.
+    fn query_cpu<'r>(
+        &'r self,
+        query: &str,
+        k: usize,
+        depth: usize,
+        rerank: bool,
+        s: &mut QueryScratch,
+        out: &mut Vec<HitRef<'r>>,
+    ) -> Result<()> {
+        let dim = self.dim();
+        s.emb.resize(dim, 0.0);
+        self.encoder
+            .encode_one_into(query, &mut s.encode, &mut s.emb)?;
+        // One query streams the store once through the single-query kernel.
+        topk::search_one_into(
+            &self.store.corpus(),
+            &s.emb,
+            depth,
+            &mut s.search,
+            &mut s.hits,
+        )?;
+        let hit = |h: &topk::Hit, adapter_p: Option<f32>, rank_score: f64| HitRef {
+            id: self.store.id(h.index),
+            row: h.index,
+            score: h.score,
+            adapter_p,
+            rank_score,
+        };
+        match (&self.adapter, rerank) {
+            (Some((a, fused)), true) => {
+                let n = s.hits.len();
+                s.docs.resize(n * dim, 0.0);
+                for (h, v) in s.hits.iter().zip(s.docs.chunks_exact_mut(dim)) {
+                    self.store.row_f32(h.index, v)?;
+                }
+                s.logits.resize(n, 0.0);
+                query_logits(
+                    &a.params,
+                    fused,
+                    &s.emb,
+                    &s.docs[..n * dim],
+                    &mut s.logits[..n],
+                    &mut s.adapter,
+                )?;
+                s.scores.clear();
+                s.scores.extend(s.hits.iter().map(|h| h.score));
+                rerank_list_into(&s.scores, &s.logits[..n], a.tau, a.lambda_rr, &mut s.ranked);
+                out.extend(s.ranked.iter().take(k).map(|&(i, rank_score)| {
+                    let p = sigmoid(s.logits[i] as f64) as f32;
+                    hit(&s.hits[i], Some(p), rank_score)
+                }));
+            }
+            _ => out.extend(s.hits.iter().map(|h| hit(h, None, h.score as f64))),
+        }
+        Ok(())
     }
 
     /// [`Retriever::retrieve`] for many queries, encoded in batches; lists in query order.

@@ -19,24 +19,36 @@ pub fn log_sigmoid(x: f64) -> f64 {
 /// One query's reranked list: (position in the input list, log score), best first.
 /// `scores` are the raw retriever similarities in retriever order, `logits` the adapter's.
 pub fn rerank_list(scores: &[f32], logits: &[f32], tau: f32, lambda: f64) -> Vec<(usize, f64)> {
-    let s: Vec<f64> = scores.iter().map(|&v| v as f64 / tau as f64).collect();
-    let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let lse = max + s.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
-    let mut out: Vec<(usize, f64)> = s
-        .iter()
-        .zip(logits)
-        .enumerate()
-        .map(|(i, (&v, &l))| {
-            let adapter = if lambda == 0.0 {
-                0.0
-            } else {
-                lambda * log_sigmoid(l as f64)
-            };
-            (i, v - lse + adapter)
-        })
-        .collect();
-    out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut out = Vec::with_capacity(scores.len());
+    rerank_list_into(scores, logits, tau, lambda, &mut out);
     out
+}
+
+/// [`rerank_list`] into `out` (cleared first): allocates only while `out` grows.
+pub fn rerank_list_into(
+    scores: &[f32],
+    logits: &[f32],
+    tau: f32,
+    lambda: f64,
+    out: &mut Vec<(usize, f64)>,
+) {
+    let s = |v: f32| v as f64 / tau as f64;
+    let max = scores
+        .iter()
+        .map(|&v| s(v))
+        .fold(f64::NEG_INFINITY, f64::max);
+    let lse = max + scores.iter().map(|&v| (s(v) - max).exp()).sum::<f64>().ln();
+    out.clear();
+    out.extend(scores.iter().zip(logits).enumerate().map(|(i, (&v, &l))| {
+        let adapter = if lambda == 0.0 {
+            0.0
+        } else {
+            lambda * log_sigmoid(l as f64)
+        };
+        (i, s(v) - lse + adapter)
+    }));
+    // A total order (ties by position), so the unstable sort (no buffer) is deterministic.
+    out.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
 }
 
 /// Top-k lists of several queries with their adapter logits, ready to rerank with any lambda.

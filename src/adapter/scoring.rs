@@ -319,7 +319,7 @@ pub fn score(
 
 /// The logits of one query's `k` candidates (`candidates`: `[k × d]`) into `out` (length k),
 /// with the weights prepared once ([`FusedWeights::of`]): the serving path. Nothing is kept for
-/// a backward pass, and the working buffers are reused across calls on the same thread.
+/// a backward pass, and the working buffers (`scratch`) are reused across calls.
 ///
 /// Unlike [`score`], which applies `[W1c − W1a | W1b]` to every pair's `[c ; q ⊙ c]` (2·h·d per
 /// pair), this forms `M_q = (W1c − W1a) + W1b·diag(q)` once per query (h·d) and applies it to
@@ -332,6 +332,7 @@ pub fn query_logits(
     query: &[f32],
     candidates: &[f32],
     out: &mut [f32],
+    scratch: &mut AdapterScratch,
 ) -> Result<()> {
     let k = out.len();
     if k == 0 && candidates.is_empty() && query.len() == params.d {
@@ -341,11 +342,8 @@ pub fn query_logits(
     check_contexts(params, None, k)?;
     fused.check(params)?;
     let (d, h) = (params.d, params.h);
-    thread_local! {
-        static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<[f32; 5]>)> =
-            const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
-    }
-    SCRATCH.with_borrow_mut(|(buf, stats)| {
+    {
+        let AdapterScratch { buf, stats } = scratch;
         buf.resize(h + h * d + 2 * k * h + k * d, 0.0);
         stats.resize(k, [0.0; 5]);
         let (u, rest) = buf.split_at_mut(h);
@@ -380,8 +378,17 @@ pub fn query_logits(
         for (o, st) in out.iter_mut().zip(stats.iter()) {
             *o = st[1];
         }
-    });
+    }
     Ok(())
+}
+
+/// Reusable working memory of [`query_logits`]. The caller owns it (not a thread-local): a
+/// pool thread waiting inside the candidates' fork-join may pick up another query's scoring,
+/// which must not find this one's buffers borrowed.
+#[derive(Debug, Default)]
+pub struct AdapterScratch {
+    buf: Vec<f32>,
+    stats: Vec<[f32; 5]>,
 }
 
 /// Fewest candidates per task in [`query_logits`]: below this the fork-join costs more than
@@ -946,11 +953,12 @@ mod tests {
         let fused = FusedWeights::of(&params);
         let mut rng = Rng::new(6);
         let w = flat(&params);
+        let mut scratch = AdapterScratch::default();
         for k in [17, 3, 1, 17] {
             let q = random(&mut rng, d, 0.3);
             let c = random(&mut rng, k * d, 0.3);
             let mut got = vec![0.0f32; k];
-            query_logits(&params, &fused, &q, &c, &mut got).unwrap();
+            query_logits(&params, &fused, &q, &c, &mut got, &mut scratch).unwrap();
             let want = naive(&w, d, h, &to64(&q), &to64(&c), k);
             assert!(max_err(&got, &want.logit) <= 1e-4, "k {k}");
             let out = score(&params, &q, &c, k).unwrap();
@@ -959,9 +967,9 @@ mod tests {
         }
         let other = FusedWeights::of(&trained_like(d, h + 1, 5));
         let (q, c) = (vec![0.1; d], vec![0.2; 2 * d]);
-        assert!(query_logits(&params, &other, &q, &c, &mut [0.0; 2]).is_err());
-        assert!(query_logits(&params, &fused, &q, &c, &mut [0.0; 3]).is_err());
-        assert!(query_logits(&params, &fused, &q, &[], &mut []).is_ok());
+        assert!(query_logits(&params, &other, &q, &c, &mut [0.0; 2], &mut scratch).is_err());
+        assert!(query_logits(&params, &fused, &q, &c, &mut [0.0; 3], &mut scratch).is_err());
+        assert!(query_logits(&params, &fused, &q, &[], &mut [], &mut scratch).is_ok());
     }
 
     #[test]

@@ -20,10 +20,14 @@ dispatch_avx2! {
         let dh = h / heads;
         let scale = 1.0 / (dh as f32).sqrt();
         let lp = len.div_ceil(KB) * KB; // keys padded to whole blocks (zeros, scored then dropped)
-        let mut kt = vec![0.0f32; dh * lp];
-        let mut v = vec![0.0f32; len * dh];
-        let mut scores = vec![0.0f32; lp];
-        let mut q = vec![0.0f32; dh];
+        // Per-thread working memory, reused: a query's encode allocates nothing here. Nothing
+        // below enters the thread pool, so the borrow can never be met again on this thread.
+        SCRATCH.with_borrow_mut(|buf| {
+        buf.clear();
+        buf.resize(dh * lp + len * dh + lp + dh, 0.0);
+        let (kt, rest) = buf.split_at_mut(dh * lp);
+        let (v, rest) = rest.split_at_mut(len * dh);
+        let (scores, q) = rest.split_at_mut(lp);
         for hd in 0..heads {
             for j in 0..len {
                 let row = &qkv[j * 3 * h..(j + 1) * 3 * h];
@@ -37,19 +41,24 @@ dispatch_avx2! {
                 for (qd, x) in q.iter_mut().zip(&qkv[i * 3 * h + hd * dh..i * 3 * h + (hd + 1) * dh]) {
                     *qd = x * scale;
                 }
-                qk_scores(&q, &kt, lp, &mut scores);
+                qk_scores(q, kt, lp, scores);
                 let p = &mut scores[..len];
                 softmax_row(p);
                 let o = &mut out[i * h + hd * dh..i * h + (hd + 1) * dh];
                 match dh {
-                    32 => weighted_sum::<4>(p, &v, o),
-                    64 => weighted_sum::<8>(p, &v, o),
-                    128 => weighted_sum::<16>(p, &v, o),
-                    _ => weighted_sum_any(p, &v, o),
+                    32 => weighted_sum::<4>(p, v, o),
+                    64 => weighted_sum::<8>(p, v, o),
+                    128 => weighted_sum::<16>(p, v, o),
+                    _ => weighted_sum_any(p, v, o),
                 }
             }
         }
+        });
     }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `scores[j] = q · k_j` for all padded keys, from `kt` = Kᵀ (`[dh × lp]`), one block of `KB`

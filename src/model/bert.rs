@@ -28,6 +28,13 @@ impl PackedBatch {
             ..Default::default()
         }
     }
+    /// Empties the batch, keeping its memory.
+    pub fn clear(&mut self) {
+        self.ids.clear();
+        self.type_ids.clear();
+        self.offsets.clear();
+        self.offsets.push(0);
+    }
     pub fn push(&mut self, ids: &[u32], type_ids: &[u32]) {
         self.ids.extend_from_slice(ids);
         self.type_ids.extend_from_slice(type_ids);
@@ -44,6 +51,16 @@ impl PackedBatch {
     }
 }
 
+/// Reusable activations of [`Bert::forward_into`].
+#[derive(Debug, Default)]
+pub struct Workspace {
+    x: Vec<f32>,
+    qkv: Vec<f32>,
+    ctx: Vec<f32>,
+    x1: Vec<f32>,
+    mid: Vec<f32>,
+}
+
 pub struct Bert {
     pub cfg: BertConfig,
     pub weights: BertWeights,
@@ -52,37 +69,60 @@ pub struct Bert {
 impl Bert {
     /// Last hidden states `[tokens × hidden]` for a packed batch.
     pub fn forward(&self, batch: &PackedBatch) -> Result<Vec<f32>> {
+        let mut ws = Workspace::default();
+        self.forward_into(batch, &mut ws)?;
+        Ok(std::mem::take(&mut ws.x))
+    }
+
+    /// [`Bert::forward`] in reused activation buffers: allocates only while they grow. The
+    /// result is a view of the workspace.
+    pub fn forward_into<'w>(
+        &self,
+        batch: &PackedBatch,
+        ws: &'w mut Workspace,
+    ) -> Result<&'w [f32]> {
         let cfg = &self.cfg;
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let t = batch.tokens();
         self.check(batch)?;
         let eps = cfg.layer_norm_eps as f32;
-
-        let mut x = self.embed(batch);
+        let Workspace {
+            x,
+            qkv,
+            ctx,
+            x1,
+            mid,
+        } = ws;
+        // Every buffer is overwritten whole before it is read.
+        for (buf, len) in [
+            (&mut *x, t * h),
+            (&mut *qkv, t * 3 * h),
+            (&mut *ctx, t * h),
+            (&mut *x1, t * h),
+            (&mut *mid, t * inter),
+        ] {
+            buf.resize(len, 0.0);
+        }
+        self.embed_into(batch, x);
         math::add_layernorm(
-            &mut x,
+            x,
             None,
             h,
             &self.weights.emb_ln_g,
             &self.weights.emb_ln_b,
             eps,
         );
-
-        let mut qkv = vec![0.0f32; t * 3 * h];
-        let mut ctx = vec![0.0f32; t * h];
-        let mut x1 = vec![0.0f32; t * h];
-        let mut mid = vec![0.0f32; t * inter];
         for lw in &self.weights.layers {
-            gemm::linear(&x, t, h, &lw.qkv_w, &lw.qkv_b, 3 * h, &mut qkv);
-            self.attention(batch, &qkv, &mut ctx);
-            gemm::linear(&ctx, t, h, &lw.attn_out_w, &lw.attn_out_b, h, &mut x1);
-            math::add_layernorm(&mut x1, Some(&x), h, &lw.attn_ln_g, &lw.attn_ln_b, eps);
-            gemm::linear(&x1, t, h, &lw.inter_w, &lw.inter_b, inter, &mut mid);
-            math::gelu_inplace(&mut mid);
-            gemm::linear(&mid, t, inter, &lw.out_w, &lw.out_b, h, &mut x);
-            math::add_layernorm(&mut x, Some(&x1), h, &lw.out_ln_g, &lw.out_ln_b, eps);
+            gemm::linear(x, t, h, &lw.qkv_w, &lw.qkv_b, 3 * h, qkv);
+            self.attention(batch, qkv, ctx);
+            gemm::linear(ctx, t, h, &lw.attn_out_w, &lw.attn_out_b, h, x1);
+            math::add_layernorm(x1, Some(x), h, &lw.attn_ln_g, &lw.attn_ln_b, eps);
+            gemm::linear(x1, t, h, &lw.inter_w, &lw.inter_b, inter, mid);
+            math::gelu_inplace(mid);
+            gemm::linear(mid, t, inter, &lw.out_w, &lw.out_b, h, x);
+            math::add_layernorm(x, Some(x1), h, &lw.out_ln_g, &lw.out_ln_b, eps);
         }
-        Ok(x)
+        Ok(&ws.x)
     }
 
     pub(crate) fn check(&self, batch: &PackedBatch) -> Result<()> {
@@ -126,9 +166,15 @@ impl Bert {
 
     /// word + position + token-type embeddings (before the embedding LayerNorm).
     pub(crate) fn embed(&self, batch: &PackedBatch) -> Vec<f32> {
+        let mut x = vec![0.0f32; batch.tokens() * self.cfg.hidden_size];
+        self.embed_into(batch, &mut x);
+        x
+    }
+
+    /// [`Bert::embed`] into `x` (`[tokens × hidden]`, every value overwritten).
+    fn embed_into(&self, batch: &PackedBatch, x: &mut [f32]) {
         let h = self.cfg.hidden_size;
         let w = &self.weights;
-        let mut x = vec![0.0f32; batch.tokens() * h];
         for s in 0..batch.sequences() {
             let (start, end) = (batch.offsets[s], batch.offsets[s + 1]);
             for (pos, tok) in (start..end).enumerate() {
@@ -145,13 +191,17 @@ impl Bert {
                 }
             }
         }
-        x
     }
 
     /// Attention of every sequence (in parallel) from the fused `[tokens × 3h]` projection.
     fn attention(&self, batch: &PackedBatch, qkv: &[f32], ctx: &mut [f32]) {
         let h = self.cfg.hidden_size;
         let heads = self.cfg.num_attention_heads;
+        if batch.sequences() == 1 {
+            // One sequence (a query): no task list, no trip through the thread pool.
+            attention::attention_sequence(qkv, batch.tokens(), h, heads, ctx);
+            return;
+        }
 
         // Split ctx into one disjoint slice per sequence so sequences run in parallel.
         let mut per_seq: Vec<(usize, &mut [f32])> = Vec::with_capacity(batch.sequences());

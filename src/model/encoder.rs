@@ -2,11 +2,12 @@
 //! `Encoder::load` accepts any Hugging Face BERT-family folder (config.json, model.safetensors,
 //! tokenizer.json, and the sentence-transformers files when present).
 
-use super::bert::{Bert, PackedBatch};
+use super::bert::{Bert, PackedBatch, Workspace};
 use super::config::BertConfig;
 use super::pooling::{Pooling, SentenceTransformersConfig};
 use super::tokenizer::{TextTokenizer, Tokens};
 use super::weights::BertWeights;
+use super::wordpiece::Scratch;
 use crate::cpu::math;
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -24,6 +25,16 @@ pub struct EncoderOptions {
 }
 
 pub const DEFAULT_MAX_LENGTH: usize = 256;
+
+/// Reusable working memory of [`Encoder::encode_one_into`].
+#[derive(Debug, Default)]
+pub struct EncodeScratch {
+    tokens: Scratch,
+    ids: Vec<u32>,
+    type_ids: Vec<u32>,
+    batch: PackedBatch,
+    activations: Workspace,
+}
 
 pub struct Encoder {
     bert: Bert,
@@ -178,6 +189,40 @@ impl Encoder {
             progress(group.len());
         }
         Ok(out)
+    }
+
+    /// One text's embedding into `out` (`dim` values) with reused working memory: the serving
+    /// path. With a WordPiece tokenizer and a text under 256 tokens nothing is allocated once
+    /// `scratch` has grown; the values are those of [`Encoder::encode`] on the text alone.
+    pub fn encode_one_into(
+        &self,
+        text: &str,
+        scratch: &mut EncodeScratch,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let dim = self.dim();
+        if out.len() != dim {
+            return Err(Error::InvalidArgument(format!(
+                "an output of {} values for embeddings of dimension {dim}",
+                out.len()
+            )));
+        }
+        let EncodeScratch {
+            tokens,
+            ids,
+            type_ids,
+            batch,
+            activations,
+        } = scratch;
+        self.tokenizer.encode_into(text, tokens, ids, type_ids)?;
+        batch.clear();
+        batch.push(ids, type_ids);
+        let hidden = self.bert.forward_into(batch, activations)?;
+        self.pooling.pool(hidden, ids.len(), dim, out);
+        if self.normalize {
+            math::l2_normalize(out);
+        }
+        Ok(())
     }
 
     /// Pooled (and normalised when configured) embeddings `[sequences × dim]` of a packed batch.

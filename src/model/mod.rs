@@ -11,5 +11,5 @@ pub mod weights;
 pub mod wordpiece;
 
 pub use config::BertConfig;
-pub use encoder::{Encoder, EncoderOptions};
+pub use encoder::{EncodeScratch, Encoder, EncoderOptions};
 pub use pooling::Pooling;

@@ -90,7 +90,9 @@ impl WordPiece {
     /// Reads `path` (a `tokenizer.json`); `Ok(None)` when it is not a BERT WordPiece pipeline
     /// this module reproduces exactly.
     pub fn from_file(path: &Path, max_length: usize) -> Result<Option<WordPiece>> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        // As the tokenizers crate reports it: the model folder is malformed.
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::format(path, format!("cannot load tokenizer: {e}")))?;
         let json: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::format(path, format!("line {}: {e}", e.line())))?;
         Ok(Self::from_json(&json, max_length))
