@@ -323,12 +323,16 @@ pub fn query_path(
     let fused = FusedWeights::of(&params);
     let mut docs = vec![0.0f32; QUERY_RERANK_K * dim];
     let mut logits = vec![0.0f32; QUERY_RERANK_K];
+    // The serving path's functions with their reused working memory (as `Retriever` runs them).
     let mut adapter_scratch = AdapterScratch::default();
+    let mut encode_scratch = crate::model::EncodeScratch::default();
+    let mut search_scratch = topk::OneQueryScratch::default();
+    let (mut emb, mut hits) = (vec![0.0f32; dim], Vec::new());
     let mut one = |q: &str| -> Result<[f64; 3]> {
         let t0 = Instant::now();
-        let emb = enc.encode(&[q], 1)?;
+        enc.encode_one_into(q, &mut encode_scratch, &mut emb)?;
         let t1 = Instant::now();
-        let hits = topk::search_one(&corpus, &emb, QUERY_RERANK_K)?;
+        topk::search_one_into(&corpus, &emb, QUERY_RERANK_K, &mut search_scratch, &mut hits)?;
         let t2 = Instant::now();
         let n = hits.len();
         for (h, v) in hits.iter().zip(docs.chunks_exact_mut(dim)) {
