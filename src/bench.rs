@@ -332,7 +332,13 @@ pub fn query_path(
         let t0 = Instant::now();
         enc.encode_one_into(q, &mut encode_scratch, &mut emb)?;
         let t1 = Instant::now();
-        topk::search_one_into(&corpus, &emb, QUERY_RERANK_K, &mut search_scratch, &mut hits)?;
+        topk::search_one_into(
+            &corpus,
+            &emb,
+            QUERY_RERANK_K,
+            &mut search_scratch,
+            &mut hits,
+        )?;
         let t2 = Instant::now();
         let n = hits.len();
         for (h, v) in hits.iter().zip(docs.chunks_exact_mut(dim)) {

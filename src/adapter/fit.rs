@@ -85,7 +85,7 @@ impl AdapterTrainConfig {
 }
 
 /// One epoch's mean losses.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EpochRecord {
     pub epoch: usize,
     pub loss: f64,

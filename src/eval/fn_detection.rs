@@ -12,7 +12,7 @@ pub struct QueryScores {
 }
 
 /// Detection quality of one scorer.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Detection {
     /// Mean over queries of the per-query ROC-AUC.
     pub auc_per_query: f64,

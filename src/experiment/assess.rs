@@ -62,7 +62,7 @@ impl Default for AssessConfig {
 }
 
 /// The assessment of one encoder.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Assessment {
     pub test: BTreeMap<String, f64>,
     pub test_reranked: BTreeMap<String, f64>,

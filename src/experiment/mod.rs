@@ -162,7 +162,7 @@ impl ExperimentConfig {
 }
 
 /// One (method, seed) result.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Trial {
     pub method: Method,
     pub seed: u64,
@@ -277,6 +277,79 @@ pub fn run(cfg: &ExperimentConfig, say: &mut dyn FnMut(String)) -> Result<Vec<Tr
     Ok(trials)
 }
 
+/// What `results.json` holds.
+#[derive(serde::Deserialize)]
+struct SavedRun {
+    config: ExperimentConfig,
+    data: serde_json::Value,
+    wall_s: f64,
+    trials: Vec<Trial>,
+}
+
+/// Merges runs of one experiment made separately (other seeds or methods, same data, encoder
+/// and knobs) into one report in `out`: `results.json`, `results.md` and the loss plot, with
+/// mean ± std over every seed. A (method, seed) present in several runs is taken from the
+/// first; runs whose knobs differ are refused. Returns the merged trials.
+pub fn merge(runs: &[PathBuf], out: &Path, say: &mut dyn FnMut(String)) -> Result<Vec<Trial>> {
+    let mut merged: Option<(ExperimentConfig, serde_json::Value)> = None;
+    let (mut trials, mut wall_s): (Vec<Trial>, f64) = (Vec::new(), 0.0);
+    for dir in runs {
+        let path = dir.join("results.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let run: SavedRun = serde_json::from_str(&text)
+            .map_err(|e| Error::format(&path, format!("line {}: {e}", e.line())))?;
+        // The knobs that must agree: everything but the seeds, the methods and the folder.
+        let knobs = |c: &ExperimentConfig| ExperimentConfig {
+            seeds: Vec::new(),
+            methods: Vec::new(),
+            out: PathBuf::new(),
+            ..c.clone()
+        };
+        match &mut merged {
+            None => merged = Some((run.config.clone(), run.data.clone())),
+            Some((cfg, data)) => {
+                if knobs(cfg) != knobs(&run.config) || *data != run.data {
+                    return Err(Error::mismatch(
+                        &path,
+                        "this run's data, encoder or knobs differ from the first run's",
+                    ));
+                }
+                cfg.seeds.extend(&run.config.seeds);
+                cfg.methods.extend(&run.config.methods);
+            }
+        }
+        wall_s += run.wall_s;
+        for t in run.trials {
+            if trials
+                .iter()
+                .any(|u| u.method == t.method && u.seed == t.seed)
+            {
+                say(format!(
+                    "{} seed {} is also in an earlier run; {} not taken",
+                    t.method.name(),
+                    t.seed,
+                    path.display()
+                ));
+            } else {
+                trials.push(t);
+            }
+        }
+    }
+    let (mut cfg, data) =
+        merged.ok_or_else(|| Error::InvalidArgument("no runs to merge".into()))?;
+    cfg.seeds.sort_unstable();
+    cfg.seeds.dedup();
+    cfg.methods = Method::ALL
+        .into_iter()
+        .filter(|m| cfg.methods.contains(m))
+        .collect();
+    cfg.out = out.to_path_buf();
+    trials.sort_by_key(|t| (t.seed, Method::ALL.iter().position(|&m| m == t.method)));
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    report::write(&cfg, &data, &trials, wall_s)?;
+    Ok(trials)
+}
+
 /// Fine-tunes the base model with method `m`; returns (step, loss) of every step.
 /// `first_mining` carries the base encoder's mining embeddings from one run to the next.
 #[allow(clippy::too_many_arguments)]
@@ -345,4 +418,104 @@ fn fine_tune(
         _ => {}
     })?;
     Ok(losses)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn trial(method: Method, seed: u64, ndcg: f64) -> Trial {
+        let metrics: BTreeMap<String, f64> = [("ndcg@10".to_string(), ndcg)].into();
+        let detection = [(
+            "s_fn".to_string(),
+            crate::eval::fn_detection::Detection {
+                auc_per_query: 0.9,
+                ..Default::default()
+            },
+        )]
+        .into();
+        Trial {
+            method,
+            seed,
+            assessment: Assessment {
+                test: metrics.clone(),
+                test_reranked: metrics,
+                lambda_rr: 1.0,
+                lambda_table: vec![(1.0, ndcg)],
+                detection,
+                classes: [1, 1, 1, 1],
+                calibration: Default::default(),
+                adapter_epochs: Vec::new(),
+                seconds: BTreeMap::new(),
+                s_fn_planted: Vec::new(),
+                s_fn_others: Vec::new(),
+            },
+            train_s: 0.0,
+            losses: vec![(1, 2.0), (2, 1.5)],
+        }
+    }
+
+    fn save(dir: &Path, seeds: &[u64], trials: &[Trial], lr: f32) {
+        let mut cfg = ExperimentConfig::new("data".into(), "model".into(), dir.to_path_buf());
+        cfg.seeds = seeds.to_vec();
+        cfg.methods = vec![Method::Pretrained, Method::Uniform];
+        cfg.lr = lr;
+        std::fs::create_dir_all(dir).unwrap();
+        report::write(&cfg, &serde_json::json!({"documents": 3}), trials, 10.0).unwrap();
+    }
+
+    /// Two runs of other seeds give one table over both; a (method, seed) in both is taken
+    /// once, from the first; a run with other knobs is refused.
+    #[test]
+    fn merge_pools_seeds_and_refuses_other_knobs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b, c) = (
+            tmp.path().join("a"),
+            tmp.path().join("b"),
+            tmp.path().join("c"),
+        );
+        save(
+            &a,
+            &[1],
+            &[
+                trial(Method::Pretrained, 1, 0.5),
+                trial(Method::Uniform, 1, 0.6),
+            ],
+            2e-5,
+        );
+        save(
+            &b,
+            &[1, 2],
+            &[
+                trial(Method::Pretrained, 1, 0.9),
+                trial(Method::Uniform, 2, 0.7),
+            ],
+            2e-5,
+        );
+        let out = tmp.path().join("merged");
+        let mut notes = Vec::new();
+        let trials = merge(&[a.clone(), b], &out, &mut |m| notes.push(m)).unwrap();
+        let got: Vec<(Method, u64, f64)> = trials
+            .iter()
+            .map(|t| (t.method, t.seed, t.assessment.test["ndcg@10"]))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Method::Pretrained, 1, 0.5),
+                (Method::Uniform, 1, 0.6),
+                (Method::Uniform, 2, 0.7)
+            ]
+        );
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+        assert!(md.contains("seeds 1, 2"), "{md}");
+        assert!(md.contains("0.6500 ± 0.0707"), "{md}"); // uniform over seeds 1 and 2
+        save(&c, &[3], &[trial(Method::Uniform, 3, 0.1)], 1e-4);
+        assert!(matches!(
+            merge(&[a, c], &out, &mut |_| {}),
+            Err(Error::Mismatch { .. })
+        ));
+    }
 }

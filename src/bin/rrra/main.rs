@@ -55,6 +55,9 @@ enum Command {
     /// The comparison experiment: pretrained / uniform / SimANS / TriSampler / RRRA, with and
     /// without the adapter's rerank, over seeds; markdown + JSON + plots.
     Experiment(rrra_cmds::ExperimentArgs),
+    /// Merge the results of experiment runs made separately (other seeds or methods) into one
+    /// report with mean ± std over all seeds.
+    ExperimentMerge(rrra_cmds::MergeArgs),
     /// The built-in end-to-end job: encode SciFact, search its test queries, evaluate.
     Demo(demo::DemoArgs),
 }
@@ -81,6 +84,7 @@ fn main() -> ExitCode {
         Command::Adapter(a) => rrra_cmds::adapter(a),
         Command::Rerank(a) => rrra_cmds::rerank(a),
         Command::Experiment(a) => rrra_cmds::experiment(a),
+        Command::ExperimentMerge(a) => rrra_cmds::experiment_merge(a),
         Command::Train(a) => train::run(a),
         Command::DeviceCheck(a) => device_check::run(a),
     };

@@ -292,6 +292,23 @@ impl ExperimentArgs {
     }
 }
 
+#[derive(Args)]
+pub struct MergeArgs {
+    /// Output folders of `rrra experiment` runs (each holding results.json).
+    #[arg(required = true, value_name = "RUN")]
+    pub runs: Vec<PathBuf>,
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+pub fn experiment_merge(a: MergeArgs) -> Result<()> {
+    rrra::experiment::merge(&a.runs, &a.out, &mut |m| eprintln!("{m}"))?;
+    let md = std::fs::read_to_string(a.out.join("results.md"))
+        .map_err(|e| Error::io(a.out.join("results.md"), e))?;
+    println!("{md}");
+    Ok(())
+}
+
 pub fn experiment(a: ExperimentArgs) -> Result<()> {
     let cfg = a.config()?;
     if a.synthetic {
