@@ -123,7 +123,7 @@ pub struct Retriever {
     /// The device copy of all of the above, when serving from a GPU.
     gpu: Option<GpuQueryEngine>,
     opts: RetrieverOptions,
-    scratch: Mutex<Vec<Box<QueryScratch>>>,
+    scratch: Mutex<Vec<QueryScratch>>,
 }
 
 impl std::fmt::Debug for Retriever {
@@ -322,7 +322,7 @@ impl Retriever {
         r
     }
 
-    fn take_scratch(&self) -> Box<QueryScratch> {
+    fn take_scratch(&self) -> QueryScratch {
         let pooled = match self.scratch.lock() {
             Ok(mut pool) => pool.pop(),
             Err(poisoned) => poisoned.into_inner().pop(),
@@ -330,7 +330,7 @@ impl Retriever {
         pooled.unwrap_or_default()
     }
 
-    fn put_scratch(&self, s: Box<QueryScratch>) {
+    fn put_scratch(&self, s: QueryScratch) {
         match self.scratch.lock() {
             Ok(mut pool) => pool.push(s),
             Err(poisoned) => poisoned.into_inner().push(s),
