@@ -637,6 +637,40 @@ fn non_finite_model_weights_are_refused() {
     assert!(msg.contains(name) && msg.contains("non-finite"), "{msg}");
 }
 
+/// A store whose id table repeats an id (not written by `StoreWriter`, which refuses that;
+/// checksums recomputed): refused at open, naming both rows.
+#[test]
+fn duplicate_ids_in_a_store_file() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("dup.store");
+    let spec = StoreSpec {
+        dim: 2,
+        dtype: Dtype::F32,
+        normalized: false,
+        fingerprint: 1,
+        metadata_json: "{}".into(),
+    };
+    let ids: Vec<String> = ["d1", "d2", "d3"].iter().map(|s| s.to_string()).collect();
+    write_store(&p, spec, &ids, &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0]).unwrap();
+    assert!(Store::open(&p).is_ok());
+    let mut b = std::fs::read(&p).unwrap();
+    let u64_at = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+    let (off, len) = (u64_at(&b, 96) as usize, u64_at(&b, 104) as usize);
+    let blob = off + 4 * 8; // after the offset table of 3 + 1 entries
+    assert_eq!(&b[blob..blob + 6], b"d1d2d3");
+    b[blob + 5] = b'1'; // d3 → d1
+    let sum = xxhash_rust::xxh3::xxh3_64(&b[off..off + len]);
+    b[112..120].copy_from_slice(&sum.to_le_bytes());
+    let sum = xxhash_rust::xxh3::xxh3_64(&b[..120]);
+    b[120..128].copy_from_slice(&sum.to_le_bytes());
+    std::fs::write(&p, b).unwrap();
+    let msg = expect_format(Store::open(&p), &p);
+    assert!(
+        msg.contains("\"d1\"") && msg.contains("row 2") && msg.contains("row 0"),
+        "{msg}"
+    );
+}
+
 /// A well-formed store whose vectors hold a NaN: it opens (the reader checks structure and
 /// checksums, not values), exact search ranks the row last, the retriever returns it last,
 /// and `rrra search` refuses to write a non-finite score, naming the store.

@@ -687,6 +687,9 @@ impl Store {
             .ok_or_else(|| bad("ids section is shorter than its offset table".into()))?;
         let blob = &ids[table..];
         let mut prev = 0u64;
+        // The writer refuses duplicates; a file made otherwise must not map one id to two rows.
+        let mut seen: std::collections::HashMap<&str, usize> =
+            std::collections::HashMap::with_capacity(count.min(1 << 20));
         for i in 0..=count {
             let end = get_u64(ids, i * 8);
             if (i == 0 && end != 0) || end < prev || end > blob.len() as u64 {
@@ -697,6 +700,12 @@ impl Store {
                     .map_err(|_| bad(format!("id of row {} is not valid UTF-8", i - 1)))?;
                 if let Err(why) = check_id(id) {
                     return Err(bad(format!("id of row {} {why}", i - 1)));
+                }
+                if let Some(first) = seen.insert(id, i - 1) {
+                    return Err(bad(format!(
+                        "id {id:?} of row {} repeats row {first}",
+                        i - 1
+                    )));
                 }
             }
             prev = end;
