@@ -66,6 +66,8 @@ impl FnCalibration {
     /// Logistic regression of `label` on (`score`, `logit`) by Newton's method, on standardised
     /// features (then mapped back). `scorer = AdapterOnly` skips the fit; `ScorePlusLogP` fits
     /// only the intercept, with `tau` the retriever's temperature.
+    // Index loops over the parallel arrays (score, logit, label) read closest to the maths.
+    #[allow(clippy::needless_range_loop)]
     pub fn fit(
         score: &[f32],
         logit: &[f32],
@@ -177,7 +179,7 @@ impl FnCalibration {
                 }
                 t *= 0.5;
             }
-            if !(value <= current) {
+            if value.is_nan() || value > current {
                 break; // no descent left: converged to rounding
             }
             let moved = (0..3).map(|a| (next[a] - w[a]).abs()).fold(0.0, f64::max);
@@ -238,6 +240,7 @@ fn fit_intercept(offset: &[f64], label: &[bool], pos: usize) -> f64 {
 }
 
 /// Solves the 3×3 system `h x = g` (Gaussian elimination with partial pivoting).
+#[allow(clippy::needless_range_loop)] // Gaussian elimination by row and column index
 fn solve3(mut h: [[f64; 3]; 3], mut g: [f64; 3]) -> Option<[f64; 3]> {
     for col in 0..3 {
         let piv = (col..3).max_by(|&a, &b| h[a][col].abs().total_cmp(&h[b][col].abs()))?;

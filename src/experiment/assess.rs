@@ -350,6 +350,7 @@ pub fn assess(
 /// whether each is planted. Scores are monotone in each scorer's estimate (log-odds of s_FN,
 /// the adapter logit, the raw similarity, SimANS's log weight with the best visible positive,
 /// and the prototype's fixed combination `s/tau + log p` whatever the configured scorer).
+#[allow(clippy::needless_range_loop)] // j indexes the pool's parallel arrays and the logits
 fn detection_scores(
     data: &Prepared,
     pool: &MinedPool,

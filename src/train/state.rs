@@ -441,7 +441,8 @@ mod tests {
     #[test]
     fn inconsistent_pools_are_format_errors() {
         let p = Path::new("state.safetensors");
-        let cases: Vec<(&str, Box<dyn Fn(&mut checkpoint::LoadedTensors)>)> = vec![
+        type Damage = Box<dyn Fn(&mut checkpoint::LoadedTensors)>;
+        let cases: Vec<(&str, Damage)> = vec![
             (
                 "candidate beyond the documents",
                 Box::new(|l| l.u32_tensors.get_mut("pool.doc_ids").unwrap().1[1] = 3),
