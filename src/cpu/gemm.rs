@@ -9,11 +9,7 @@ use rayon::prelude::*;
 /// `y[rows × out] = x[rows × inp] · wᵀ + b`, with `w` stored `[out × inp]` as in PyTorch's
 /// `nn.Linear` (so no transposed copy of the weights is ever made).
 pub fn linear(x: &[f32], rows: usize, inp: usize, w: &[f32], b: &[f32], out: usize, y: &mut [f32]) {
-    assert_eq!(x.len(), rows * inp, "linear: x shape");
-    assert_eq!(w.len(), out * inp, "linear: w shape");
-    assert_eq!(b.len(), out, "linear: b shape");
-    assert_eq!(y.len(), rows * out, "linear: y shape");
-    if rows == 0 {
+    if !shapes_ok(x, rows, inp, w, b, out, y) {
         return;
     }
     if rows < SMALL_ROWS {
@@ -31,6 +27,24 @@ pub fn linear(x: &[f32], rows: usize, inp: usize, w: &[f32], b: &[f32], out: usi
             // strides) and m×out elements, all in bounds as asserted above.
             unsafe { sgemm_rows(m, inp, out, xc.as_ptr(), w.as_ptr(), yc.as_mut_ptr(), out) };
         });
+}
+
+/// Checks the operands' lengths (a mismatch is a caller bug: panics); false when there is
+/// nothing to compute.
+fn shapes_ok(
+    x: &[f32],
+    rows: usize,
+    inp: usize,
+    w: &[f32],
+    b: &[f32],
+    out: usize,
+    y: &[f32],
+) -> bool {
+    assert_eq!(x.len(), rows * inp, "linear: x shape");
+    assert_eq!(w.len(), out * inp, "linear: w shape");
+    assert_eq!(b.len(), out, "linear: b shape");
+    assert_eq!(y.len(), rows * out, "linear: y shape");
+    rows > 0
 }
 
 /// Below this many rows (a query of ~16 tokens, an adapter's 100–200 candidates) the product is
@@ -79,11 +93,7 @@ pub fn linear_serial(
     out: usize,
     y: &mut [f32],
 ) {
-    assert_eq!(x.len(), rows * inp, "linear: x shape");
-    assert_eq!(w.len(), out * inp, "linear: w shape");
-    assert_eq!(b.len(), out, "linear: b shape");
-    assert_eq!(y.len(), rows * out, "linear: y shape");
-    if rows == 0 {
+    if !shapes_ok(x, rows, inp, w, b, out, y) {
         return;
     }
     if rows < SMALL_ROWS {
