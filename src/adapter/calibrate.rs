@@ -5,7 +5,7 @@
 //! The adapter alone (`p`) is kept as a variant for the ablation, and so is the fixed
 //! combination of the calibration prototype, `s/tau + log p` (only an intercept is fitted).
 
-use super::rerank::log_sigmoid;
+use super::log_sigmoid;
 use crate::error::{Error, Result};
 
 /// How the false-negative score is formed from the retriever score and the adapter.

@@ -310,6 +310,11 @@ pub(crate) fn softplus(x: f64) -> f64 {
     x.max(0.0) + (-x.abs()).exp().ln_1p()
 }
 
+/// `log sigmoid(x)` without overflow.
+pub fn log_sigmoid(x: f64) -> f64 {
+    -(x.max(0.0) - x + (-x.abs()).exp().ln_1p())
+}
+
 /// Logistic function, stable on both tails.
 pub(crate) fn sigmoid(x: f64) -> f64 {
     if x >= 0.0 {

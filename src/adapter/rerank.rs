@@ -5,16 +5,11 @@
 //! back the retriever's order.
 
 use super::fit::{score_lists, Embeddings};
-use super::AdapterParams;
+use super::{log_sigmoid, AdapterParams};
 use crate::error::{Error, Result};
 
 /// The lambda values tried on the dev split.
 pub const LAMBDA_GRID: [f64; 7] = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0];
-
-/// `log sigmoid(x)` without overflow.
-pub fn log_sigmoid(x: f64) -> f64 {
-    -(x.max(0.0) - x + (-x.abs()).exp().ln_1p())
-}
 
 /// One query's reranked list: (position in the input list, log score), best first.
 /// `scores` are the raw retriever similarities in retriever order, `logits` the adapter's.

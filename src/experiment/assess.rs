@@ -9,8 +9,9 @@ use crate::adapter::fit::{
     calibrate_pairs, cross_fit_logits, score_pairs, train_adapter, AdapterTrainConfig, Embeddings,
     EpochRecord,
 };
+use crate::adapter::log_sigmoid;
 use crate::adapter::pairs::{class_counts, label_pairs, QueryPairs};
-use crate::adapter::rerank::{choose_lambda, log_sigmoid, ScoredLists, LAMBDA_GRID};
+use crate::adapter::rerank::{choose_lambda, ScoredLists, LAMBDA_GRID};
 use crate::data::beir::Qrels;
 use crate::data::trec::Run;
 use crate::error::Result;

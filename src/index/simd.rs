@@ -20,7 +20,6 @@
 //! whether any score could enter a top-k (`!(s < thr)`, true for NaN); the caller inspects the
 //! tile only then, which for k ≪ n is almost never.
 
-use super::vectors::Vectors;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use std::ops::Range;
@@ -135,7 +134,57 @@ pub(crate) fn tile(
     }
 }
 
-/// The single-query kernel, rows as lanes: scores rows `row..row + 8` of `vectors` (each `d`
+/// A stored element type the rows-as-lanes kernel reads: f32, or f16 / bf16 widened to f32
+/// in registers as they are loaded.
+pub(crate) trait Element: Copy + Send + Sync {
+    fn widen(self) -> f32;
+    /// Eight consecutive values as f32.
+    ///
+    /// # Safety
+    /// `p` has 8 readable values; the CPU has AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl Element for f32 {
+    fn widen(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl Element for f16 {
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+}
+
+impl Element for bf16 {
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const bf16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // A bf16 is the top half of an f32.
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+            _mm_loadu_si128(p.cast()),
+        )))
+    }
+}
+
+/// The single-query kernel, rows as lanes: scores rows `row..row + 8` of `rows` (each `d`
 /// long) against `query` into `out[r]`, and returns whether any `!(out[r] < thr)`.
 ///
 /// Lane `r` computes `s = fma(q[k], c_r[k], s)` for `k = 0, 1, …, d-1` from `s = 0`, exactly as
@@ -151,13 +200,13 @@ pub(crate) fn tile(
 /// uses [`tile`].
 ///
 /// # Panics
-/// If `row + 8` or `ahead` runs past the vectors or `query` is shorter than `d` (internal
+/// If `row + 8` or `ahead` runs past `rows` or `query` is shorter than `d` (internal
 /// invariants of the search loop).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn rows8(
+pub(crate) fn rows8<T: Element>(
     isa: Isa,
     query: &[f32],
-    vectors: &Vectors<'_>,
+    rows: &[T],
     row: usize,
     d: usize,
     ahead: Range<usize>,
@@ -166,41 +215,28 @@ pub(crate) fn rows8(
 ) -> Option<bool> {
     assert!(query.len() >= d, "query too short");
     assert!(ahead.start <= ahead.end, "bad prefetch range");
+    assert!((row + ONE_ROWS) * d <= rows.len(), "tile past the rows");
+    assert!(ahead.end * d <= rows.len(), "prefetch past the rows");
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => {
-            fn check<T>(v: &[T], row: usize, d: usize, ahead: &Range<usize>) {
-                assert!((row + ONE_ROWS) * d <= v.len(), "tile past the vectors");
-                assert!(ahead.end * d <= v.len(), "prefetch past the vectors");
-            }
-            let q = query.as_ptr();
-            let o = out.as_mut_ptr();
-            let pf_len = ahead.len() * d;
             // SAFETY: `Isa::Avx2Fma` is only produced by `Isa::detect` after checking AVX2, FMA
-            // and F16C; `check` covers the 8 rows read and the prefetch range, `query` has `d`
-            // values and `out` has 8.
-            unsafe {
-                Some(match vectors {
-                    Vectors::F32(v) => {
-                        check(v, row, d, &ahead);
-                        let (c, pf) = (v.as_ptr().add(row * d), v.as_ptr().add(ahead.start * d));
-                        avx2::rows8(q, c, d, pf, pf_len, thr, o)
-                    }
-                    Vectors::F16(v) => {
-                        check(v, row, d, &ahead);
-                        let (c, pf) = (v.as_ptr().add(row * d), v.as_ptr().add(ahead.start * d));
-                        avx2::rows8(q, c, d, pf, pf_len, thr, o)
-                    }
-                    Vectors::Bf16(v) => {
-                        check(v, row, d, &ahead);
-                        let (c, pf) = (v.as_ptr().add(row * d), v.as_ptr().add(ahead.start * d));
-                        avx2::rows8(q, c, d, pf, pf_len, thr, o)
-                    }
-                })
-            }
+            // and F16C; the asserts cover the 8 rows read and the prefetch range, `query` has
+            // `d` values and `out` has 8.
+            Some(unsafe {
+                avx2::rows8(
+                    query.as_ptr(),
+                    rows.as_ptr().add(row * d),
+                    d,
+                    rows.as_ptr().add(ahead.start * d),
+                    ahead.len() * d,
+                    thr,
+                    out.as_mut_ptr(),
+                )
+            })
         }
         _ => {
-            let _ = (vectors, row, thr, out);
+            let _ = (thr, out);
             None
         }
     }
@@ -364,48 +400,6 @@ mod avx2 {
         _mm256_movemask_ps(any) != 0
     }
 
-    /// A stored element type the rows-as-lanes kernel widens to f32 in registers.
-    pub(super) trait Widen: Copy {
-        /// Eight consecutive values as f32.
-        ///
-        /// # Safety
-        /// `p` has 8 readable values; the CPU has AVX2 and F16C.
-        unsafe fn load8(p: *const Self) -> __m256;
-        fn widen(self) -> f32;
-    }
-
-    impl Widen for f32 {
-        #[inline(always)]
-        unsafe fn load8(p: *const f32) -> __m256 {
-            _mm256_loadu_ps(p)
-        }
-        fn widen(self) -> f32 {
-            self
-        }
-    }
-
-    impl Widen for half::f16 {
-        #[inline(always)]
-        unsafe fn load8(p: *const half::f16) -> __m256 {
-            _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
-        }
-        fn widen(self) -> f32 {
-            self.to_f32()
-        }
-    }
-
-    impl Widen for half::bf16 {
-        #[inline(always)]
-        unsafe fn load8(p: *const half::bf16) -> __m256 {
-            // A bf16 is the top half of an f32.
-            let w = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())));
-            _mm256_castsi256_ps(w)
-        }
-        fn widen(self) -> f32 {
-            self.to_f32()
-        }
-    }
-
     /// Transposes an 8 × 8 block: afterwards `v[j]` lane `r` is what `v[r]` lane `j` was.
     #[inline(always)]
     unsafe fn transpose8(v: &mut [__m256; 8]) {
@@ -441,7 +435,7 @@ mod avx2 {
     /// The CPU has AVX2, FMA and F16C; `q` has `d` readable floats, `c` has `8 * d` readable
     /// values (8 rows of stride `d`), `pf` has `pf_len`, `out` has 8 writable floats.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn rows8<T: Widen>(
+    pub(super) unsafe fn rows8<T: super::Element>(
         q: *const f32,
         c: *const T,
         d: usize,
@@ -624,48 +618,52 @@ mod tests {
             let raw: Vec<f32> = data(11 * d, 5 + d as u32);
             let h: Vec<f16> = raw.iter().map(|&x| f16::from_f32(x)).collect();
             let b: Vec<bf16> = raw.iter().map(|&x| bf16::from_f32(x)).collect();
-            for (name, vectors) in [
-                ("f32", Vectors::F32(&raw)),
-                ("f16", Vectors::F16(&h)),
-                ("bf16", Vectors::Bf16(&b)),
-            ] {
-                let mut wide = vec![0f32; raw.len()];
-                vectors.to_f32(0, &mut wide);
-                for row in [0usize, 3] {
-                    let mut want = vec![0f32; 64];
-                    tile(
-                        isa,
-                        &panel8,
-                        8,
-                        &wide[row * d..],
-                        8,
-                        d,
-                        &[f32::INFINITY; 8],
-                        &mut want,
-                        &[],
-                    );
-                    let mut got = [0f32; 8];
-                    let Some(any) =
-                        rows8(isa, &q, &vectors, row, d, 0..11, f32::INFINITY, &mut got)
-                    else {
-                        assert_eq!(isa, Isa::Portable, "no rows-as-lanes kernel on {isa:?}");
-                        return;
-                    };
-                    assert!(!any);
-                    for r in 0..8 {
-                        assert_eq!(
-                            got[r].to_bits(),
-                            want[r * 8].to_bits(),
-                            "{name} d={d} row {r}"
-                        );
-                    }
-                    let max = got.iter().cloned().fold(f32::MIN, f32::max);
-                    let mut pass = |t: f32| rows8(isa, &q, &vectors, row, d, 3..3, t, &mut got);
-                    assert_eq!(pass(max), Some(true), "ties pass");
-                    assert_eq!(pass(f32::NAN), Some(true), "a NaN threshold passes all");
-                    assert_eq!(pass(max + 1.0), Some(false));
-                }
+            check_rows8(isa, "f32", &q, &panel8, &raw, d);
+            check_rows8(isa, "f16", &q, &panel8, &h, d);
+            check_rows8(isa, "bf16", &q, &panel8, &b, d);
+        }
+    }
+
+    fn check_rows8<T: Element>(
+        isa: Isa,
+        name: &str,
+        q: &[f32],
+        panel8: &[f32],
+        rows: &[T],
+        d: usize,
+    ) {
+        let wide: Vec<f32> = rows.iter().map(|&v| v.widen()).collect();
+        for row in [0usize, 3] {
+            let mut want = vec![0f32; 64];
+            tile(
+                isa,
+                panel8,
+                8,
+                &wide[row * d..],
+                8,
+                d,
+                &[f32::INFINITY; 8],
+                &mut want,
+                &[],
+            );
+            let mut got = [0f32; 8];
+            let Some(any) = rows8(isa, q, rows, row, d, 0..11, f32::INFINITY, &mut got) else {
+                assert_eq!(isa, Isa::Portable, "no rows-as-lanes kernel on {isa:?}");
+                return;
+            };
+            assert!(!any);
+            for r in 0..8 {
+                assert_eq!(
+                    got[r].to_bits(),
+                    want[r * 8].to_bits(),
+                    "{name} d={d} row {r}"
+                );
             }
+            let max = got.iter().cloned().fold(f32::MIN, f32::max);
+            let mut pass = |t: f32| rows8(isa, q, rows, row, d, 3..3, t, &mut got);
+            assert_eq!(pass(max), Some(true), "ties pass");
+            assert_eq!(pass(f32::NAN), Some(true), "a NaN threshold passes all");
+            assert_eq!(pass(max + 1.0), Some(false));
         }
     }
 

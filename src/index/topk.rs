@@ -566,36 +566,15 @@ fn scan_one(
 ) {
     let d = corpus.dim;
     let top = &mut sh.top;
+    let mut out = [0f32; ONE_ROWS * ONE_LANES];
+    let start = match corpus.vectors {
+        Vectors::F32(v) => rows_as_lanes(isa, query, v, d, rows.clone(), top),
+        Vectors::F16(v) => rows_as_lanes(isa, query, v, d, rows.clone(), top),
+        Vectors::Bf16(v) => rows_as_lanes(isa, query, v, d, rows.clone(), top),
+    };
+    // The rest through the tile kernel, which compares lane 0 with the running threshold.
     let mut thr = [f32::INFINITY; ONE_LANES];
     thr[0] = top.threshold();
-    let mut out = [0f32; ONE_ROWS * ONE_LANES];
-    let mut start = rows.start;
-    let mut scores = [0f32; ONE_ROWS];
-    while start + ONE_ROWS <= rows.end {
-        let ahead = (start + PREFETCH_ROWS).min(rows.end);
-        let ahead = ahead..(ahead + ONE_ROWS).min(rows.end);
-        let Some(any) = simd::rows8(
-            isa,
-            query,
-            &corpus.vectors,
-            start,
-            d,
-            ahead,
-            thr[0],
-            &mut scores,
-        ) else {
-            break;
-        };
-        if any {
-            for (r, &s) in scores.iter().enumerate() {
-                if may_enter(s, thr[0]) {
-                    top.push(start + r, s);
-                    thr[0] = top.threshold();
-                }
-            }
-        }
-        start += ONE_ROWS;
-    }
     let rows = start..rows.end;
     let chunk = match corpus.vectors {
         Vectors::F32(_) => rows.len(),
@@ -627,6 +606,35 @@ fn scan_one(
         }
         start = end;
     }
+}
+
+/// Whole groups of 8 rows of `rows` through the rows-as-lanes kernel into `top`; returns the
+/// first row it did not take (`rows.start` where the CPU has no such kernel).
+fn rows_as_lanes<T: simd::Element>(
+    isa: Isa,
+    query: &[f32],
+    vectors: &[T],
+    d: usize,
+    rows: Range<usize>,
+    top: &mut TopK,
+) -> usize {
+    let mut start = rows.start;
+    let mut scores = [0f32; ONE_ROWS];
+    while start + ONE_ROWS <= rows.end {
+        let ahead = (start + PREFETCH_ROWS).min(rows.end);
+        let ahead = ahead..(ahead + ONE_ROWS).min(rows.end);
+        let thr = top.threshold();
+        let Some(any) = simd::rows8(isa, query, vectors, start, d, ahead, thr, &mut scores) else {
+            break;
+        };
+        if any {
+            for (r, &s) in scores.iter().enumerate() {
+                top.push(start + r, s); // push re-tests against the current threshold
+            }
+        }
+        start += ONE_ROWS;
+    }
+    start
 }
 
 #[cfg(test)]
