@@ -836,21 +836,21 @@ impl GpuBackward {
 
     /// `cpu::backward::gelu_backward` on the device: `dy ← dy ⊙ gelu'(pre)`.
     pub fn gelu_backward_host(&self, pre: &[f32], dy: &mut [f32]) -> Result<()> {
-        if pre.len() != dy.len() {
-            return Err(Error::InvalidArgument(
-                "GELU backward: shapes differ".into(),
-            ));
-        }
-        let st = &self.stream;
-        let p_d = upload(st, pre, "GELU input")?;
-        let mut g_d = upload(st, dy, "GELU gradient")?;
-        self.gelu(&p_d, &mut g_d, dy.len())?;
-        download(st, &g_d, dy, "the GELU gradient")?;
-        self.sync("running the GELU backward")
+        self.gelu_host(pre, dy, Self::gelu)
     }
 
     /// The bf16 GELU backward (bf16 bits in `u16`): `dy ← bf16(dy ⊙ gelu'(pre))`.
     pub fn gelu_backward_bf16_host(&self, pre: &[u16], dy: &mut [u16]) -> Result<()> {
+        self.gelu_host(pre, dy, Self::gelu_bf16)
+    }
+
+    /// The host round trip of either GELU backward: upload, `launch`, download.
+    fn gelu_host<T: DeviceRepr + Default + Clone>(
+        &self,
+        pre: &[T],
+        dy: &mut [T],
+        launch: fn(&Self, &CudaSlice<T>, &mut CudaSlice<T>, usize) -> Result<()>,
+    ) -> Result<()> {
         if pre.len() != dy.len() {
             return Err(Error::InvalidArgument(
                 "GELU backward: shapes differ".into(),
@@ -859,7 +859,7 @@ impl GpuBackward {
         let st = &self.stream;
         let p_d = upload(st, pre, "GELU input")?;
         let mut g_d = upload(st, dy, "GELU gradient")?;
-        self.gelu_bf16(&p_d, &mut g_d, dy.len())?;
+        launch(self, &p_d, &mut g_d, dy.len())?;
         download(st, &g_d, dy, "the GELU gradient")?;
         self.sync("running the GELU backward")
     }
