@@ -9,7 +9,7 @@
 
 use super::calibrate::{FnCalibration, FnScorer};
 use super::pairs::{PairClass, QueryPairs};
-use super::scoring::{backward_with_context, score_with_context};
+use super::scoring::{backward_with_context, score_with_context, AdapterCache};
 use super::{normalisation_loss, score, weighted_bce, AdapterParams};
 use crate::error::{Error, Result};
 use crate::index::synthetic::Rng;
@@ -111,13 +111,108 @@ impl Embeddings<'_> {
     }
 }
 
-/// Trains an adapter from scratch on `pairs` (see the module notes). `on_epoch` sees each
-/// epoch's losses as it ends.
+/// Where the adapter's forward and backward run while it trains: the CPU reference
+/// ([`CpuAdapterOp`]) or a device (`crate::device::adapter_train::GpuAdapterGrad`). The
+/// losses, class weights and optimizer stay in [`train_adapter_on`], the same for both.
+pub trait AdapterOp {
+    /// Forward over a batch (`queries` `[B × d]`, `candidates` `[B × k × d]`, positive-aware
+    /// `contexts` like the candidates) with `params`; keeps what [`AdapterOp::backward`] needs.
+    fn forward(
+        &mut self,
+        params: &AdapterParams,
+        queries: &[f32],
+        candidates: &[f32],
+        contexts: Option<&[f32]>,
+        k: usize,
+    ) -> Result<ForwardPass>;
+
+    /// Adds the gradients of the last forward's loss to `grads`, from `∂L/∂logit` and
+    /// optionally `∂L/∂a`; the batch is the last forward's.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &mut self,
+        params: &AdapterParams,
+        queries: &[f32],
+        candidates: &[f32],
+        contexts: Option<&[f32]>,
+        k: usize,
+        d_logit: &[f32],
+        d_a_extra: Option<&[f32]>,
+        grads: &mut AdapterParams,
+    ) -> Result<()>;
+}
+
+/// What the losses read from a forward pass, each per pair (`a` per pair and coordinate).
+#[derive(Debug, Clone)]
+pub struct ForwardPass {
+    pub logit: Vec<f32>,
+    pub a: Vec<f32>,
+    pub alpha: Vec<f32>,
+}
+
+/// [`AdapterOp`] on the CPU reference ([`score_with_context`], [`backward_with_context`]).
+#[derive(Debug, Default)]
+pub struct CpuAdapterOp {
+    cache: Option<AdapterCache>,
+}
+
+impl AdapterOp for CpuAdapterOp {
+    fn forward(
+        &mut self,
+        params: &AdapterParams,
+        queries: &[f32],
+        candidates: &[f32],
+        contexts: Option<&[f32]>,
+        k: usize,
+    ) -> Result<ForwardPass> {
+        let out = score_with_context(params, queries, candidates, contexts, k)?;
+        let pass = ForwardPass {
+            logit: out.logit,
+            a: out.cache.a().to_vec(),
+            alpha: out.alpha,
+        };
+        self.cache = Some(out.cache);
+        Ok(pass)
+    }
+
+    fn backward(
+        &mut self,
+        params: &AdapterParams,
+        queries: &[f32],
+        candidates: &[f32],
+        contexts: Option<&[f32]>,
+        k: usize,
+        d_logit: &[f32],
+        d_a_extra: Option<&[f32]>,
+        grads: &mut AdapterParams,
+    ) -> Result<()> {
+        let cache = self.cache.as_ref().ok_or_else(|| {
+            Error::InvalidArgument("the adapter's backward needs a forward first".into())
+        })?;
+        backward_with_context(
+            params, queries, candidates, contexts, k, cache, d_logit, d_a_extra, grads, None, None,
+        )
+    }
+}
+
+/// Trains an adapter from scratch on `pairs` (see the module notes) on the CPU. `on_epoch`
+/// sees each epoch's losses as it ends.
 pub fn train_adapter(
     cfg: &AdapterTrainConfig,
     emb: Embeddings<'_>,
     pairs: &[QueryPairs],
     on_epoch: &mut dyn FnMut(&EpochRecord),
+) -> Result<(AdapterParams, Vec<EpochRecord>)> {
+    train_adapter_on(cfg, emb, pairs, on_epoch, &mut CpuAdapterOp::default())
+}
+
+/// [`train_adapter`] with the forward and backward run by `op`.
+pub fn train_adapter_on(
+    cfg: &AdapterTrainConfig,
+    emb: Embeddings<'_>,
+    pairs: &[QueryPairs],
+    on_epoch: &mut dyn FnMut(&EpochRecord),
+    op: &mut dyn AdapterOp,
 ) -> Result<(AdapterParams, Vec<EpochRecord>)> {
     cfg.validate()?;
     let d = emb.dim;
@@ -156,7 +251,7 @@ pub fn train_adapter(
         let (mut sum, mut sum_bce, mut sum_norm, mut steps) = (0.0, 0.0, 0.0, 0usize);
         for batch in order.chunks(cfg.batch_queries) {
             grads.tensors_mut().iter_mut().for_each(|t| t.fill(0.0));
-            let (bce, norm) = batch_gradients(cfg, &params, emb, pairs, batch, &mut grads)?;
+            let (bce, norm) = batch_gradients(cfg, &params, emb, pairs, batch, op, &mut grads)?;
             let loss = bce + cfg.mu * norm;
             if !loss.is_finite() {
                 return Err(Error::InvalidArgument(format!(
@@ -387,11 +482,12 @@ fn batch_gradients(
     emb: Embeddings<'_>,
     pairs: &[QueryPairs],
     batch: &[usize],
+    op: &mut dyn AdapterOp,
     grads: &mut AdapterParams,
 ) -> Result<(f64, f64)> {
     let b = gather(emb, pairs, batch, params.positive_aware());
     let ctx = b.contexts.as_deref();
-    let out = score_with_context(params, &b.queries, &b.candidates, ctx, b.k)?;
+    let out = op.forward(params, &b.queries, &b.candidates, ctx, b.k)?;
     let weight = bce_weights(&b.classes, cfg.class_weights);
     let mut d_logit = vec![0.0f32; out.logit.len()];
     let bce = weighted_bce(&out.logit, &b.targets, &weight, &mut d_logit)?;
@@ -402,7 +498,7 @@ fn batch_gradients(
             &b.queries,
             &b.candidates,
             b.k,
-            out.cache.a(),
+            &out.a,
             &out.alpha,
             Some(&valid),
             &mut d_a,
@@ -415,18 +511,15 @@ fn batch_gradients(
         0.0
     };
     let extra = (cfg.mu > 0.0).then_some(&d_a[..]);
-    backward_with_context(
+    op.backward(
         params,
         &b.queries,
         &b.candidates,
         ctx,
         b.k,
-        &out.cache,
         &d_logit,
         extra,
         grads,
-        None,
-        None,
     )?;
     Ok((bce, norm))
 }

@@ -27,6 +27,7 @@ pub use runtime::KernelTiming;
 pub use runtime::{unavailable_reason, DeviceInfo, Gpu};
 
 pub mod adapter;
+pub mod adapter_train;
 pub mod ceilings;
 pub mod encoder;
 pub mod mining;

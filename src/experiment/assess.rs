@@ -6,14 +6,15 @@ use super::prepare::Prepared;
 use crate::adapter::calibrate::{FnCalibration, FnScorer};
 use crate::adapter::file::AdapterFile;
 use crate::adapter::fit::{
-    calibrate_pairs, cross_fit_logits, score_pairs, train_adapter, AdapterTrainConfig, Embeddings,
-    EpochRecord,
+    calibrate_pairs, cross_fit_logits, score_pairs, train_adapter, train_adapter_on,
+    AdapterTrainConfig, Embeddings, EpochRecord,
 };
 use crate::adapter::log_sigmoid;
 use crate::adapter::pairs::{class_counts, label_pairs, QueryPairs};
 use crate::adapter::rerank::{choose_lambda, ScoredLists, LAMBDA_GRID};
 use crate::data::beir::Qrels;
 use crate::data::trec::Run;
+use crate::device::adapter_train::GpuAdapterGrad;
 use crate::error::Result;
 use crate::eval::fn_detection::{detection, Detection, QueryScores};
 use crate::eval::metrics::{evaluate, EvalOptions};
@@ -44,6 +45,10 @@ pub struct AssessConfig {
     /// adapter: test queries have no labelled positives.
     #[serde(default)]
     pub positive_aware: bool,
+    /// Run the stage-2 adapter's forward and backward on this GPU (the losses and the
+    /// optimizer stay on the CPU); `None`: all on the CPU.
+    #[serde(default)]
+    pub adapter_gpu: Option<usize>,
 }
 
 impl Default for AssessConfig {
@@ -58,6 +63,7 @@ impl Default for AssessConfig {
             encode_batch_size: 32,
             simans_a: 0.5,
             positive_aware: false,
+            adapter_gpu: None,
         }
     }
 }
@@ -217,12 +223,21 @@ pub fn assess(
     };
     let mut acfg = cfg.adapter.clone();
     acfg.seed = seed;
-    let (params, epochs) = train_adapter(&acfg, emb, &pairs, &mut |e| {
+    let mut report = |e: &crate::adapter::fit::EpochRecord| {
         say(format!(
             "adapter epoch {}: loss {:.4} (bce {:.4}, norm {:.4}) in {:.1}s",
             e.epoch, e.loss, e.bce, e.norm, e.seconds
         ))
-    })?;
+    };
+    let (params, epochs) = match cfg.adapter_gpu {
+        None => train_adapter(&acfg, emb, &pairs, &mut report)?,
+        Some(ordinal) => {
+            let gpu = crate::device::Gpu::open(ordinal)?;
+            let h = acfg.hidden.unwrap_or(dim);
+            let mut op = GpuAdapterGrad::for_training(&gpu, dim, h, acfg.batch_queries, &pairs)?;
+            train_adapter_on(&acfg, emb, &pairs, &mut report, &mut op)?
+        }
+    };
     let logits = score_pairs(&params, emb, &pairs)?;
     let calibration = calibrate_pairs(&pairs, &logits, cfg.fn_scorer, tau)?;
     seconds.insert("adapter".into(), clock.elapsed().as_secs_f64());

@@ -5,8 +5,8 @@
 
 use clap::Args;
 use rrra::device::{
-    adamw, adapter, attention_backward, backward, ceilings, encoder, infonce, sampler, topk, Gpu,
-    KernelTiming,
+    adamw, adapter, adapter_train, attention_backward, backward, ceilings, encoder, infonce,
+    sampler, topk, Gpu, KernelTiming,
 };
 use rrra::{Error, Result};
 use std::path::PathBuf;
@@ -37,6 +37,7 @@ pub fn run(a: DeviceCheckArgs) -> Result<()> {
         ),
         ("encoder", encoder::bench),
         ("adapter", adapter::bench),
+        ("adapter training", adapter_train::bench),
         ("sampler", sampler::bench),
         ("InfoNCE", infonce::bench),
         ("AdamW", adamw::bench),

@@ -56,6 +56,10 @@ pub struct AdapterKnobs {
     /// Max tokens per text when encoding for the adapter and evaluation.
     #[arg(long, default_value_t = 256)]
     pub eval_max_length: usize,
+    /// Train the adapter's forward and backward on this CUDA device (ordinal); the losses and
+    /// the optimizer stay on the CPU. Cross-fitted and positive-aware adapters train on the CPU.
+    #[arg(long, value_name = "ORDINAL")]
+    pub adapter_gpu: Option<usize>,
 }
 
 impl AdapterKnobs {
@@ -74,6 +78,7 @@ impl AdapterKnobs {
         c.rerank_k = self.rerank_k;
         c.mine_top_k = self.adapter_top_k;
         c.max_length = self.eval_max_length;
+        c.adapter_gpu = self.adapter_gpu;
         Ok(c)
     }
 }
