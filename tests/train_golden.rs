@@ -5,59 +5,11 @@
 
 mod common;
 
+use common::TinyBertFixture;
 use rrra::model::bert::PackedBatch;
 use rrra::model::weights::BertWeights;
 use rrra::model::{Encoder, EncoderOptions};
 use rrra::train::encoder_grad::{ActivationMode, DropoutPlan, TrainBatch, TrainableEncoder};
-use rrra::train::loss::{info_nce, InfoNceInput};
-use safetensors::{Dtype, SafeTensors};
-use std::collections::HashMap;
-
-struct Fixture {
-    tensors: HashMap<String, (Vec<usize>, Vec<f64>)>,
-    tau: f32,
-}
-
-fn read_fixture() -> Fixture {
-    let path = common::shared().join("fixtures/tiny-bert/debug_state.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors = HashMap::new();
-    for (name, t) in st.tensors() {
-        let v: Vec<f64> = match t.dtype() {
-            Dtype::F64 => t
-                .data()
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-                .collect(),
-            Dtype::I64 => t
-                .data()
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
-                .collect(),
-            other => panic!("unexpected dtype {other:?} for {name}"),
-        };
-        tensors.insert(name.clone(), (t.shape().to_vec(), v));
-    }
-    let meta = common::safetensors_metadata(&path);
-    Fixture {
-        tensors,
-        tau: meta["tau"].parse().unwrap(),
-    }
-}
-
-/// Packs the rows of an `input_ids` tensor, keeping only the tokens its attention mask keeps.
-fn push_rows(batch: &mut PackedBatch, f: &Fixture, ids: &str, mask: &str) {
-    let (shape, ids) = &f.tensors[ids];
-    let (_, mask) = &f.tensors[mask];
-    for r in 0..shape[0] {
-        let row: Vec<u32> = (0..shape[1])
-            .filter(|&c| mask[r * shape[1] + c] != 0.0)
-            .map(|c| ids[r * shape[1] + c] as u32)
-            .collect();
-        batch.push(&row, &vec![0; row.len()]);
-    }
-}
 
 fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
     let num: f64 = got
@@ -70,13 +22,13 @@ fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
 }
 
 /// Loss and gradients of the fixture batch with our CPU path.
-fn run(mode: ActivationMode) -> (f64, Vec<f32>, BertWeights, Encoder, Fixture) {
-    let f = read_fixture();
+fn run(mode: ActivationMode) -> (f64, Vec<f32>, BertWeights, Encoder, TinyBertFixture) {
+    let f = common::tiny_bert_fixture();
     let dir = common::shared().join("fixtures/tiny-bert");
     let enc = Encoder::load(&dir, &EncoderOptions::default()).unwrap();
     let mut packed = PackedBatch::new();
-    push_rows(&mut packed, &f, "query_input_ids", "query_attention_mask");
-    push_rows(&mut packed, &f, "doc_input_ids", "doc_attention_mask");
+    f.push_rows(&mut packed, "query_input_ids", "query_attention_mask");
+    f.push_rows(&mut packed, "doc_input_ids", "doc_attention_mask");
     let n = packed.sequences();
     let batch = TrainBatch {
         packed,
@@ -90,26 +42,11 @@ fn run(mode: ActivationMode) -> (f64, Vec<f32>, BertWeights, Encoder, Fixture) {
     let acts = te.forward(&batch, &DropoutPlan::none(), mode).unwrap();
     let h = enc.dim();
     let emb = acts.embeddings.clone();
-    let (q, d) = emb.split_at(3 * h);
-    let mut d_emb = vec![0.0f32; emb.len()];
-    let (dq, dd) = d_emb.split_at_mut(3 * h);
-    let stats = info_nce(
-        &InfoNceInput {
-            queries: q,
-            docs: d,
-            dim: h,
-            targets: &[0, 1, 2],
-            log_weights: None,
-            tau: f.tau,
-        },
-        dq,
-        dd,
-    )
-    .unwrap();
+    let (loss, d_emb) = f.loss_and_gradient(&emb, h);
     let mut grads = BertWeights::zeros(enc.config());
     te.backward(&batch, &DropoutPlan::none(), acts, &d_emb, &mut grads)
         .unwrap();
-    (stats.loss, emb, grads, enc, f)
+    (loss, emb, grads, enc, f)
 }
 
 #[test]

@@ -26,12 +26,12 @@
 //! and fills them with NaN, so a value a kernel failed to write cannot pass for a result;
 //! forward and backward after that allocate nothing on the device.
 
-use super::runtime::{cuda_err, launch_cfg, to_i32, DevBuf, Gpu};
+use super::runtime::{cublas_f32, cuda_err, launch_cfg, sgemm_row_major, to_i32, DevBuf, Gpu};
 use crate::adapter::fit::{AdapterOp, ForwardPass};
 use crate::adapter::pairs::QueryPairs;
 use crate::adapter::AdapterParams;
 use crate::error::{Error, Result};
-use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::cublas::CudaBlas;
 use cudarc::driver::{result as cu, CudaFunction, CudaStream, PushKernelArg};
 use std::sync::Arc;
 
@@ -41,40 +41,6 @@ const THREADS: u32 = 256;
 const GEO: usize = 8;
 /// Most blocks of a grid-stride kernel.
 const MAX_BLOCKS: usize = 1 << 16;
-
-/// cuBLAS (column-major) arguments of the row-major product `C[m × n] = op(A)·op(B)`, with
-/// `op(A)` `[m × k]` and `op(B)` `[k × n]`, every matrix densely stored row by row.
-///
-/// A row-major `[r × c]` matrix is the column-major `[c × r]` one (its transpose) with leading
-/// dimension c, so the product is computed as `Cᵀ = op(B)ᵀ·op(A)ᵀ`: cuBLAS's first operand is
-/// B's memory and its second A's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ColMajorGemm {
-    /// Transpose flags of cuBLAS's first (B's memory) and second (A's memory) operands.
-    trans_first: bool,
-    trans_second: bool,
-    m: usize,
-    n: usize,
-    k: usize,
-    ld_first: usize,
-    ld_second: usize,
-    ldc: usize,
-}
-
-fn col_major(trans_a: bool, trans_b: bool, m: usize, n: usize, k: usize) -> ColMajorGemm {
-    ColMajorGemm {
-        // B stored [k × n] (or [n × k] when transposed): column-major, that is op(B)ᵀ already
-        // (or its transpose).
-        trans_first: trans_b,
-        trans_second: trans_a,
-        m: n,
-        n: m,
-        k,
-        ld_first: if trans_b { k } else { n },
-        ld_second: if trans_a { m } else { k },
-        ldc: n,
-    }
-}
 
 struct Kernels {
     recut: CudaFunction,
@@ -161,12 +127,6 @@ impl GpuAdapterGrad {
                 "the adapter's training buffers need at least one query and one pair".into(),
             ));
         }
-        // SAFETY: only tries to dlopen libcublas; cudarc would panic on first use without it.
-        if !unsafe { blas_sys::is_culib_present() } {
-            return Err(Error::CudaUnavailable(
-                "the cuBLAS library (libcublas) is not installed".into(),
-            ));
-        }
         let (d, h) = (params.d, params.h);
         let widest = max_pairs
             .checked_mul(2 * d.max(h))
@@ -190,17 +150,7 @@ impl GpuAdapterGrad {
             w1_grad: f("rrra_adapter_train_w1_grad")?,
             input_grads: f("rrra_adapter_train_input_grads")?,
         };
-        let blas = CudaBlas::new(stream.clone())
-            .map_err(|e| Error::Cuda(format!("creating a cuBLAS handle: {e}")))?;
-        // SAFETY: a live handle; the default math mode keeps f32 GEMMs in full f32 (no TF32).
-        unsafe {
-            blas_sys::cublasSetMathMode(
-                *blas.handle(),
-                blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH,
-            )
-            .result()
-            .map_err(|e| Error::Cuda(format!("setting the cuBLAS math mode: {e}")))?;
-        }
+        let blas = cublas_f32(&stream)?;
         let mut n = 0u64;
         let (mq, mp) = (max_queries, max_pairs);
         let geo = DevBuf::new(&stream, mp * GEO, "adapter geometry", &mut n)?;
@@ -633,8 +583,7 @@ impl GpuAdapterGrad {
         Ok(())
     }
 
-    /// Row-major `C[m × n] = op(A)·op(B)` (f32, overwriting C) on the stream, A, B, C device
-    /// addresses of dense row-major matrices.
+    /// Row-major `C[m × n] = op(A)·op(B)` (f32, overwriting C) on the stream.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
@@ -647,31 +596,9 @@ impl GpuAdapterGrad {
         b: u64,
         c: u64,
     ) -> Result<()> {
-        use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
-        let g = col_major(trans_a, trans_b, m, n, k);
-        let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
-        let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: the callers pass buffers of at least the product's sizes (see `forward` and
-        // `backward`); the leading dimensions are those of dense row-major storage.
-        unsafe {
-            blas::sgemm(
-                *self.blas.handle(),
-                op(g.trans_first),
-                op(g.trans_second),
-                to_i32(g.m, "GEMM size")?,
-                to_i32(g.n, "GEMM size")?,
-                to_i32(g.k, "GEMM size")?,
-                &alpha,
-                b as *const f32,
-                to_i32(g.ld_first, "GEMM stride")?,
-                a as *const f32,
-                to_i32(g.ld_second, "GEMM stride")?,
-                &beta,
-                c as *mut f32,
-                to_i32(g.ldc, "GEMM stride")?,
-            )
-        }
-        .map_err(|e| Error::Cuda(format!("cuBLAS sgemm {m} × {n} × {k}: {e}")))
+        // `backward`).
+        unsafe { sgemm_row_major(&self.blas, trans_a, trans_b, m, n, k, a, b, 0.0, c) }
     }
 
     /// `out[g] = Σ` of `per` consecutive rows of `x` (`cols` wide) for `groups` groups.
@@ -818,74 +745,4 @@ fn poison(stream: &Arc<CudaStream>, at: u64, bytes: usize) -> Result<()> {
     // SAFETY: a byte fill of a buffer of at least `bytes` bytes, on its stream.
     unsafe { cu::memset_d8_async(at, 0xFF, bytes, stream.cu_stream()) }
         .map_err(cuda_err("filling a buffer"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// BLAS sgemm semantics on column-major storage: C = op(A)·op(B), C `[m × n]`.
-    #[allow(clippy::too_many_arguments)]
-    fn sgemm_col_major(
-        ta: bool,
-        tb: bool,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: &[f64],
-        lda: usize,
-        b: &[f64],
-        ldb: usize,
-        c: &mut [f64],
-        ldc: usize,
-    ) {
-        for j in 0..n {
-            for i in 0..m {
-                let mut s = 0.0;
-                for l in 0..k {
-                    let av = if ta { a[l + i * lda] } else { a[i + l * lda] };
-                    let bv = if tb { b[j + l * ldb] } else { b[l + j * ldb] };
-                    s += av * bv;
-                }
-                c[i + j * ldc] = s;
-            }
-        }
-    }
-
-    #[test]
-    fn row_major_products_map_onto_column_major_blas() {
-        let (m, n, k) = (5usize, 3usize, 7usize);
-        let val = |i: usize, salt: usize| ((i * 37 + salt * 11) % 17) as f64 - 8.0;
-        for ta in [false, true] {
-            for tb in [false, true] {
-                // A stored [m × k] (or [k × m] when transposed), B [k × n] (or [n × k]).
-                let a: Vec<f64> = (0..m * k).map(|i| val(i, 1)).collect();
-                let b: Vec<f64> = (0..k * n).map(|i| val(i, 2)).collect();
-                let at = |i: usize, l: usize| if ta { a[l * m + i] } else { a[i * k + l] };
-                let bt = |l: usize, j: usize| if tb { b[j * k + l] } else { b[l * n + j] };
-                let mut want = vec![0.0; m * n];
-                for i in 0..m {
-                    for j in 0..n {
-                        want[i * n + j] = (0..k).map(|l| at(i, l) * bt(l, j)).sum();
-                    }
-                }
-                let g = col_major(ta, tb, m, n, k);
-                let mut got = vec![f64::NAN; m * n];
-                sgemm_col_major(
-                    g.trans_first,
-                    g.trans_second,
-                    g.m,
-                    g.n,
-                    g.k,
-                    &b,
-                    g.ld_first,
-                    &a,
-                    g.ld_second,
-                    &mut got,
-                    g.ldc,
-                );
-                assert_eq!(got, want, "trans_a {ta}, trans_b {tb}");
-            }
-        }
-    }
 }

@@ -244,7 +244,7 @@ impl EmbeddingGradPlan {
         self.upload_on(gpu.stream())
     }
 
-    fn upload_on(&self, s: &Arc<CudaStream>) -> Result<DeviceEmbeddingPlan> {
+    pub(crate) fn upload_on(&self, s: &Arc<CudaStream>) -> Result<DeviceEmbeddingPlan> {
         Ok(DeviceEmbeddingPlan {
             tokens: self.tokens,
             vocab: self.vocab,

@@ -197,13 +197,92 @@ struct Kernels {
     embed: (CudaFunction, String),
     add_ln: (CudaFunction, String),
     gelu: (CudaFunction, String),
-    attention: (CudaFunction, String),
-    /// Queries per attention block, and its dynamic shared memory.
-    attn_rows: u32,
-    attn_smem: u32,
+    attention: AttentionKernel,
     pool_mean: CudaFunction,
     pool_cls: CudaFunction,
     pool_max: CudaFunction,
+}
+
+/// The attention forward kernel for a model's head dim and a precision (`kernels/attention.cu`),
+/// with its launch shape: the inference forward's and the f32 training forward's.
+pub(crate) struct AttentionKernel {
+    f: CudaFunction,
+    name: String,
+    /// Queries per block, and the dynamic shared memory.
+    rows: u32,
+    smem: u32,
+}
+
+impl AttentionKernel {
+    pub(crate) fn load(gpu: &Gpu, cfg: &BertConfig, precision: Precision) -> Result<Self> {
+        let p = precision.tag();
+        let dh = cfg.head_dim();
+        let tiled = matches!(dh, 32 | 64 | 128);
+        let name = if tiled {
+            format!("rrra_attention_varlen_{p}_d{dh}")
+        } else {
+            format!("rrra_attention_varlen_{p}_any")
+        };
+        let f = gpu.function("attention", &name)?;
+        let smem = if tiled && precision == Precision::F32 {
+            let bytes = simt_attention_smem_bytes(dh);
+            use cudarc::driver::sys::CUfunction_attribute_enum as A;
+            f.set_attribute(
+                A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+            .map_err(cuda_err("raising attention's shared-memory limit"))?;
+            bytes as u32
+        } else {
+            0
+        };
+        Ok(AttentionKernel {
+            f,
+            name,
+            rows: if tiled { 64 } else { 4 },
+            smem,
+        })
+    }
+
+    /// Queues `ctx [tokens × h] = attention(qkv + bias)` over the packed sequences delimited by
+    /// the device `offsets` (`qkv` `[tokens × 3h]` without its bias, which the kernel adds).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch(
+        &self,
+        stream: &CudaStream,
+        cfg: &BertConfig,
+        qkv: u64,
+        bias: u64,
+        offsets: u64,
+        sequences: usize,
+        max_len: usize,
+        ctx: u64,
+    ) -> Result<()> {
+        let (h, dh) = (cfg.hidden_size as i32, cfg.head_dim() as i32);
+        let scale_log2e = std::f32::consts::LOG2_E / (cfg.head_dim() as f32).sqrt();
+        let mut l = stream.launch_builder(&self.f);
+        l.arg(&qkv)
+            .arg(&bias)
+            .arg(&offsets)
+            .arg(&h)
+            .arg(&dh)
+            .arg(&scale_log2e)
+            .arg(&ctx);
+        let launch = LaunchConfig {
+            grid_dim: (
+                (max_len as u32).div_ceil(self.rows).max(1),
+                cfg.num_attention_heads as u32,
+                sequences as u32,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: self.smem,
+        };
+        // SAFETY: blocks read the QKV rows of their own sequence (the callers validated and
+        // uploaded the offsets) and write its ctx rows; the shared-memory size matches the
+        // kernel's layout.
+        unsafe { l.launch(launch) }.map_err(cuda_err("launching rrra_attention_varlen"))?;
+        Ok(())
+    }
 }
 
 /// Dynamic shared memory of `rrra_attention_varlen_f32_d{dh}` (mirrors `SimtTile` in
@@ -225,34 +304,11 @@ impl Kernels {
         let f = |module: &'static str, name: String| -> Result<(CudaFunction, String)> {
             Ok((gpu.function(module, &name)?, name))
         };
-        let dh = cfg.head_dim();
-        let tiled = matches!(dh, 32 | 64 | 128);
-        let attention = if tiled {
-            f("attention", format!("rrra_attention_varlen_{p}_d{dh}"))?
-        } else {
-            f("attention", format!("rrra_attention_varlen_{p}_any"))?
-        };
-        let attn_smem = if tiled && precision == Precision::F32 {
-            let bytes = simt_attention_smem_bytes(dh);
-            use cudarc::driver::sys::CUfunction_attribute_enum as A;
-            attention
-                .0
-                .set_attribute(
-                    A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    bytes as i32,
-                )
-                .map_err(cuda_err("raising attention's shared-memory limit"))?;
-            bytes as u32
-        } else {
-            0
-        };
         Ok(Kernels {
             embed: f("embeddings", format!("rrra_embed_layernorm_{p}_h{hs}"))?,
             add_ln: f("layernorm", format!("rrra_add_layernorm_{p}_h{hs}"))?,
             gelu: f("gelu", format!("rrra_bias_gelu_{p}"))?,
-            attention,
-            attn_rows: if tiled { 64 } else { 4 },
-            attn_smem,
+            attention: AttentionKernel::load(gpu, cfg, precision)?,
             pool_mean: gpu.function("pooling", "rrra_pool_mean_f32")?,
             pool_cls: gpu.function("pooling", "rrra_pool_cls_f32")?,
             pool_max: gpu.function("pooling", "rrra_pool_max_f32")?,
@@ -827,33 +883,16 @@ impl GpuBert {
 
     fn launch_attention(&self, layer: usize, s: &Shape) -> Result<()> {
         let st = &*self.stream;
-        let cfg = &self.cfg;
-        let (qkv, ctx) = (self.ws.qkv.ptr(st), self.ws.ctx.ptr(st));
-        let bias = ptr(&self.w.layers[layer].qkv_b, st);
-        let offs = ptr(&self.ws.offsets, st);
-        let (h, dh) = (cfg.hidden_size as i32, cfg.head_dim() as i32);
-        let scale_log2e = std::f32::consts::LOG2_E / (cfg.head_dim() as f32).sqrt();
-        let mut l = st.launch_builder(&self.k.attention.0);
-        l.arg(&qkv)
-            .arg(&bias)
-            .arg(&offs)
-            .arg(&h)
-            .arg(&dh)
-            .arg(&scale_log2e)
-            .arg(&ctx);
-        let cfg = LaunchConfig {
-            grid_dim: (
-                (s.max_len as u32).div_ceil(self.k.attn_rows).max(1),
-                cfg.num_attention_heads as u32,
-                s.sequences as u32,
-            ),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: self.k.attn_smem,
-        };
-        // SAFETY: blocks read the QKV rows of their own sequence (offsets were validated and
-        // uploaded) and write its ctx rows; the shared-memory size matches the kernel's layout.
-        unsafe { l.launch(cfg) }.map_err(cuda_err("launching rrra_attention_varlen"))?;
-        Ok(())
+        self.k.attention.launch(
+            st,
+            &self.cfg,
+            self.ws.qkv.ptr(st),
+            ptr(&self.w.layers[layer].qkv_b, st),
+            ptr(&self.ws.offsets, st),
+            s.sequences,
+            s.max_len,
+            self.ws.ctx.ptr(st),
+        )
     }
 
     fn launch_add_ln(
@@ -965,7 +1004,7 @@ fn grid1(items: u32, per_block: u32, threads: u32) -> LaunchConfig {
 }
 
 /// What the kernels support: hidden ≤ 1024 and a multiple of 8 (vector accesses), head dim ≤ 128.
-fn check_config(cfg: &BertConfig) -> Result<()> {
+pub(crate) fn check_config(cfg: &BertConfig) -> Result<()> {
     let (h, heads) = (cfg.hidden_size, cfg.num_attention_heads);
     if h == 0 || heads == 0 || h % heads != 0 {
         return Err(Error::InvalidArgument(format!(
@@ -1208,7 +1247,7 @@ impl GpuBert {
 
         let ms = gpu.time_ms(reps, || self.launch_attention(0, &shape))?;
         push(
-            &self.k.attention.1.clone(),
+            &self.k.attention.name.clone(),
             ms,
             t * 4.0 * h * sz,
             4.0 * shape.sum_len_sq * h,

@@ -30,6 +30,7 @@ pub mod adapter;
 pub mod adapter_train;
 pub mod ceilings;
 pub mod encoder;
+pub mod encoder_train;
 pub mod mining;
 pub mod nvtx;
 pub mod retriever;

@@ -282,3 +282,176 @@ pub(crate) fn allow_smem(f: &CudaFunction, bytes: usize) -> Result<()> {
     )
     .map_err(cuda_err("setting a kernel's shared memory size"))
 }
+
+/// cuBLAS (column-major) arguments of the row-major product `C[m × n] = op(A)·op(B)`, with
+/// `op(A)` `[m × k]` and `op(B)` `[k × n]`, every matrix densely stored row by row.
+///
+/// A row-major `[r × c]` matrix is the column-major `[c × r]` one (its transpose) with leading
+/// dimension c, so the product is computed as `Cᵀ = op(B)ᵀ·op(A)ᵀ`: cuBLAS's first operand is
+/// B's memory and its second A's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ColMajorGemm {
+    /// Transpose flags of cuBLAS's first (B's memory) and second (A's memory) operands.
+    trans_first: bool,
+    trans_second: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    ld_first: usize,
+    ld_second: usize,
+    ldc: usize,
+}
+
+pub(crate) fn col_major(
+    trans_a: bool,
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> ColMajorGemm {
+    ColMajorGemm {
+        // B stored [k × n] (or [n × k] when transposed): column-major, that is op(B)ᵀ already
+        // (or its transpose).
+        trans_first: trans_b,
+        trans_second: trans_a,
+        m: n,
+        n: m,
+        k,
+        ld_first: if trans_b { k } else { n },
+        ld_second: if trans_a { m } else { k },
+        ldc: n,
+    }
+}
+
+/// A cuBLAS handle on `stream` for f32 products in full f32 (the default math mode: no TF32),
+/// or a typed error when libcublas is missing (cudarc would panic on first use).
+pub(crate) fn cublas_f32(stream: &Arc<CudaStream>) -> Result<cudarc::cublas::CudaBlas> {
+    use cudarc::cublas::sys as blas_sys;
+    // SAFETY: only tries to dlopen libcublas.
+    if !unsafe { blas_sys::is_culib_present() } {
+        return Err(Error::CudaUnavailable(
+            "the cuBLAS library (libcublas) is not installed".into(),
+        ));
+    }
+    let blas = cudarc::cublas::CudaBlas::new(stream.clone())
+        .map_err(|e| Error::Cuda(format!("creating a cuBLAS handle: {e}")))?;
+    // SAFETY: a live handle.
+    unsafe {
+        blas_sys::cublasSetMathMode(*blas.handle(), blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH)
+            .result()
+            .map_err(|e| Error::Cuda(format!("setting the cuBLAS math mode: {e}")))?;
+    }
+    Ok(blas)
+}
+
+/// Row-major `C[m × n] = op(A)·op(B) + beta·C` in f32 on `blas`'s stream, A, B and C the
+/// device addresses of dense row-major matrices (see [`col_major`]).
+///
+/// # Safety
+/// The addresses hold at least `op(A)`'s m·k, `op(B)`'s k·n and C's m·n floats, on the
+/// handle's stream (or ordered before it).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn sgemm_row_major(
+    blas: &cudarc::cublas::CudaBlas,
+    trans_a: bool,
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: u64,
+    b: u64,
+    beta: f32,
+    c: u64,
+) -> Result<()> {
+    use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+    let g = col_major(trans_a, trans_b, m, n, k);
+    let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+    let alpha = 1.0f32;
+    cudarc::cublas::result::sgemm(
+        *blas.handle(),
+        op(g.trans_first),
+        op(g.trans_second),
+        to_i32(g.m, "GEMM size")?,
+        to_i32(g.n, "GEMM size")?,
+        to_i32(g.k, "GEMM size")?,
+        &alpha,
+        b as *const f32,
+        to_i32(g.ld_first, "GEMM stride")?,
+        a as *const f32,
+        to_i32(g.ld_second, "GEMM stride")?,
+        &beta,
+        c as *mut f32,
+        to_i32(g.ldc, "GEMM stride")?,
+    )
+    .map_err(|e| Error::Cuda(format!("cuBLAS sgemm {m} × {n} × {k}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// BLAS sgemm semantics on column-major storage: C = op(A)·op(B), C `[m × n]`.
+    #[allow(clippy::too_many_arguments)]
+    fn sgemm_col_major(
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f64],
+        lda: usize,
+        b: &[f64],
+        ldb: usize,
+        c: &mut [f64],
+        ldc: usize,
+    ) {
+        for j in 0..n {
+            for i in 0..m {
+                let mut s = 0.0;
+                for l in 0..k {
+                    let av = if ta { a[l + i * lda] } else { a[i + l * lda] };
+                    let bv = if tb { b[j + l * ldb] } else { b[l + j * ldb] };
+                    s += av * bv;
+                }
+                c[i + j * ldc] = s;
+            }
+        }
+    }
+
+    #[test]
+    fn row_major_products_map_onto_column_major_blas() {
+        let (m, n, k) = (5usize, 3usize, 7usize);
+        let val = |i: usize, salt: usize| ((i * 37 + salt * 11) % 17) as f64 - 8.0;
+        for ta in [false, true] {
+            for tb in [false, true] {
+                // A stored [m × k] (or [k × m] when transposed), B [k × n] (or [n × k]).
+                let a: Vec<f64> = (0..m * k).map(|i| val(i, 1)).collect();
+                let b: Vec<f64> = (0..k * n).map(|i| val(i, 2)).collect();
+                let at = |i: usize, l: usize| if ta { a[l * m + i] } else { a[i * k + l] };
+                let bt = |l: usize, j: usize| if tb { b[j * k + l] } else { b[l * n + j] };
+                let mut want = vec![0.0; m * n];
+                for i in 0..m {
+                    for j in 0..n {
+                        want[i * n + j] = (0..k).map(|l| at(i, l) * bt(l, j)).sum();
+                    }
+                }
+                let g = col_major(ta, tb, m, n, k);
+                let mut got = vec![f64::NAN; m * n];
+                sgemm_col_major(
+                    g.trans_first,
+                    g.trans_second,
+                    g.m,
+                    g.n,
+                    g.k,
+                    &b,
+                    g.ld_first,
+                    &a,
+                    g.ld_second,
+                    &mut got,
+                    g.ldc,
+                );
+                assert_eq!(got, want, "trans_a {ta}, trans_b {tb}");
+            }
+        }
+    }
+}

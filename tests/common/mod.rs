@@ -212,3 +212,78 @@ pub fn tiny_beir(dir: &std::path::Path) -> PathBuf {
     }
     beir
 }
+
+/// ../shared/fixtures/tiny-bert/debug_state.safetensors: a batch, its embeddings, the InfoNCE
+/// loss and every parameter gradient in float64 (PyTorch), with the temperature.
+pub struct TinyBertFixture {
+    pub tensors: std::collections::HashMap<String, (Vec<usize>, Vec<f64>)>,
+    pub tau: f32,
+}
+
+pub fn tiny_bert_fixture() -> TinyBertFixture {
+    use safetensors::{Dtype, SafeTensors};
+    let path = shared().join("fixtures/tiny-bert/debug_state.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    for (name, t) in st.tensors() {
+        let v: Vec<f64> = match t.dtype() {
+            Dtype::F64 => t
+                .data()
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            Dtype::I64 => t
+                .data()
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
+                .collect(),
+            other => panic!("unexpected dtype {other:?} for {name}"),
+        };
+        tensors.insert(name.clone(), (t.shape().to_vec(), v));
+    }
+    let meta = safetensors_metadata(&path);
+    TinyBertFixture {
+        tensors,
+        tau: meta["tau"].parse().unwrap(),
+    }
+}
+
+impl TinyBertFixture {
+    /// The fixture's InfoNCE (3 queries, then 6 documents, query i's positive is document i)
+    /// over embeddings `[9 × h]`: the loss and its gradient with respect to the embeddings.
+    pub fn loss_and_gradient(&self, emb: &[f32], h: usize) -> (f64, Vec<f32>) {
+        use rrra::train::loss::{info_nce, InfoNceInput};
+        let (q, d) = emb.split_at(3 * h);
+        let mut d_emb = vec![0.0f32; emb.len()];
+        let (dq, dd) = d_emb.split_at_mut(3 * h);
+        let stats = info_nce(
+            &InfoNceInput {
+                queries: q,
+                docs: d,
+                dim: h,
+                targets: &[0, 1, 2],
+                log_weights: None,
+                tau: self.tau,
+            },
+            dq,
+            dd,
+        )
+        .unwrap();
+        (stats.loss, d_emb)
+    }
+
+    /// Packs the rows of an `input_ids` tensor, keeping only the tokens its attention mask
+    /// keeps.
+    pub fn push_rows(&self, batch: &mut rrra::model::bert::PackedBatch, ids: &str, mask: &str) {
+        let (shape, ids) = &self.tensors[ids];
+        let (_, mask) = &self.tensors[mask];
+        for r in 0..shape[0] {
+            let row: Vec<u32> = (0..shape[1])
+                .filter(|&c| mask[r * shape[1] + c] != 0.0)
+                .map(|c| ids[r * shape[1] + c] as u32)
+                .collect();
+            batch.push(&row, &vec![0; row.len()]);
+        }
+    }
+}

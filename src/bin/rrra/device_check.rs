@@ -5,8 +5,8 @@
 
 use clap::Args;
 use rrra::device::{
-    adamw, adapter, adapter_train, attention_backward, backward, ceilings, encoder, infonce,
-    sampler, topk, Gpu, KernelTiming,
+    adamw, adapter, adapter_train, attention_backward, backward, ceilings, encoder, encoder_train,
+    infonce, sampler, topk, Gpu, KernelTiming,
 };
 use rrra::{Error, Result};
 use std::path::PathBuf;
@@ -43,6 +43,7 @@ pub fn run(a: DeviceCheckArgs) -> Result<()> {
         ("AdamW", adamw::bench),
         ("encoder backward", backward::bench),
         ("attention backward", attention_backward::bench),
+        ("encoder training", encoder_train::bench),
     ] {
         eprintln!("timing {what} kernels ...");
         match bench(&gpu) {

@@ -1,0 +1,817 @@
+//! The encoder's training forward and backward on the GPU, f32: the device twin of
+//! [`crate::train::encoder_grad::TrainableEncoder`] (packed variable-length batch, post-LN BERT,
+//! pooling and optional L2 normalisation), with the same contract: the forward returns the
+//! embeddings the loss sees, the backward *adds* every parameter gradient to a
+//! [`BertWeights`] accumulator.
+//!
+//! Pieces: the GEMMs and the linear layers' input and weight gradients are cuBLAS f32 products
+//! (row-major mapping in [`super::runtime::sgemm_row_major`], weight gradients accumulated with
+//! beta = 1); attention and pooling run the inference kernels; the row-wise forward steps that
+//! must keep their inputs are `kernels/encoder_train.cu`; the backward uses
+//! [`super::backward::GpuBackward`] (LayerNorm, bias, GELU, pooling, L2 and the atomic-free
+//! embedding scatter) and [`super::attention_backward::GpuAttentionBackward`].
+//!
+//! Kept per layer (the CPU's `ActivationMode::Keep`): the layer input, the QKV projection
+//! (without its bias: attention adds it, and its backward takes it), the attention context, the
+//! two pre-LayerNorm sums and the pre-GELU activations; the GELU output is recomputed in
+//! backward. Dropout is not implemented on this path: it trains as the CPU does with
+//! [`crate::train::encoder_grad::DropoutPlan::none`].
+//!
+//! Precision: f32 throughout, cuBLAS in its default math mode (no TF32); against the CPU only
+//! summation orders and erf/exp differ (tests/gpu_encoder_train.rs states the tolerances).
+//!
+//! Memory: [`GpuTrainableEncoder::new`] uploads the weights and allocates every activation for
+//! `max_tokens` tokens in `max_sequences` sequences; a step then allocates only the embedding
+//! gradient's schedule (a few index arrays per batch).
+
+use super::attention_backward::GpuAttentionBackward;
+use super::backward::{EmbeddingGradPlan, GpuBackward};
+use super::encoder::{check_config, AttentionKernel, Precision};
+use super::runtime::{alloc, cublas_f32, cuda_err, launch_cfg, ptr, sgemm_row_major, to_i32, Gpu};
+use crate::error::{Error, Result};
+use crate::model::bert::{Bert, PackedBatch};
+use crate::model::config::BertConfig;
+use crate::model::pooling::Pooling;
+use crate::model::weights::BertWeights;
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, PushKernelArg};
+use std::sync::Arc;
+
+const MODULE: &str = "encoder_train";
+const THREADS: u32 = 256;
+const MAX_BLOCKS: usize = 1 << 16;
+
+/// Indices of a layer's tensors within its 12 (the order of `BertWeights::tensors`).
+mod t {
+    pub const QKV_W: usize = 0;
+    pub const QKV_B: usize = 1;
+    pub const ATTN_OUT_W: usize = 2;
+    pub const ATTN_OUT_B: usize = 3;
+    pub const ATTN_LN_G: usize = 4;
+    pub const ATTN_LN_B: usize = 5;
+    pub const INTER_W: usize = 6;
+    pub const INTER_B: usize = 7;
+    pub const OUT_W: usize = 8;
+    pub const OUT_B: usize = 9;
+    pub const OUT_LN_G: usize = 10;
+    pub const OUT_LN_B: usize = 11;
+    pub const PER_LAYER: usize = 12;
+    /// word, position, type tables, then the embedding LayerNorm's gamma and beta
+    pub const EMBEDDING: usize = 5;
+    pub const WORD: usize = 0;
+    pub const POS: usize = 1;
+    pub const TYPE: usize = 2;
+    pub const EMB_LN_G: usize = 3;
+    pub const EMB_LN_B: usize = 4;
+}
+
+struct Kernels {
+    embed_sum: CudaFunction,
+    layernorm: CudaFunction,
+    bias_residual: CudaFunction,
+    bias_gelu: CudaFunction,
+    gelu: CudaFunction,
+    add: CudaFunction,
+    attention: AttentionKernel,
+    pool: [CudaFunction; 3],
+}
+
+/// What one layer's forward keeps.
+struct LayerActs {
+    qkv: CudaSlice<f32>,
+    ctx: CudaSlice<f32>,
+    s1: CudaSlice<f32>,
+    x1: CudaSlice<f32>,
+    mid_pre: CudaSlice<f32>,
+    s2: CudaSlice<f32>,
+}
+
+/// The batch of the last forward.
+struct Batch {
+    tokens: usize,
+    sequences: usize,
+    offsets: Vec<u32>,
+    plan: EmbeddingGradPlan,
+}
+
+/// A BERT encoder resident on one GPU for training, with its gradients and activations.
+pub struct GpuTrainableEncoder {
+    cfg: BertConfig,
+    pooling: Pooling,
+    normalize: bool,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    k: Kernels,
+    bw: GpuBackward,
+    attn_bw: GpuAttentionBackward,
+    max_tokens: usize,
+    max_sequences: usize,
+    /// Weights and gradients, each tensor in the order of `BertWeights::tensors`.
+    w: Vec<CudaSlice<f32>>,
+    g: Vec<CudaSlice<f32>>,
+    ids: CudaSlice<u32>,
+    type_ids: CudaSlice<u32>,
+    offsets: CudaSlice<u32>,
+    emb_sum: CudaSlice<f32>,
+    /// `inputs[l]` enters layer l; the last one is the encoder output.
+    inputs: Vec<CudaSlice<f32>>,
+    layers: Vec<LayerActs>,
+    pooled: CudaSlice<f32>,
+    embeddings: CudaSlice<f32>,
+    // backward scratch
+    mid: CudaSlice<f32>,
+    d_emb: CudaSlice<f32>,
+    d_pooled: CudaSlice<f32>,
+    dx: CudaSlice<f32>,
+    ds_a: CudaSlice<f32>,
+    ds_b: CudaSlice<f32>,
+    dctx: CudaSlice<f32>,
+    dqkv: CudaSlice<f32>,
+    dmid: CudaSlice<f32>,
+    last: Option<Batch>,
+}
+
+impl GpuTrainableEncoder {
+    /// Uploads `bert`'s weights to `gpu` and sizes everything for batches of at most
+    /// `max_tokens` tokens in `max_sequences` sequences. Work goes on the default stream.
+    pub fn new(
+        gpu: &Gpu,
+        bert: &Bert,
+        pooling: Pooling,
+        normalize: bool,
+        max_tokens: usize,
+        max_sequences: usize,
+    ) -> Result<GpuTrainableEncoder> {
+        let cfg = bert.cfg.clone();
+        check_config(&cfg)?;
+        if max_tokens == 0 || max_sequences == 0 {
+            return Err(Error::InvalidArgument(
+                "training buffers need at least one token and one sequence".into(),
+            ));
+        }
+        let (h, inter, layers) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_hidden_layers,
+        );
+        to_i32(
+            max_tokens.saturating_mul(inter.max(3 * h)),
+            "tokens × width",
+        )?;
+        let stream = gpu.stream().clone();
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(cuda_err("binding the context"))?;
+        let f = |name: &str| gpu.function(MODULE, name);
+        let k = Kernels {
+            embed_sum: f("rrra_train_embed_sum_f32")?,
+            layernorm: f("rrra_train_layernorm_f32")?,
+            bias_residual: f("rrra_train_bias_residual_f32")?,
+            bias_gelu: f("rrra_train_bias_gelu_f32")?,
+            gelu: f("rrra_train_gelu_f32")?,
+            add: f("rrra_train_add_f32")?,
+            attention: AttentionKernel::load(gpu, &cfg, Precision::F32)?,
+            pool: [
+                gpu.function("pooling", "rrra_pool_mean_f32")?,
+                gpu.function("pooling", "rrra_pool_cls_f32")?,
+                gpu.function("pooling", "rrra_pool_max_f32")?,
+            ],
+        };
+        let bw = GpuBackward::new(gpu)?;
+        let attn_bw =
+            GpuAttentionBackward::new(gpu, h, cfg.num_attention_heads, max_tokens, max_sequences)?;
+        let blas = cublas_f32(&stream)?;
+        let host = bert.weights.tensors();
+        let mut w = Vec::with_capacity(host.len());
+        let mut g = Vec::with_capacity(host.len());
+        for t in &host {
+            w.push(upload(&stream, t, "encoder weights")?);
+            g.push(alloc(&stream, t.len(), "encoder gradients")?);
+        }
+        let (mt, ms) = (max_tokens, max_sequences);
+        let buf = |n: usize, what: &str| alloc::<f32>(&stream, n, what);
+        let mut inputs = Vec::with_capacity(layers + 1);
+        for _ in 0..=layers {
+            inputs.push(buf(mt * h, "layer inputs")?);
+        }
+        let mut acts = Vec::with_capacity(layers);
+        for _ in 0..layers {
+            acts.push(LayerActs {
+                qkv: buf(mt * 3 * h, "QKV projections")?,
+                ctx: buf(mt * h, "attention contexts")?,
+                s1: buf(mt * h, "attention sums")?,
+                x1: buf(mt * h, "attention outputs")?,
+                mid_pre: buf(mt * inter, "FFN pre-activations")?,
+                s2: buf(mt * h, "FFN sums")?,
+            });
+        }
+        let enc = GpuTrainableEncoder {
+            ids: alloc(&stream, mt, "token ids")?,
+            type_ids: alloc(&stream, mt, "token type ids")?,
+            offsets: alloc(&stream, ms + 1, "sequence offsets")?,
+            emb_sum: buf(mt * h, "embedding sums")?,
+            pooled: buf(ms * h, "pooled vectors")?,
+            embeddings: buf(ms * h, "embeddings")?,
+            mid: buf(mt * inter, "FFN activations")?,
+            d_emb: buf(ms * h, "embedding gradients")?,
+            d_pooled: buf(ms * h, "pooled gradients")?,
+            dx: buf(mt * h, "hidden gradients")?,
+            ds_a: buf(mt * h, "hidden gradients")?,
+            ds_b: buf(mt * h, "hidden gradients")?,
+            dctx: buf(mt * h, "context gradients")?,
+            dqkv: buf(mt * 3 * h, "QKV gradients")?,
+            dmid: buf(mt * inter, "FFN gradients")?,
+            inputs,
+            layers: acts,
+            w,
+            g,
+            cfg,
+            pooling,
+            normalize,
+            stream,
+            blas,
+            k,
+            bw,
+            attn_bw,
+            max_tokens,
+            max_sequences,
+            last: None,
+        };
+        enc.stream
+            .synchronize()
+            .map_err(cuda_err("uploading the encoder"))?;
+        Ok(enc)
+    }
+
+    pub fn config(&self) -> &BertConfig {
+        &self.cfg
+    }
+
+    /// Replaces the weights (same configuration), e.g. after a host optimizer step.
+    pub fn set_weights(&mut self, weights: &BertWeights) -> Result<()> {
+        let host = weights.tensors();
+        if host.len() != self.w.len() || host.iter().zip(&self.w).any(|(h, d)| h.len() != d.len()) {
+            return Err(Error::InvalidArgument(
+                "weights of another shape than the encoder on the GPU".into(),
+            ));
+        }
+        for (h, d) in host.iter().zip(self.w.iter_mut()) {
+            self.stream
+                .memcpy_htod(*h, d)
+                .map_err(cuda_err("uploading encoder weights"))?;
+        }
+        self.stream
+            .synchronize()
+            .map_err(cuda_err("uploading encoder weights"))?;
+        self.last = None;
+        Ok(())
+    }
+
+    fn layer_w(&self, l: usize, i: usize) -> &CudaSlice<f32> {
+        &self.w[t::EMBEDDING + l * t::PER_LAYER + i]
+    }
+
+    /// Forward over `batch`; returns the embeddings the loss sees, `[sequences × h]`, and keeps
+    /// the activations for [`GpuTrainableEncoder::backward`].
+    pub fn forward(&mut self, batch: &PackedBatch) -> Result<Vec<f32>> {
+        self.last = None;
+        let b = self.upload_batch(batch)?;
+        let cfg = self.cfg.clone();
+        let (h, inter, tok) = (cfg.hidden_size, cfg.intermediate_size, b.tokens);
+        let st = self.stream.clone();
+        let eps = cfg.layer_norm_eps as f32;
+        let p = |s: &CudaSlice<f32>| ptr(s, &st);
+        let (ids, tys, offs) = (
+            ptr(&self.ids, &st),
+            ptr(&self.type_ids, &st),
+            ptr(&self.offsets, &st),
+        );
+        let (we, pe, te) = (p(&self.w[t::WORD]), p(&self.w[t::POS]), p(&self.w[t::TYPE]));
+        let (hi, es) = (to_i32(h, "hidden size")?, p(&self.emb_sum));
+        // SAFETY (every launch in this function): the buffers were sized at construction for
+        // max_tokens / max_sequences, which `upload_batch` checked; ids and positions were
+        // checked against their tables; the arguments follow the kernels' signatures.
+        unsafe {
+            st.launch_builder(&self.k.embed_sum)
+                .arg(&ids)
+                .arg(&tys)
+                .arg(&offs)
+                .arg(&we)
+                .arg(&pe)
+                .arg(&te)
+                .arg(&hi)
+                .arg(&es)
+                .launch(launch_cfg(b.sequences, THREADS, 0)?)
+        }
+        .map_err(cuda_err("launching rrra_train_embed_sum_f32"))?;
+        let (g0, b0) = (p(&self.w[t::EMB_LN_G]), p(&self.w[t::EMB_LN_B]));
+        self.layernorm(es, g0, b0, eps, tok, p(&self.inputs[0]))?;
+        let max_len = b
+            .offsets
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0);
+        for l in 0..cfg.num_hidden_layers {
+            let x = p(&self.inputs[l]);
+            let a = &self.layers[l];
+            let (qkv, ctx, s1, x1) = (p(&a.qkv), p(&a.ctx), p(&a.s1), p(&a.x1));
+            let (mid_pre, s2, mid) = (p(&a.mid_pre), p(&a.s2), p(&self.mid));
+            let wp = |i: usize| p(self.layer_w(l, i));
+            self.linear(x, tok, h, wp(t::QKV_W), 3 * h, qkv)?;
+            self.k.attention.launch(
+                &st,
+                &cfg,
+                qkv,
+                wp(t::QKV_B),
+                offs,
+                b.sequences,
+                max_len,
+                ctx,
+            )?;
+            self.linear(ctx, tok, h, wp(t::ATTN_OUT_W), h, s1)?;
+            self.bias_residual(s1, wp(t::ATTN_OUT_B), x, tok, h)?;
+            self.layernorm(s1, wp(t::ATTN_LN_G), wp(t::ATTN_LN_B), eps, tok, x1)?;
+            self.linear(x1, tok, h, wp(t::INTER_W), inter, mid_pre)?;
+            self.bias_gelu(mid_pre, wp(t::INTER_B), tok, inter, mid)?;
+            self.linear(mid, tok, inter, wp(t::OUT_W), h, s2)?;
+            self.bias_residual(s2, wp(t::OUT_B), x1, tok, h)?;
+            let out = p(&self.inputs[l + 1]);
+            self.layernorm(s2, wp(t::OUT_LN_G), wp(t::OUT_LN_B), eps, tok, out)?;
+        }
+        let hidden = p(&self.inputs[cfg.num_hidden_layers]);
+        self.pool(hidden, b.sequences, false, p(&self.pooled))?;
+        self.pool(hidden, b.sequences, self.normalize, p(&self.embeddings))?;
+        let mut out = vec![0.0f32; b.sequences * h];
+        st.memcpy_dtoh(&self.embeddings.slice(..out.len()), &mut out)
+            .map_err(cuda_err("downloading embeddings"))?;
+        self.last = Some(b);
+        Ok(out)
+    }
+
+    /// Adds the parameter gradients of `Σ d_embeddings ⊙ embeddings` (over the last forward's
+    /// batch) to `grads`.
+    pub fn backward(&mut self, d_embeddings: &[f32], grads: &mut BertWeights) -> Result<()> {
+        let host = grads.tensors();
+        if host.len() != self.g.len() || host.iter().zip(&self.g).any(|(a, d)| a.len() != d.len()) {
+            return Err(Error::InvalidArgument(
+                "gradient accumulator of another shape than the encoder".into(),
+            ));
+        }
+        self.backward_on_device(d_embeddings)?;
+        // download and add, as the CPU's backward accumulates
+        let mut tmp = Vec::new();
+        for ((acc, _), dev) in grads.tensors_mut().into_iter().zip(&self.g) {
+            tmp.resize(acc.len(), 0.0f32);
+            self.stream
+                .memcpy_dtoh(dev, &mut tmp[..])
+                .map_err(cuda_err("downloading encoder gradients"))?;
+            for (a, v) in acc.iter_mut().zip(&tmp) {
+                *a += v;
+            }
+        }
+        Ok(())
+    }
+
+    /// The backward with the gradients left on the device (overwritten, not added to).
+    fn backward_on_device(&mut self, d_embeddings: &[f32]) -> Result<()> {
+        let b = self.last.take().ok_or_else(|| {
+            Error::InvalidArgument("the encoder's backward needs a forward first".into())
+        })?;
+        let r = self.backward_batch(&b, d_embeddings);
+        self.last = Some(b);
+        r
+    }
+
+    fn backward_batch(&mut self, b: &Batch, d_embeddings: &[f32]) -> Result<()> {
+        let cfg = self.cfg.clone();
+        let (h, inter, tok, seqs) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            b.tokens,
+            b.sequences,
+        );
+        let eps = cfg.layer_norm_eps as f32;
+        if d_embeddings.len() != seqs * h {
+            return Err(Error::InvalidArgument(format!(
+                "embedding gradient of {} values for {seqs} sequences × {h}",
+                d_embeddings.len()
+            )));
+        }
+        let st = self.stream.clone();
+        for g in self.g.iter_mut() {
+            st.memset_zeros(g)
+                .map_err(cuda_err("zeroing encoder gradients"))?;
+        }
+        st.memcpy_htod(
+            d_embeddings,
+            &mut self.d_emb.slice_mut(..d_embeddings.len()),
+        )
+        .map_err(cuda_err("uploading embedding gradients"))?;
+        // normalisation and pooling backward → gradient of the encoder output, in dx
+        if self.normalize {
+            self.bw
+                .l2_normalize(&self.pooled, Some(&self.d_emb), seqs, h, &mut self.d_pooled)?;
+        } else {
+            st.memcpy_dtod(
+                &self.d_emb.slice(..seqs * h),
+                &mut self.d_pooled.slice_mut(..seqs * h),
+            )
+            .map_err(cuda_err("copying embedding gradients"))?;
+        }
+        let hidden = &self.inputs[cfg.num_hidden_layers];
+        self.bw.pool(
+            self.pooling,
+            &self.d_pooled,
+            Some(hidden),
+            &self.offsets,
+            seqs,
+            tok,
+            h,
+            &mut self.dx,
+        )?;
+        let p = |s: &CudaSlice<f32>| ptr(s, &st);
+        for l in (0..cfg.num_hidden_layers).rev() {
+            let base = t::EMBEDDING + l * t::PER_LAYER;
+            let gi = |i: usize| base + i;
+            // out = LN2(s2): ds2 in ds_a
+            {
+                let (g_ln, b_ln) = pair_mut(&mut self.g, gi(t::OUT_LN_G), gi(t::OUT_LN_B));
+                self.bw.layernorm(
+                    &self.layers[l].s2,
+                    &self.w[gi(t::OUT_LN_G)],
+                    &self.dx,
+                    tok,
+                    h,
+                    eps,
+                    &mut self.ds_a,
+                    g_ln,
+                    b_ln,
+                    true,
+                )?;
+            }
+            // s2 = mid·Wo2ᵀ + bo2 + x1: dmid, ∂Wo2, ∂bo2
+            self.gelu(p(&self.layers[l].mid_pre), tok * inter, p(&self.mid))?;
+            self.linear_backward(
+                p(&self.mid),
+                tok,
+                inter,
+                gi(t::OUT_W),
+                gi(t::OUT_B),
+                h,
+                SliceId::DsA,
+                Some(p(&self.dmid)),
+            )?;
+            self.bw
+                .gelu(&self.layers[l].mid_pre, &mut self.dmid, tok * inter)?;
+            // mid_pre = x1·Wiᵀ + bi: dx1 in ds_b, then + ds2 (the residual)
+            self.linear_backward(
+                p(&self.layers[l].x1),
+                tok,
+                h,
+                gi(t::INTER_W),
+                gi(t::INTER_B),
+                inter,
+                SliceId::Dmid,
+                Some(p(&self.ds_b)),
+            )?;
+            self.add(p(&self.ds_b), p(&self.ds_a), tok * h)?;
+            // x1 = LN1(s1): ds1 in ds_a
+            {
+                let (g_ln, b_ln) = pair_mut(&mut self.g, gi(t::ATTN_LN_G), gi(t::ATTN_LN_B));
+                self.bw.layernorm(
+                    &self.layers[l].s1,
+                    &self.w[gi(t::ATTN_LN_G)],
+                    &self.ds_b,
+                    tok,
+                    h,
+                    eps,
+                    &mut self.ds_a,
+                    g_ln,
+                    b_ln,
+                    true,
+                )?;
+            }
+            // s1 = ctx·Woᵀ + bo + x: dctx
+            self.linear_backward(
+                p(&self.layers[l].ctx),
+                tok,
+                h,
+                gi(t::ATTN_OUT_W),
+                gi(t::ATTN_OUT_B),
+                h,
+                SliceId::DsA,
+                Some(p(&self.dctx)),
+            )?;
+            self.attn_bw.backward(
+                &b.offsets,
+                &self.layers[l].qkv,
+                Some(&self.w[gi(t::QKV_B)]),
+                &self.dctx,
+                None,
+                &mut self.dqkv,
+            )?;
+            // qkv = x·Wqkvᵀ (+ bias, inside attention): dx, then + ds1 (the residual)
+            self.linear_backward(
+                p(&self.inputs[l]),
+                tok,
+                h,
+                gi(t::QKV_W),
+                gi(t::QKV_B),
+                3 * h,
+                SliceId::Dqkv,
+                Some(p(&self.dx)),
+            )?;
+            self.add(p(&self.dx), p(&self.ds_a), tok * h)?;
+        }
+        // embeddings: LayerNorm backward into ds_a, then the scatter into the three tables
+        {
+            let (g_ln, b_ln) = pair_mut(&mut self.g, t::EMB_LN_G, t::EMB_LN_B);
+            self.bw.layernorm(
+                &self.emb_sum,
+                &self.w[t::EMB_LN_G],
+                &self.dx,
+                tok,
+                h,
+                eps,
+                &mut self.ds_a,
+                g_ln,
+                b_ln,
+                true,
+            )?;
+        }
+        let plan = b.plan.upload_on(&st)?;
+        {
+            let (word, rest) = self.g.split_at_mut(t::POS);
+            let (pos, rest) = rest.split_at_mut(1);
+            self.bw.embedding(
+                &plan,
+                &self.ds_a,
+                h,
+                &mut word[0],
+                &mut pos[0],
+                &mut rest[0],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Checks `batch` against the model and the buffers and uploads its ids and offsets.
+    fn upload_batch(&mut self, batch: &PackedBatch) -> Result<Batch> {
+        let (tokens, sequences) = (batch.tokens(), batch.sequences());
+        if tokens > self.max_tokens || sequences > self.max_sequences || sequences == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "a batch of {tokens} tokens in {sequences} sequences for buffers of {} tokens \
+                 in {} sequences (at least one sequence)",
+                self.max_tokens, self.max_sequences
+            )));
+        }
+        // ids, type ids and positions are checked against their tables here
+        let plan = EmbeddingGradPlan::new(
+            &batch.ids,
+            &batch.type_ids,
+            &batch.offsets,
+            self.cfg.vocab_size,
+            self.cfg.max_position_embeddings,
+            self.cfg.type_vocab_size,
+        )?;
+        let offsets: Vec<u32> = batch.offsets.iter().map(|&o| o as u32).collect();
+        let st = &self.stream;
+        if tokens > 0 {
+            st.memcpy_htod(&batch.ids, &mut self.ids.slice_mut(..tokens))
+                .map_err(cuda_err("uploading token ids"))?;
+            st.memcpy_htod(&batch.type_ids, &mut self.type_ids.slice_mut(..tokens))
+                .map_err(cuda_err("uploading token type ids"))?;
+        }
+        st.memcpy_htod(&offsets, &mut self.offsets.slice_mut(..offsets.len()))
+            .map_err(cuda_err("uploading offsets"))?;
+        Ok(Batch {
+            tokens,
+            sequences,
+            offsets,
+            plan,
+        })
+    }
+
+    /// `y[rows × out] = x[rows × inp] · Wᵀ` (no bias).
+    fn linear(&self, x: u64, rows: usize, inp: usize, w: u64, out: usize, y: u64) -> Result<()> {
+        // SAFETY: x, W and y are buffers of at least rows·inp, out·inp and rows·out floats.
+        unsafe { sgemm_row_major(&self.blas, false, true, rows, out, inp, x, w, 0.0, y) }
+    }
+
+    /// Backward of `y = x·Wᵀ + b` for `dy` (one of the scratch gradients): `dx = dy·W` when
+    /// asked, `∂W += dyᵀ·x`, `∂b += Σ dy`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &mut self,
+        x: u64,
+        rows: usize,
+        inp: usize,
+        w_index: usize,
+        b_index: usize,
+        out: usize,
+        dy: SliceId,
+        dx: Option<u64>,
+    ) -> Result<()> {
+        let st = self.stream.clone();
+        let dy_slice = match dy {
+            SliceId::DsA => &self.ds_a,
+            SliceId::Dmid => &self.dmid,
+            SliceId::Dqkv => &self.dqkv,
+        };
+        let dy_ptr = ptr(dy_slice, &st);
+        let (w, gw) = (ptr(&self.w[w_index], &st), ptr(&self.g[w_index], &st));
+        // SAFETY: dy is rows·out floats, W and ∂W out·inp, x and dx rows·inp.
+        unsafe {
+            if let Some(dx) = dx {
+                sgemm_row_major(&self.blas, false, false, rows, inp, out, dy_ptr, w, 0.0, dx)?;
+            }
+            sgemm_row_major(&self.blas, true, false, out, inp, rows, dy_ptr, x, 1.0, gw)?;
+        }
+        self.bw
+            .bias(dy_slice, rows, out, &mut self.g[b_index], true)
+    }
+
+    fn layernorm(&self, s: u64, g: u64, b: u64, eps: f32, rows: usize, y: u64) -> Result<()> {
+        let (r, h) = (
+            to_i32(rows, "rows")?,
+            to_i32(self.cfg.hidden_size, "hidden size")?,
+        );
+        // SAFETY: s and y hold rows × h floats, gamma and beta h; one warp per row.
+        unsafe {
+            self.stream
+                .launch_builder(&self.k.layernorm)
+                .arg(&s)
+                .arg(&g)
+                .arg(&b)
+                .arg(&eps)
+                .arg(&r)
+                .arg(&h)
+                .arg(&y)
+                .launch(launch_cfg(
+                    (rows * 32).div_ceil(THREADS as usize),
+                    THREADS,
+                    0,
+                )?)
+        }
+        .map_err(cuda_err("launching rrra_train_layernorm_f32"))?;
+        Ok(())
+    }
+
+    fn bias_residual(&self, y: u64, b: u64, r: u64, rows: usize, cols: usize) -> Result<()> {
+        let (rl, c) = (rows as i64, to_i32(cols, "columns")?);
+        // SAFETY: y and r hold rows × cols floats, b cols; grid-stride.
+        unsafe {
+            self.stream
+                .launch_builder(&self.k.bias_residual)
+                .arg(&y)
+                .arg(&b)
+                .arg(&r)
+                .arg(&rl)
+                .arg(&c)
+                .launch(grid_stride(rows * cols)?)
+        }
+        .map_err(cuda_err("launching rrra_train_bias_residual_f32"))?;
+        Ok(())
+    }
+
+    fn bias_gelu(&self, pre: u64, b: u64, rows: usize, cols: usize, out: u64) -> Result<()> {
+        let (rl, c) = (rows as i64, to_i32(cols, "columns")?);
+        // SAFETY: pre and out hold rows × cols floats, b cols; grid-stride.
+        unsafe {
+            self.stream
+                .launch_builder(&self.k.bias_gelu)
+                .arg(&pre)
+                .arg(&b)
+                .arg(&rl)
+                .arg(&c)
+                .arg(&out)
+                .launch(grid_stride(rows * cols)?)
+        }
+        .map_err(cuda_err("launching rrra_train_bias_gelu_f32"))?;
+        Ok(())
+    }
+
+    fn gelu(&self, pre: u64, n: usize, out: u64) -> Result<()> {
+        let nl = n as i64;
+        // SAFETY: pre and out hold n floats; grid-stride.
+        unsafe {
+            self.stream
+                .launch_builder(&self.k.gelu)
+                .arg(&pre)
+                .arg(&nl)
+                .arg(&out)
+                .launch(grid_stride(n)?)
+        }
+        .map_err(cuda_err("launching rrra_train_gelu_f32"))?;
+        Ok(())
+    }
+
+    fn add(&self, dst: u64, src: u64, n: usize) -> Result<()> {
+        let nl = n as i64;
+        // SAFETY: dst and src hold n floats; grid-stride.
+        unsafe {
+            self.stream
+                .launch_builder(&self.k.add)
+                .arg(&dst)
+                .arg(&src)
+                .arg(&nl)
+                .launch(grid_stride(n)?)
+        }
+        .map_err(cuda_err("launching rrra_train_add_f32"))?;
+        Ok(())
+    }
+
+    fn pool(&self, hidden: u64, sequences: usize, normalize: bool, out: u64) -> Result<()> {
+        let f = match self.pooling {
+            Pooling::Mean => &self.k.pool[0],
+            Pooling::Cls => &self.k.pool[1],
+            Pooling::Max => &self.k.pool[2],
+        };
+        let offs = ptr(&self.offsets, &self.stream);
+        let (s, h, norm) = (
+            to_i32(sequences, "sequences")?,
+            to_i32(self.cfg.hidden_size, "hidden size")?,
+            normalize as i32,
+        );
+        // SAFETY: one block per sequence, reading its rows of the hidden states and writing its
+        // pooled row; sequences ≤ max_sequences.
+        unsafe {
+            self.stream
+                .launch_builder(f)
+                .arg(&hidden)
+                .arg(&offs)
+                .arg(&s)
+                .arg(&h)
+                .arg(&norm)
+                .arg(&out)
+                .launch(launch_cfg(sequences, 256, 0)?)
+        }
+        .map_err(cuda_err("launching rrra_pool"))?;
+        Ok(())
+    }
+}
+
+/// Which backward scratch buffer holds a linear layer's output gradient.
+#[derive(Debug, Clone, Copy)]
+enum SliceId {
+    DsA,
+    Dmid,
+    Dqkv,
+}
+
+/// Two distinct elements of a vector, both mutable.
+fn pair_mut<T>(v: &mut [T], i: usize, j: usize) -> (&mut T, &mut T) {
+    assert!(i < j, "pair_mut wants i < j");
+    let (a, b) = v.split_at_mut(j);
+    (&mut a[i], &mut b[0])
+}
+
+fn upload(stream: &Arc<CudaStream>, host: &[f32], what: &str) -> Result<CudaSlice<f32>> {
+    let mut d = alloc(stream, host.len(), what)?;
+    if !host.is_empty() {
+        stream
+            .memcpy_htod(host, &mut d.slice_mut(..host.len()))
+            .map_err(cuda_err(&format!("uploading {what}")))?;
+    }
+    Ok(d)
+}
+
+/// The device check's row: one f32 training step (forward + backward, gradients left on the
+/// device) of a random BERT-base at the issue's shape, 64 queries with a positive and 7 hard
+/// negatives each, 128 tokens per sequence.
+pub fn bench(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
+    use crate::model::synthetic::{batch_with_lengths, bert_base_config, random_bert};
+    let cfg = bert_base_config();
+    let bert = random_bert(cfg.clone(), 1);
+    let seqs = 64 * 9;
+    let batch = batch_with_lengths(&cfg, &vec![128; seqs], 2);
+    let mut enc = GpuTrainableEncoder::new(gpu, &bert, Pooling::Mean, true, batch.tokens(), seqs)?;
+    let d_emb = vec![1e-3f32; seqs * cfg.hidden_size];
+    let ms = gpu.time_ms(3, || {
+        enc.forward(&batch)?;
+        enc.backward_on_device(&d_emb)
+    })?;
+    let (t, h, i, l) = (
+        batch.tokens() as f64,
+        cfg.hidden_size as f64,
+        cfg.intermediate_size as f64,
+        cfg.num_hidden_layers as f64,
+    );
+    // GEMMs: forward 2·t·(4h² + 2hi) per layer, backward twice that; attention 4·t·128·h
+    // forward, ~2.5× in backward (the recomputed scores, dQ, dK, dV)
+    let flops = l * (3.0 * 2.0 * t * (4.0 * h * h + 2.0 * h * i) + 3.5 * 4.0 * t * 128.0 * h);
+    Ok(vec![super::KernelTiming {
+        name: "encoder training step (f32: cuBLAS + encoder_train/backward/attention kernels)"
+            .into(),
+        shape: format!("BERT-base, {seqs} x 128 tokens, forward + backward"),
+        ms,
+        bytes: 0.0,
+        flops,
+    }])
+}
+
+fn grid_stride(n: usize) -> Result<cudarc::driver::LaunchConfig> {
+    launch_cfg(n.div_ceil(THREADS as usize).min(MAX_BLOCKS), THREADS, 0)
+}

@@ -1,0 +1,215 @@
+//! The encoder's f32 training forward and backward on the GPU (`rrra::device::encoder_train`)
+//! against the CPU reference (`rrra::train::encoder_grad::TrainableEncoder`, no dropout) on
+//! random models, and against the float64 PyTorch loss and gradients of
+//! ../shared/fixtures/tiny-bert (as tests/train_golden.rs holds the CPU path). Without a GPU
+//! every test skips with the reason.
+//!
+//! Tolerances, and why: both paths are f32 with the same operations in other summation orders
+//! (cuBLAS tiles, warp reductions, the tiled attention backward) and erf/exp from CUDA's libm
+//! against the CPU's polynomials: ~1e-6 relative per op, compounding over a few layers to
+//! ~1e-5. So embeddings (unit vectors, or LayerNorm-scale values) agree to 1e-4 absolute, and
+//! each gradient tensor to 1e-4 in relative L2 norm — the bound the CPU path meets against
+//! float64 PyTorch, which the GPU is held to as well.
+
+mod common;
+
+use rrra::device::encoder_train::GpuTrainableEncoder;
+use rrra::index::synthetic::Rng;
+use rrra::model::bert::{Bert, PackedBatch};
+use rrra::model::synthetic::{batch_with_lengths, random_bert, small_config};
+use rrra::model::weights::BertWeights;
+use rrra::model::{Encoder, EncoderOptions, Pooling};
+use rrra::train::encoder_grad::{ActivationMode, DropoutPlan, TrainBatch, TrainableEncoder};
+
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (*g as f64 - *w as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// CPU embeddings and gradients of `Σ d_emb ⊙ embeddings`, starting from `start` gradients.
+fn cpu_step(
+    bert: &Bert,
+    pooling: Pooling,
+    normalize: bool,
+    batch: &PackedBatch,
+    d_emb: &[f32],
+    grads: &mut BertWeights,
+) -> Vec<f32> {
+    let te = TrainableEncoder {
+        bert,
+        pooling,
+        normalize,
+    };
+    let tb = TrainBatch {
+        packed: batch.clone(),
+        example_ids: (0..batch.sequences() as u64).collect(),
+    };
+    let acts = te
+        .forward(&tb, &DropoutPlan::none(), ActivationMode::Keep)
+        .unwrap();
+    let emb = acts.embeddings.clone();
+    te.backward(&tb, &DropoutPlan::none(), acts, d_emb, grads)
+        .unwrap();
+    emb
+}
+
+fn filled(cfg: &rrra::model::BertConfig, v: f32) -> BertWeights {
+    let mut g = BertWeights::zeros(cfg);
+    for (t, _) in g.tensors_mut() {
+        t.fill(v);
+    }
+    g
+}
+
+#[test]
+fn forward_and_backward_match_the_cpu_on_random_models() {
+    let Some(gpu) = common::gpu_or_skip() else {
+        return;
+    };
+    // (hidden, heads, layers, ffn): head dim 16 (the general attention kernels) and 32 (the
+    // tiled ones), every pooling, with and without normalisation.
+    let cases = [
+        (64usize, 4usize, 2usize, 128usize, Pooling::Mean, true),
+        (128, 4, 1, 256, Pooling::Cls, false),
+        (64, 2, 2, 96, Pooling::Max, true),
+    ];
+    for (case, &(h, heads, layers, inter, pooling, normalize)) in cases.iter().enumerate() {
+        let cfg = small_config(h, heads, layers, inter);
+        let bert = random_bert(cfg.clone(), 40 + case as u64);
+        let batch = batch_with_lengths(&cfg, &[5, 1, 17, 9, 33], 50 + case as u64);
+        let mut rng = Rng::new(60 + case as u64);
+        let d_emb: Vec<f32> = (0..batch.sequences() * h)
+            .map(|_| rng.normal_pair().0 as f32)
+            .collect();
+        let what = |s: &str| format!("case {case} (h {h}, heads {heads}, {pooling:?}) {s}");
+
+        // starting values that both sides must add to
+        let mut g_cpu = filled(&cfg, 0.5);
+        let emb_cpu = cpu_step(&bert, pooling, normalize, &batch, &d_emb, &mut g_cpu);
+        let mut dev = GpuTrainableEncoder::new(&gpu, &bert, pooling, normalize, 80, 8).unwrap();
+        let emb_gpu = dev.forward(&batch).unwrap();
+        for (i, (g, c)) in emb_gpu.iter().zip(&emb_cpu).enumerate() {
+            assert!(
+                (g - c).abs() <= 1e-4,
+                "{}[{i}]: {g} vs {c}",
+                what("embedding")
+            );
+        }
+        let mut g_gpu = filled(&cfg, 0.5);
+        dev.backward(&d_emb, &mut g_gpu).unwrap();
+        let (gc, gg) = (g_cpu.tensors(), g_gpu.tensors());
+        for (i, (c, g)) in gc.iter().zip(&gg).enumerate() {
+            assert!(
+                g.iter().all(|v| v.is_finite()),
+                "{}",
+                what(&format!("tensor {i}"))
+            );
+            let err = rel_l2(g, c);
+            assert!(
+                err <= 1e-4,
+                "{}: relative L2 {err:.2e}",
+                what(&format!("tensor {i}"))
+            );
+        }
+
+        // the same step again: bitwise the same gradients
+        let mut again = filled(&cfg, 0.5);
+        dev.forward(&batch).unwrap();
+        dev.backward(&d_emb, &mut again).unwrap();
+        assert!(
+            again.tensors().iter().zip(&gg).all(|(a, b)| a
+                .iter()
+                .zip(b.iter())
+                .all(|(x, y)| x.to_bits() == y.to_bits())),
+            "{}",
+            what("replay")
+        );
+    }
+}
+
+#[test]
+fn gradients_match_the_float64_reference_on_the_gpu() {
+    let Some(gpu) = common::gpu_or_skip() else {
+        return;
+    };
+    // tests/train_golden.rs's setting on the GPU: the fixture's batch (3 queries, 6 documents),
+    // InfoNCE on the host, every gradient against float64 PyTorch.
+    let f = common::tiny_bert_fixture();
+    let enc = Encoder::load(
+        &common::shared().join("fixtures/tiny-bert"),
+        &EncoderOptions::default(),
+    )
+    .unwrap();
+    let mut batch = PackedBatch::new();
+    f.push_rows(&mut batch, "query_input_ids", "query_attention_mask");
+    f.push_rows(&mut batch, "doc_input_ids", "doc_attention_mask");
+    let h = enc.dim();
+    let mut dev = GpuTrainableEncoder::new(
+        &gpu,
+        enc.bert(),
+        enc.pooling(),
+        enc.normalize(),
+        batch.tokens(),
+        batch.sequences(),
+    )
+    .unwrap();
+    let emb = dev.forward(&batch).unwrap();
+    let (_, qe) = &f.tensors["query_embeddings"];
+    let (_, de) = &f.tensors["doc_embeddings"];
+    for (i, (g, w)) in emb.iter().zip(qe.iter().chain(de)).enumerate() {
+        assert!((*g as f64 - w).abs() < 1e-5, "embedding {i}: {g} vs {w}");
+    }
+    let (loss, d_emb) = f.loss_and_gradient(&emb, h);
+    let want_loss = f.tensors["loss"].1[0];
+    assert!(
+        ((loss - want_loss) / want_loss).abs() < 1e-5,
+        "loss {loss} vs {want_loss}"
+    );
+    let mut grads = BertWeights::zeros(enc.config());
+    dev.backward(&d_emb, &mut grads).unwrap();
+    let named = grads.named(enc.config());
+    for t in &named {
+        let (shape, want) = &f.tensors[&format!("grad.{}", t.name)];
+        assert_eq!(&t.shape, shape, "{}", t.name);
+        if t.name.ends_with("attention.self.key.bias") {
+            // zero in exact arithmetic (softmax cancels it): round-off against the weight's
+            let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+            let w_name = t.name.replace(".bias", ".weight");
+            let w = named.iter().find(|n| n.name == w_name).unwrap();
+            assert!(norm(t.data) <= 1e-6 * norm(w.data), "{}", t.name);
+            continue;
+        }
+        let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+        let err = rel_l2(t.data, &want);
+        assert!(err <= 1e-4, "{}: relative L2 {err:.2e}", t.name);
+    }
+}
+
+#[test]
+fn bad_calls_are_errors() {
+    let Some(gpu) = common::gpu_or_skip() else {
+        return;
+    };
+    let cfg = small_config(64, 4, 1, 128);
+    let bert = random_bert(cfg.clone(), 1);
+    let mut dev = GpuTrainableEncoder::new(&gpu, &bert, Pooling::Mean, true, 20, 2).unwrap();
+    let mut g = BertWeights::zeros(&cfg);
+    assert!(dev.backward(&[0.0; 64], &mut g).is_err(), "no forward yet");
+    let big = batch_with_lengths(&cfg, &[15, 10], 1);
+    assert!(dev.forward(&big).is_err(), "more tokens than the buffers");
+    let three = batch_with_lengths(&cfg, &[3, 3, 3], 1);
+    assert!(
+        dev.forward(&three).is_err(),
+        "more sequences than the buffers"
+    );
+    let ok = batch_with_lengths(&cfg, &[4, 6], 1);
+    dev.forward(&ok).unwrap();
+    assert!(dev.backward(&[0.0; 10], &mut g).is_err(), "short gradient");
+    let other = BertWeights::zeros(&small_config(64, 4, 2, 128));
+    assert!(dev.set_weights(&other).is_err(), "other shape");
+}
