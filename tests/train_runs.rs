@@ -282,3 +282,121 @@ fn a_flagembedding_file_trains_on_its_given_negatives() {
     }
     assert!(out.join("model/model.safetensors").exists());
 }
+
+/// The trainer's offload hook with a CPU stand-in for the GPU encoder: the same step on the
+/// same weights must give bitwise the same model as the plain CPU path, with the weights
+/// uploaded once per optimizer step. (The GPU encoder itself is checked against the CPU in
+/// tests/gpu_encoder_train.rs.)
+#[test]
+fn an_offloaded_encoder_trains_like_the_cpu_path() {
+    use rrra::model::bert::PackedBatch;
+    use rrra::model::weights::BertWeights;
+    use rrra::model::{Encoder, EncoderOptions};
+    use rrra::train::config::{DataSource, TrainConfig};
+    use rrra::train::encoder_grad::{
+        ActivationMode, Activations, DropoutPlan, OffloadedEncoder, TrainBatch, TrainableEncoder,
+    };
+    use rrra::train::trainer::Trainer;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    struct CpuStandIn {
+        enc: Encoder,
+        batch: Option<TrainBatch>,
+        acts: Option<Activations>,
+        uploads: Arc<AtomicUsize>,
+    }
+    impl OffloadedEncoder for CpuStandIn {
+        fn set_weights(&mut self, w: &BertWeights) -> rrra::Result<()> {
+            self.uploads.fetch_add(1, Ordering::SeqCst);
+            let mine = &mut self.enc.bert_mut().weights;
+            for ((dst, _), src) in mine.tensors_mut().into_iter().zip(w.tensors()) {
+                dst.copy_from_slice(src);
+            }
+            Ok(())
+        }
+        fn forward(&mut self, batch: &PackedBatch) -> rrra::Result<Vec<f32>> {
+            let tb = TrainBatch {
+                packed: batch.clone(),
+                example_ids: (0..batch.sequences() as u64).collect(),
+            };
+            let te = TrainableEncoder {
+                bert: self.enc.bert(),
+                pooling: self.enc.pooling(),
+                normalize: self.enc.normalize(),
+            };
+            let acts = te.forward(&tb, &DropoutPlan::none(), ActivationMode::Keep)?;
+            let emb = acts.embeddings.clone();
+            (self.batch, self.acts) = (Some(tb), Some(acts));
+            Ok(emb)
+        }
+        fn backward(&mut self, d_emb: &[f32], grads: &mut BertWeights) -> rrra::Result<()> {
+            let te = TrainableEncoder {
+                bert: self.enc.bert(),
+                pooling: self.enc.pooling(),
+                normalize: self.enc.normalize(),
+            };
+            let (tb, acts) = (self.batch.take().unwrap(), self.acts.take().unwrap());
+            te.backward(&tb, &DropoutPlan::none(), acts, d_emb, grads)
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = |out: &str, dropout: bool| {
+        let mut cfg = TrainConfig::new(
+            tiny_bert(),
+            DataSource::Beir {
+                dir: cranfield(),
+                split: "train".into(),
+            },
+            dir.path().join(out),
+        );
+        cfg.max_steps = Some(3);
+        cfg.batch_size = 4;
+        cfg.grad_accum = 2;
+        cfg.hard_negatives = 2;
+        cfg.doc_max_length = 64;
+        cfg.lr = 1e-3;
+        cfg.dropout = dropout;
+        cfg
+    };
+    let stand_in = |uploads: &Arc<AtomicUsize>| {
+        Box::new(CpuStandIn {
+            enc: Encoder::load(&tiny_bert(), &EncoderOptions::default()).unwrap(),
+            batch: None,
+            acts: None,
+            uploads: uploads.clone(),
+        })
+    };
+    let uploads = Arc::new(AtomicUsize::new(0));
+
+    // dropout on: refused, the offloaded path has none
+    let mut with_dropout = Trainer::new(config("dropout", true)).unwrap();
+    assert!(with_dropout.offload_encoder(stand_in(&uploads)).is_err());
+
+    let mut plain = Trainer::new(config("plain", false)).unwrap();
+    plain.run(None, &mut |_| {}).unwrap();
+    let mut offloaded = Trainer::new(config("offloaded", false)).unwrap();
+    offloaded.offload_encoder(stand_in(&uploads)).unwrap();
+    offloaded.run(None, &mut |_| {}).unwrap();
+
+    assert_eq!(
+        uploads.load(Ordering::SeqCst),
+        3,
+        "one upload per optimizer step"
+    );
+    let (a, b) = (
+        plain.encoder().bert().weights.tensors(),
+        offloaded.encoder().bert().weights.tensors(),
+    );
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            x.iter()
+                .zip(y.iter())
+                .all(|(p, q)| p.to_bits() == q.to_bits()),
+            "tensor {i} differs"
+        );
+    }
+    let start = Encoder::load(&tiny_bert(), &EncoderOptions::default()).unwrap();
+    assert!(start.bert().weights.tensors() != a, "the run trained");
+}

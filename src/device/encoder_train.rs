@@ -753,6 +753,19 @@ impl GpuTrainableEncoder {
     }
 }
 
+/// The trainer's hook (`Trainer::offload_encoder`): the step's forward and backward here.
+impl crate::train::encoder_grad::OffloadedEncoder for GpuTrainableEncoder {
+    fn set_weights(&mut self, weights: &BertWeights) -> Result<()> {
+        GpuTrainableEncoder::set_weights(self, weights)
+    }
+    fn forward(&mut self, batch: &PackedBatch) -> Result<Vec<f32>> {
+        GpuTrainableEncoder::forward(self, batch)
+    }
+    fn backward(&mut self, d_embeddings: &[f32], grads: &mut BertWeights) -> Result<()> {
+        GpuTrainableEncoder::backward(self, d_embeddings, grads)
+    }
+}
+
 /// Which backward scratch buffer holds a linear layer's output gradient.
 #[derive(Debug, Clone, Copy)]
 enum SliceId {

@@ -83,6 +83,19 @@ pub struct Activations {
     pub embeddings: Vec<f32>,
 }
 
+/// The training forward and backward of an encoder held elsewhere (a GPU:
+/// `crate::device::encoder_train::GpuTrainableEncoder`), with [`TrainableEncoder`]'s contract
+/// and without dropout. The trainer keeps the weights, the loss and the optimizer, and uploads
+/// the weights after each optimizer step.
+pub trait OffloadedEncoder {
+    /// Replaces the weights (after an optimizer step).
+    fn set_weights(&mut self, weights: &BertWeights) -> Result<()>;
+    /// The embeddings the loss sees, `[sequences × h]`; keeps what backward needs.
+    fn forward(&mut self, batch: &PackedBatch) -> Result<Vec<f32>>;
+    /// Adds the parameter gradients of `Σ d_embeddings ⊙ embeddings` to `grads`.
+    fn backward(&mut self, d_embeddings: &[f32], grads: &mut BertWeights) -> Result<()>;
+}
+
 /// The encoder as training sees it: weights plus the pooling head.
 pub struct TrainableEncoder<'a> {
     pub bert: &'a Bert,

@@ -10,7 +10,7 @@
 
 use super::config::{DataSource, NegativePool, TrainConfig};
 use super::data::{self, Example, TrainSet};
-use super::encoder_grad::{DropoutPlan, TrainBatch, TrainableEncoder};
+use super::encoder_grad::{DropoutPlan, OffloadedEncoder, TrainBatch, TrainableEncoder};
 use super::loss::{info_nce, InfoNceInput, InfoNceStats};
 use super::mining::{self, MinedPool, MiningStats};
 use super::optim::{clip_grad_norm, linear_warmup_decay, AdamW};
@@ -146,6 +146,9 @@ pub struct Trainer {
     pub(crate) joint: Option<JointAdapter>,
     /// Embeddings given by the caller for the first mining (see `reuse_first_snapshot`).
     preset_snapshot: Option<MiningSnapshot>,
+    /// Where the encoder's forward and backward run when not here (see `offload_encoder`),
+    /// and whether its weights are behind the host's.
+    offload: Option<(Box<dyn OffloadedEncoder>, bool)>,
 }
 
 /// The training documents' and queries' embeddings by one encoder, as mining computes them.
@@ -249,7 +252,37 @@ impl Trainer {
             log,
             eval,
             preset_snapshot: None,
+            offload: None,
         })
+    }
+
+    /// Runs each step's encoder forward and backward on `encoder` (a GPU's); the loss, the
+    /// samplers, mining and the optimizer stay here, and the weights are uploaded after every
+    /// optimizer step. The offloaded path has no dropout, so the run must have it off.
+    pub fn offload_encoder(&mut self, encoder: Box<dyn OffloadedEncoder>) -> Result<()> {
+        if self.cfg.dropout {
+            return Err(Error::InvalidArgument(
+                "the offloaded (GPU) encoder trains without dropout: turn dropout off \
+                 (--no-dropout)"
+                    .into(),
+            ));
+        }
+        self.offload = Some((encoder, true));
+        Ok(())
+    }
+
+    /// The most sequences and tokens one batch of this run holds: queries, their positives and
+    /// negatives, at the configured (position-capped) lengths. What an offloaded encoder's
+    /// buffers must take.
+    pub fn batch_capacity(&self) -> (usize, usize) {
+        let max_pos = self.encoder.config().max_position_embeddings;
+        let (ql, dl) = (
+            self.cfg.query_max_length.min(max_pos),
+            self.cfg.doc_max_length.min(max_pos),
+        );
+        let b = self.cfg.batch_size;
+        let docs = b * (1 + self.cfg.hard_negatives + self.cfg.random_negatives);
+        (b + docs, b * ql + docs * dl)
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -391,6 +424,9 @@ impl Trainer {
             params.iter_mut().map(|(t, _)| t.as_mut_slice()).collect();
         self.optim
             .update(&mut param_slices, &grads_ro, &decay, lr)?;
+        if let Some((_, stale)) = self.offload.as_mut() {
+            *stale = true;
+        }
         if let Some(j) = self.joint.as_mut() {
             // the adapter follows the encoder's schedule, scaled to its own peak
             let adapter_lr = self.cfg.adapter.lr * (lr / self.cfg.lr);
@@ -490,7 +526,19 @@ impl Trainer {
             pooling: self.encoder.pooling(),
             normalize: self.encoder.normalize(),
         };
-        let acts = te.forward(&train_batch, &dropout, self.cfg.activations)?;
+        let (embeddings, cpu_acts) = match self.offload.as_mut() {
+            Some((enc, stale)) => {
+                if *stale {
+                    enc.set_weights(&self.encoder.bert().weights)?;
+                    *stale = false;
+                }
+                (enc.forward(&train_batch.packed)?, None)
+            }
+            None => {
+                let acts = te.forward(&train_batch, &dropout, self.cfg.activations)?;
+                (acts.embeddings.clone(), Some(acts))
+            }
+        };
         let h = self.encoder.dim();
         let d_n = docs.len();
         // Another positive of the same query is never its negative.
@@ -508,8 +556,8 @@ impl Trainer {
             }
         }
         let targets: Vec<usize> = (0..b_n).collect();
-        let (q, d) = acts.embeddings.split_at(b_n * h);
-        let mut d_emb = vec![0.0f32; acts.embeddings.len()];
+        let (q, d) = embeddings.split_at(b_n * h);
+        let mut d_emb = vec![0.0f32; embeddings.len()];
         let (dq, dd) = d_emb.split_at_mut(b_n * h);
         let stats = info_nce(
             &InfoNceInput {
@@ -550,7 +598,17 @@ impl Trainer {
             adapter_loss =
                 Some(joint.batch_loss(q, d, h, &lists, self.cfg.adapter.loss_weight, dq, dd)?);
         }
-        te.backward(&train_batch, &dropout, acts, &d_emb, &mut self.grads)?;
+        match (self.offload.as_mut(), cpu_acts) {
+            (Some((enc, _)), _) => enc.backward(&d_emb, &mut self.grads)?,
+            (None, Some(acts)) => {
+                te.backward(&train_batch, &dropout, acts, &d_emb, &mut self.grads)?
+            }
+            (None, None) => {
+                return Err(Error::InvalidArgument(
+                    "the encoder's activations are missing".into(),
+                ))
+            }
+        }
         Ok(BatchOutcome {
             stats,
             hard_drawn,

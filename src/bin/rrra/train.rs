@@ -101,6 +101,10 @@ pub struct TrainArgs {
     /// Disable dropout (deterministic forward).
     #[arg(long)]
     pub no_dropout: bool,
+    /// Run the encoder's training forward and backward on this CUDA device (f32, no dropout:
+    /// needs --no-dropout); the loss, samplers, mining and optimizer stay on the CPU.
+    #[arg(long, value_name = "ORDINAL")]
+    pub gpu: Option<usize>,
     /// Recompute each layer's activations in backward instead of keeping them (less memory).
     #[arg(long)]
     pub recompute: bool,
@@ -209,6 +213,21 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         None => Trainer::new(a.config()?)?,
     };
+    if let Some(ordinal) = a.gpu {
+        let gpu = rrra::device::Gpu::open(ordinal)?;
+        let (sequences, tokens) = trainer.batch_capacity();
+        let enc = trainer.encoder();
+        let dev = rrra::device::encoder_train::GpuTrainableEncoder::new(
+            &gpu,
+            enc.bert(),
+            enc.pooling(),
+            enc.normalize(),
+            tokens,
+            sequences,
+        )?;
+        trainer.offload_encoder(Box::new(dev))?;
+        eprintln!("encoder forward and backward on {}", gpu.info());
+    }
     let cfg = trainer.config().clone();
     let total = trainer.total_steps()?;
     let set = trainer.train_set();
