@@ -305,6 +305,7 @@ fn an_offloaded_encoder_trains_like_the_cpu_path() {
         batch: Option<TrainBatch>,
         acts: Option<Activations>,
         uploads: Arc<AtomicUsize>,
+        encodes: Arc<AtomicUsize>,
     }
     impl OffloadedEncoder for CpuStandIn {
         fn set_weights(&mut self, w: &BertWeights) -> rrra::Result<()> {
@@ -339,6 +340,10 @@ fn an_offloaded_encoder_trains_like_the_cpu_path() {
             let (tb, acts) = (self.batch.take().unwrap(), self.acts.take().unwrap());
             te.backward(&tb, &DropoutPlan::none(), acts, d_emb, grads)
         }
+        fn encode(&mut self, texts: &[rrra::model::tokenizer::Tokens]) -> rrra::Result<Vec<f32>> {
+            self.encodes.fetch_add(1, Ordering::SeqCst);
+            self.enc.encode_tokens(texts, 32, &|_| {})
+        }
     }
 
     let dir = tempfile::tempdir().unwrap();
@@ -358,26 +363,28 @@ fn an_offloaded_encoder_trains_like_the_cpu_path() {
         cfg.doc_max_length = 64;
         cfg.lr = 1e-3;
         cfg.dropout = dropout;
+        cfg.mine_every = Some(2); // a second mining, after an update
         cfg
     };
-    let stand_in = |uploads: &Arc<AtomicUsize>| {
+    let (uploads, encodes) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let stand_in = || {
         Box::new(CpuStandIn {
             enc: Encoder::load(&tiny_bert(), &EncoderOptions::default()).unwrap(),
             batch: None,
             acts: None,
             uploads: uploads.clone(),
+            encodes: encodes.clone(),
         })
     };
-    let uploads = Arc::new(AtomicUsize::new(0));
 
     // dropout on: refused, the offloaded path has none
     let mut with_dropout = Trainer::new(config("dropout", true)).unwrap();
-    assert!(with_dropout.offload_encoder(stand_in(&uploads)).is_err());
+    assert!(with_dropout.offload_encoder(stand_in()).is_err());
 
     let mut plain = Trainer::new(config("plain", false)).unwrap();
     plain.run(None, &mut |_| {}).unwrap();
     let mut offloaded = Trainer::new(config("offloaded", false)).unwrap();
-    offloaded.offload_encoder(stand_in(&uploads)).unwrap();
+    offloaded.offload_encoder(stand_in()).unwrap();
     offloaded.run(None, &mut |_| {}).unwrap();
 
     assert_eq!(

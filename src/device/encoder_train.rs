@@ -557,6 +557,34 @@ impl GpuTrainableEncoder {
         Ok(())
     }
 
+    /// Embeddings of tokenized texts, `[texts × h]` in order: forwards over as many texts at a
+    /// time as the buffers take (the activations of the last one are kept, as after
+    /// [`GpuTrainableEncoder::forward`]).
+    pub fn encode(&mut self, texts: &[crate::model::tokenizer::Tokens]) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(texts.len() * self.cfg.hidden_size);
+        let mut batch = PackedBatch::new();
+        for (i, t) in texts.iter().enumerate() {
+            if t.ids.len() > self.max_tokens {
+                return Err(Error::InvalidArgument(format!(
+                    "text {i} has {} tokens; the buffers take {}",
+                    t.ids.len(),
+                    self.max_tokens
+                )));
+            }
+            if batch.sequences() == self.max_sequences
+                || batch.tokens() + t.ids.len() > self.max_tokens
+            {
+                out.extend(self.forward(&batch)?);
+                batch.clear();
+            }
+            batch.push(&t.ids, &t.type_ids);
+        }
+        if batch.sequences() > 0 {
+            out.extend(self.forward(&batch)?);
+        }
+        Ok(out)
+    }
+
     /// Checks `batch` against the model and the buffers and uploads its ids and offsets.
     fn upload_batch(&mut self, batch: &PackedBatch) -> Result<Batch> {
         let (tokens, sequences) = (batch.tokens(), batch.sequences());
@@ -763,6 +791,9 @@ impl crate::train::encoder_grad::OffloadedEncoder for GpuTrainableEncoder {
     }
     fn backward(&mut self, d_embeddings: &[f32], grads: &mut BertWeights) -> Result<()> {
         GpuTrainableEncoder::backward(self, d_embeddings, grads)
+    }
+    fn encode(&mut self, texts: &[crate::model::tokenizer::Tokens]) -> Result<Vec<f32>> {
+        GpuTrainableEncoder::encode(self, texts)
     }
 }
 

@@ -94,6 +94,9 @@ pub trait OffloadedEncoder {
     fn forward(&mut self, batch: &PackedBatch) -> Result<Vec<f32>>;
     /// Adds the parameter gradients of `Σ d_embeddings ⊙ embeddings` to `grads`.
     fn backward(&mut self, d_embeddings: &[f32], grads: &mut BertWeights) -> Result<()>;
+    /// Embeddings of tokenized texts, `[texts × h]` in order, without dropout: the corpus and
+    /// query encodings of a mining refresh.
+    fn encode(&mut self, texts: &[crate::model::tokenizer::Tokens]) -> Result<Vec<f32>>;
 }
 
 /// The encoder as training sees it: weights plus the pooling head.

@@ -256,9 +256,10 @@ impl Trainer {
         })
     }
 
-    /// Runs each step's encoder forward and backward on `encoder` (a GPU's); the loss, the
-    /// samplers, mining and the optimizer stay here, and the weights are uploaded after every
-    /// optimizer step. The offloaded path has no dropout, so the run must have it off.
+    /// Runs each step's encoder forward and backward, and the encodes of a mining refresh, on
+    /// `encoder` (a GPU's); the loss, the samplers, the mining search, evaluation and the
+    /// optimizer stay here, and the weights are uploaded after every optimizer step. The
+    /// offloaded path has no dropout, so the run must have it off.
     pub fn offload_encoder(&mut self, encoder: Box<dyn OffloadedEncoder>) -> Result<()> {
         if self.cfg.dropout {
             return Err(Error::InvalidArgument(
@@ -761,9 +762,20 @@ impl Trainer {
             "mining hard negatives at step {}",
             self.step
         )));
-        let snap = match self.preset_snapshot.take() {
-            Some(s) => s,
-            None => self.mining_snapshot()?,
+        let snap = match (self.preset_snapshot.take(), self.offload.as_mut()) {
+            (Some(s), _) => s,
+            // the offloaded encoder encodes for mining too (the refresh's cost)
+            (None, Some((enc, stale))) => {
+                if *stale {
+                    enc.set_weights(&self.encoder.bert().weights)?;
+                    *stale = false;
+                }
+                MiningSnapshot {
+                    docs: enc.encode(&self.doc_tokens)?,
+                    queries: enc.encode(&self.query_tokens)?,
+                }
+            }
+            (None, None) => self.mining_snapshot()?,
         };
         let (doc_emb, q_emb) = (snap.docs, snap.queries);
         let (mut pool, stats) = mining::mine_from_embeddings(
