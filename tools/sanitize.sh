@@ -8,7 +8,8 @@
 #      intrinsic kernels' pointer arithmetic is checked too.
 #   2. Valgrind memcheck on the store and top-k integration tests and the `index` unit tests,
 #      built as usual: real memory maps, real SIMD dispatch.
-#   3. AddressSanitizer (nightly) on the same tests, with `--asan` (a full instrumented build).
+#   3. AddressSanitizer (nightly) on the same tests and on the retriever (8 threads on one
+#      shared retriever), bad-input and WordPiece tests, with `--asan` (a full instrumented build).
 #
 #   tools/sanitize.sh [--asan]
 #
@@ -60,7 +61,7 @@ else
 fi
 
 if [ $asan = 1 ]; then
-    step "AddressSanitizer: tests/store.rs, tests/topk.rs, index unit tests"
+    step "AddressSanitizer: index unit tests, store, topk, retriever, bad inputs, WordPiece"
     # The std is not instrumented (no -Zbuild-std); the crate and its dependencies are.
     asan_test() {
         RUSTFLAGS="-Zsanitizer=address" ASAN_OPTIONS="detect_leaks=1" \
@@ -69,6 +70,10 @@ if [ $asan = 1 ]; then
     }
     asan_test --lib -- index:: || fail "AddressSanitizer (index unit tests)"
     asan_test --test store --test topk || fail "AddressSanitizer (store, topk)"
+    # the serving path: 8 threads on one retriever (pooled scratch, mapped store), the
+    # bad-input suite, and the tokenizer's reused buffers
+    asan_test --test retriever --test bad_inputs --test wordpiece ||
+        fail "AddressSanitizer (retriever, bad inputs, WordPiece)"
 fi
 
 echo
