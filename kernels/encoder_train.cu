@@ -10,9 +10,22 @@
 //  rrra_train_layernorm_f32   y = LN(s) row by row (mean, then the centred variance, in f32: the
 //                             CPU's two passes), one warp per row
 //  rrra_train_bias_residual_f32  y = (y + b) + r in place: the sum entering a LayerNorm
+//  rrra_train_bias_dropout_residual_f32  y = dropout(y + b) + r, one block per sequence
+//  rrra_train_dropout_f32     dst = dropout(src) per sequence (in place when dst = src): the
+//                             embedding dropout, and the masks applied to gradients in backward
+//  rrra_train_attention_dropout_f32  attention with dropout on the probabilities, one warp per
+//                             (query, head, sequence): scores, softmax, the CPU's mask, P̃·V
 //  rrra_train_bias_gelu_f32   pre = y + b (kept in place), out = GELU(pre) (exact erf)
 //  rrra_train_gelu_f32        out = GELU(pre) (the FFN activation, recomputed in backward)
 //  rrra_train_add_f32         dst += src (the residual branches of the backward)
+//
+// Dropout: sequence s's element e (row-major within its [len × width] block) is dropped when
+// the uniform of word e of its stream (Philox4x32-10 keyed as train::rng::Stream, the four key
+// and counter words per sequence given by the host) is below p, else scaled by 1/(1 − p):
+// cpu::backward::dropout_inplace exactly. Attention probability (head, i, j) uses word
+// (head·len + i)·len + j of the sequence's attention stream, as attention_sequence_train does.
+// The attention kernel materialises a row of scores per warp in registers (len ≤ 512) and is
+// the training path's when attention dropout is on; without it the inference kernel runs.
 //
 // Roofline (BERT-base step, 73 728 tokens × 768, FFN 3 072; H200 ~4.3 TB/s): every kernel is a
 // stream of a few bytes per element with a handful of flops: the LayerNorm reads and writes
@@ -20,7 +33,12 @@
 
 #include <stdint.h>
 
+#include "philox.cuh"
+
 #define THREADS 256
+#define ATT_WARPS 8
+#define ATT_MAX_LEN 512
+#define ATT_MAX_DH 128
 
 __device__ __forceinline__ float gelu_erf(float x) {
     return 0.5f * x * (1.0f + erff(x * 0.70710678118654752440f));
@@ -29,6 +47,12 @@ __device__ __forceinline__ float gelu_erf(float x) {
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
 
@@ -102,4 +126,87 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     for (long long x = blockIdx.x * (long long)blockDim.x + threadIdx.x; x < n;
          x += (long long)gridDim.x * blockDim.x)
         dst[x] += src[x];
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    rrra_train_bias_dropout_residual_f32(float* __restrict__ y, const float* __restrict__ b,
+                                         const float* __restrict__ r,
+                                         const unsigned* __restrict__ offsets,
+                                         const unsigned* __restrict__ words, int width, float p,
+                                         float scale) {
+    const int s = blockIdx.x;
+    const long long start = offsets[s], n = ((long long)offsets[s + 1] - start) * width;
+    const unsigned* w = words + 4 * s;
+    for (long long e = threadIdx.x; e < n; e += blockDim.x) {
+        const long long x = start * width + e;
+        float v = y[x] + b[e % width];
+        v = rrra_uniform_at(e, w) < p ? 0.0f : v * scale;
+        y[x] = v + r[x];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    rrra_train_dropout_f32(float* dst, const float* src, const unsigned* __restrict__ offsets,
+                           const unsigned* __restrict__ words, int width, float p, float scale) {
+    const int s = blockIdx.x;
+    const long long start = offsets[s], n = ((long long)offsets[s + 1] - start) * width;
+    const unsigned* w = words + 4 * s;
+    for (long long e = threadIdx.x; e < n; e += blockDim.x) {
+        const long long x = start * width + e;
+        dst[x] = rrra_uniform_at(e, w) < p ? 0.0f : src[x] * scale;
+    }
+}
+
+// grid (ceil(max_len / 8), heads, sequences), 256 threads: warp w of block x takes query row
+// 8x + w, its scores and probabilities in shared memory. qkv [tokens × 3h] without its bias
+// (added here), ctx [tokens × h].
+extern "C" __global__ void __launch_bounds__(THREADS)
+    rrra_train_attention_dropout_f32(const float* __restrict__ qkv, const float* __restrict__ bias,
+                                     const unsigned* __restrict__ offsets,
+                                     const unsigned* __restrict__ words, int h, int dh, float scale,
+                                     float p, float keep_scale, float* __restrict__ ctx) {
+    __shared__ float qs[ATT_WARPS][ATT_MAX_DH];
+    __shared__ float ps[ATT_WARPS][ATT_MAX_LEN];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int s = blockIdx.z, hd = blockIdx.y;
+    const long long start = offsets[s];
+    const int len = (int)((long long)offsets[s + 1] - start);
+    const int i = blockIdx.x * ATT_WARPS + warp;
+    if (i >= len) return;  // the whole warp
+    float* pw = ps[warp];
+    const float* row = qkv + (start + i) * 3 * h;
+    for (int d = lane; d < dh; d += 32) qs[warp][d] = (row[hd * dh + d] + bias[hd * dh + d]) * scale;
+    __syncwarp();
+    const float* kb = bias + h + hd * dh;
+    float mx = -INFINITY;
+    for (int j = lane; j < len; j += 32) {
+        const float* kr = qkv + (start + j) * 3 * h + h + hd * dh;
+        float acc = 0.0f;
+        for (int d = 0; d < dh; ++d) acc = fmaf(qs[warp][d], kr[d] + kb[d], acc);
+        pw[j] = acc;
+        mx = fmaxf(mx, acc);
+    }
+    mx = warp_max(mx);
+    float sum = 0.0f;
+    for (int j = lane; j < len; j += 32) {
+        const float e = expf(pw[j] - mx);
+        pw[j] = e;
+        sum += e;
+    }
+    const float inv = 1.0f / warp_sum(sum);
+    const unsigned* w = words + 4 * s;
+    const unsigned long long base = ((unsigned long long)hd * len + i) * len;
+    for (int j = lane; j < len; j += 32) {
+        const float pr = pw[j] * inv;
+        pw[j] = (p > 0.0f && rrra_uniform_at(base + j, w) < p) ? 0.0f : (p > 0.0f ? pr * keep_scale : pr);
+    }
+    __syncwarp();
+    // ctx row: lanes over the head's columns, the keys in order
+    const float* vb = bias + 2 * h + hd * dh;
+    for (int d = lane; d < dh; d += 32) {
+        float acc = 0.0f;
+        for (int j = 0; j < len; ++j)
+            acc = fmaf(pw[j], qkv[(start + j) * 3 * h + 2 * h + hd * dh + d] + vb[d], acc);
+        ctx[(start + i) * h + hd * dh + d] = acc;
+    }
 }

@@ -39,27 +39,7 @@
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
-// Philox4x32-10 (Salmon et al. 2011), exactly src/train/rng.rs::philox4x32_10. Host and device,
-// so the port can be checked against the Rust values on a machine without a GPU.
-__host__ __device__ __forceinline__ u32 rrra_mulhi(u32 a, u32 b) {
-    return (u32)(((u64)a * (u64)b) >> 32);
-}
-
-__host__ __device__ __forceinline__ uint4 rrra_philox4x32_10(uint4 c, u32 k0, u32 k1) {
-#pragma unroll
-    for (int round = 0; round < 10; ++round) {
-        if (round > 0) {
-            k0 += 0x9E3779B9u;
-            k1 += 0xBB67AE85u;
-        }
-        const u32 hi0 = rrra_mulhi(0xD2511F53u, c.x);
-        const u32 lo0 = 0xD2511F53u * c.x;
-        const u32 hi1 = rrra_mulhi(0xCD9E8D57u, c.z);
-        const u32 lo1 = 0xCD9E8D57u * c.z;
-        c = make_uint4(hi1 ^ c.y ^ k0, lo1, hi0 ^ c.w ^ k1, lo0);
-    }
-    return c;
-}
+#include "philox.cuh"
 
 // Stream::gumbel_at(i) for the stream whose key is (k0, k1) and counter high words (c2, c3).
 // (bits + 0.5) * 2^-53 as the CPU writes it: the conversion and both operations round to

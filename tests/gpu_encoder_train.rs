@@ -1,6 +1,6 @@
 //! The encoder's f32 training forward and backward on the GPU (`rrra::device::encoder_train`)
-//! against the CPU reference (`rrra::train::encoder_grad::TrainableEncoder`, no dropout) on
-//! random models, and against the float64 PyTorch loss and gradients of
+//! against the CPU reference (`rrra::train::encoder_grad::TrainableEncoder`, with and without
+//! dropout: the masks are the same) on random models, and against the float64 PyTorch loss and gradients of
 //! ../shared/fixtures/tiny-bert (as tests/train_golden.rs holds the CPU path). Without a GPU
 //! every test skips with the reason.
 //!
@@ -31,12 +31,13 @@ fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
     (num / den.max(1e-300)).sqrt()
 }
 
-/// CPU embeddings and gradients of `Σ d_emb ⊙ embeddings`, starting from `start` gradients.
+/// CPU embeddings and gradients of `Σ d_emb ⊙ embeddings` (added to `grads`), with `dropout`.
 fn cpu_step(
     bert: &Bert,
     pooling: Pooling,
     normalize: bool,
-    batch: &PackedBatch,
+    batch: &TrainBatch,
+    dropout: &DropoutPlan,
     d_emb: &[f32],
     grads: &mut BertWeights,
 ) -> Vec<f32> {
@@ -45,17 +46,18 @@ fn cpu_step(
         pooling,
         normalize,
     };
-    let tb = TrainBatch {
-        packed: batch.clone(),
-        example_ids: (0..batch.sequences() as u64).collect(),
-    };
-    let acts = te
-        .forward(&tb, &DropoutPlan::none(), ActivationMode::Keep)
-        .unwrap();
+    let acts = te.forward(batch, dropout, ActivationMode::Keep).unwrap();
     let emb = acts.embeddings.clone();
-    te.backward(&tb, &DropoutPlan::none(), acts, d_emb, grads)
-        .unwrap();
+    te.backward(batch, dropout, acts, d_emb, grads).unwrap();
     emb
+}
+
+fn train_batch(batch: PackedBatch, first_id: u64) -> TrainBatch {
+    let n = batch.sequences() as u64;
+    TrainBatch {
+        packed: batch,
+        example_ids: (first_id..first_id + n).collect(),
+    }
 }
 
 fn filled(cfg: &rrra::model::BertConfig, v: f32) -> BertWeights {
@@ -71,28 +73,53 @@ fn forward_and_backward_match_the_cpu_on_random_models() {
     let Some(gpu) = common::gpu_or_skip() else {
         return;
     };
-    // (hidden, heads, layers, ffn): head dim 16 (the general attention kernels) and 32 (the
-    // tiled ones), every pooling, with and without normalisation.
+    // (hidden, heads, layers, ffn, pooling, normalise, dropout): head dim 16 (the general
+    // attention kernels) and 32 (the tiled ones), every pooling, with and without
+    // normalisation, and with dropout at every site (the training attention kernel and the
+    // masks in backward).
+    let drop = DropoutPlan {
+        hidden: 0.1,
+        attention: 0.15,
+        seed: 11,
+        step: 3,
+    };
     let cases = [
-        (64usize, 4usize, 2usize, 128usize, Pooling::Mean, true),
-        (128, 4, 1, 256, Pooling::Cls, false),
-        (64, 2, 2, 96, Pooling::Max, true),
+        (
+            64usize,
+            4usize,
+            2usize,
+            128usize,
+            Pooling::Mean,
+            true,
+            DropoutPlan::none(),
+        ),
+        (128, 4, 1, 256, Pooling::Cls, false, DropoutPlan::none()),
+        (64, 2, 2, 96, Pooling::Max, true, DropoutPlan::none()),
+        (64, 4, 2, 128, Pooling::Mean, true, drop),
+        (128, 4, 2, 256, Pooling::Cls, true, drop),
     ];
-    for (case, &(h, heads, layers, inter, pooling, normalize)) in cases.iter().enumerate() {
+    for (case, &(h, heads, layers, inter, pooling, normalize, dropout)) in cases.iter().enumerate()
+    {
         let cfg = small_config(h, heads, layers, inter);
         let bert = random_bert(cfg.clone(), 40 + case as u64);
-        let batch = batch_with_lengths(&cfg, &[5, 1, 17, 9, 33], 50 + case as u64);
+        let batch = train_batch(
+            batch_with_lengths(&cfg, &[5, 1, 17, 9, 33], 50 + case as u64),
+            1000 * case as u64,
+        );
         let mut rng = Rng::new(60 + case as u64);
-        let d_emb: Vec<f32> = (0..batch.sequences() * h)
+        let d_emb: Vec<f32> = (0..batch.packed.sequences() * h)
             .map(|_| rng.normal_pair().0 as f32)
             .collect();
-        let what = |s: &str| format!("case {case} (h {h}, heads {heads}, {pooling:?}) {s}");
+        let what =
+            |s: &str| format!("case {case} (h {h}, heads {heads}, {pooling:?}, {dropout:?}) {s}");
 
         // starting values that both sides must add to
         let mut g_cpu = filled(&cfg, 0.5);
-        let emb_cpu = cpu_step(&bert, pooling, normalize, &batch, &d_emb, &mut g_cpu);
+        let emb_cpu = cpu_step(
+            &bert, pooling, normalize, &batch, &dropout, &d_emb, &mut g_cpu,
+        );
         let mut dev = GpuTrainableEncoder::new(&gpu, &bert, pooling, normalize, 80, 8).unwrap();
-        let emb_gpu = dev.forward(&batch).unwrap();
+        let emb_gpu = dev.forward_train(&batch, &dropout).unwrap();
         for (i, (g, c)) in emb_gpu.iter().zip(&emb_cpu).enumerate() {
             assert!(
                 (g - c).abs() <= 1e-4,
@@ -119,7 +146,7 @@ fn forward_and_backward_match_the_cpu_on_random_models() {
 
         // the same step again: bitwise the same gradients
         let mut again = filled(&cfg, 0.5);
-        dev.forward(&batch).unwrap();
+        dev.forward_train(&batch, &dropout).unwrap();
         dev.backward(&d_emb, &mut again).unwrap();
         assert!(
             again.tensors().iter().zip(&gg).all(|(a, b)| a

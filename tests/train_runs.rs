@@ -283,13 +283,12 @@ fn a_flagembedding_file_trains_on_its_given_negatives() {
     assert!(out.join("model/model.safetensors").exists());
 }
 
-/// The trainer's offload hook with a CPU stand-in for the GPU encoder: the same step on the
-/// same weights must give bitwise the same model as the plain CPU path, with the weights
-/// uploaded once per optimizer step. (The GPU encoder itself is checked against the CPU in
+/// The trainer's offload hook with a CPU stand-in for the GPU encoder: the same steps, dropout
+/// on, must give bitwise the same model as the plain CPU path, with the weights uploaded once
+/// per optimizer step used. (The GPU encoder itself is checked against the CPU in
 /// tests/gpu_encoder_train.rs.)
 #[test]
 fn an_offloaded_encoder_trains_like_the_cpu_path() {
-    use rrra::model::bert::PackedBatch;
     use rrra::model::weights::BertWeights;
     use rrra::model::{Encoder, EncoderOptions};
     use rrra::train::config::{DataSource, TrainConfig};
@@ -304,6 +303,7 @@ fn an_offloaded_encoder_trains_like_the_cpu_path() {
         enc: Encoder,
         batch: Option<TrainBatch>,
         acts: Option<Activations>,
+        dropout: DropoutPlan,
         uploads: Arc<AtomicUsize>,
         encodes: Arc<AtomicUsize>,
     }
@@ -316,19 +316,19 @@ fn an_offloaded_encoder_trains_like_the_cpu_path() {
             }
             Ok(())
         }
-        fn forward(&mut self, batch: &PackedBatch) -> rrra::Result<Vec<f32>> {
-            let tb = TrainBatch {
-                packed: batch.clone(),
-                example_ids: (0..batch.sequences() as u64).collect(),
-            };
+        fn forward(&mut self, batch: &TrainBatch, dropout: &DropoutPlan) -> rrra::Result<Vec<f32>> {
             let te = TrainableEncoder {
                 bert: self.enc.bert(),
                 pooling: self.enc.pooling(),
                 normalize: self.enc.normalize(),
             };
-            let acts = te.forward(&tb, &DropoutPlan::none(), ActivationMode::Keep)?;
+            let acts = te.forward(batch, dropout, ActivationMode::Keep)?;
             let emb = acts.embeddings.clone();
-            (self.batch, self.acts) = (Some(tb), Some(acts));
+            let tb = TrainBatch {
+                packed: batch.packed.clone(),
+                example_ids: batch.example_ids.clone(),
+            };
+            (self.batch, self.acts, self.dropout) = (Some(tb), Some(acts), *dropout);
             Ok(emb)
         }
         fn backward(&mut self, d_emb: &[f32], grads: &mut BertWeights) -> rrra::Result<()> {
@@ -338,7 +338,7 @@ fn an_offloaded_encoder_trains_like_the_cpu_path() {
                 normalize: self.enc.normalize(),
             };
             let (tb, acts) = (self.batch.take().unwrap(), self.acts.take().unwrap());
-            te.backward(&tb, &DropoutPlan::none(), acts, d_emb, grads)
+            te.backward(&tb, &self.dropout, acts, d_emb, grads)
         }
         fn encode(&mut self, texts: &[rrra::model::tokenizer::Tokens]) -> rrra::Result<Vec<f32>> {
             self.encodes.fetch_add(1, Ordering::SeqCst);
@@ -347,9 +347,18 @@ fn an_offloaded_encoder_trains_like_the_cpu_path() {
     }
 
     let dir = tempfile::tempdir().unwrap();
+    // the tiny model with dropout 0.1 at every site (the fixture's config has none)
+    let model = dir.path().join("tiny-dropout");
+    common::model_variant(&tiny_bert(), &model, |_| {});
+    let config_path = model.join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    json["hidden_dropout_prob"] = 0.1.into();
+    json["attention_probs_dropout_prob"] = 0.1.into();
+    std::fs::write(&config_path, json.to_string()).unwrap();
     let config = |out: &str, dropout: bool| {
         let mut cfg = TrainConfig::new(
-            tiny_bert(),
+            model.clone(),
             DataSource::Beir {
                 dir: cranfield(),
                 split: "train".into(),
@@ -369,22 +378,20 @@ fn an_offloaded_encoder_trains_like_the_cpu_path() {
     let (uploads, encodes) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let stand_in = || {
         Box::new(CpuStandIn {
-            enc: Encoder::load(&tiny_bert(), &EncoderOptions::default()).unwrap(),
+            enc: Encoder::load(&model, &EncoderOptions::default()).unwrap(),
             batch: None,
             acts: None,
+            dropout: DropoutPlan::none(),
             uploads: uploads.clone(),
             encodes: encodes.clone(),
         })
     };
 
-    // dropout on: refused, the offloaded path has none
-    let mut with_dropout = Trainer::new(config("dropout", true)).unwrap();
-    assert!(with_dropout.offload_encoder(stand_in()).is_err());
-
-    let mut plain = Trainer::new(config("plain", false)).unwrap();
+    // dropout on: the stand-in must get the run's masks (plan and example ids)
+    let mut plain = Trainer::new(config("plain", true)).unwrap();
     plain.run(None, &mut |_| {}).unwrap();
-    let mut offloaded = Trainer::new(config("offloaded", false)).unwrap();
-    offloaded.offload_encoder(stand_in()).unwrap();
+    let mut offloaded = Trainer::new(config("offloaded", true)).unwrap();
+    offloaded.offload_encoder(stand_in());
     offloaded.run(None, &mut |_| {}).unwrap();
 
     assert_eq!(
@@ -404,6 +411,13 @@ fn an_offloaded_encoder_trains_like_the_cpu_path() {
             "tensor {i} differs"
         );
     }
-    let start = Encoder::load(&tiny_bert(), &EncoderOptions::default()).unwrap();
+    let start = Encoder::load(&model, &EncoderOptions::default()).unwrap();
     assert!(start.bert().weights.tensors() != a, "the run trained");
+    // and dropout was on: a run without it ends elsewhere
+    let mut no_dropout = Trainer::new(config("no-dropout", false)).unwrap();
+    no_dropout.run(None, &mut |_| {}).unwrap();
+    assert!(
+        no_dropout.encoder().bert().weights.tensors() != a,
+        "dropout changed the run"
+    );
 }

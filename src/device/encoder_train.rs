@@ -14,8 +14,10 @@
 //! Kept per layer (the CPU's `ActivationMode::Keep`): the layer input, the QKV projection
 //! (without its bias: attention adds it, and its backward takes it), the attention context, the
 //! two pre-LayerNorm sums and the pre-GELU activations; the GELU output is recomputed in
-//! backward. Dropout is not implemented on this path: it trains as the CPU does with
-//! [`crate::train::encoder_grad::DropoutPlan::none`].
+//! backward. Dropout is the CPU's, mask for mask: every site draws from the same Philox stream
+//! as `train::encoder_grad` (per sequence, keyed by seed, step, example id, layer and site), the
+//! hidden-state masks in `kernels/encoder_train.cu` and the attention-probability masks in its
+//! training attention kernel and in the attention backward.
 //!
 //! Precision: f32 throughout, cuBLAS in its default math mode (no TF32); against the CPU only
 //! summation orders and erf/exp differ (tests/gpu_encoder_train.rs states the tolerances).
@@ -24,7 +26,7 @@
 //! `max_tokens` tokens in `max_sequences` sequences; a step then allocates only the embedding
 //! gradient's schedule (a few index arrays per batch).
 
-use super::attention_backward::GpuAttentionBackward;
+use super::attention_backward::{AttnDropoutPlan, GpuAttentionBackward};
 use super::backward::{EmbeddingGradPlan, GpuBackward};
 use super::encoder::{check_config, AttentionKernel, Precision};
 use super::runtime::{alloc, cublas_f32, cuda_err, launch_cfg, ptr, sgemm_row_major, to_i32, Gpu};
@@ -33,6 +35,8 @@ use crate::model::bert::{Bert, PackedBatch};
 use crate::model::config::BertConfig;
 use crate::model::pooling::Pooling;
 use crate::model::weights::BertWeights;
+use crate::train::encoder_grad::{DropoutPlan, TrainBatch};
+use crate::train::rng::{Site, Stream};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, PushKernelArg};
 use std::sync::Arc;
@@ -69,6 +73,9 @@ struct Kernels {
     embed_sum: CudaFunction,
     layernorm: CudaFunction,
     bias_residual: CudaFunction,
+    bias_dropout_residual: CudaFunction,
+    dropout: CudaFunction,
+    attention_dropout: CudaFunction,
     bias_gelu: CudaFunction,
     gelu: CudaFunction,
     add: CudaFunction,
@@ -92,7 +99,23 @@ struct Batch {
     sequences: usize,
     offsets: Vec<u32>,
     plan: EmbeddingGradPlan,
+    dropout: DropoutPlan,
+    example_ids: Vec<u64>,
 }
+
+/// The dropout sites in the stream-word buffer: the embeddings, then per layer the attention
+/// probabilities, the attention output and the FFN output.
+fn site_slot(layer: usize, site: Site) -> usize {
+    match site {
+        Site::EmbeddingDropout => 0,
+        Site::AttentionDropout => 1 + 3 * layer,
+        Site::AttentionOutputDropout => 2 + 3 * layer,
+        _ => 3 + 3 * layer,
+    }
+}
+
+/// Longest sequence the training attention kernel with dropout takes (`ATT_MAX_LEN`).
+const DROPOUT_ATTENTION_MAX_LEN: usize = 512;
 
 /// A BERT encoder resident on one GPU for training, with its gradients and activations.
 pub struct GpuTrainableEncoder {
@@ -112,6 +135,8 @@ pub struct GpuTrainableEncoder {
     ids: CudaSlice<u32>,
     type_ids: CudaSlice<u32>,
     offsets: CudaSlice<u32>,
+    /// Philox words `[key0, key1, ctr2, ctr3]` per (dropout site, sequence): see `site_slot`.
+    drop_words: CudaSlice<u32>,
     emb_sum: CudaSlice<f32>,
     /// `inputs[l]` enters layer l; the last one is the encoder output.
     inputs: Vec<CudaSlice<f32>>,
@@ -168,6 +193,9 @@ impl GpuTrainableEncoder {
             embed_sum: f("rrra_train_embed_sum_f32")?,
             layernorm: f("rrra_train_layernorm_f32")?,
             bias_residual: f("rrra_train_bias_residual_f32")?,
+            bias_dropout_residual: f("rrra_train_bias_dropout_residual_f32")?,
+            dropout: f("rrra_train_dropout_f32")?,
+            attention_dropout: f("rrra_train_attention_dropout_f32")?,
             bias_gelu: f("rrra_train_bias_gelu_f32")?,
             gelu: f("rrra_train_gelu_f32")?,
             add: f("rrra_train_add_f32")?,
@@ -210,6 +238,7 @@ impl GpuTrainableEncoder {
             ids: alloc(&stream, mt, "token ids")?,
             type_ids: alloc(&stream, mt, "token type ids")?,
             offsets: alloc(&stream, ms + 1, "sequence offsets")?,
+            drop_words: alloc(&stream, (1 + 3 * layers) * ms * 4, "dropout streams")?,
             emb_sum: buf(mt * h, "embedding sums")?,
             pooled: buf(ms * h, "pooled vectors")?,
             embeddings: buf(ms * h, "embeddings")?,
@@ -272,11 +301,27 @@ impl GpuTrainableEncoder {
         &self.w[t::EMBEDDING + l * t::PER_LAYER + i]
     }
 
-    /// Forward over `batch`; returns the embeddings the loss sees, `[sequences × h]`, and keeps
-    /// the activations for [`GpuTrainableEncoder::backward`].
+    /// Forward over `batch` without dropout; returns the embeddings the loss sees,
+    /// `[sequences × h]`, and keeps the activations for [`GpuTrainableEncoder::backward`].
     pub fn forward(&mut self, batch: &PackedBatch) -> Result<Vec<f32>> {
+        let ids: Vec<u64> = (0..batch.sequences() as u64).collect();
+        self.forward_batch(batch, &ids, &DropoutPlan::none())
+    }
+
+    /// [`GpuTrainableEncoder::forward`] with `dropout`, each sequence's masks keyed by its
+    /// example id (`TrainableEncoder::forward`'s contract).
+    pub fn forward_train(&mut self, batch: &TrainBatch, dropout: &DropoutPlan) -> Result<Vec<f32>> {
+        self.forward_batch(&batch.packed, &batch.example_ids, dropout)
+    }
+
+    fn forward_batch(
+        &mut self,
+        batch: &PackedBatch,
+        example_ids: &[u64],
+        dropout: &DropoutPlan,
+    ) -> Result<Vec<f32>> {
         self.last = None;
-        let b = self.upload_batch(batch)?;
+        let b = self.upload_batch(batch, example_ids, dropout)?;
         let cfg = self.cfg.clone();
         let (h, inter, tok) = (cfg.hidden_size, cfg.intermediate_size, b.tokens);
         let st = self.stream.clone();
@@ -306,7 +351,19 @@ impl GpuTrainableEncoder {
         }
         .map_err(cuda_err("launching rrra_train_embed_sum_f32"))?;
         let (g0, b0) = (p(&self.w[t::EMB_LN_G]), p(&self.w[t::EMB_LN_B]));
-        self.layernorm(es, g0, b0, eps, tok, p(&self.inputs[0]))?;
+        let x0 = p(&self.inputs[0]);
+        self.layernorm(es, g0, b0, eps, tok, x0)?;
+        let hidden_p = b.dropout.hidden;
+        if hidden_p > 0.0 {
+            self.dropout(
+                x0,
+                x0,
+                &b,
+                h,
+                hidden_p,
+                site_slot(0, Site::EmbeddingDropout),
+            )?;
+        }
         let max_len = b
             .offsets
             .windows(2)
@@ -320,23 +377,30 @@ impl GpuTrainableEncoder {
             let (mid_pre, s2, mid) = (p(&a.mid_pre), p(&a.s2), p(&self.mid));
             let wp = |i: usize| p(self.layer_w(l, i));
             self.linear(x, tok, h, wp(t::QKV_W), 3 * h, qkv)?;
-            self.k.attention.launch(
-                &st,
-                &cfg,
-                qkv,
-                wp(t::QKV_B),
-                offs,
-                b.sequences,
-                max_len,
-                ctx,
-            )?;
+            if b.dropout.attention > 0.0 {
+                let slot = site_slot(l, Site::AttentionDropout);
+                self.attention_dropout(qkv, wp(t::QKV_B), &b, max_len, slot, ctx)?;
+            } else {
+                self.k.attention.launch(
+                    &st,
+                    &cfg,
+                    qkv,
+                    wp(t::QKV_B),
+                    offs,
+                    b.sequences,
+                    max_len,
+                    ctx,
+                )?;
+            }
             self.linear(ctx, tok, h, wp(t::ATTN_OUT_W), h, s1)?;
-            self.bias_residual(s1, wp(t::ATTN_OUT_B), x, tok, h)?;
+            let slot = site_slot(l, Site::AttentionOutputDropout);
+            self.bias_residual(s1, wp(t::ATTN_OUT_B), x, &b, h, slot)?;
             self.layernorm(s1, wp(t::ATTN_LN_G), wp(t::ATTN_LN_B), eps, tok, x1)?;
             self.linear(x1, tok, h, wp(t::INTER_W), inter, mid_pre)?;
             self.bias_gelu(mid_pre, wp(t::INTER_B), tok, inter, mid)?;
             self.linear(mid, tok, inter, wp(t::OUT_W), h, s2)?;
-            self.bias_residual(s2, wp(t::OUT_B), x1, tok, h)?;
+            let slot = site_slot(l, Site::FfnOutputDropout);
+            self.bias_residual(s2, wp(t::OUT_B), x1, &b, h, slot)?;
             let out = p(&self.inputs[l + 1]);
             self.layernorm(s2, wp(t::OUT_LN_G), wp(t::OUT_LN_B), eps, tok, out)?;
         }
@@ -393,6 +457,7 @@ impl GpuTrainableEncoder {
             b.sequences,
         );
         let eps = cfg.layer_norm_eps as f32;
+        let hidden_p = b.dropout.hidden;
         if d_embeddings.len() != seqs * h {
             return Err(Error::InvalidArgument(format!(
                 "embedding gradient of {} values for {seqs} sequences × {h}",
@@ -451,7 +516,15 @@ impl GpuTrainableEncoder {
                     true,
                 )?;
             }
-            // s2 = mid·Wo2ᵀ + bo2 + x1: dmid, ∂Wo2, ∂bo2
+            // s2 = dropout(mid·Wo2ᵀ + bo2) + x1: dmid, ∂Wo2, ∂bo2 from the masked ds2 (in dctx,
+            // free until the attention block)
+            let d_ffn = if hidden_p > 0.0 {
+                let slot = site_slot(l, Site::FfnOutputDropout);
+                self.dropout(p(&self.dctx), p(&self.ds_a), b, h, hidden_p, slot)?;
+                SliceId::Dctx
+            } else {
+                SliceId::DsA
+            };
             self.gelu(p(&self.layers[l].mid_pre), tok * inter, p(&self.mid))?;
             self.linear_backward(
                 p(&self.mid),
@@ -460,7 +533,7 @@ impl GpuTrainableEncoder {
                 gi(t::OUT_W),
                 gi(t::OUT_B),
                 h,
-                SliceId::DsA,
+                d_ffn,
                 Some(p(&self.dmid)),
             )?;
             self.bw
@@ -493,7 +566,14 @@ impl GpuTrainableEncoder {
                     true,
                 )?;
             }
-            // s1 = ctx·Woᵀ + bo + x: dctx
+            // s1 = dropout(ctx·Woᵀ + bo) + x: dctx from the masked ds1 (in ds_b, free now)
+            let d_attn = if hidden_p > 0.0 {
+                let slot = site_slot(l, Site::AttentionOutputDropout);
+                self.dropout(p(&self.ds_b), p(&self.ds_a), b, h, hidden_p, slot)?;
+                SliceId::DsB
+            } else {
+                SliceId::DsA
+            };
             self.linear_backward(
                 p(&self.layers[l].ctx),
                 tok,
@@ -501,15 +581,22 @@ impl GpuTrainableEncoder {
                 gi(t::ATTN_OUT_W),
                 gi(t::ATTN_OUT_B),
                 h,
-                SliceId::DsA,
+                d_attn,
                 Some(p(&self.dctx)),
             )?;
+            let attn_drop = (b.dropout.attention > 0.0).then(|| AttnDropoutPlan {
+                p: b.dropout.attention,
+                seed: b.dropout.seed,
+                step: b.dropout.step,
+                layer: l as u32 + 1,
+                example_ids: &b.example_ids,
+            });
             self.attn_bw.backward(
                 &b.offsets,
                 &self.layers[l].qkv,
                 Some(&self.w[gi(t::QKV_B)]),
                 &self.dctx,
-                None,
+                attn_drop.as_ref(),
                 &mut self.dqkv,
             )?;
             // qkv = x·Wqkvᵀ (+ bias, inside attention): dx, then + ds1 (the residual)
@@ -525,7 +612,11 @@ impl GpuTrainableEncoder {
             )?;
             self.add(p(&self.dx), p(&self.ds_a), tok * h)?;
         }
-        // embeddings: LayerNorm backward into ds_a, then the scatter into the three tables
+        // embeddings: dropout, LayerNorm backward into ds_a, then the scatter into the tables
+        if hidden_p > 0.0 {
+            let dx = p(&self.dx);
+            self.dropout(dx, dx, b, h, hidden_p, site_slot(0, Site::EmbeddingDropout))?;
+        }
         {
             let (g_ln, b_ln) = pair_mut(&mut self.g, t::EMB_LN_G, t::EMB_LN_B);
             self.bw.layernorm(
@@ -586,8 +677,37 @@ impl GpuTrainableEncoder {
     }
 
     /// Checks `batch` against the model and the buffers and uploads its ids and offsets.
-    fn upload_batch(&mut self, batch: &PackedBatch) -> Result<Batch> {
+    fn upload_batch(
+        &mut self,
+        batch: &PackedBatch,
+        example_ids: &[u64],
+        dropout: &DropoutPlan,
+    ) -> Result<Batch> {
         let (tokens, sequences) = (batch.tokens(), batch.sequences());
+        if example_ids.len() != sequences {
+            return Err(Error::InvalidArgument(
+                "one example id per sequence is required".into(),
+            ));
+        }
+        for (what, p) in [("hidden", dropout.hidden), ("attention", dropout.attention)] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(Error::InvalidArgument(format!(
+                    "{what} dropout probability {p} outside [0, 1)"
+                )));
+            }
+        }
+        let longest = batch
+            .offsets
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or(0);
+        if dropout.attention > 0.0 && longest > DROPOUT_ATTENTION_MAX_LEN {
+            return Err(Error::InvalidArgument(format!(
+                "attention dropout on the GPU takes sequences of at most \
+                 {DROPOUT_ATTENTION_MAX_LEN} tokens; this batch has one of {longest}"
+            )));
+        }
         if tokens > self.max_tokens || sequences > self.max_sequences || sequences == 0 {
             return Err(Error::InvalidArgument(format!(
                 "a batch of {tokens} tokens in {sequences} sequences for buffers of {} tokens \
@@ -614,12 +734,118 @@ impl GpuTrainableEncoder {
         }
         st.memcpy_htod(&offsets, &mut self.offsets.slice_mut(..offsets.len()))
             .map_err(cuda_err("uploading offsets"))?;
+        if dropout.hidden > 0.0 || dropout.attention > 0.0 {
+            // every site's stream words, slot by slot (see `site_slot`)
+            let layers = self.cfg.num_hidden_layers;
+            let mut words = Vec::with_capacity((1 + 3 * layers) * sequences * 4);
+            let mut push = |layer: u32, site: Site| {
+                for &e in example_ids {
+                    let stream = Stream::new(dropout.seed, dropout.step, e, layer, site);
+                    words.extend_from_slice(&stream.words());
+                }
+            };
+            push(0, Site::EmbeddingDropout);
+            for l in 0..layers as u32 {
+                push(l + 1, Site::AttentionDropout);
+                push(l + 1, Site::AttentionOutputDropout);
+                push(l + 1, Site::FfnOutputDropout);
+            }
+            st.memcpy_htod(&words, &mut self.drop_words.slice_mut(..words.len()))
+                .map_err(cuda_err("uploading dropout streams"))?;
+        }
         Ok(Batch {
             tokens,
             sequences,
             offsets,
             plan,
+            dropout: *dropout,
+            example_ids: example_ids.to_vec(),
         })
+    }
+
+    /// The device address of a dropout site's stream words (`sequences × 4`).
+    fn words_at(&self, b: &Batch, slot: usize) -> u64 {
+        ptr(&self.drop_words, &self.stream) + (slot * b.sequences * 4 * 4) as u64
+    }
+
+    /// `dst = dropout(src)` per sequence over `[tokens × width]` (in place when equal).
+    fn dropout(
+        &self,
+        dst: u64,
+        src: u64,
+        b: &Batch,
+        width: usize,
+        p: f32,
+        slot: usize,
+    ) -> Result<()> {
+        let (offs, words) = (ptr(&self.offsets, &self.stream), self.words_at(b, slot));
+        let (w, scale) = (to_i32(width, "width")?, 1.0f32 / (1.0 - p));
+        // SAFETY: one block per sequence over its rows of `[tokens × width]` buffers; the words
+        // of this slot were uploaded for every sequence.
+        unsafe {
+            self.stream
+                .launch_builder(&self.k.dropout)
+                .arg(&dst)
+                .arg(&src)
+                .arg(&offs)
+                .arg(&words)
+                .arg(&w)
+                .arg(&p)
+                .arg(&scale)
+                .launch(launch_cfg(b.sequences, THREADS, 0)?)
+        }
+        .map_err(cuda_err("launching rrra_train_dropout_f32"))?;
+        Ok(())
+    }
+
+    /// Attention with dropout on the probabilities (the training kernel).
+    fn attention_dropout(
+        &self,
+        qkv: u64,
+        bias: u64,
+        b: &Batch,
+        max_len: usize,
+        slot: usize,
+        ctx: u64,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let (offs, words) = (ptr(&self.offsets, &self.stream), self.words_at(b, slot));
+        let (h, dh) = (
+            to_i32(cfg.hidden_size, "hidden size")?,
+            to_i32(cfg.head_dim(), "head dim")?,
+        );
+        let scale = 1.0f32 / (cfg.head_dim() as f32).sqrt();
+        let p = b.dropout.attention;
+        let keep_scale = 1.0f32 / (1.0 - p);
+        let launch = cudarc::driver::LaunchConfig {
+            grid_dim: (
+                max_len.div_ceil(8).max(1) as u32,
+                cfg.num_attention_heads as u32,
+                b.sequences as u32,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: each warp reads its sequence's QKV rows and writes one ctx row; sequences are
+        // at most 512 tokens (checked in `upload_batch`), the head dim at most 128
+        // (`check_config`).
+        unsafe {
+            self.stream
+                .launch_builder(&self.k.attention_dropout)
+                .arg(&qkv)
+                .arg(&bias)
+                .arg(&offs)
+                .arg(&words)
+                .arg(&h)
+                .arg(&dh)
+                .arg(&scale)
+                .arg(&p)
+                .arg(&keep_scale)
+                .arg(&ctx)
+                .launch(launch)
+        }
+        .map_err(cuda_err("launching rrra_train_attention_dropout_f32"))?;
+        Ok(())
     }
 
     /// `y[rows × out] = x[rows × inp] · Wᵀ` (no bias).
@@ -645,6 +871,8 @@ impl GpuTrainableEncoder {
         let st = self.stream.clone();
         let dy_slice = match dy {
             SliceId::DsA => &self.ds_a,
+            SliceId::DsB => &self.ds_b,
+            SliceId::Dctx => &self.dctx,
             SliceId::Dmid => &self.dmid,
             SliceId::Dqkv => &self.dqkv,
         };
@@ -687,7 +915,38 @@ impl GpuTrainableEncoder {
         Ok(())
     }
 
-    fn bias_residual(&self, y: u64, b: u64, r: u64, rows: usize, cols: usize) -> Result<()> {
+    /// `y = dropout(y + bias) + r` (the hidden dropout of site `slot` when on).
+    fn bias_residual(
+        &self,
+        y: u64,
+        bias: u64,
+        r: u64,
+        batch: &Batch,
+        cols: usize,
+        slot: usize,
+    ) -> Result<()> {
+        let (b, rows) = (bias, batch.tokens);
+        let p = batch.dropout.hidden;
+        if p > 0.0 {
+            let (offs, words) = (ptr(&self.offsets, &self.stream), self.words_at(batch, slot));
+            let (w, scale) = (to_i32(cols, "columns")?, 1.0f32 / (1.0 - p));
+            // SAFETY: one block per sequence over its rows of the `[tokens × cols]` buffers.
+            unsafe {
+                self.stream
+                    .launch_builder(&self.k.bias_dropout_residual)
+                    .arg(&y)
+                    .arg(&b)
+                    .arg(&r)
+                    .arg(&offs)
+                    .arg(&words)
+                    .arg(&w)
+                    .arg(&p)
+                    .arg(&scale)
+                    .launch(launch_cfg(batch.sequences, THREADS, 0)?)
+            }
+            .map_err(cuda_err("launching rrra_train_bias_dropout_residual_f32"))?;
+            return Ok(());
+        }
         let (rl, c) = (rows as i64, to_i32(cols, "columns")?);
         // SAFETY: y and r hold rows × cols floats, b cols; grid-stride.
         unsafe {
@@ -786,8 +1045,8 @@ impl crate::train::encoder_grad::OffloadedEncoder for GpuTrainableEncoder {
     fn set_weights(&mut self, weights: &BertWeights) -> Result<()> {
         GpuTrainableEncoder::set_weights(self, weights)
     }
-    fn forward(&mut self, batch: &PackedBatch) -> Result<Vec<f32>> {
-        GpuTrainableEncoder::forward(self, batch)
+    fn forward(&mut self, batch: &TrainBatch, dropout: &DropoutPlan) -> Result<Vec<f32>> {
+        GpuTrainableEncoder::forward_train(self, batch, dropout)
     }
     fn backward(&mut self, d_embeddings: &[f32], grads: &mut BertWeights) -> Result<()> {
         GpuTrainableEncoder::backward(self, d_embeddings, grads)
@@ -801,6 +1060,8 @@ impl crate::train::encoder_grad::OffloadedEncoder for GpuTrainableEncoder {
 #[derive(Debug, Clone, Copy)]
 enum SliceId {
     DsA,
+    DsB,
+    Dctx,
     Dmid,
     Dqkv,
 }

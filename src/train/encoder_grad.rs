@@ -84,14 +84,15 @@ pub struct Activations {
 }
 
 /// The training forward and backward of an encoder held elsewhere (a GPU:
-/// `crate::device::encoder_train::GpuTrainableEncoder`), with [`TrainableEncoder`]'s contract
-/// and without dropout. The trainer keeps the weights, the loss and the optimizer, and uploads
-/// the weights after each optimizer step.
+/// `crate::device::encoder_train::GpuTrainableEncoder`), with [`TrainableEncoder`]'s contract,
+/// dropout masks included. The trainer keeps the weights, the loss and the optimizer, and
+/// uploads the weights after each optimizer step.
 pub trait OffloadedEncoder {
     /// Replaces the weights (after an optimizer step).
     fn set_weights(&mut self, weights: &BertWeights) -> Result<()>;
-    /// The embeddings the loss sees, `[sequences × h]`; keeps what backward needs.
-    fn forward(&mut self, batch: &PackedBatch) -> Result<Vec<f32>>;
+    /// The embeddings the loss sees, `[sequences × h]`, with `dropout`'s masks; keeps what
+    /// backward needs.
+    fn forward(&mut self, batch: &TrainBatch, dropout: &DropoutPlan) -> Result<Vec<f32>>;
     /// Adds the parameter gradients of `Σ d_embeddings ⊙ embeddings` to `grads`.
     fn backward(&mut self, d_embeddings: &[f32], grads: &mut BertWeights) -> Result<()>;
     /// Embeddings of tokenized texts, `[texts × h]` in order, without dropout: the corpus and

@@ -76,6 +76,12 @@ impl Stream {
         }
     }
 
+    /// The key and the counter's upper words, `[key0, key1, ctr2, ctr3]`: what a CUDA kernel
+    /// needs to compute the same numbers (`kernels/philox.cuh`).
+    pub fn words(&self) -> [u32; 4] {
+        [self.key[0], self.key[1], self.ctr_hi[0], self.ctr_hi[1]]
+    }
+
     /// Four raw 32-bit words for block `i` (numbers `4i .. 4i+3` of the stream).
     #[inline]
     pub fn block(&self, i: u64) -> [u32; 4] {

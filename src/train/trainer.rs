@@ -256,20 +256,12 @@ impl Trainer {
         })
     }
 
-    /// Runs each step's encoder forward and backward, and the encodes of a mining refresh, on
-    /// `encoder` (a GPU's); the loss, the samplers, the mining search, evaluation and the
-    /// optimizer stay here, and the weights are uploaded after every optimizer step. The
-    /// offloaded path has no dropout, so the run must have it off.
-    pub fn offload_encoder(&mut self, encoder: Box<dyn OffloadedEncoder>) -> Result<()> {
-        if self.cfg.dropout {
-            return Err(Error::InvalidArgument(
-                "the offloaded (GPU) encoder trains without dropout: turn dropout off \
-                 (--no-dropout)"
-                    .into(),
-            ));
-        }
+    /// Runs each step's encoder forward and backward (with the run's dropout masks), and the
+    /// encodes of a mining refresh, on `encoder` (a GPU's); the loss, the samplers, the mining
+    /// search, evaluation and the optimizer stay here, and the weights are uploaded after
+    /// every optimizer step.
+    pub fn offload_encoder(&mut self, encoder: Box<dyn OffloadedEncoder>) {
         self.offload = Some((encoder, true));
-        Ok(())
     }
 
     /// The most sequences and tokens one batch of this run holds: queries, their positives and
@@ -533,7 +525,7 @@ impl Trainer {
                     enc.set_weights(&self.encoder.bert().weights)?;
                     *stale = false;
                 }
-                (enc.forward(&train_batch.packed)?, None)
+                (enc.forward(&train_batch, &dropout)?, None)
             }
             None => {
                 let acts = te.forward(&train_batch, &dropout, self.cfg.activations)?;

@@ -101,8 +101,9 @@ pub struct TrainArgs {
     /// Disable dropout (deterministic forward).
     #[arg(long)]
     pub no_dropout: bool,
-    /// Run the encoder's training forward and backward on this CUDA device (f32, no dropout:
-    /// needs --no-dropout); the loss, samplers, mining and optimizer stay on the CPU.
+    /// Run the encoder's training forward and backward, and the mining encodes, on this CUDA
+    /// device (f32, the CPU's dropout masks); the loss, samplers, mining search and optimizer
+    /// stay on the CPU.
     #[arg(long, value_name = "ORDINAL")]
     pub gpu: Option<usize>,
     /// Recompute each layer's activations in backward instead of keeping them (less memory).
@@ -225,7 +226,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             tokens,
             sequences,
         )?;
-        trainer.offload_encoder(Box::new(dev))?;
+        trainer.offload_encoder(Box::new(dev));
         eprintln!("encoder forward and backward on {}", gpu.info());
     }
     let cfg = trainer.config().clone();
