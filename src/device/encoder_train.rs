@@ -103,8 +103,9 @@ struct Batch {
     example_ids: Vec<u64>,
 }
 
-/// The dropout sites in the stream-word buffer: the embeddings, then per layer the attention
-/// probabilities, the attention output and the FFN output.
+/// The dropout sites in the stream-word buffer: the embeddings, then per layer (0-based) the
+/// attention probabilities, the attention output and the FFN output (the last arm: the
+/// encoder has no other dropout site).
 fn site_slot(layer: usize, site: Site) -> usize {
     match site {
         Site::EmbeddingDropout => 0,
@@ -143,8 +144,9 @@ pub struct GpuTrainableEncoder {
     layers: Vec<LayerActs>,
     pooled: CudaSlice<f32>,
     embeddings: CudaSlice<f32>,
-    // backward scratch
+    /// The FFN activation GELU(pre) of the layer at hand (recomputed in backward).
     mid: CudaSlice<f32>,
+    // backward scratch
     d_emb: CudaSlice<f32>,
     d_pooled: CudaSlice<f32>,
     dx: CudaSlice<f32>,
