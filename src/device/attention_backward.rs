@@ -32,7 +32,7 @@ use super::runtime::{
     alloc, allow_smem, cuda_err, launch_cfg, ptr, to_i32, to_u32, Gpu, KernelTiming,
 };
 use crate::error::{Error, Result};
-use crate::train::rng::Site;
+use crate::train::rng::{Site, Stream};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
@@ -71,16 +71,9 @@ pub struct AttnDropoutPlan<'a> {
 }
 
 /// The Philox key and upper counter words `[key0, key1, ctr2, ctr3]` of
-/// `Stream::new(seed, step, example, layer, Site::AttentionDropout)` (whose fields are private):
-/// the same formula, checked against `Stream::block` by the tests.
+/// `Stream::new(seed, step, example, layer, Site::AttentionDropout)`.
 pub fn attention_dropout_words(seed: u64, step: u64, example: u64, layer: u32) -> [u32; 4] {
-    let tag = ((example as u32) << 12) ^ ((layer & 0xff) << 4) ^ (Site::AttentionDropout as u32);
-    [
-        seed as u32,
-        (seed >> 32) as u32,
-        step as u32 ^ ((step >> 32) as u32).rotate_left(16),
-        tag ^ ((example >> 20) as u32),
-    ]
+    Stream::new(seed, step, example, layer, Site::AttentionDropout).words()
 }
 
 /// Floats of LSE / D scratch for `heads` heads over `tokens` tokens.

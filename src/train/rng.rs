@@ -149,6 +149,24 @@ mod tests {
     }
 
     #[test]
+    fn words_reproduce_the_stream() {
+        let s = Stream::new(
+            0x1234_5678_9abc,
+            1 << 33 | 7,
+            3 << 20 | 5,
+            4,
+            Site::FfnOutputDropout,
+        );
+        let [k0, k1, c2, c3] = s.words();
+        for i in [0u64, 1, 5, 1 << 32 | 9] {
+            assert_eq!(
+                philox4x32_10([i as u32, (i >> 32) as u32, c2, c3], [k0, k1]),
+                s.block(i)
+            );
+        }
+    }
+
+    #[test]
     fn streams_differ_and_uniforms_are_uniform() {
         let a = Stream::new(7, 3, 0, 1, Site::AttentionDropout);
         let b = Stream::new(7, 3, 1, 1, Site::AttentionDropout);
