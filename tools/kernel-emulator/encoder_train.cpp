@@ -1,0 +1,120 @@
+// Emulates the kernels of kernels/encoder_train.cu: the row-wise forward steps against plain
+// loops (the CPU reference's arithmetic), and the dropout and training-attention kernels against
+// the CPU's own outputs (examples/kernel_reference.rs): encoder_train REFERENCE_DIR
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+#include "emu.h"
+#include "encoder_train.cu"
+static int fails = 0;
+#define CHECK(c, ...) do { if (!(c)) { if (++fails < 30) { printf("FAIL "); printf(__VA_ARGS__); printf("\n"); } } } while (0)
+static std::mt19937_64 rng(1);
+static float U(float a, float b) { return std::uniform_real_distribution<float>(a, b)(rng); }
+static float gelu(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752440f)); }
+
+static void row_kernels() {
+    for (int h : {32, 36, 384}) {
+        std::vector<unsigned> lens = {5, 1, 17, 0, 9};
+        std::vector<unsigned> offs = {0};
+        for (unsigned l : lens) offs.push_back(offs.back() + l);
+        int S = lens.size(), T = offs.back(), V = 50, Pn = 20, Ty = 2;
+        std::vector<unsigned> ids(T), tys(T);
+        for (int t = 0; t < T; ++t) { ids[t] = rng() % V; tys[t] = rng() % Ty; }
+        std::vector<float> W(V * h), Pe(Pn * h), Te(Ty * h), out(T * h, NAN);
+        for (auto* v : {&W, &Pe, &Te}) for (auto& x : *v) x = U(-1, 1);
+        launch(S, 256, [&] { rrra_train_embed_sum_f32(ids.data(), tys.data(), offs.data(), W.data(), Pe.data(), Te.data(), h, out.data()); });
+        for (int s = 0; s < S; ++s) for (unsigned t = offs[s]; t < offs[s + 1]; ++t) for (int j = 0; j < h; ++j) {
+            float want = W[ids[t] * h + j] + Pe[(t - offs[s]) * h + j] + Te[tys[t] * h + j];
+            CHECK(out[t * h + j] == want, "embed h %d t %u j %d", h, t, j);
+        }
+        // layernorm, one warp per row
+        int R = 37;
+        std::vector<float> s(R * h), g(h), b(h), y(R * h, NAN);
+        for (auto& x : s) x = U(-3, 5); for (auto& x : g) x = U(0.5, 1.5); for (auto& x : b) x = U(-0.2, 0.2);
+        launch((R * 32 + 255) / 256, 256, [&] { rrra_train_layernorm_f32(s.data(), g.data(), b.data(), 1e-12f, R, h, y.data()); });
+        double worst = 0;
+        for (int r = 0; r < R; ++r) {
+            double m = 0; for (int j = 0; j < h; ++j) m += s[r * h + j]; m /= h;
+            double v = 0; for (int j = 0; j < h; ++j) v += (s[r * h + j] - m) * (s[r * h + j] - m); v /= h;
+            for (int j = 0; j < h; ++j) {
+                double want = (s[r * h + j] - m) / std::sqrt(v + 1e-12) * g[j] + b[j];
+                double e = std::fabs(y[r * h + j] - want);
+                worst = std::max(worst, std::isfinite(e) ? e : 1e9);
+                CHECK(e < 2e-5, "layernorm h %d r %d j %d: %g vs %g", h, r, j, y[r * h + j], want);
+            }
+        }
+        printf("h %d: layernorm worst %.2e\n", h, worst);
+        // bias + residual, bias + GELU, GELU, add
+        long n = (long)R * h;
+        std::vector<float> yy(n), r(n), bb(h), pre(n), o(n, NAN), ref(n);
+        for (auto& x : yy) x = U(-2, 2); for (auto& x : r) x = U(-2, 2); for (auto& x : bb) x = U(-1, 1);
+        for (long i = 0; i < n; ++i) ref[i] = (yy[i] + bb[i % h]) + r[i];
+        auto y2 = yy;
+        launch((n + 255) / 256, 256, [&] { rrra_train_bias_residual_f32(y2.data(), bb.data(), r.data(), R, h); });
+        for (long i = 0; i < n; ++i) CHECK(y2[i] == ref[i], "bias_residual %ld", i);
+        pre = yy;
+        launch(3, 256, [&] { rrra_train_bias_gelu_f32(pre.data(), bb.data(), R, h, o.data()); });  // grid-stride with a small grid
+        for (long i = 0; i < n; ++i) {
+            float p = yy[i] + bb[i % h];
+            CHECK(pre[i] == p, "bias_gelu pre %ld", i);
+            CHECK(std::fabs(o[i] - gelu(p)) <= 1e-7f * (1 + std::fabs(p)), "bias_gelu %ld", i);
+        }
+        std::vector<float> o2(n, NAN);
+        launch(2, 256, [&] { rrra_train_gelu_f32(yy.data(), n, o2.data()); });
+        for (long i = 0; i < n; ++i) CHECK(o2[i] == gelu(yy[i]), "gelu %ld", i);
+        auto dst = yy;
+        launch(1, 256, [&] { rrra_train_add_f32(dst.data(), r.data(), n); });
+        for (long i = 0; i < n; ++i) CHECK(dst[i] == yy[i] + r[i], "add %ld", i);
+    }
+}
+
+static void dropout_and_attention(const std::string& dir) {
+    const int h = 64, heads = 4, dh = h / heads;
+    std::vector<unsigned> lens = {5, 1, 17, 0, 40}, offs = {0};
+    for (unsigned l : lens) offs.push_back(offs.back() + l);
+    int S = lens.size(), T = offs.back();
+    FILE* f = fopen((dir + "/dropout.bin").c_str(), "rb");
+    if (!f) { perror("dropout.bin"); exit(2); }
+    auto rd = [&](size_t n) { std::vector<float> v(n); if (fread(v.data(), 4, n, f) != n) exit(2); return v; };
+    auto qkv = rd((size_t)T * 3 * h), bias = rd(3 * h), x = rd((size_t)T * h), ctx_want = rd((size_t)T * h), xd_want = rd((size_t)T * h);
+    std::vector<unsigned> words(2 * S * 4);
+    FILE* g = fopen((dir + "/dropout_words.bin").c_str(), "rb");
+    if (!g) { perror("dropout_words.bin"); exit(2); }
+    if (fread(words.data(), 4, words.size(), g) != words.size()) exit(2);
+    const unsigned* att = words.data(); const unsigned* hid = words.data() + S * 4;
+    // hidden dropout: out of place, in place, and fused with bias and residual
+    float p = 0.1f, scale = 1.0f / (1.0f - p);
+    std::vector<float> xd(T * h, NAN);
+    launch(S, 256, [&] { rrra_train_dropout_f32(xd.data(), x.data(), offs.data(), hid, h, p, scale); });
+    for (int i = 0; i < T * h; ++i) if (xd[i] != xd_want[i]) { if (++fails < 30) printf("dropout %d: %g vs %g\n", i, xd[i], xd_want[i]); }
+    auto xin = x;
+    launch(S, 256, [&] { rrra_train_dropout_f32(xin.data(), xin.data(), offs.data(), hid, h, p, scale); });
+    for (int i = 0; i < T * h; ++i) if (xin[i] != xd_want[i]) { if (++fails < 30) printf("in place %d\n", i); }
+    std::vector<float> zb(h, 0.0f), zr(T * h, 0.0f); auto y = x;
+    launch(S, 256, [&] { rrra_train_bias_dropout_residual_f32(y.data(), zb.data(), zr.data(), offs.data(), hid, h, p, scale); });
+    for (int i = 0; i < T * h; ++i) if (y[i] != xd_want[i]) { if (++fails < 30) printf("fused %d\n", i); }
+    // attention with dropout
+    std::vector<float> ctx(T * h, NAN);
+    unsigned maxlen = 40;
+    float sc = 1.0f / std::sqrt((float)dh), pa = 0.15f, ks = 1.0f / (1.0f - pa);
+    launch3((maxlen + 7) / 8, heads, S, 256, [&] { rrra_train_attention_dropout_f32(qkv.data(), bias.data(), offs.data(), att, h, dh, sc, pa, ks, ctx.data()); });
+    double worst = 0; int zeros = 0;
+    for (int i = 0; i < T * h; ++i) {
+        double e = std::fabs(ctx[i] - ctx_want[i]);
+        worst = std::max(worst, std::isfinite(e) ? e : 1e9);
+        if (!(e <= 2e-5)) { if (++fails < 30) printf("attention %d: %g vs %g\n", i, ctx[i], ctx_want[i]); }
+    }
+    for (int i = 0; i < T * h; ++i) zeros += xd_want[i] == 0.0f;
+    CHECK(zeros > 0, "the reference dropped nothing");
+    printf("dropout: %d of %d hidden values dropped; attention with dropout within %.2e\n", zeros, T * h, worst);
+}
+
+int main(int argc, char** argv) {
+    if (argc != 2) { fprintf(stderr, "usage: encoder_train REFERENCE_DIR\n"); return 2; }
+    row_kernels();
+    dropout_and_attention(argv[1]);
+    printf("encoder_train kernels: %s\n", fails ? "FAILED" : "ok");
+    return fails != 0;
+}
