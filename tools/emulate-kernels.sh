@@ -5,7 +5,8 @@
 #     replaced by a column-major f32 sgemm behind the same row-major mapping, against
 #     adapter::{score, backward} for four shapes;
 #   * kernels/encoder_train.cu: the row-wise forward kernels against plain loops, the dropout
-#     kernels and the training attention kernel against the CPU's own dropout and attention.
+#     kernels and the training attention kernel against the CPU's own dropout and attention;
+#   * kernels/{sampler,infonce,adamw}.cu against C++ transliterations of their CPU references.
 # The reference outputs come from examples/kernel_reference.rs. Needs g++ with C++20 (<barrier>).
 # This checks the kernels' arithmetic and indexing, not the GPU's math library or scheduling.
 set -euo pipefail
@@ -14,13 +15,16 @@ work="${RRRA_EMULATOR_DIR:-target/kernel-emulator}"
 mkdir -p "$work"
 cargo build --release --quiet --example kernel_reference
 target/release/examples/kernel_reference "$work"
-flags=(-std=gnu++20 -O2 -ffp-contract=off -Wno-unknown-pragmas -I tools/kernel-emulator -I kernels -pthread)
+flags=(-std=gnu++20 -O2 -ffp-contract=off -Wno-unknown-pragmas -I tools/kernel-emulator
+    -I tools/kernel-emulator/include -I kernels -pthread)
 g++ "${flags[@]}" tools/kernel-emulator/adapter_train.cpp -o "$work/adapter_train"
 g++ "${flags[@]}" tools/kernel-emulator/encoder_train.cpp -o "$work/encoder_train"
+g++ "${flags[@]}" tools/kernel-emulator/train_ops.cpp -o "$work/train_ops"
 status=0
 for shape in "37 53 3 7" "16 2 40 2" "33 17 1 1" "64 96 4 20"; do
     set -- $shape
     "$work/adapter_train" "$1" "$2" "$3" "$4" "$work/adapter_$1_$2_$3_$4.bin" | tail -n 1 || status=1
 done
 "$work/encoder_train" "$work" | tail -n 2 || status=1
+"$work/train_ops" | tail -n 1 || status=1
 exit $status
