@@ -21,14 +21,7 @@ fn an_offloaded_run_follows_the_cpu_run() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny-dropout");
-    common::model_variant(&common::shared().join("fixtures/tiny-bert"), &model, |_| {});
-    let config_path = model.join("config.json");
-    let mut json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    json["hidden_dropout_prob"] = 0.1.into();
-    json["attention_probs_dropout_prob"] = 0.1.into();
-    std::fs::write(&config_path, json.to_string()).unwrap();
+    let model = common::tiny_bert_with_dropout(dir.path());
     let config = |out: &str| {
         let mut cfg = TrainConfig::new(
             model.clone(),

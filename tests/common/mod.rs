@@ -287,3 +287,17 @@ impl TinyBertFixture {
         }
     }
 }
+
+/// The tiny random BERT of the fixtures with dropout 0.1 on hidden states and attention (the
+/// fixture's config has none), copied into `dir`: training runs that exercise the masks.
+pub fn tiny_bert_with_dropout(dir: &std::path::Path) -> PathBuf {
+    let model = dir.join("tiny-dropout");
+    model_variant(&shared().join("fixtures/tiny-bert"), &model, |_| {});
+    let config_path = model.join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    json["hidden_dropout_prob"] = 0.1.into();
+    json["attention_probs_dropout_prob"] = 0.1.into();
+    std::fs::write(&config_path, json.to_string()).unwrap();
+    model
+}
