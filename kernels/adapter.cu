@@ -33,6 +33,7 @@
 #include <stdint.h>
 
 #include "adapter_params.h"
+#include "common.cuh"
 
 #define THREADS 256
 #define WARPS (THREADS / 32)
@@ -48,16 +49,6 @@ __device__ __forceinline__ float load_elem(const float* p, long long i) { return
 __device__ __forceinline__ float load_elem(const __half* p, long long i) { return __half2float(p[i]); }
 __device__ __forceinline__ float load_elem(const __nv_bfloat16* p, long long i) {
     return __bfloat162float(p[i]);
-}
-
-__device__ __forceinline__ float gelu_erf(float x) {
-    return 0.5f * x * (1.0f + erff(x * 0.70710678118654752440f));
-}
-
-__device__ __forceinline__ double warp_sum_f64(double v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
 }
 
 // u[i, :] = W1sum · q_i + b1, one block per query.

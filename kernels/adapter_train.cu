@@ -2,8 +2,9 @@
 // and the backward pass of the fused scoring op (the device twins of score / backward in
 // src/adapter/scoring.rs), for Q queries × K candidates = P pairs.
 //
-// The matrix products go through cuBLAS (f32, src/device/adapter_train.rs issues them); these
-// kernels are the row-wise and element-wise steps between them:
+// The matrix products go through cuBLAS (f32, src/device/adapter_train.rs issues them) and the
+// GELU gradient through backward.cu's rrra_gelu_backward_f32; these kernels are the row-wise
+// and element-wise steps between them:
 //
 //  rrra_adapter_train_recut        W1 [h × 3d] → W1sum = W1a + W1c [h × d] and
 //                                  Wpair = [W1c − W1a | W1b] [h × 2d] (after every update)
@@ -14,7 +15,6 @@
 //                                  the normalisation loss)
 //  rrra_adapter_train_pair_grad    ∂a = s·(∂QA/∂a − ∂CA/∂a) (+ ∂a from a loss on a), and the
 //                                  direct parts of ∂q, ∂c, and the terms of ∂beta, ∂beta0
-//  rrra_adapter_train_gelu_grad    ∂pre = ∂g ⊙ GELU'(pre)
 //  rrra_adapter_train_group_sums   out[g] = Σ of `per` consecutive rows, f64, in row order:
 //                                  per-query sums (∂u) and the bias / beta gradients
 //  rrra_adapter_train_w1_grad      ∂W1 = [UQ − CF_c | CF_qc | UQ + CF_c] from the two GEMMs
@@ -30,23 +30,9 @@
 
 #include <stdint.h>
 
+#include "common.cuh"
+
 #define THREADS 256
-
-__device__ __forceinline__ float gelu_erf(float x) {
-    return 0.5f * x * (1.0f + erff(x * 0.70710678118654752440f));
-}
-
-// GELU'(x) = Phi(x) + x phi(x) (the CPU reference's gelu_grad).
-__device__ __forceinline__ float gelu_erf_grad(float x) {
-    const float cdf = 0.5f * (1.0f + erff(x * 0.70710678118654752440f));
-    return cdf + x * 0.3989422804014327f * expf(-0.5f * x * x);
-}
-
-__device__ __forceinline__ double warp_sum_f64(double v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
 
 // The geometry slots of one pair (doubles): |q|, |a|, |c| (clamped), QA, CA, and 1/|x|² for q,
 // a, c (0 at the clamp).
@@ -179,14 +165,6 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         dscalar[p * 2] = (float)(gl * (cqa - cca));
         dscalar[p * 2 + 1] = (float)gl;
     }
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS)
-    rrra_adapter_train_gelu_grad(float* __restrict__ dg, const float* __restrict__ pre,
-                                 long long n) {
-    for (long long x = blockIdx.x * (long long)blockDim.x + threadIdx.x; x < n;
-         x += (long long)gridDim.x * blockDim.x)
-        dg[x] *= gelu_erf_grad(pre[x]);
 }
 
 // out[g·cols + j] = Σ_{r < per} x[(g·per + r)·cols + j]: one thread per (group, column), the

@@ -1,5 +1,5 @@
 // Shared device helpers of the BERT encoder kernels: 4-wide loads and stores of f32 or bf16
-// activations (math is always f32), warp max, and the warp-per-row LayerNorm.
+// activations (math is always f32) and the warp-per-row LayerNorm (the reductions are common.cuh's).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -42,12 +42,6 @@ __device__ __forceinline__ float4 add4(float4 a, float4 b) {
 }
 __device__ __forceinline__ float4 scale4(float4 a, float s) {
     return make_float4(a.x * s, a.y * s, a.z * s, a.w * s);
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = RRRA_WARP / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
 }
 
 // ---- LayerNorm of one row held by one warp ----

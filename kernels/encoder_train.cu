@@ -33,28 +33,13 @@
 
 #include <stdint.h>
 
+#include "common.cuh"
 #include "philox.cuh"
 
 #define THREADS 256
 #define ATT_WARPS 8
 #define ATT_MAX_LEN 512
 #define ATT_MAX_DH 128
-
-__device__ __forceinline__ float gelu_erf(float x) {
-    return 0.5f * x * (1.0f + erff(x * 0.70710678118654752440f));
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
 
 extern "C" __global__ void __launch_bounds__(THREADS)
     rrra_train_embed_sum_f32(const unsigned* __restrict__ ids, const unsigned* __restrict__ type_ids,

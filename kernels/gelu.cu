@@ -14,10 +14,6 @@
 // (f32, 4.0 TB/s) and 75 us (bf16, 2.7 TB/s: erff's instructions start to show).
 #include "bert_common.cuh"
 
-__device__ __forceinline__ float gelu_erf(float x) {
-    return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
-}
-
 template <typename T>
 __device__ __forceinline__ void bias_gelu(T* __restrict__ y, const float* __restrict__ b,
                                           int cols) {

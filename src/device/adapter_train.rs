@@ -26,21 +26,22 @@
 //! and fills them with NaN, so a value a kernel failed to write cannot pass for a result;
 //! forward and backward after that allocate nothing on the device.
 
-use super::runtime::{cublas_f32, cuda_err, launch_cfg, sgemm_row_major, to_i32, DevBuf, Gpu};
+use super::backward::GpuBackward;
+use super::runtime::{
+    cublas_f32, cuda_err, grid_stride, launch_cfg, poison, sgemm_row_major, to_i32, DevBuf, Gpu,
+};
 use crate::adapter::fit::{AdapterOp, ForwardPass};
 use crate::adapter::pairs::QueryPairs;
 use crate::adapter::AdapterParams;
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{result as cu, CudaFunction, CudaStream, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaStream, PushKernelArg};
 use std::sync::Arc;
 
 const MODULE: &str = "adapter_train";
 const THREADS: u32 = 256;
 /// f64 slots per pair of the geometry buffer (the kernel's `GEO`).
 const GEO: usize = 8;
-/// Most blocks of a grid-stride kernel.
-const MAX_BLOCKS: usize = 1 << 16;
 
 struct Kernels {
     recut: CudaFunction,
@@ -48,7 +49,6 @@ struct Kernels {
     hidden: CudaFunction,
     geometry: CudaFunction,
     pair_grad: CudaFunction,
-    gelu_grad: CudaFunction,
     group_sums: CudaFunction,
     w1_grad: CudaFunction,
     input_grads: CudaFunction,
@@ -60,6 +60,8 @@ pub struct GpuAdapterGrad {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     k: Kernels,
+    /// The GELU gradient (`rrra_gelu_backward_f32`).
+    bw: GpuBackward,
     d: usize,
     h: usize,
     max_queries: usize,
@@ -145,7 +147,6 @@ impl GpuAdapterGrad {
             hidden: f("rrra_adapter_train_hidden")?,
             geometry: f("rrra_adapter_train_geometry")?,
             pair_grad: f("rrra_adapter_train_pair_grad")?,
-            gelu_grad: f("rrra_adapter_train_gelu_grad")?,
             group_sums: f("rrra_adapter_train_group_sums")?,
             w1_grad: f("rrra_adapter_train_w1_grad")?,
             input_grads: f("rrra_adapter_train_input_grads")?,
@@ -154,10 +155,10 @@ impl GpuAdapterGrad {
         let mut n = 0u64;
         let (mq, mp) = (max_queries, max_pairs);
         let geo = DevBuf::new(&stream, mp * GEO, "adapter geometry", &mut n)?;
-        poison(&stream, geo.ptr, geo.len() * 8)?;
+        poison(&stream, &geo.slice)?;
         let mut buf = |len: usize, what: &str| -> Result<DevBuf<f32>> {
             let b = DevBuf::new(&stream, len, what, &mut n)?;
-            poison(&stream, b.ptr, b.len() * 4)?;
+            poison(&stream, &b.slice)?;
             Ok(b)
         };
         let mut grad = GpuAdapterGrad {
@@ -200,6 +201,7 @@ impl GpuAdapterGrad {
             stream: stream.clone(),
             blas,
             k,
+            bw: GpuBackward::new(gpu)?,
             d,
             h,
             max_queries,
@@ -272,7 +274,7 @@ impl GpuAdapterGrad {
                 .arg(&h)
                 .arg(&ws)
                 .arg(&wp)
-                .launch(grid_stride(self.d * self.h)?)
+                .launch(grid_stride(self.d * self.h, THREADS)?)
         }
         .map_err(cuda_err("launching rrra_adapter_train_recut"))?;
         Ok(())
@@ -332,7 +334,7 @@ impl GpuAdapterGrad {
                 .arg(&pl)
                 .arg(&di)
                 .arg(&fp)
-                .launch(grid_stride(pairs * d)?)
+                .launch(grid_stride(pairs * d, THREADS)?)
         }
         .map_err(cuda_err("launching rrra_adapter_train_features"))?;
         // u = Q·W1sumᵀ, pre = F·Wpairᵀ (biases added by the hidden kernel)
@@ -357,7 +359,7 @@ impl GpuAdapterGrad {
                 .arg(&pl)
                 .arg(&hi)
                 .arg(&g)
-                .launch(grid_stride(pairs * h)?)
+                .launch(grid_stride(pairs * h, THREADS)?)
         }
         .map_err(cuda_err("launching rrra_adapter_train_hidden"))?;
         self.gemm(false, true, pairs, d, h, g, self.w2.ptr, self.a.ptr)?;
@@ -451,7 +453,7 @@ impl GpuAdapterGrad {
     /// The backward's kernels and products (queued, not waited for): parameter gradients into
     /// the `g*` buffers, and with `want_inputs` the input gradients into `dq` and `dc`. `extra`
     /// is the address of ∂L/∂a from a loss on a, or 0.
-    fn queue_backward(&self, nq: usize, k: usize, extra: u64, want_inputs: bool) -> Result<()> {
+    fn queue_backward(&mut self, nq: usize, k: usize, extra: u64, want_inputs: bool) -> Result<()> {
         let (d, h, pairs, st) = (self.d, self.h, nq * k, &self.stream);
         let (ki, pl, di) = (to_i32(k, "k")?, pairs as i64, to_i32(d, "d")?);
         let (qp, cp, ap, geo) = (self.queries.ptr, self.cands.ptr, self.a.ptr, self.geo.ptr);
@@ -485,15 +487,8 @@ impl GpuAdapterGrad {
         // ∂pre = (∂a·W2) ⊙ GELU'(pre)
         let dpre = self.dpre.ptr;
         self.gemm(false, false, pairs, h, d, da, self.w2.ptr, dpre)?;
-        let (pre, n) = (self.pre.ptr, (pairs * h) as i64);
-        unsafe {
-            st.launch_builder(&self.k.gelu_grad)
-                .arg(&dpre)
-                .arg(&pre)
-                .arg(&n)
-                .launch(grid_stride(pairs * h)?)
-        }
-        .map_err(cuda_err("launching rrra_adapter_train_gelu_grad"))?;
+        self.bw
+            .gelu(&self.pre.slice, &mut self.dpre.slice, pairs * h)?;
         // per-query sums, then the parameter gradients
         self.group_sums(dpre, nq, k, h, self.du.ptr)?;
         self.group_sums(self.du.ptr, 1, nq, h, self.gb1.ptr)?;
@@ -521,7 +516,7 @@ impl GpuAdapterGrad {
                 .arg(&di)
                 .arg(&hi)
                 .arg(&gw1)
-                .launch(grid_stride(d * h)?)
+                .launch(grid_stride(d * h, THREADS)?)
         }
         .map_err(cuda_err("launching rrra_adapter_train_w1_grad"))?;
         if want_inputs {
@@ -731,18 +726,7 @@ fn no_forward() -> Error {
     Error::InvalidArgument("the adapter's backward needs a forward first".into())
 }
 
-fn grid_stride(n: usize) -> Result<cudarc::driver::LaunchConfig> {
-    launch_cfg(n.div_ceil(THREADS as usize).min(MAX_BLOCKS), THREADS, 0)
-}
-
 /// One warp per row.
 fn warp_per_row(rows: usize) -> Result<cudarc::driver::LaunchConfig> {
     launch_cfg((rows * 32).div_ceil(THREADS as usize), THREADS, 0)
-}
-
-/// Fills `bytes` bytes at `at` with 0xFF (an f32 or f64 NaN).
-fn poison(stream: &Arc<CudaStream>, at: u64, bytes: usize) -> Result<()> {
-    // SAFETY: a byte fill of a buffer of at least `bytes` bytes, on its stream.
-    unsafe { cu::memset_d8_async(at, 0xFF, bytes, stream.cu_stream()) }
-        .map_err(cuda_err("filling a buffer"))
 }

@@ -22,11 +22,11 @@
 //! CPU functions' signatures and accumulation rules, and fill every device output with NaN
 //! before the kernels run, so an element a kernel failed to write cannot pass for a result.
 
-use super::runtime::{alloc, cuda_err, launch_cfg, ptr, to_i32, Gpu, KernelTiming};
+use super::runtime::{alloc, cuda_err, launch_cfg, poison, ptr, to_i32, upload, Gpu, KernelTiming};
 use crate::error::{Error, Result};
 use crate::model::pooling::Pooling;
 use cudarc::driver::{
-    result as cu, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use std::sync::Arc;
 
@@ -50,15 +50,6 @@ const LN_WIDTHS: [usize; 5] = [128, 256, 512, 768, 1024];
 /// Largest LayerNorm width.
 pub const MAX_LN_WIDTH: usize = 1024;
 
-fn upload<T: DeviceRepr>(stream: &Arc<CudaStream>, host: &[T], what: &str) -> Result<CudaSlice<T>> {
-    if host.is_empty() {
-        return alloc(stream, 1, what);
-    }
-    stream
-        .clone_htod(host)
-        .map_err(cuda_err(&format!("uploading {what}")))
-}
-
 fn download<T: DeviceRepr + Default + Clone>(
     stream: &Arc<CudaStream>,
     src: &CudaSlice<T>,
@@ -71,14 +62,6 @@ fn download<T: DeviceRepr + Default + Clone>(
     stream
         .memcpy_dtoh(&src.slice(..dst.len()), dst)
         .map_err(cuda_err(&format!("downloading {what}")))
-}
-
-/// Fills `s` with NaN bytes (0xFF..: an f32 NaN, a bf16 NaN).
-fn poison<T>(stream: &Arc<CudaStream>, s: &CudaSlice<T>) -> Result<()> {
-    let bytes = s.len() * std::mem::size_of::<T>();
-    // SAFETY: a byte fill of exactly the buffer's bytes, queued on the stream that owns it.
-    unsafe { cu::memset_d8_async(ptr(s, stream), 0xFF, bytes, stream.cu_stream()) }
-        .map_err(cuda_err("poisoning an output"))
 }
 
 fn check_len(what: &str, got: usize, want: usize) -> Result<()> {

@@ -29,7 +29,9 @@
 use super::attention_backward::{AttnDropoutPlan, GpuAttentionBackward};
 use super::backward::{EmbeddingGradPlan, GpuBackward};
 use super::encoder::{check_config, AttentionKernel, Precision};
-use super::runtime::{alloc, cublas_f32, cuda_err, launch_cfg, ptr, sgemm_row_major, to_i32, Gpu};
+use super::runtime::{
+    alloc, cublas_f32, cuda_err, grid_stride, launch_cfg, ptr, sgemm_row_major, to_i32, upload, Gpu,
+};
 use crate::error::{Error, Result};
 use crate::model::bert::{Bert, PackedBatch};
 use crate::model::config::BertConfig;
@@ -43,7 +45,6 @@ use std::sync::Arc;
 
 const MODULE: &str = "encoder_train";
 const THREADS: u32 = 256;
-const MAX_BLOCKS: usize = 1 << 16;
 
 /// Indices of a layer's tensors within its 12 (the order of `BertWeights::tensors`).
 mod t {
@@ -503,21 +504,14 @@ impl GpuTrainableEncoder {
             let base = t::EMBEDDING + l * t::PER_LAYER;
             let gi = |i: usize| base + i;
             // out = LN2(s2): ds2 in ds_a
-            {
-                let (g_ln, b_ln) = pair_mut(&mut self.g, gi(t::OUT_LN_G), gi(t::OUT_LN_B));
-                self.bw.layernorm(
-                    &self.layers[l].s2,
-                    &self.w[gi(t::OUT_LN_G)],
-                    &self.dx,
-                    tok,
-                    h,
-                    eps,
-                    &mut self.ds_a,
-                    g_ln,
-                    b_ln,
-                    true,
-                )?;
-            }
+            layernorm_backward(
+                (&mut self.bw, &self.w, &mut self.g),
+                gi(t::OUT_LN_G),
+                &self.layers[l].s2,
+                &self.dx,
+                &mut self.ds_a,
+                (tok, h, eps),
+            )?;
             // s2 = dropout(mid·Wo2ᵀ + bo2) + x1: dmid, ∂Wo2, ∂bo2 from the masked ds2 (in dctx,
             // free until the attention block)
             let d_ffn = if hidden_p > 0.0 {
@@ -553,21 +547,14 @@ impl GpuTrainableEncoder {
             )?;
             self.add(p(&self.ds_b), p(&self.ds_a), tok * h)?;
             // x1 = LN1(s1): ds1 in ds_a
-            {
-                let (g_ln, b_ln) = pair_mut(&mut self.g, gi(t::ATTN_LN_G), gi(t::ATTN_LN_B));
-                self.bw.layernorm(
-                    &self.layers[l].s1,
-                    &self.w[gi(t::ATTN_LN_G)],
-                    &self.ds_b,
-                    tok,
-                    h,
-                    eps,
-                    &mut self.ds_a,
-                    g_ln,
-                    b_ln,
-                    true,
-                )?;
-            }
+            layernorm_backward(
+                (&mut self.bw, &self.w, &mut self.g),
+                gi(t::ATTN_LN_G),
+                &self.layers[l].s1,
+                &self.ds_b,
+                &mut self.ds_a,
+                (tok, h, eps),
+            )?;
             // s1 = dropout(ctx·Woᵀ + bo) + x: dctx from the masked ds1 (in ds_b, free now)
             let d_attn = if hidden_p > 0.0 {
                 let slot = site_slot(l, Site::AttentionOutputDropout);
@@ -619,21 +606,14 @@ impl GpuTrainableEncoder {
             let dx = p(&self.dx);
             self.dropout(dx, dx, b, h, hidden_p, site_slot(0, Site::EmbeddingDropout))?;
         }
-        {
-            let (g_ln, b_ln) = pair_mut(&mut self.g, t::EMB_LN_G, t::EMB_LN_B);
-            self.bw.layernorm(
-                &self.emb_sum,
-                &self.w[t::EMB_LN_G],
-                &self.dx,
-                tok,
-                h,
-                eps,
-                &mut self.ds_a,
-                g_ln,
-                b_ln,
-                true,
-            )?;
-        }
+        layernorm_backward(
+            (&mut self.bw, &self.w, &mut self.g),
+            t::EMB_LN_G,
+            &self.emb_sum,
+            &self.dx,
+            &mut self.ds_a,
+            (tok, h, eps),
+        )?;
         let plan = b.plan.upload_on(&st)?;
         {
             let (word, rest) = self.g.split_at_mut(t::POS);
@@ -959,7 +939,7 @@ impl GpuTrainableEncoder {
                 .arg(&r)
                 .arg(&rl)
                 .arg(&c)
-                .launch(grid_stride(rows * cols)?)
+                .launch(grid_stride(rows * cols, THREADS)?)
         }
         .map_err(cuda_err("launching rrra_train_bias_residual_f32"))?;
         Ok(())
@@ -976,7 +956,7 @@ impl GpuTrainableEncoder {
                 .arg(&rl)
                 .arg(&c)
                 .arg(&out)
-                .launch(grid_stride(rows * cols)?)
+                .launch(grid_stride(rows * cols, THREADS)?)
         }
         .map_err(cuda_err("launching rrra_train_bias_gelu_f32"))?;
         Ok(())
@@ -991,7 +971,7 @@ impl GpuTrainableEncoder {
                 .arg(&pre)
                 .arg(&nl)
                 .arg(&out)
-                .launch(grid_stride(n)?)
+                .launch(grid_stride(n, THREADS)?)
         }
         .map_err(cuda_err("launching rrra_train_gelu_f32"))?;
         Ok(())
@@ -1006,7 +986,7 @@ impl GpuTrainableEncoder {
                 .arg(&dst)
                 .arg(&src)
                 .arg(&nl)
-                .launch(grid_stride(n)?)
+                .launch(grid_stride(n, THREADS)?)
         }
         .map_err(cuda_err("launching rrra_train_add_f32"))?;
         Ok(())
@@ -1068,21 +1048,19 @@ enum SliceId {
     Dqkv,
 }
 
-/// Two distinct elements of a vector, both mutable.
-fn pair_mut<T>(v: &mut [T], i: usize, j: usize) -> (&mut T, &mut T) {
-    assert!(i < j, "pair_mut wants i < j");
-    let (a, b) = v.split_at_mut(j);
-    (&mut a[i], &mut b[0])
-}
-
-fn upload(stream: &Arc<CudaStream>, host: &[f32], what: &str) -> Result<CudaSlice<f32>> {
-    let mut d = alloc(stream, host.len(), what)?;
-    if !host.is_empty() {
-        stream
-            .memcpy_htod(host, &mut d.slice_mut(..host.len()))
-            .map_err(cuda_err(&format!("uploading {what}")))?;
-    }
-    Ok(d)
+/// LayerNorm backward of one site: `ds` from `dy` and the pre-norm input `s`; the gradients of
+/// gamma (tensor `gamma`) and beta (the next tensor) accumulated into `g`.
+fn layernorm_backward(
+    (bw, w, g): (&mut GpuBackward, &[CudaSlice<f32>], &mut [CudaSlice<f32>]),
+    gamma: usize,
+    s: &CudaSlice<f32>,
+    dy: &CudaSlice<f32>,
+    ds: &mut CudaSlice<f32>,
+    (rows, h, eps): (usize, usize, f32),
+) -> Result<()> {
+    let (before, after) = g.split_at_mut(gamma + 1);
+    let (dgamma, dbeta) = (&mut before[gamma], &mut after[0]);
+    bw.layernorm(s, &w[gamma], dy, rows, h, eps, ds, dgamma, dbeta, true)
 }
 
 /// The device check's row: one f32 training step (forward + backward, gradients left on the
@@ -1117,8 +1095,4 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
         bytes: 0.0,
         flops,
     }])
-}
-
-fn grid_stride(n: usize) -> Result<cudarc::driver::LaunchConfig> {
-    launch_cfg(n.div_ceil(THREADS as usize).min(MAX_BLOCKS), THREADS, 0)
 }

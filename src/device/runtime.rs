@@ -255,6 +255,44 @@ pub(crate) fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     p
 }
 
+/// A device copy of `host` (one element when empty: a zero-length allocation is not a valid
+/// device pointer).
+pub(crate) fn upload<T: DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    host: &[T],
+    what: &str,
+) -> Result<CudaSlice<T>> {
+    if host.is_empty() {
+        return alloc(stream, 1, what);
+    }
+    stream
+        .clone_htod(host)
+        .map_err(cuda_err(&format!("uploading {what}")))
+}
+
+/// Fills `s` with 0xFF bytes (an f32, f64 or bf16 NaN), so an element no kernel writes cannot
+/// pass for a result.
+pub(crate) fn poison<T>(stream: &Arc<CudaStream>, s: &CudaSlice<T>) -> Result<()> {
+    let bytes = s.len() * std::mem::size_of::<T>();
+    // SAFETY: a byte fill of exactly the buffer's bytes, queued on the stream that owns it.
+    unsafe {
+        cudarc::driver::result::memset_d8_async(ptr(s, stream), 0xFF, bytes, stream.cu_stream())
+    }
+    .map_err(cuda_err("poisoning a buffer"))
+}
+
+/// Most blocks of a grid-stride launch: enough to fill any current GPU many times over.
+const GRID_STRIDE_BLOCKS: usize = 1 << 16;
+
+/// A grid-stride launch over `n` elements, `threads` per block.
+pub(crate) fn grid_stride(n: usize, threads: u32) -> Result<LaunchConfig> {
+    launch_cfg(
+        n.div_ceil(threads as usize).min(GRID_STRIDE_BLOCKS),
+        threads,
+        0,
+    )
+}
+
 pub(crate) fn round_up(x: usize, m: usize) -> usize {
     x.div_ceil(m) * m
 }

@@ -9,6 +9,7 @@
 #include <string>
 #include "emu.h"
 #include "adapter_train.cu"
+#include "backward.cu"  // rrra_gelu_backward_f32, the GELU gradient
 
 static int fails = 0;
 #define CHECK(c, ...) do { if (!(c)) { if (++fails < 40) { printf("FAIL "); printf(__VA_ARGS__); printf("\n"); } } } while (0)
@@ -76,7 +77,7 @@ int main(int argc, char** argv) {
     auto gw1 = buf(h * 3 * d), gb1 = buf(h), gw2 = buf(d * h), gb2 = buf(d), gsc = buf(2);
     launch(wpr(P), 256, [&] { rrra_adapter_train_pair_grad(q.data(), c.data(), A.data(), geo.data(), dl.data(), ex.data(), k, P, d, beta, da.data(), dqd.data(), dc.data(), ds.data()); });
     gemm_rm(false, false, P, h, d, da.data(), w2.data(), 0, dpre.data());
-    launch(gs(P * h), 256, [&] { rrra_adapter_train_gelu_grad(dpre.data(), pre.data(), P * h); });
+    launch(std::min<long>(gs(P * h), 8192), 256, [&] { rrra_gelu_backward_f32(pre.data(), dpre.data(), P * h); });
     auto sums = [&](const float* x, int groups, int per, int cols, float* out) {
         launch((unsigned)((groups * cols + 255) / 256), 256, [&] { rrra_adapter_train_group_sums(x, groups, per, cols, out); });
     };

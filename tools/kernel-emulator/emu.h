@@ -15,6 +15,11 @@
 #include <atomic>
 struct dim3e { unsigned x = 1, y = 1, z = 1; };
 struct uint4 { unsigned x, y, z, w; };
+struct uint2 { unsigned x, y; };
+struct int4 { int x, y, z, w; };
+struct float2 { float x, y; };
+struct float4 { float x, y, z, w; };
+static inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
 thread_local dim3e threadIdx;
 dim3e blockIdx, blockDim, gridDim;
@@ -46,7 +51,7 @@ static inline float __fdiv_rn(float a, float b) { volatile float r = a / b; retu
 static inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 static inline double __longlong_as_double(long long x) { double d; std::memcpy(&d, &x, 8); return d; }
 static inline float __int_as_float(int x) { float d; std::memcpy(&d, &x, 4); return d; }
-using std::min; using std::isfinite; using std::fmax; using std::fma;
+using std::min; using std::max; using std::isfinite; using std::fmax; using std::fma;
 static inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
 // launch f over a (gx, gy, gz) grid of 1-D blocks, one block at a time
 template <class F> void launch3(unsigned gx, unsigned gy, unsigned gz, unsigned block, F f) {
@@ -72,4 +77,5 @@ template <class F> void launch(unsigned grid, unsigned block, F f) { launch3(gri
 #define fmaf(a, b, c) std::fma((float)(a), (float)(b), (float)(c))
 #define fmaxf(a, b) std::fmax((float)(a), (float)(b))
 #define fminf(a, b) std::fmin((float)(a), (float)(b))
+#define erfcf(x) std::erfc((float)(x))
 using std::sqrt; using std::exp; using std::fmin;
