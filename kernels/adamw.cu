@@ -3,17 +3,20 @@
 // parameter tensors back to back: master weights, gradients, first and second moments, and an
 // optional bf16 working copy of the updated weights.
 //
+// The gradients may first be multiplied by grad_scale (the trainer's 1 / micro-batches), one f32
+// rounding like the CPU's in-place scaling; a scale of 1 changes nothing.
+//
 // Work is split into chunks: at most 16384 elements (the CPU's CHUNK), never crossing a tensor,
 // so each chunk has one decay flag and the norm's partition is exactly the CPU's. A chunk table
 // (start, length | decay << 32) is built once on the host.
 //
-//   rrra_adamw_norm_partial  one block per chunk: sum of g^2 in f64 (fixed strided split and a
+//   rrra_adamw_norm_partial  one block per chunk: sum of (g*grad_scale)^2 in f64 (fixed strided split and a
 //                            fixed tree: deterministic), one partial per chunk.
 //   rrra_adamw_norm_final    one block: the partials in a fixed order -> norm = sqrt(sum); the
 //                            clip factor max_norm / (norm + 1e-6) when it is < 1 and max_norm > 0
 //                            (torch / the CPU); a non-finite norm marks the step as skipped.
-//   rrra_adamw_update        one block per chunk: g *= clip (f32, as the CPU scales the
-//                            gradients); if decay: p *= 1 - lr*wd; m = b1*m + (1-b1)*g;
+//   rrra_adamw_update        one block per chunk: g = (g*grad_scale)*clip (f32, as the CPU
+//                            scales the gradients); if decay: p *= 1 - lr*wd; m = b1*m + (1-b1)*g;
 //                            v = v*b2 + (1-b2)*(g*g); p += -step_size * (m / (sqrt(v)/sqrt(bc2) + eps));
 //                            bf16 copy = round-to-nearest-even(p). Every operation is a separate
 //                            IEEE f32 operation in the CPU's order (_rn intrinsics: no FMA), so the
@@ -54,13 +57,13 @@ __device__ __forceinline__ double rrra_block_sum_f64(double v) {
 // chunks: [C x 2] u64: start element, (length | decay << 32).
 extern "C" __global__ void __launch_bounds__(RRRA_ADAMW_THREADS)
     rrra_adamw_norm_partial(const float* __restrict__ grads, const u64* __restrict__ chunks,
-                            double* __restrict__ partial) {
+                            float grad_scale, double* __restrict__ partial) {
     const u64 start = chunks[2 * blockIdx.x];
     const unsigned len = (unsigned)(chunks[2 * blockIdx.x + 1] & 0xffffffffull);
     const float* g = grads + start;
     double acc = 0.0;
     for (unsigned i = threadIdx.x; i < len; i += blockDim.x) {
-        const double x = (double)g[i];
+        const double x = (double)__fmul_rn(g[i], grad_scale);
         acc = fma(x, x, acc);  // x*x is exact in f64
     }
     acc = rrra_block_sum_f64(acc);
@@ -97,7 +100,7 @@ extern "C" __global__ void __launch_bounds__(RRRA_ADAMW_THREADS)
     rrra_adamw_update(float* __restrict__ params, const float* __restrict__ grads,
                       float* __restrict__ m_buf, float* __restrict__ v_buf,
                       __nv_bfloat16* __restrict__ bf16_out, const u64* __restrict__ chunks,
-                      const float* __restrict__ control, float decay_factor, float beta1,
+                      const float* __restrict__ control, float grad_scale, float decay_factor, float beta1,
                       float beta2, float one_minus_b1, float one_minus_b2, float bias2_sqrt,
                       float eps, float step_size) {
     if (control[1] != 0.0f) return;  // non-finite gradient norm: nothing changes
@@ -109,7 +112,7 @@ extern "C" __global__ void __launch_bounds__(RRRA_ADAMW_THREADS)
     const bool decay = (meta >> 32) != 0;
     for (unsigned i = threadIdx.x; i < len; i += blockDim.x) {
         const u64 e = start + i;
-        float g = grads[e];
+        float g = __fmul_rn(grads[e], grad_scale);
         if (clipping) g = __fmul_rn(g, clip);
         float p = params[e];
         if (decay) p = __fmul_rn(p, decay_factor);

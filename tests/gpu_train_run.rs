@@ -1,6 +1,9 @@
 //! `rrra train --gpu` end to end: a few trainer steps (mining refreshes, dropout, gradient
 //! accumulation) with the encoder offloaded to the GPU against the same run on the CPU, on the
-//! tiny random BERT of the fixtures (dropout set to 0.1) and Cranfield. Skips without a GPU.
+//! tiny random BERT of the fixtures (dropout set to 0.1) and Cranfield: once with the optimizer
+//! on the host (`GpuTrainableEncoder`), once resident on the device (`GpuTrainStep`, what
+//! `rrra train --gpu` uses), and a resident run stopped and resumed from its checkpoint.
+//! Skips without a GPU.
 //!
 //! Tolerances, and why: the first step starts from the same weights, so its loss differs only
 //! by the f32 summation orders of the encoder (~1e-6 relative). Later steps start from weights
@@ -11,9 +14,83 @@
 mod common;
 
 use rrra::device::encoder_train::GpuTrainableEncoder;
+use rrra::device::train_step::GpuTrainStep;
+use rrra::device::Gpu;
 use rrra::model::{Encoder, EncoderOptions};
 use rrra::train::config::{DataSource, TrainConfig};
 use rrra::train::trainer::{TrainEvent, Trainer};
+
+fn config(model: &std::path::Path, out: std::path::PathBuf) -> TrainConfig {
+    let mut cfg = TrainConfig::new(
+        model.to_path_buf(),
+        DataSource::Beir {
+            dir: common::shared().join("data/cranfield"),
+            split: "train".into(),
+        },
+        out,
+    );
+    cfg.max_steps = Some(4);
+    cfg.batch_size = 8;
+    cfg.grad_accum = 2;
+    cfg.hard_negatives = 3;
+    cfg.random_negatives = 1;
+    cfg.doc_max_length = 96;
+    cfg.mine_every = Some(2);
+    cfg.mine_top_k = 50;
+    cfg.lr = 1e-3;
+    cfg.checkpoint_every = Some(2);
+    cfg
+}
+
+fn losses(t: &mut Trainer, stop_after: Option<u64>) -> Vec<f64> {
+    let mut out = Vec::new();
+    t.run(stop_after, &mut |e| {
+        if let TrainEvent::Step(r) = e {
+            out.push(r.loss);
+        }
+    })
+    .unwrap();
+    out
+}
+
+/// Hands `t`'s encoder to the GPU, with the optimizer there too when `resident`.
+fn offload(gpu: &Gpu, t: &mut Trainer, resident: bool) {
+    let (sequences, tokens) = t.batch_capacity();
+    let enc = t.encoder();
+    let (bert, pooling, normalize) = (enc.bert(), enc.pooling(), enc.normalize());
+    if resident {
+        let adamw = t.config().adamw;
+        let dev =
+            GpuTrainStep::new(gpu, bert, pooling, normalize, adamw, tokens, sequences).unwrap();
+        t.offload_encoder(Box::new(dev)).unwrap();
+    } else {
+        let dev =
+            GpuTrainableEncoder::new(gpu, bert, pooling, normalize, tokens, sequences).unwrap();
+        t.offload_encoder(Box::new(dev)).unwrap();
+    }
+}
+
+/// Each trained tensor of `b` within 1e-3 (relative L2) of `a`'s change from `start`.
+fn assert_close(start: &[&[f32]], a: &[&[f32]], b: &[&[f32]], what: &str) {
+    for (i, ((s, c), g)) in start.iter().zip(a).zip(b).enumerate() {
+        let moved: f64 = s
+            .iter()
+            .zip(c.iter())
+            .map(|(x, y)| ((y - x) as f64).powi(2))
+            .sum();
+        let apart: f64 = c
+            .iter()
+            .zip(g.iter())
+            .map(|(x, y)| ((y - x) as f64).powi(2))
+            .sum();
+        assert!(
+            apart <= 1e-6 * moved.max(1e-30),
+            "{what}, tensor {i}: the runs are {:.2e} apart, the reference moved {:.2e}",
+            apart.sqrt(),
+            moved.sqrt()
+        );
+    }
+}
 
 #[test]
 fn an_offloaded_run_follows_the_cpu_run() {
@@ -22,85 +99,53 @@ fn an_offloaded_run_follows_the_cpu_run() {
     };
     let dir = tempfile::tempdir().unwrap();
     let model = common::tiny_bert_with_dropout(dir.path());
-    let config = |out: &str| {
-        let mut cfg = TrainConfig::new(
-            model.clone(),
-            DataSource::Beir {
-                dir: common::shared().join("data/cranfield"),
-                split: "train".into(),
-            },
-            dir.path().join(out),
-        );
-        cfg.max_steps = Some(4);
-        cfg.batch_size = 8;
-        cfg.grad_accum = 2;
-        cfg.hard_negatives = 3;
-        cfg.random_negatives = 1;
-        cfg.doc_max_length = 96;
-        cfg.mine_every = Some(2);
-        cfg.mine_top_k = 50;
-        cfg.lr = 1e-3;
-        cfg
-    };
-    let losses = |t: &mut Trainer| {
-        let mut out = Vec::new();
-        t.run(None, &mut |e| {
-            if let TrainEvent::Step(r) = e {
-                out.push(r.loss);
-            }
-        })
-        .unwrap();
-        out
-    };
-    let mut cpu = Trainer::new(config("cpu")).unwrap();
-    let cpu_losses = losses(&mut cpu);
-    let mut dev = Trainer::new(config("gpu")).unwrap();
-    let (sequences, tokens) = dev.batch_capacity();
-    let enc = dev.encoder();
-    let offloaded = GpuTrainableEncoder::new(
-        &gpu,
-        enc.bert(),
-        enc.pooling(),
-        enc.normalize(),
-        tokens,
-        sequences,
-    )
-    .unwrap();
-    dev.offload_encoder(Box::new(offloaded));
-    let gpu_losses = losses(&mut dev);
-
+    let mut cpu = Trainer::new(config(&model, dir.path().join("cpu"))).unwrap();
+    let cpu_losses = losses(&mut cpu, None);
     assert_eq!(cpu_losses.len(), 4);
-    assert_eq!(gpu_losses.len(), 4);
-    for (i, (c, g)) in cpu_losses.iter().zip(&gpu_losses).enumerate() {
-        let tol = if i == 0 { 1e-5 } else { 1e-4 };
+    let start = Encoder::load(&model, &EncoderOptions::default()).unwrap();
+    let s = start.bert().weights.tensors();
+    let c = cpu.encoder().bert().weights.tensors();
+    for resident in [false, true] {
+        let what = if resident {
+            "resident"
+        } else {
+            "host optimizer"
+        };
+        let mut dev = Trainer::new(config(&model, dir.path().join(what))).unwrap();
+        offload(&gpu, &mut dev, resident);
+        let gpu_losses = losses(&mut dev, None);
+        assert_eq!(gpu_losses.len(), 4);
+        for (i, (c, g)) in cpu_losses.iter().zip(&gpu_losses).enumerate() {
+            let tol = if i == 0 { 1e-5 } else { 1e-4 };
+            assert!(
+                (c - g).abs() <= tol * c.abs(),
+                "{what}, step {}: cpu loss {c} vs gpu {g}",
+                i + 1
+            );
+        }
+        assert_close(&s, &c, &dev.encoder().bert().weights.tensors(), what);
+        // the checkpoint holds the device's weights, not the host's stale copy
+        let saved =
+            Encoder::load(&dir.path().join(what).join("model"), &Default::default()).unwrap();
+        assert_close(&s, &c, &saved.bert().weights.tensors(), "checkpoint");
+    }
+
+    // stopped after 2 steps, resumed on a fresh device state: the AdamW moments must come back
+    let out = dir.path().join("resumed");
+    let mut first = Trainer::new(config(&model, out.clone())).unwrap();
+    offload(&gpu, &mut first, true);
+    let mut resumed_losses = losses(&mut first, Some(2));
+    drop(first);
+    let mut again = Trainer::resume(&out).unwrap();
+    offload(&gpu, &mut again, true);
+    resumed_losses.extend(losses(&mut again, None));
+    assert_eq!(resumed_losses.len(), 4);
+    for (i, (c, g)) in cpu_losses.iter().zip(&resumed_losses).enumerate() {
         assert!(
-            (c - g).abs() <= tol * c.abs(),
-            "step {}: cpu loss {c} vs gpu {g}",
+            (c - g).abs() <= 1e-4 * c.abs(),
+            "resumed, step {}: cpu loss {c} vs gpu {g}",
             i + 1
         );
     }
-    let start = Encoder::load(&model, &EncoderOptions::default()).unwrap();
-    let s = start.bert().weights.tensors();
-    let (c, g) = (
-        cpu.encoder().bert().weights.tensors(),
-        dev.encoder().bert().weights.tensors(),
-    );
-    for (i, ((s, c), g)) in s.iter().zip(&c).zip(&g).enumerate() {
-        let moved: f64 = s
-            .iter()
-            .zip(c.iter())
-            .map(|(a, b)| ((b - a) as f64).powi(2))
-            .sum();
-        let apart: f64 = c
-            .iter()
-            .zip(g.iter())
-            .map(|(a, b)| ((b - a) as f64).powi(2))
-            .sum();
-        assert!(
-            apart <= 1e-6 * moved.max(1e-30),
-            "tensor {i}: the runs are {:.2e} apart, the CPU run moved {:.2e}",
-            apart.sqrt(),
-            moved.sqrt()
-        );
-    }
+    assert_close(&s, &c, &again.encoder().bert().weights.tensors(), "resumed");
 }

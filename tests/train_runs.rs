@@ -283,33 +283,52 @@ fn a_flagembedding_file_trains_on_its_given_negatives() {
     assert!(out.join("model/model.safetensors").exists());
 }
 
-/// The trainer's offload hook with a CPU stand-in for the GPU encoder: the same steps, dropout
-/// on, must give bitwise the same model as the plain CPU path, with the weights uploaded once
-/// per optimizer step used. (The GPU encoder itself is checked against the CPU in
-/// tests/gpu_encoder_train.rs.)
-#[test]
-fn an_offloaded_encoder_trains_like_the_cpu_path() {
+/// CPU stand-ins for the GPU encoders of `rrra train --gpu`, to check the trainer's side of
+/// the offload hooks where no GPU is (the GPU encoders themselves are checked against the CPU
+/// in tests/gpu_encoder_train.rs and tests/gpu_train_run.rs).
+mod stand_in {
     use rrra::model::weights::BertWeights;
-    use rrra::model::{Encoder, EncoderOptions};
-    use rrra::train::config::{DataSource, TrainConfig};
+    use rrra::model::Encoder;
     use rrra::train::encoder_grad::{
-        ActivationMode, Activations, DropoutPlan, OffloadedEncoder, TrainBatch, TrainableEncoder,
+        ActivationMode, Activations, DropoutPlan, OffloadedEncoder, ResidentOptimizer, TrainBatch,
+        TrainableEncoder,
     };
-    use rrra::train::trainer::Trainer;
+    use rrra::train::optim::{clip_grad_norm, AdamW};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    struct CpuStandIn {
-        enc: Encoder,
-        batch: Option<TrainBatch>,
-        acts: Option<Activations>,
-        dropout: DropoutPlan,
-        uploads: Arc<AtomicUsize>,
-        encodes: Arc<AtomicUsize>,
+    /// Counts of the hooks' traffic.
+    #[derive(Default)]
+    pub struct Counts {
+        pub uploads: AtomicUsize,
+        pub encodes: AtomicUsize,
+        pub downloads: AtomicUsize,
     }
-    impl OffloadedEncoder for CpuStandIn {
+
+    /// The forward and backward of `TrainableEncoder` behind `OffloadedEncoder`.
+    pub struct Offloaded {
+        pub enc: Encoder,
+        pub batch: Option<TrainBatch>,
+        pub acts: Option<Activations>,
+        pub dropout: DropoutPlan,
+        pub counts: Arc<Counts>,
+    }
+
+    impl Offloaded {
+        pub fn new(enc: Encoder, counts: Arc<Counts>) -> Self {
+            Offloaded {
+                enc,
+                batch: None,
+                acts: None,
+                dropout: DropoutPlan::none(),
+                counts,
+            }
+        }
+    }
+
+    impl OffloadedEncoder for Offloaded {
         fn set_weights(&mut self, w: &BertWeights) -> rrra::Result<()> {
-            self.uploads.fetch_add(1, Ordering::SeqCst);
+            self.counts.uploads.fetch_add(1, Ordering::SeqCst);
             let mine = &mut self.enc.bert_mut().weights;
             for ((dst, _), src) in mine.tensors_mut().into_iter().zip(w.tensors()) {
                 dst.copy_from_slice(src);
@@ -341,75 +360,266 @@ fn an_offloaded_encoder_trains_like_the_cpu_path() {
             te.backward(&tb, &self.dropout, acts, d_emb, grads)
         }
         fn encode(&mut self, texts: &[rrra::model::tokenizer::Tokens]) -> rrra::Result<Vec<f32>> {
-            self.encodes.fetch_add(1, Ordering::SeqCst);
+            self.counts.encodes.fetch_add(1, Ordering::SeqCst);
             self.enc.encode_tokens(texts, 32, &|_| {})
         }
     }
 
-    let dir = tempfile::tempdir().unwrap();
-    let model = common::tiny_bert_with_dropout(dir.path());
-    let config = |out: &str, dropout: bool| {
-        let mut cfg = TrainConfig::new(
-            model.clone(),
-            DataSource::Beir {
-                dir: cranfield(),
-                split: "train".into(),
-            },
-            dir.path().join(out),
-        );
-        cfg.max_steps = Some(3);
-        cfg.batch_size = 4;
-        cfg.grad_accum = 2;
-        cfg.hard_negatives = 2;
-        cfg.doc_max_length = 64;
-        cfg.lr = 1e-3;
-        cfg.dropout = dropout;
-        cfg.mine_every = Some(2); // a second mining, after an update
-        cfg
-    };
-    let (uploads, encodes) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let stand_in = || {
-        Box::new(CpuStandIn {
-            enc: Encoder::load(&model, &EncoderOptions::default()).unwrap(),
-            batch: None,
-            acts: None,
-            dropout: DropoutPlan::none(),
-            uploads: uploads.clone(),
-            encodes: encodes.clone(),
-        })
-    };
+    /// [`Offloaded`] keeping its own gradients and AdamW, as `GpuTrainStep` does on a GPU.
+    pub struct Resident {
+        pub inner: Offloaded,
+        pub grads: BertWeights,
+        pub optim: Option<AdamW>,
+    }
 
-    // dropout on: the stand-in must get the run's masks (plan and example ids)
-    let mut plain = Trainer::new(config("plain", true)).unwrap();
-    plain.run(None, &mut |_| {}).unwrap();
-    let mut offloaded = Trainer::new(config("offloaded", true)).unwrap();
-    offloaded.offload_encoder(stand_in());
-    offloaded.run(None, &mut |_| {}).unwrap();
+    impl Resident {
+        pub fn new(enc: Encoder, counts: Arc<Counts>) -> Self {
+            let grads = BertWeights::zeros(enc.config());
+            Resident {
+                inner: Offloaded::new(enc, counts),
+                grads,
+                optim: None,
+            }
+        }
+    }
 
-    assert_eq!(
-        uploads.load(Ordering::SeqCst),
-        3,
-        "one upload per optimizer step"
+    impl ResidentOptimizer for Resident {
+        fn load(&mut self, weights: &BertWeights, optim: &AdamW) -> rrra::Result<()> {
+            self.inner.set_weights(weights)?;
+            self.optim = Some(optim.clone());
+            Ok(())
+        }
+        fn zero_grads(&mut self) -> rrra::Result<()> {
+            self.grads.fill_zero();
+            Ok(())
+        }
+        fn accumulate(&mut self, d_emb: &[f32]) -> rrra::Result<()> {
+            self.inner.backward(d_emb, &mut self.grads)
+        }
+        fn update(&mut self, scale: f32, max_norm: f32, lr: f32) -> rrra::Result<f32> {
+            let optim = self.optim.as_mut().expect("load comes first");
+            let mut grads: Vec<&mut [f32]> = self
+                .grads
+                .tensors_mut()
+                .into_iter()
+                .map(|(t, _)| t.as_mut_slice())
+                .collect();
+            for g in grads.iter_mut() {
+                g.iter_mut().for_each(|v| *v *= scale);
+            }
+            let norm = clip_grad_norm(&mut grads, max_norm);
+            if !norm.is_finite() {
+                return Ok(norm);
+            }
+            let grads: Vec<&[f32]> = grads.iter().map(|g| &**g).collect();
+            let mut params = self.inner.enc.bert_mut().weights.tensors_mut();
+            let decay: Vec<bool> = params.iter().map(|(_, d)| *d).collect();
+            let mut params: Vec<&mut [f32]> =
+                params.iter_mut().map(|(t, _)| t.as_mut_slice()).collect();
+            optim.update(&mut params, &grads, &decay, lr)?;
+            Ok(norm)
+        }
+        fn store(&mut self, into: &mut BertWeights, optim: &mut AdamW) -> rrra::Result<()> {
+            self.inner.counts.downloads.fetch_add(1, Ordering::SeqCst);
+            let mine = self.inner.enc.bert().weights.tensors();
+            for ((dst, _), src) in into.tensors_mut().into_iter().zip(mine) {
+                dst.copy_from_slice(src);
+            }
+            *optim = self.optim.clone().expect("load comes first");
+            Ok(())
+        }
+    }
+
+    impl OffloadedEncoder for Resident {
+        fn set_weights(&mut self, w: &BertWeights) -> rrra::Result<()> {
+            self.inner.set_weights(w)
+        }
+        fn forward(&mut self, batch: &TrainBatch, dropout: &DropoutPlan) -> rrra::Result<Vec<f32>> {
+            self.inner.forward(batch, dropout)
+        }
+        fn backward(&mut self, d_emb: &[f32], grads: &mut BertWeights) -> rrra::Result<()> {
+            self.inner.backward(d_emb, grads)
+        }
+        fn encode(&mut self, texts: &[rrra::model::tokenizer::Tokens]) -> rrra::Result<Vec<f32>> {
+            self.inner.encode(texts)
+        }
+        fn resident(&mut self) -> Option<&mut dyn ResidentOptimizer> {
+            Some(self)
+        }
+    }
+}
+
+/// A short offloaded run: dropout on or off, gradient accumulation, and a second mining after
+/// an update.
+fn offload_config(model: &Path, out: PathBuf, dropout: bool) -> rrra::train::config::TrainConfig {
+    use rrra::train::config::{DataSource, TrainConfig};
+    let mut cfg = TrainConfig::new(
+        model.to_path_buf(),
+        DataSource::Beir {
+            dir: cranfield(),
+            split: "train".into(),
+        },
+        out,
     );
-    let (a, b) = (
-        plain.encoder().bert().weights.tensors(),
-        offloaded.encoder().bert().weights.tensors(),
-    );
+    cfg.max_steps = Some(3);
+    cfg.batch_size = 4;
+    cfg.grad_accum = 2;
+    cfg.hard_negatives = 2;
+    cfg.doc_max_length = 64;
+    cfg.lr = 1e-3;
+    cfg.dropout = dropout;
+    cfg.mine_every = Some(2); // a second mining, after an update
+    cfg
+}
+
+fn assert_same_weights(a: &rrra::model::Encoder, b: &rrra::model::Encoder, what: &str) {
+    let (a, b) = (a.bert().weights.tensors(), b.bert().weights.tensors());
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
         assert!(
             x.iter()
                 .zip(y.iter())
                 .all(|(p, q)| p.to_bits() == q.to_bits()),
-            "tensor {i} differs"
+            "{what}: tensor {i} differs"
         );
     }
-    let start = Encoder::load(&model, &EncoderOptions::default()).unwrap();
-    assert!(start.bert().weights.tensors() != a, "the run trained");
+}
+
+/// The trainer's offload hook with a CPU stand-in for the GPU encoder: the same steps, dropout
+/// on, must give bitwise the same model as the plain CPU path, with the weights uploaded once
+/// per optimizer step used.
+#[test]
+fn an_offloaded_encoder_trains_like_the_cpu_path() {
+    use rrra::model::{Encoder, EncoderOptions};
+    use rrra::train::trainer::Trainer;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_bert_with_dropout(dir.path());
+    let counts = Arc::new(stand_in::Counts::default());
+    let load = || Encoder::load(&model, &EncoderOptions::default()).unwrap();
+
+    // dropout on: the stand-in must get the run's masks (plan and example ids)
+    let mut plain = Trainer::new(offload_config(&model, dir.path().join("plain"), true)).unwrap();
+    plain.run(None, &mut |_| {}).unwrap();
+    let mut offloaded =
+        Trainer::new(offload_config(&model, dir.path().join("offloaded"), true)).unwrap();
+    offloaded
+        .offload_encoder(Box::new(stand_in::Offloaded::new(load(), counts.clone())))
+        .unwrap();
+    offloaded.run(None, &mut |_| {}).unwrap();
+
+    assert_eq!(
+        counts.uploads.load(Ordering::SeqCst),
+        3,
+        "one upload per optimizer step"
+    );
+    assert_eq!(
+        counts.encodes.load(Ordering::SeqCst),
+        4,
+        "two minings, each encoding the documents and the queries"
+    );
+    assert_same_weights(plain.encoder(), offloaded.encoder(), "offloaded");
+    let a = plain.encoder().bert().weights.tensors();
+    assert!(load().bert().weights.tensors() != a, "the run trained");
     // and dropout was on: a run without it ends elsewhere
-    let mut no_dropout = Trainer::new(config("no-dropout", false)).unwrap();
+    let mut no_dropout =
+        Trainer::new(offload_config(&model, dir.path().join("no-dropout"), false)).unwrap();
     no_dropout.run(None, &mut |_| {}).unwrap();
     assert!(
         no_dropout.encoder().bert().weights.tensors() != a,
         "dropout changed the run"
     );
+}
+
+/// With an offloaded encoder that keeps the optimizer too (`rrra train --gpu`), the trainer
+/// must hand it the weights and AdamW state once, copy them back for every checkpoint and
+/// evaluation (and not otherwise), and give it the same scale, clip and learning rate as its
+/// own step: bitwise the CPU run, for an uninterrupted run and for one stopped after its
+/// checkpoint at step 2 and resumed (the moments go to the device and back).
+#[test]
+fn a_resident_optimizer_trains_like_the_cpu_path() {
+    use rrra::model::{Encoder, EncoderOptions};
+    use rrra::train::config::EvalSpec;
+    use rrra::train::trainer::Trainer;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_bert_with_dropout(dir.path());
+    let load = || Encoder::load(&model, &EncoderOptions::default()).unwrap();
+    let config = |out: &str| {
+        let mut cfg = offload_config(&model, dir.path().join(out), true);
+        cfg.max_steps = Some(4);
+        cfg.max_grad_norm = 0.05; // small enough that clipping acts
+        cfg.checkpoint_every = Some(2);
+        cfg.eval = Some(EvalSpec {
+            dir: cranfield(),
+            split: "test".into(),
+            every: Some(3),
+        });
+        cfg
+    };
+    let norms = |t: &mut Trainer, stop: Option<u64>| {
+        let mut out = Vec::new();
+        t.run(stop, &mut |e| {
+            if let rrra::train::trainer::TrainEvent::Step(r) = e {
+                out.push((r.grad_norm, r.loss));
+            }
+        })
+        .unwrap();
+        out
+    };
+
+    let mut plain = Trainer::new(config("plain")).unwrap();
+    let plain_steps = norms(&mut plain, None);
+    assert!(
+        plain_steps.iter().any(|&(n, _)| n > 0.05),
+        "clipping acted: {plain_steps:?}"
+    );
+
+    let counts = Arc::new(stand_in::Counts::default());
+    let mut resident = Trainer::new(config("resident")).unwrap();
+    resident
+        .offload_encoder(Box::new(stand_in::Resident::new(load(), counts.clone())))
+        .unwrap();
+    let resident_steps = norms(&mut resident, None);
+    assert_eq!(resident_steps, plain_steps, "norms and losses");
+    assert_same_weights(plain.encoder(), resident.encoder(), "resident");
+    assert_eq!(
+        counts.uploads.load(Ordering::SeqCst),
+        1,
+        "one upload, at the start"
+    );
+    // the checkpoint of step 2, the evaluations of steps 3 and 4 (the checkpoint of step 4
+    // follows its evaluation: no new copy)
+    assert_eq!(counts.downloads.load(Ordering::SeqCst), 3, "copies back");
+    let saved = Encoder::load(&dir.path().join("resident/model"), &Default::default()).unwrap();
+    assert_same_weights(plain.encoder(), &saved, "resident checkpoint");
+    let eval_lines = |out: &str| -> Vec<String> {
+        std::fs::read_to_string(dir.path().join(out).join("train_log.jsonl"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"event\":\"eval\""))
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(eval_lines("resident"), eval_lines("plain"), "evaluations");
+    assert_eq!(eval_lines("plain").len(), 2);
+
+    // stopped after the checkpoint of step 2, resumed with a fresh stand-in
+    let out = dir.path().join("resumed");
+    let mut first = Trainer::new(config("resumed")).unwrap();
+    first
+        .offload_encoder(Box::new(stand_in::Resident::new(load(), counts.clone())))
+        .unwrap();
+    let mut steps = norms(&mut first, Some(2));
+    drop(first);
+    let mut again = Trainer::resume(&out).unwrap();
+    again
+        .offload_encoder(Box::new(stand_in::Resident::new(load(), counts.clone())))
+        .unwrap();
+    steps.extend(norms(&mut again, None));
+    assert_eq!(steps, plain_steps, "resumed: norms and losses");
+    assert_same_weights(plain.encoder(), again.encoder(), "resumed");
 }

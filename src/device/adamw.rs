@@ -60,6 +60,14 @@ fn validate_cfg(c: &AdamWConfig) -> Result<()> {
     Ok(())
 }
 
+/// The flat buffers the host can replace.
+#[derive(Clone, Copy)]
+enum Buffer {
+    Params,
+    FirstMoments,
+    SecondMoments,
+}
+
 /// AdamW state on the device for a fixed list of tensors.
 pub struct GpuAdamW {
     pub cfg: AdamWConfig,
@@ -197,11 +205,115 @@ impl GpuAdamW {
             .map_err(cuda_err("uploading gradients"))
     }
 
+    /// Checks that `tensors` are one device buffer per tensor of the sizes given to `new`.
+    fn check_tensors(&self, tensors: &[CudaSlice<f32>], what: &str) -> Result<()> {
+        if tensors.len() != self.sizes.len()
+            || tensors.iter().zip(&self.sizes).any(|(t, &n)| t.len() != n)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "AdamW: {what} for {} tensors of sizes {:?}, expected sizes {:?}",
+                tensors.len(),
+                tensors.iter().map(|t| t.len()).collect::<Vec<_>>(),
+                self.sizes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Takes this step's gradients from device buffers (one per tensor): device-to-device
+    /// copies into the flat buffer, queued on the stream.
+    pub fn load_grads(&mut self, gpu: &Gpu, tensors: &[CudaSlice<f32>]) -> Result<()> {
+        self.check_tensors(tensors, "gradients")?;
+        let mut start = 0;
+        for (t, &n) in tensors.iter().zip(&self.sizes) {
+            if n > 0 {
+                gpu.stream()
+                    .memcpy_dtod(t, &mut self.grads.slice_mut(start..start + n))
+                    .map_err(cuda_err("copying gradients"))?;
+            }
+            start += n;
+        }
+        Ok(())
+    }
+
+    /// Copies the master weights into device buffers (one per tensor), queued on the stream.
+    pub fn store_params(&self, gpu: &Gpu, tensors: &mut [CudaSlice<f32>]) -> Result<()> {
+        self.check_tensors(tensors, "weights")?;
+        let mut start = 0;
+        for (t, &n) in tensors.iter_mut().zip(&self.sizes) {
+            if n > 0 {
+                gpu.stream()
+                    .memcpy_dtod(&self.params.slice(start..start + n), t)
+                    .map_err(cuda_err("copying weights"))?;
+            }
+            start += n;
+        }
+        Ok(())
+    }
+
+    /// Replaces the master weights (one slice per tensor, the sizes given to `new`).
+    pub fn set_params(&mut self, gpu: &Gpu, params: &[&[f32]]) -> Result<()> {
+        self.upload_flat(gpu, params, Buffer::Params)
+    }
+
+    /// Replaces the moments and the step count (resuming a run).
+    pub fn set_moments(&mut self, gpu: &Gpu, m: &[&[f32]], v: &[&[f32]], step: u64) -> Result<()> {
+        self.upload_flat(gpu, m, Buffer::FirstMoments)?;
+        self.upload_flat(gpu, v, Buffer::SecondMoments)?;
+        self.step = step;
+        Ok(())
+    }
+
+    fn upload_flat(&mut self, gpu: &Gpu, x: &[&[f32]], which: Buffer) -> Result<()> {
+        let what = match which {
+            Buffer::Params => "weights",
+            Buffer::FirstMoments => "first moments",
+            Buffer::SecondMoments => "second moments",
+        };
+        if x.len() != self.sizes.len() || x.iter().zip(&self.sizes).any(|(t, &n)| t.len() != n) {
+            return Err(Error::InvalidArgument(format!(
+                "AdamW: {what} of sizes {:?}, expected {:?}",
+                x.iter().map(|t| t.len()).collect::<Vec<_>>(),
+                self.sizes
+            )));
+        }
+        if self.total == 0 {
+            return Ok(());
+        }
+        let buf = match which {
+            Buffer::Params => &mut self.params,
+            Buffer::FirstMoments => &mut self.m,
+            Buffer::SecondMoments => &mut self.v,
+        };
+        let flat: Vec<f32> = x.iter().flat_map(|t| t.iter().copied()).collect();
+        gpu.stream()
+            .memcpy_htod(&flat, buf)
+            .map_err(cuda_err(&format!("uploading {what}")))?;
+        gpu.synchronize()
+    }
+
     /// One step with the uploaded gradients: the norm (returned, as f32 like the CPU's
     /// `clip_grad_norm`), clipping to `max_norm` (`f32::INFINITY` or a non-positive value: no
     /// clipping, as on the CPU), then the update with learning rate `lr`. A non-finite norm
     /// leaves everything unchanged, including `step`.
     pub fn step(&mut self, gpu: &Gpu, lr: f32, max_norm: f32) -> Result<f32> {
+        self.step_scaled(gpu, 1.0, lr, max_norm)
+    }
+
+    /// [`GpuAdamW::step`] on the gradients multiplied by `grad_scale` first (in f32, like the
+    /// trainer's in-place `1 / micro-batches` scaling); the stored gradients stay as they are.
+    pub fn step_scaled(
+        &mut self,
+        gpu: &Gpu,
+        grad_scale: f32,
+        lr: f32,
+        max_norm: f32,
+    ) -> Result<f32> {
+        if !(grad_scale.is_finite() && grad_scale > 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "gradient scale must be finite and positive, got {grad_scale}"
+            )));
+        }
         if !(lr >= 0.0 && lr.is_finite()) {
             return Err(Error::InvalidArgument(format!(
                 "learning rate must be finite and non-negative, got {lr}"
@@ -215,7 +327,7 @@ impl GpuAdamW {
             self.step += 1;
             return Ok(0.0);
         }
-        self.launch(gpu, self.step + 1, lr, max_norm)?;
+        self.launch(gpu, self.step + 1, grad_scale, lr, max_norm)?;
         let norm = gpu
             .stream()
             .clone_dtoh(&self.norm)
@@ -228,7 +340,7 @@ impl GpuAdamW {
     }
 
     /// Queues the three kernels for update number `t` (nothing synchronised).
-    fn launch(&self, gpu: &Gpu, t: u64, lr: f32, max_norm: f32) -> Result<()> {
+    fn launch(&self, gpu: &Gpu, t: u64, grad_scale: f32, lr: f32, max_norm: f32) -> Result<()> {
         if self.total == 0 {
             return Ok(());
         }
@@ -263,6 +375,7 @@ impl GpuAdamW {
                 .launch_builder(&self.k_partial)
                 .arg(&grads)
                 .arg(&chunks)
+                .arg(&grad_scale)
                 .arg(&partial)
                 .launch(cfg(self.n_chunks, THREADS)?)
         }
@@ -288,6 +401,7 @@ impl GpuAdamW {
                 .arg(&bf16)
                 .arg(&chunks)
                 .arg(&control)
+                .arg(&grad_scale)
                 .arg(&decay_factor)
                 .arg(&beta1)
                 .arg(&beta2)
@@ -360,7 +474,7 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<KernelTiming>> {
     let mut opt = GpuAdamW::new(gpu, AdamWConfig::default(), &params, &decay, true)?;
     opt.upload_grads(gpu, &params)?;
     let n = (per * pieces) as f64;
-    let ms = gpu.time_ms(10, || opt.launch(gpu, 1, 1e-4, 1.0))?;
+    let ms = gpu.time_ms(10, || opt.launch(gpu, 1, 1.0, 1e-4, 1.0))?;
     Ok(vec![KernelTiming {
         name: "rrra_adamw_{norm_partial,norm_final,update}".into(),
         shape: format!("{:.0}M fp32 params + bf16 copy, clip 1.0", n / 1e6),

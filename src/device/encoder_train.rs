@@ -426,6 +426,7 @@ impl GpuTrainableEncoder {
                 "gradient accumulator of another shape than the encoder".into(),
             ));
         }
+        self.zero_grads()?;
         self.backward_on_device(d_embeddings)?;
         // download and add, as the CPU's backward accumulates
         let mut tmp = Vec::new();
@@ -441,7 +442,38 @@ impl GpuTrainableEncoder {
         Ok(())
     }
 
-    /// The backward with the gradients left on the device (overwritten, not added to).
+    /// Sets the gradients kept on the device to zero (queued on the stream).
+    pub fn zero_grads(&mut self) -> Result<()> {
+        for g in self.g.iter_mut() {
+            self.stream
+                .memset_zeros(g)
+                .map_err(cuda_err("zeroing encoder gradients"))?;
+        }
+        Ok(())
+    }
+
+    /// Adds the parameter gradients of `Σ d_embeddings ⊙ embeddings` (over the last forward's
+    /// batch) to the gradients kept on the device: the micro-batches of a step accumulate
+    /// there, after [`GpuTrainableEncoder::zero_grads`].
+    pub fn accumulate_backward(&mut self, d_embeddings: &[f32]) -> Result<()> {
+        self.backward_on_device(d_embeddings)
+    }
+
+    /// The gradients kept on the device, one buffer per tensor in the order of
+    /// `BertWeights::tensors`.
+    pub fn device_grads(&self) -> &[CudaSlice<f32>] {
+        &self.g
+    }
+
+    /// The weights on the device, one buffer per tensor in the order of `BertWeights::tensors`,
+    /// for an optimizer that updates them in place. The last forward's activations no longer
+    /// match them, so a backward needs a new forward.
+    pub fn device_weights_mut(&mut self) -> &mut [CudaSlice<f32>] {
+        self.last = None;
+        &mut self.w
+    }
+
+    /// The backward with the gradients added to those on the device.
     fn backward_on_device(&mut self, d_embeddings: &[f32]) -> Result<()> {
         let b = self.last.take().ok_or_else(|| {
             Error::InvalidArgument("the encoder's backward needs a forward first".into())
@@ -468,10 +500,6 @@ impl GpuTrainableEncoder {
             )));
         }
         let st = self.stream.clone();
-        for g in self.g.iter_mut() {
-            st.memset_zeros(g)
-                .map_err(cuda_err("zeroing encoder gradients"))?;
-        }
         st.memcpy_htod(
             d_embeddings,
             &mut self.d_emb.slice_mut(..d_embeddings.len()),
@@ -1063,6 +1091,20 @@ fn layernorm_backward(
     bw.layernorm(s, &w[gamma], dy, rows, h, eps, ds, dgamma, dbeta, true)
 }
 
+/// Model FLOPs of a training forward and backward over `tokens` tokens in sequences of
+/// `seq_len`: GEMMs 2·t·(4h² + 2hi) per layer forward and twice that backward; attention
+/// 4·t·seq_len·h forward and ~2.5× that backward (the recomputed scores, dQ, dK, dV).
+pub fn training_step_flops(cfg: &BertConfig, tokens: usize, seq_len: usize) -> f64 {
+    let (t, h, i, l, n) = (
+        tokens as f64,
+        cfg.hidden_size as f64,
+        cfg.intermediate_size as f64,
+        cfg.num_hidden_layers as f64,
+        seq_len as f64,
+    );
+    l * (3.0 * 2.0 * t * (4.0 * h * h + 2.0 * h * i) + 3.5 * 4.0 * t * n * h)
+}
+
 /// The device check's row: one f32 training step (forward + backward, gradients left on the
 /// device) of a random BERT-base at the shape, 64 queries with a positive and 7 hard
 /// negatives each, 128 tokens per sequence.
@@ -1076,17 +1118,10 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
     let d_emb = vec![1e-3f32; seqs * cfg.hidden_size];
     let ms = gpu.time_ms(3, || {
         enc.forward(&batch)?;
+        enc.zero_grads()?;
         enc.backward_on_device(&d_emb)
     })?;
-    let (t, h, i, l) = (
-        batch.tokens() as f64,
-        cfg.hidden_size as f64,
-        cfg.intermediate_size as f64,
-        cfg.num_hidden_layers as f64,
-    );
-    // GEMMs: forward 2·t·(4h² + 2hi) per layer, backward twice that; attention 4·t·128·h
-    // forward, ~2.5× in backward (the recomputed scores, dQ, dK, dV)
-    let flops = l * (3.0 * 2.0 * t * (4.0 * h * h + 2.0 * h * i) + 3.5 * 4.0 * t * 128.0 * h);
+    let flops = training_step_flops(&cfg, batch.tokens(), 128);
     Ok(vec![super::KernelTiming {
         name: "encoder training step (f32: cuBLAS + encoder_train/backward/attention kernels)"
             .into(),

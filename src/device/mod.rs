@@ -42,3 +42,4 @@ pub mod attention_backward;
 pub mod backward;
 pub mod infonce;
 pub mod sampler;
+pub mod train_step;

@@ -41,11 +41,13 @@ impl std::fmt::Display for DeviceInfo {
     }
 }
 
-/// One device: its context, a default stream, and the kernel modules loaded so far.
+/// One device: its context, a default stream, and the kernel modules loaded so far. Clones
+/// share all three.
+#[derive(Clone)]
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    modules: Arc<Mutex<HashMap<&'static str, Arc<CudaModule>>>>,
     info: DeviceInfo,
 }
 
@@ -114,7 +116,7 @@ impl Gpu {
         Ok(Gpu {
             ctx,
             stream,
-            modules: Mutex::new(HashMap::new()),
+            modules: Arc::new(Mutex::new(HashMap::new())),
             info,
         })
     }

@@ -86,7 +86,8 @@ pub struct Activations {
 /// The training forward and backward of an encoder held elsewhere (a GPU:
 /// `crate::device::encoder_train::GpuTrainableEncoder`), with [`TrainableEncoder`]'s contract,
 /// dropout masks included. The trainer keeps the weights, the loss and the optimizer, and
-/// uploads the weights after each optimizer step.
+/// uploads the weights after each optimizer step, unless the encoder is also a
+/// [`ResidentOptimizer`].
 pub trait OffloadedEncoder {
     /// Replaces the weights (after an optimizer step).
     fn set_weights(&mut self, weights: &BertWeights) -> Result<()>;
@@ -98,6 +99,38 @@ pub trait OffloadedEncoder {
     /// Embeddings of tokenized texts, `[texts × h]` in order, without dropout: the corpus and
     /// query encodings of a mining refresh.
     fn encode(&mut self, texts: &[crate::model::tokenizer::Tokens]) -> Result<Vec<f32>>;
+    /// The same encoder holding the gradients and the optimizer too, when it does: then the
+    /// trainer never moves weights or gradients in a step (see [`ResidentOptimizer`]).
+    fn resident(&mut self) -> Option<&mut dyn ResidentOptimizer> {
+        None
+    }
+}
+
+/// An [`OffloadedEncoder`] that also keeps the gradient accumulator, the master weights and
+/// the AdamW state, so a step's weights and gradients stay where the encoder runs. The
+/// trainer then hands over only the embedding gradients, and copies the weights and moments
+/// back when it needs them (evaluation, checkpoints, the end of a run).
+///
+/// The contract is the trainer's CPU step: gradients summed over the micro-batches, scaled by
+/// `1 / micro-batches`, clipped by [`clip_grad_norm`](super::optim::clip_grad_norm), then one
+/// [`AdamW::update`](super::optim::AdamW::update) with the weight-decay flags of
+/// `BertWeights::tensors_mut`.
+pub trait ResidentOptimizer {
+    /// Takes `weights` and `optim`'s state (configuration, step, moments) as its own: at the
+    /// start of a run or after a resume.
+    fn load(&mut self, weights: &BertWeights, optim: &super::optim::AdamW) -> Result<()>;
+    /// Starts a step: the accumulated gradients become zero.
+    fn zero_grads(&mut self) -> Result<()>;
+    /// Adds the parameter gradients of `Σ d_embeddings ⊙ embeddings` over the last forward's
+    /// batch to the accumulator.
+    fn accumulate(&mut self, d_embeddings: &[f32]) -> Result<()>;
+    /// Scales the accumulated gradients by `scale`, clips them to `max_norm` (infinite: no
+    /// clipping) and updates the weights with learning rate `lr`. Returns the norm before
+    /// clipping; when it is not finite nothing changed.
+    fn update(&mut self, scale: f32, max_norm: f32, lr: f32) -> Result<f32>;
+    /// Copies the current weights into `into` and the optimizer's step and moments into
+    /// `optim`.
+    fn store(&mut self, into: &mut BertWeights, optim: &mut super::optim::AdamW) -> Result<()>;
 }
 
 /// The encoder as training sees it: weights plus the pooling head.

@@ -10,7 +10,9 @@
 
 use super::config::{DataSource, NegativePool, TrainConfig};
 use super::data::{self, Example, TrainSet};
-use super::encoder_grad::{DropoutPlan, OffloadedEncoder, TrainBatch, TrainableEncoder};
+use super::encoder_grad::{
+    DropoutPlan, OffloadedEncoder, ResidentOptimizer, TrainBatch, TrainableEncoder,
+};
 use super::loss::{info_nce, InfoNceInput, InfoNceStats};
 use super::mining::{self, MinedPool, MiningStats};
 use super::optim::{clip_grad_norm, linear_warmup_decay, AdamW};
@@ -149,6 +151,8 @@ pub struct Trainer {
     /// Where the encoder's forward and backward run when not here (see `offload_encoder`),
     /// and whether its weights are behind the host's.
     offload: Option<(Box<dyn OffloadedEncoder>, bool)>,
+    /// Whether the host's weights and AdamW state are behind a resident optimizer's.
+    host_behind: bool,
 }
 
 /// The training documents' and queries' embeddings by one encoder, as mining computes them.
@@ -253,15 +257,47 @@ impl Trainer {
             eval,
             preset_snapshot: None,
             offload: None,
+            host_behind: false,
         })
     }
 
     /// Runs each step's encoder forward and backward (with the run's dropout masks), and the
     /// encodes of a mining refresh, on `encoder` (a GPU's); the loss, the samplers, the mining
-    /// search, evaluation and the optimizer stay here, and the weights are uploaded after
-    /// every optimizer step.
-    pub fn offload_encoder(&mut self, encoder: Box<dyn OffloadedEncoder>) {
-        self.offload = Some((encoder, true));
+    /// search and evaluation stay here. The optimizer stays here too, with the weights
+    /// uploaded after every optimizer step, unless `encoder` is a [`ResidentOptimizer`]: then
+    /// it takes the weights and the AdamW state now and keeps them, and the host copies them
+    /// back for evaluation, checkpoints and at the end of [`Trainer::run`].
+    pub fn offload_encoder(&mut self, mut encoder: Box<dyn OffloadedEncoder>) -> Result<()> {
+        self.sync_host()?;
+        let stale = match encoder.resident() {
+            Some(r) => {
+                r.load(&self.encoder.bert().weights, &self.optim)?;
+                false
+            }
+            None => true,
+        };
+        self.offload = Some((encoder, stale));
+        Ok(())
+    }
+
+    /// The offloaded encoder's optimizer, when it keeps one.
+    fn resident(&mut self) -> Option<&mut dyn ResidentOptimizer> {
+        self.offload.as_mut().and_then(|(e, _)| e.resident())
+    }
+
+    /// Copies a resident optimizer's weights and AdamW state to the host, when behind.
+    fn sync_host(&mut self) -> Result<()> {
+        if !self.host_behind {
+            return Ok(());
+        }
+        let Some((enc, _)) = self.offload.as_mut() else {
+            return Ok(());
+        };
+        if let Some(r) = enc.resident() {
+            r.store(&mut self.encoder.bert_mut().weights, &mut self.optim)?;
+        }
+        self.host_behind = false;
+        Ok(())
     }
 
     /// The most sequences and tokens one batch of this run holds: queries, their positives and
@@ -354,13 +390,17 @@ impl Trainer {
                 self.save_checkpoint(on)?;
             }
         }
-        Ok(())
+        // the caller reads the trained encoder from the host
+        self.sync_host()
     }
 
     /// One optimizer step over `grad_accum` batches.
     fn train_step(&mut self, total: u64, warmup: u64, clock: &mut StepClock) -> Result<StepRecord> {
         let started = Instant::now();
-        self.grads.fill_zero();
+        match self.resident() {
+            Some(r) => r.zero_grads()?,
+            None => self.grads.fill_zero(),
+        }
         let mut stats = Vec::new();
         let mut examples = 0;
         let mut negatives = 0usize;
@@ -387,38 +427,23 @@ impl Trainer {
             }
         }
         let scale = 1.0 / stats.len() as f32;
-        let mut grads: Vec<&mut [f32]> = self
-            .grads
-            .tensors_mut()
-            .into_iter()
-            .map(|(t, _)| t.as_mut_slice())
-            .collect();
-        if stats.len() > 1 {
-            for g in grads.iter_mut() {
-                g.iter_mut().for_each(|v| *v *= scale);
-            }
-        }
-        let grad_norm = if self.cfg.max_grad_norm > 0.0 {
-            clip_grad_norm(&mut grads, self.cfg.max_grad_norm)
+        let lr = linear_warmup_decay(self.step, total, warmup, self.cfg.lr);
+        let max_norm = if self.cfg.max_grad_norm > 0.0 {
+            self.cfg.max_grad_norm
         } else {
-            clip_grad_norm(&mut grads, f32::INFINITY)
+            f32::INFINITY
         };
+        let resident = self.resident().is_some();
+        let grad_norm = match self.resident() {
+            Some(r) => r.update(scale, max_norm, lr)?,
+            None => self.host_update(stats.len(), scale, max_norm, lr)?,
+        };
+        self.host_behind |= resident;
         if !grad_norm.is_finite() {
             return Err(Error::InvalidArgument(format!(
                 "the gradient norm became {grad_norm} at step {}: lower the learning rate",
                 self.step
             )));
-        }
-        let lr = linear_warmup_decay(self.step, total, warmup, self.cfg.lr);
-        let grads_ro: Vec<&[f32]> = grads.iter().map(|g| &**g).collect();
-        let mut params = self.encoder.bert_mut().weights.tensors_mut();
-        let decay: Vec<bool> = params.iter().map(|(_, d)| *d).collect();
-        let mut param_slices: Vec<&mut [f32]> =
-            params.iter_mut().map(|(t, _)| t.as_mut_slice()).collect();
-        self.optim
-            .update(&mut param_slices, &grads_ro, &decay, lr)?;
-        if let Some((_, stale)) = self.offload.as_mut() {
-            *stale = true;
         }
         if let Some(j) = self.joint.as_mut() {
             // the adapter follows the encoder's schedule, scaled to its own peak
@@ -458,6 +483,37 @@ impl Trainer {
                 .is_some()
                 .then(|| over_half as f64 / examples.max(1) as f64),
         })
+    }
+
+    /// The optimizer step on the host: scale the summed gradients of `micro` batches, clip,
+    /// then AdamW; returns the norm before clipping (not finite: nothing changed).
+    fn host_update(&mut self, micro: usize, scale: f32, max_norm: f32, lr: f32) -> Result<f32> {
+        let mut grads: Vec<&mut [f32]> = self
+            .grads
+            .tensors_mut()
+            .into_iter()
+            .map(|(t, _)| t.as_mut_slice())
+            .collect();
+        if micro > 1 {
+            for g in grads.iter_mut() {
+                g.iter_mut().for_each(|v| *v *= scale);
+            }
+        }
+        let grad_norm = clip_grad_norm(&mut grads, max_norm);
+        if !grad_norm.is_finite() {
+            return Ok(grad_norm);
+        }
+        let grads_ro: Vec<&[f32]> = grads.iter().map(|g| &**g).collect();
+        let mut params = self.encoder.bert_mut().weights.tensors_mut();
+        let decay: Vec<bool> = params.iter().map(|(_, d)| *d).collect();
+        let mut param_slices: Vec<&mut [f32]> =
+            params.iter_mut().map(|(t, _)| t.as_mut_slice()).collect();
+        self.optim
+            .update(&mut param_slices, &grads_ro, &decay, lr)?;
+        if let Some((_, stale)) = self.offload.as_mut() {
+            *stale = true;
+        }
+        Ok(grad_norm)
     }
 
     /// Forward, loss and backward of one batch; gradients added to `self.grads` (and to the
@@ -592,7 +648,10 @@ impl Trainer {
                 Some(joint.batch_loss(q, d, h, &lists, self.cfg.adapter.loss_weight, dq, dd)?);
         }
         match (self.offload.as_mut(), cpu_acts) {
-            (Some((enc, _)), _) => enc.backward(&d_emb, &mut self.grads)?,
+            (Some((enc, _)), _) => match enc.resident() {
+                Some(r) => r.accumulate(&d_emb)?,
+                None => enc.backward(&d_emb, &mut self.grads)?,
+            },
             (None, Some(acts)) => {
                 te.backward(&train_batch, &dropout, acts, &d_emb, &mut self.grads)?
             }
@@ -809,6 +868,10 @@ impl Trainer {
 
     /// Retrieval metrics of the current encoder on the evaluation split.
     pub fn evaluate(&mut self, on: &mut dyn FnMut(TrainEvent)) -> Result<()> {
+        if self.eval.is_none() {
+            return Ok(());
+        }
+        self.sync_host()?;
         let Some(ev) = &self.eval else { return Ok(()) };
         let docs: Vec<&str> = ev.corpus.iter().map(|d| d.text.as_str()).collect();
         let mut doc_emb = Vec::with_capacity(docs.len() * self.encoder.dim());
@@ -850,6 +913,7 @@ impl Trainer {
 
     /// Writes the model folder, then the training state (each atomically).
     pub fn save_checkpoint(&mut self, on: &mut dyn FnMut(TrainEvent)) -> Result<()> {
+        self.sync_host()?;
         state::write_model(self)?;
         if let Some(j) = self.joint.as_mut() {
             // the jointly trained adapter, beside the encoder it now belongs to

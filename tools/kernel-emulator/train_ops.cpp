@@ -122,13 +122,15 @@ void test_adamw() {
     std::vector<double> partial(C), norm(1);
     std::vector<float> control(2);
     float b1 = 0.9f, b2 = 0.999f, eps = 1e-8f, wd = 0.1f;
-    struct S { float lr, maxn; double gs; } steps[] = {{1e-3f, 50.f, 1}, {2e-3f, 1e4f, 1}, {5e-4f, INFINITY, 3}, {1e-3f, 0.f, 1}, {1e-2f, 10.f, 0.01}};
+    // gscale: the trainer's 1 / micro-batches, applied in place first as the CPU does
+    struct S { float lr, maxn; double gs; float gscale; } steps[] = {{1e-3f, 50.f, 1, 1.f}, {2e-3f, 1e4f, 1, 0.5f}, {5e-4f, INFINITY, 3, 1.f / 3}, {1e-3f, 0.f, 1, 1.f}, {1e-2f, 10.f, 0.01, 0.25f}};
     int t = 0;
     for (auto s : steps) {
         ++t;
         for (auto& x : g) x = (float)(U(-0.5, 0.5) * s.gs);
         // CPU reference
         std::vector<float> gc = g;
+        if (s.gscale != 1.f) for (auto& x : gc) x *= s.gscale;
         double sum = 0; for (size_t c = 0; c < (size_t)C; ++c) { double a = 0; for (size_t i = 0; i < (table[2*c+1] & 0xffffffff); ++i) { double x = gc[table[2*c] + i]; a += x * x; } sum += a; }
         double nrm = std::sqrt(sum);
         double scale = (double)s.maxn / (nrm + 1e-6);
@@ -144,9 +146,9 @@ void test_adamw() {
             volatile float sq = std::sqrt(vc[i]); volatile float den = sq / bias2_sqrt; den = den + eps;
             volatile float r = mc[i] / den; volatile float up = -step_size * r; P = P + up; pc[i] = P;
         }
-        launch(C, 256, [&] { rrra_adamw_norm_partial(g.data(), table.data(), partial.data()); });
+        launch(C, 256, [&] { rrra_adamw_norm_partial(g.data(), table.data(), s.gscale, partial.data()); });
         launch(1, 1024, [&] { rrra_adamw_norm_final(partial.data(), C, s.maxn, norm.data(), control.data()); });
-        launch(C, 256, [&] { rrra_adamw_update(p.data(), g.data(), m.data(), v.data(), bf.data(), table.data(), control.data(), df, b1, b2, omb1, omb2, bias2_sqrt, eps, step_size); });
+        launch(C, 256, [&] { rrra_adamw_update(p.data(), g.data(), m.data(), v.data(), bf.data(), table.data(), control.data(), s.gscale, df, b1, b2, omb1, omb2, bias2_sqrt, eps, step_size); });
         CHECK(std::fabs(norm[0] - nrm) <= 1e-12 * nrm, "norm %g vs %g", norm[0], nrm);
         size_t diff = 0; double mx = 0;
         for (size_t i = 0; i < N; ++i) { if (p[i] != pc[i] || m[i] != mc[i] || v[i] != vc[i]) { ++diff; mx = std::max(mx, (double)std::fabs(p[i]-pc[i])); } }

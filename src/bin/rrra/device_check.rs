@@ -6,7 +6,7 @@
 use clap::Args;
 use rrra::device::{
     adamw, adapter, adapter_train, attention_backward, backward, ceilings, encoder, encoder_train,
-    infonce, sampler, topk, Gpu, KernelTiming,
+    infonce, sampler, topk, train_step, Gpu, KernelTiming,
 };
 use rrra::{Error, Result};
 use std::path::PathBuf;
@@ -44,6 +44,7 @@ pub fn run(a: DeviceCheckArgs) -> Result<()> {
         ("encoder backward", backward::bench),
         ("attention backward", attention_backward::bench),
         ("encoder training", encoder_train::bench),
+        ("training step", train_step::bench),
     ] {
         eprintln!("timing {what} kernels ...");
         match bench(&gpu) {

@@ -218,16 +218,17 @@ pub fn run(a: TrainArgs) -> Result<()> {
         let gpu = rrra::device::Gpu::open(ordinal)?;
         let (sequences, tokens) = trainer.batch_capacity();
         let enc = trainer.encoder();
-        let dev = rrra::device::encoder_train::GpuTrainableEncoder::new(
+        let dev = rrra::device::train_step::GpuTrainStep::new(
             &gpu,
             enc.bert(),
             enc.pooling(),
             enc.normalize(),
+            trainer.config().adamw,
             tokens,
             sequences,
         )?;
-        trainer.offload_encoder(Box::new(dev));
-        eprintln!("encoder forward and backward on {}", gpu.info());
+        trainer.offload_encoder(Box::new(dev))?;
+        eprintln!("encoder forward, backward and AdamW on {}", gpu.info());
     }
     let cfg = trainer.config().clone();
     let total = trainer.total_steps()?;
