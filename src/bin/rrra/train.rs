@@ -101,9 +101,9 @@ pub struct TrainArgs {
     /// Disable dropout (deterministic forward).
     #[arg(long)]
     pub no_dropout: bool,
-    /// Run the encoder's training forward and backward, and the mining encodes, on this CUDA
-    /// device (f32, the CPU's dropout masks); the loss, samplers, mining search and optimizer
-    /// stay on the CPU.
+    /// Run the encoder's training forward and backward, its AdamW step (weights, gradients and
+    /// moments stay on the device) and the mining encodes on this CUDA device (f32, the CPU's
+    /// dropout masks); the loss, samplers and mining search stay on the CPU.
     #[arg(long, value_name = "ORDINAL")]
     pub gpu: Option<usize>,
     /// Recompute each layer's activations in backward instead of keeping them (less memory).
