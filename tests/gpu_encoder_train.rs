@@ -10,10 +10,17 @@
 //! ~1e-5. So embeddings (unit vectors, or LayerNorm-scale values) agree to 1e-4 absolute, and
 //! each gradient tensor to 1e-4 in relative L2 norm — the bound the CPU path meets against
 //! float64 PyTorch, which the GPU is held to as well.
+//!
+//! With the tensor-core GEMM arithmetic (`GemmMath`), every product's operands are rounded
+//! first: TF32 keeps 10 mantissa bits (relative rounding 4.9e-4), bf16 8 (3.9e-3). Errors of
+//! that size per operand average down in the sums but compound over the forward and the
+//! backward, so gradients are held to 5e-3 (TF32) and 3e-2 (bf16) relative L2, embeddings to
+//! 5e-3 and 3e-2 absolute: bf16's ~1e-2 rule with room for two layers.
 
 mod common;
 
 use rrra::device::encoder_train::GpuTrainableEncoder;
+use rrra::device::GemmMath;
 use rrra::index::synthetic::Rng;
 use rrra::model::bert::{Bert, PackedBatch};
 use rrra::model::synthetic::{batch_with_lengths, random_bert, small_config};
@@ -156,6 +163,70 @@ fn forward_and_backward_match_the_cpu_on_random_models() {
             "{}",
             what("replay")
         );
+    }
+}
+
+#[test]
+fn tensor_core_gemm_math_stays_within_its_rounding() {
+    let Some(gpu) = common::gpu_or_skip() else {
+        return;
+    };
+    let (h, heads, layers, inter) = (128usize, 4usize, 2usize, 256usize);
+    let cfg = small_config(h, heads, layers, inter);
+    let bert = random_bert(cfg.clone(), 77);
+    let batch = train_batch(batch_with_lengths(&cfg, &[5, 1, 17, 9, 33], 78), 0);
+    let mut rng = Rng::new(79);
+    let d_emb: Vec<f32> = (0..batch.packed.sequences() * h)
+        .map(|_| rng.normal_pair().0 as f32)
+        .collect();
+    let none = DropoutPlan::none();
+    let mut g_cpu = BertWeights::zeros(&cfg);
+    let emb_cpu = cpu_step(
+        &bert,
+        Pooling::Mean,
+        true,
+        &batch,
+        &none,
+        &d_emb,
+        &mut g_cpu,
+    );
+    let mut f32_grads = None;
+    for (math, tol) in [
+        (GemmMath::F32, 1e-4),
+        (GemmMath::Tf32, 5e-3),
+        (GemmMath::Bf16, 3e-2),
+    ] {
+        let mut dev = GpuTrainableEncoder::new(&gpu, &bert, Pooling::Mean, true, 80, 8).unwrap();
+        dev.set_gemm_math(math);
+        let emb = dev.forward_train(&batch, &none).unwrap();
+        let worst = emb
+            .iter()
+            .zip(&emb_cpu)
+            .map(|(g, c)| (g - c).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst as f64 <= tol, "{math}: embeddings {worst:.2e} apart");
+        let mut g = BertWeights::zeros(&cfg);
+        dev.backward(&d_emb, &mut g).unwrap();
+        let mut largest = 0.0f64;
+        for (i, (c, d)) in g_cpu.tensors().iter().zip(g.tensors()).enumerate() {
+            let err = rel_l2(d, c);
+            assert!(err <= tol, "{math}, tensor {i}: relative L2 {err:.2e}");
+            largest = largest.max(err);
+        }
+        eprintln!("{math}: embeddings within {worst:.2e}, gradients within {largest:.2e}");
+        match math {
+            GemmMath::F32 => f32_grads = Some(g),
+            // the knob took effect: the rounding shows
+            _ => {
+                let f = f32_grads.as_ref().unwrap().tensors();
+                let moved = f
+                    .iter()
+                    .zip(g.tensors())
+                    .map(|(a, b)| rel_l2(b, a))
+                    .fold(0.0, f64::max);
+                assert!(moved > 1e-6, "{math} gave the f32 gradients ({moved:.1e})");
+            }
+        }
     }
 }
 

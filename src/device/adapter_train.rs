@@ -28,13 +28,13 @@
 
 use super::backward::GpuBackward;
 use super::runtime::{
-    cublas_f32, cuda_err, grid_stride, launch_cfg, poison, sgemm_row_major, to_i32, DevBuf, Gpu,
+    cublas_f32, cuda_err, grid_stride, launch_cfg, poison, sgemm_row_major, to_i32, DevBuf,
+    F32Blas, Gpu,
 };
 use crate::adapter::fit::{AdapterOp, ForwardPass};
 use crate::adapter::pairs::QueryPairs;
 use crate::adapter::AdapterParams;
 use crate::error::{Error, Result};
-use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaFunction, CudaStream, PushKernelArg};
 use std::sync::Arc;
 
@@ -58,7 +58,7 @@ struct Kernels {
 /// sized at construction.
 pub struct GpuAdapterGrad {
     stream: Arc<CudaStream>,
-    blas: CudaBlas,
+    blas: F32Blas,
     k: Kernels,
     /// The GELU gradient (`rrra_gelu_backward_f32`).
     bw: GpuBackward,

@@ -19,8 +19,11 @@
 //! hidden-state masks in `kernels/encoder_train.cu` and the attention-probability masks in its
 //! training attention kernel and in the attention backward.
 //!
-//! Precision: f32 throughout, cuBLAS in its default math mode (no TF32); against the CPU only
-//! summation orders and erf/exp differ (tests/gpu_encoder_train.rs states the tolerances).
+//! Precision: f32 activations, weights and gradients. The products are full f32 by default
+//! (against the CPU only summation orders and erf/exp differ); [`GemmMath::Tf32`] and
+//! [`GemmMath::Bf16`] round their operands for the tensor cores, accumulating in f32 — the
+//! arithmetic of bf16 autocast for the products, with the activations still stored in f32
+//! (tests/gpu_encoder_train.rs states the tolerances of each).
 //!
 //! Memory: [`GpuTrainableEncoder::new`] uploads the weights and allocates every activation for
 //! `max_tokens` tokens in `max_sequences` sequences; a step then allocates only the embedding
@@ -30,7 +33,8 @@ use super::attention_backward::{AttnDropoutPlan, GpuAttentionBackward};
 use super::backward::{EmbeddingGradPlan, GpuBackward};
 use super::encoder::{check_config, AttentionKernel, Precision};
 use super::runtime::{
-    alloc, cublas_f32, cuda_err, grid_stride, launch_cfg, ptr, sgemm_row_major, to_i32, upload, Gpu,
+    alloc, cublas_f32, cuda_err, grid_stride, launch_cfg, ptr, sgemm_row_major, to_i32, upload,
+    F32Blas, GemmMath, Gpu,
 };
 use crate::error::{Error, Result};
 use crate::model::bert::{Bert, PackedBatch};
@@ -39,7 +43,6 @@ use crate::model::pooling::Pooling;
 use crate::model::weights::BertWeights;
 use crate::train::encoder_grad::{DropoutPlan, TrainBatch};
 use crate::train::rng::{Site, Stream};
-use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, PushKernelArg};
 use std::sync::Arc;
 
@@ -125,7 +128,7 @@ pub struct GpuTrainableEncoder {
     pooling: Pooling,
     normalize: bool,
     stream: Arc<CudaStream>,
-    blas: CudaBlas,
+    blas: F32Blas,
     k: Kernels,
     bw: GpuBackward,
     attn_bw: GpuAttentionBackward,
@@ -278,6 +281,17 @@ impl GpuTrainableEncoder {
 
     pub fn config(&self) -> &BertConfig {
         &self.cfg
+    }
+
+    /// Sets the arithmetic of every product (forward and backward): f32 by default;
+    /// [`GemmMath::Bf16`] is the mixed-precision mode (bf16 tensor cores, f32 accumulation and
+    /// activations).
+    pub fn set_gemm_math(&mut self, math: GemmMath) {
+        self.blas.math = math;
+    }
+
+    pub fn gemm_math(&self) -> GemmMath {
+        self.blas.math
     }
 
     /// Replaces the weights (same configuration), e.g. after a host optimizer step.

@@ -24,7 +24,7 @@ pub fn kernel_module(name: &str) -> Option<&'static KernelModule> {
 
 pub mod runtime;
 pub use runtime::KernelTiming;
-pub use runtime::{unavailable_reason, DeviceInfo, Gpu};
+pub use runtime::{unavailable_reason, DeviceInfo, GemmMath, Gpu};
 
 pub mod adapter;
 pub mod adapter_train;

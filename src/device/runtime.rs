@@ -363,9 +363,65 @@ pub(crate) fn col_major(
     }
 }
 
-/// A cuBLAS handle on `stream` for f32 products in full f32 (the default math mode: no TF32),
-/// or a typed error when libcublas is missing (cudarc would panic on first use).
-pub(crate) fn cublas_f32(stream: &Arc<CudaStream>) -> Result<cudarc::cublas::CudaBlas> {
+/// The arithmetic of the f32 products (f32 operands and results in every case; the
+/// accumulation is f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub enum GemmMath {
+    /// Full f32 products: the CPU's arithmetic up to summation order.
+    #[default]
+    F32,
+    /// Operands rounded to TF32 (10-bit mantissa) for the tensor cores.
+    Tf32,
+    /// Operands rounded to bf16 (8-bit mantissa) for the tensor cores: mixed-precision
+    /// products, the arithmetic of bf16 autocast.
+    Bf16,
+}
+
+impl GemmMath {
+    fn compute_type(self) -> cudarc::cublas::sys::cublasComputeType_t {
+        use cudarc::cublas::sys::cublasComputeType_t as C;
+        match self {
+            GemmMath::F32 => C::CUBLAS_COMPUTE_32F,
+            GemmMath::Tf32 => C::CUBLAS_COMPUTE_32F_FAST_TF32,
+            GemmMath::Bf16 => C::CUBLAS_COMPUTE_32F_FAST_16BF,
+        }
+    }
+}
+
+impl std::str::FromStr for GemmMath {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<GemmMath> {
+        match s {
+            "f32" => Ok(GemmMath::F32),
+            "tf32" => Ok(GemmMath::Tf32),
+            "bf16" => Ok(GemmMath::Bf16),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown GEMM math `{s}`: expected f32, tf32 or bf16"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for GemmMath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GemmMath::F32 => "f32",
+            GemmMath::Tf32 => "tf32",
+            GemmMath::Bf16 => "bf16",
+        })
+    }
+}
+
+/// A cuBLAS handle for products of f32 matrices, with the arithmetic they use.
+pub(crate) struct F32Blas {
+    blas: cudarc::cublas::CudaBlas,
+    pub(crate) math: GemmMath,
+}
+
+/// A cuBLAS handle on `stream` for f32 products in full f32 (the default math mode: no TF32;
+/// [`F32Blas::math`] can change that), or a typed error when libcublas is missing (cudarc
+/// would panic on first use).
+pub(crate) fn cublas_f32(stream: &Arc<CudaStream>) -> Result<F32Blas> {
     use cudarc::cublas::sys as blas_sys;
     // SAFETY: only tries to dlopen libcublas.
     if !unsafe { blas_sys::is_culib_present() } {
@@ -381,18 +437,22 @@ pub(crate) fn cublas_f32(stream: &Arc<CudaStream>) -> Result<cudarc::cublas::Cud
             .result()
             .map_err(|e| Error::Cuda(format!("setting the cuBLAS math mode: {e}")))?;
     }
-    Ok(blas)
+    Ok(F32Blas {
+        blas,
+        math: GemmMath::F32,
+    })
 }
 
-/// Row-major `C[m × n] = op(A)·op(B) + beta·C` in f32 on `blas`'s stream, A, B and C the
-/// device addresses of dense row-major matrices (see [`col_major`]).
+/// Row-major `C[m × n] = op(A)·op(B) + beta·C` with f32 matrices on `blas`'s stream, in
+/// `blas.math`; A, B and C the device addresses of dense row-major matrices (see
+/// [`col_major`]).
 ///
 /// # Safety
 /// The addresses hold at least `op(A)`'s m·k, `op(B)`'s k·n and C's m·n floats, on the
 /// handle's stream (or ordered before it).
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn sgemm_row_major(
-    blas: &cudarc::cublas::CudaBlas,
+    blas: &F32Blas,
     trans_a: bool,
     trans_b: bool,
     m: usize,
@@ -404,31 +464,46 @@ pub(crate) unsafe fn sgemm_row_major(
     c: u64,
 ) -> Result<()> {
     use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+    use cudarc::cublas::sys::cudaDataType::CUDA_R_32F;
     let g = col_major(trans_a, trans_b, m, n, k);
     let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
     let alpha = 1.0f32;
-    cudarc::cublas::result::sgemm(
-        *blas.handle(),
+    cudarc::cublas::result::gemm_ex(
+        *blas.blas.handle(),
         op(g.trans_first),
         op(g.trans_second),
         to_i32(g.m, "GEMM size")?,
         to_i32(g.n, "GEMM size")?,
         to_i32(g.k, "GEMM size")?,
-        &alpha,
-        b as *const f32,
+        &alpha as *const f32 as *const std::ffi::c_void,
+        b as *const std::ffi::c_void,
+        CUDA_R_32F,
         to_i32(g.ld_first, "GEMM stride")?,
-        a as *const f32,
+        a as *const std::ffi::c_void,
+        CUDA_R_32F,
         to_i32(g.ld_second, "GEMM stride")?,
-        &beta,
-        c as *mut f32,
+        &beta as *const f32 as *const std::ffi::c_void,
+        c as *mut std::ffi::c_void,
+        CUDA_R_32F,
         to_i32(g.ldc, "GEMM stride")?,
+        blas.math.compute_type(),
+        cudarc::cublas::sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
     )
-    .map_err(|e| Error::Cuda(format!("cuBLAS sgemm {m} × {n} × {k}: {e}")))
+    .map_err(|e| Error::Cuda(format!("cuBLAS {} GEMM {m} × {n} × {k}: {e}", blas.math)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gemm_math_names_round_trip() {
+        for m in [GemmMath::F32, GemmMath::Tf32, GemmMath::Bf16] {
+            assert_eq!(m.to_string().parse::<GemmMath>().unwrap(), m);
+        }
+        assert_eq!(GemmMath::default(), GemmMath::F32);
+        assert!("fp16".parse::<GemmMath>().is_err());
+    }
 
     /// BLAS sgemm semantics on column-major storage: C = op(A)·op(B), C `[m × n]`.
     #[allow(clippy::too_many_arguments)]

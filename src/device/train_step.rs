@@ -18,7 +18,7 @@
 
 use super::adamw::GpuAdamW;
 use super::encoder_train::GpuTrainableEncoder;
-use super::runtime::Gpu;
+use super::runtime::{GemmMath, Gpu};
 use crate::error::{Error, Result};
 use crate::model::bert::Bert;
 use crate::model::pooling::Pooling;
@@ -59,6 +59,11 @@ impl GpuTrainStep {
     /// The optimizer's step count.
     pub fn optimizer_step(&self) -> u64 {
         self.optim.step
+    }
+
+    /// The arithmetic of the encoder's products (see [`GpuTrainableEncoder::set_gemm_math`]).
+    pub fn set_gemm_math(&mut self, math: GemmMath) {
+        self.encoder.set_gemm_math(math);
     }
 }
 
@@ -146,9 +151,9 @@ impl OffloadedEncoder for GpuTrainStep {
     }
 }
 
-/// The device check's row: a whole BERT-base training step at the shape (64 queries,
-/// a positive and 7 hard negatives each, 128 tokens): forward, backward and the AdamW update
-/// with clipping, everything on the device.
+/// The device check's rows: a whole BERT-base training step at the shape (64 queries,
+/// a positive and 7 hard negatives each, 128 tokens, dropout 0.1): forward, backward and the
+/// AdamW update with clipping, everything on the device, once per GEMM arithmetic.
 pub fn bench(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
     use crate::model::synthetic::{batch_with_lengths, bert_base_config, random_bert};
     let cfg = bert_base_config();
@@ -169,26 +174,42 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
         seqs,
     )?;
     let d_emb = vec![1e-3f32; seqs * cfg.hidden_size];
-    let ms = gpu.time_ms(3, || {
-        step.zero_grads()?;
-        step.encoder.forward_train(&tb, &DropoutPlan::none())?;
-        step.accumulate(&d_emb)?;
-        let norm = step.update(1.0, 1.0, 1e-5)?;
-        if norm.is_finite() {
-            Ok(())
-        } else {
-            Err(Error::Cuda(format!(
-                "the bench step's gradient norm is {norm}"
-            )))
-        }
-    })?;
+    // BERT-base's dropout, as the PyTorch peer trains with it
+    let dropout = DropoutPlan {
+        hidden: 0.1,
+        attention: 0.1,
+        seed: 1,
+        step: 0,
+    };
     // the update adds ~17 flops per parameter, not counted
     let flops = super::encoder_train::training_step_flops(&cfg, tb.packed.tokens(), 128);
-    Ok(vec![super::KernelTiming {
-        name: "encoder training step + rrra_adamw (f32, weights resident)".into(),
-        shape: format!("BERT-base, {seqs} x 128 tokens, forward + backward + AdamW"),
-        ms,
-        bytes: 0.0,
-        flops,
-    }])
+    let mut rows = Vec::new();
+    for math in [GemmMath::F32, GemmMath::Tf32, GemmMath::Bf16] {
+        step.set_gemm_math(math);
+        let ms = gpu.time_ms(3, || {
+            step.zero_grads()?;
+            step.encoder.forward_train(&tb, &dropout)?;
+            step.accumulate(&d_emb)?;
+            let norm = step.update(1.0, 1.0, 1e-5)?;
+            if norm.is_finite() {
+                Ok(())
+            } else {
+                Err(Error::Cuda(format!(
+                    "the bench step's gradient norm is {norm}"
+                )))
+            }
+        })?;
+        rows.push(super::KernelTiming {
+            name: format!(
+                "encoder training step + rrra_adamw ({math} products, f32 activations, weights resident)"
+            ),
+            shape: format!(
+                "BERT-base, {seqs} x 128 tokens, dropout 0.1, forward + backward + AdamW"
+            ),
+            ms,
+            bytes: 0.0,
+            flops,
+        });
+    }
+    Ok(rows)
 }

@@ -106,6 +106,15 @@ pub struct TrainArgs {
     /// dropout masks); the loss, samplers and mining search stay on the CPU.
     #[arg(long, value_name = "ORDINAL")]
     pub gpu: Option<usize>,
+    /// The arithmetic of the encoder's products with --gpu: f32 (the CPU's, up to summation
+    /// order), tf32 or bf16 (tensor cores, f32 accumulation; the activations stay f32).
+    #[arg(
+        long,
+        default_value = "f32",
+        value_name = "f32|tf32|bf16",
+        requires = "gpu"
+    )]
+    pub gpu_math: rrra::device::GemmMath,
     /// Recompute each layer's activations in backward instead of keeping them (less memory).
     #[arg(long)]
     pub recompute: bool,
@@ -218,7 +227,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         let gpu = rrra::device::Gpu::open(ordinal)?;
         let (sequences, tokens) = trainer.batch_capacity();
         let enc = trainer.encoder();
-        let dev = rrra::device::train_step::GpuTrainStep::new(
+        let mut dev = rrra::device::train_step::GpuTrainStep::new(
             &gpu,
             enc.bert(),
             enc.pooling(),
@@ -227,8 +236,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
             tokens,
             sequences,
         )?;
+        dev.set_gemm_math(a.gpu_math);
         trainer.offload_encoder(Box::new(dev))?;
-        eprintln!("encoder forward, backward and AdamW on {}", gpu.info());
+        eprintln!(
+            "encoder forward, backward ({} products) and AdamW on {}",
+            a.gpu_math,
+            gpu.info()
+        );
     }
     let cfg = trainer.config().clone();
     let total = trainer.total_steps()?;
