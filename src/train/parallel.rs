@@ -583,7 +583,7 @@ pub fn gather_embeddings(
 }
 
 /// Rank `r`'s rows of the global embedding gradients, in its shard order.
-fn local_rows(layout: &GlobalLayout, r: usize, dq: &[f32], dd: &[f32], h: usize) -> Vec<f32> {
+pub fn local_rows(layout: &GlobalLayout, r: usize, dq: &[f32], dd: &[f32], h: usize) -> Vec<f32> {
     let (q, neg) = (layout.queries_of(r), layout.negatives_of(r));
     let mut out = Vec::with_capacity(layout.rank_rows(r) * h);
     out.extend_from_slice(&dq[q.start * h..q.end * h]);

@@ -16,6 +16,7 @@ use super::encoder_grad::{
 use super::loss::{info_nce, InfoNceInput, InfoNceStats};
 use super::mining::{self, MinedPool, MiningStats};
 use super::optim::{clip_grad_norm, linear_warmup_decay, AdamW};
+use super::parallel::{self, Collective, GlobalLayout, Shard};
 use super::rng::{Site, Stream};
 use super::rrra::JointAdapter;
 use super::sampler::{self, PoolGeometry, SamplerKind};
@@ -28,6 +29,7 @@ use crate::model::weights::BertWeights;
 use crate::model::{Encoder, EncoderOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// What the loop reports as it goes (the CLI draws progress from it).
@@ -142,7 +144,8 @@ pub struct Trainer {
     batches: Vec<Vec<Example>>,
     batches_epoch: Option<u64>,
     paths: RunPaths,
-    log: std::fs::File,
+    /// The run log; `None` on data-parallel ranks other than 0, which write nothing.
+    log: Option<std::fs::File>,
     eval: Option<crate::data::beir::BeirData>,
     /// The RRRA sampler's adapter (stage 3), when that sampler is chosen.
     pub(crate) joint: Option<JointAdapter>,
@@ -153,6 +156,8 @@ pub struct Trainer {
     offload: Option<(Box<dyn OffloadedEncoder>, bool)>,
     /// Whether the host's weights and AdamW state are behind a resident optimizer's.
     host_behind: bool,
+    /// The other ranks of a data-parallel run (see `new_rank`).
+    comm: Option<Arc<dyn Collective>>,
 }
 
 /// The training documents' and queries' embeddings by one encoder, as mining computes them.
@@ -167,6 +172,20 @@ pub struct MiningSnapshot {
 impl Trainer {
     /// A fresh run. Refuses to overwrite a run folder that already holds a training state.
     pub fn new(cfg: TrainConfig) -> Result<Self> {
+        Self::start(cfg, None)
+    }
+
+    /// Rank `comm.rank()` of a fresh data-parallel run over `comm.world()` ranks: every rank
+    /// is given the same configuration, takes its contiguous share of each global batch, and
+    /// the ranks together compute the single-process run's steps (`train::parallel`: the
+    /// embeddings are gathered for the loss, the gradients summed before each update). Rank 0
+    /// writes the log and the checkpoints; the other ranks write nothing. Not split yet: the
+    /// RRRA sampler's joint adapter (refused) and mining (every rank mines the whole corpus).
+    pub fn new_rank(cfg: TrainConfig, comm: Arc<dyn Collective>) -> Result<Self> {
+        Self::start(cfg, Some(comm))
+    }
+
+    fn start(cfg: TrainConfig, comm: Option<Arc<dyn Collective>>) -> Result<Self> {
         cfg.validate()?;
         let paths = RunPaths::new(&cfg.output);
         if paths.state.exists() {
@@ -175,29 +194,49 @@ impl Trainer {
                 cfg.output.display()
             )));
         }
-        std::fs::create_dir_all(&cfg.output).map_err(|e| Error::io(&cfg.output, e))?;
-        std::fs::write(&paths.log, b"").map_err(|e| Error::io(&paths.log, e))?;
+        let writer = comm.as_ref().is_none_or(|c| c.rank() == 0);
+        if writer {
+            std::fs::create_dir_all(&cfg.output).map_err(|e| Error::io(&cfg.output, e))?;
+            std::fs::write(&paths.log, b"").map_err(|e| Error::io(&paths.log, e))?;
+        }
         let encoder = load_encoder(&cfg)?;
-        Self::assemble(cfg, encoder, paths)
+        Self::assemble(cfg, encoder, paths, comm)
     }
 
     /// Continues the run in `output` from its last checkpoint, with the knobs it started with.
     /// The log is cut back to that checkpoint, so it holds every step once.
     pub fn resume(output: &Path) -> Result<Self> {
+        Self::restart(output, None)
+    }
+
+    /// [`Trainer::resume`] for rank `comm.rank()` of a data-parallel run: every rank reads the
+    /// checkpoint rank 0 wrote (the ranks hold the same state).
+    pub fn resume_rank(output: &Path, comm: Arc<dyn Collective>) -> Result<Self> {
+        Self::restart(output, Some(comm))
+    }
+
+    fn restart(output: &Path, comm: Option<Arc<dyn Collective>>) -> Result<Self> {
         let paths = RunPaths::new(output);
         let saved = state::read_config(&paths.state)?;
         let mut cfg = saved;
         cfg.output = output.to_path_buf();
         let encoder = load_encoder(&cfg)?;
-        let mut t = Self::assemble(cfg, encoder, paths)?;
+        let mut t = Self::assemble(cfg, encoder, paths, comm)?;
         let state_path = t.paths.state.clone();
         state::restore(&mut t, &state_path)?;
-        truncate_log(&t.paths.log, t.step)?;
-        t.log = open_append(&t.paths.log)?;
+        if t.log.is_some() {
+            truncate_log(&t.paths.log, t.step)?;
+            t.log = Some(open_append(&t.paths.log)?);
+        }
         Ok(t)
     }
 
-    fn assemble(cfg: TrainConfig, encoder: Encoder, paths: RunPaths) -> Result<Self> {
+    fn assemble(
+        cfg: TrainConfig,
+        encoder: Encoder,
+        paths: RunPaths,
+        comm: Option<Arc<dyn Collective>>,
+    ) -> Result<Self> {
         let set = match &cfg.data {
             DataSource::Beir { dir, split } => data::read_beir_train(dir, split)?,
             DataSource::Jsonl { path } => data::read_jsonl_train(path)?,
@@ -224,7 +263,19 @@ impl Trainer {
             .unwrap_or(if encoder.normalize() { 0.05 } else { 1.0 });
         let mut grads = BertWeights::zeros(encoder.config());
         let sizes: Vec<usize> = grads.tensors_mut().iter().map(|(t, _)| t.len()).collect();
-        let log = open_append(&paths.log)?;
+        let writer = comm.as_ref().is_none_or(|c| c.rank() == 0);
+        let log = if writer {
+            Some(open_append(&paths.log)?)
+        } else {
+            None
+        };
+        if comm.is_some() && matches!(cfg.sampler, SamplerKind::Rrra { .. }) {
+            return Err(Error::InvalidArgument(
+                "data-parallel training does not split the RRRA sampler's joint adapter yet: \
+                 train it in one process"
+                    .into(),
+            ));
+        }
         let joint = match (&cfg.sampler, &cfg.adapter.init) {
             (SamplerKind::Rrra { .. }, Some(path)) => {
                 let j = JointAdapter::load(path)?;
@@ -258,6 +309,7 @@ impl Trainer {
             preset_snapshot: None,
             offload: None,
             host_behind: false,
+            comm,
         })
     }
 
@@ -269,6 +321,13 @@ impl Trainer {
     /// back for evaluation, checkpoints and at the end of [`Trainer::run`].
     pub fn offload_encoder(&mut self, mut encoder: Box<dyn OffloadedEncoder>) -> Result<()> {
         self.sync_host()?;
+        if self.comm.is_some() && encoder.resident().is_some() {
+            return Err(Error::InvalidArgument(
+                "data-parallel training sums the gradients on the host: offload an encoder \
+                 without a resident optimizer"
+                    .into(),
+            ));
+        }
         let stale = match encoder.resident() {
             Some(r) => {
                 r.load(&self.encoder.bert().weights, &self.optim)?;
@@ -433,6 +492,10 @@ impl Trainer {
         } else {
             f32::INFINITY
         };
+        if let Some(comm) = &self.comm {
+            // the ranks' shares summed: every rank now holds the global batch's gradient
+            parallel::all_reduce_gradients(comm.as_ref(), &mut self.grads)?;
+        }
         let resident = self.resident().is_some();
         let grad_norm = match self.resident() {
             Some(r) => r.update(scale, max_norm, lr)?,
@@ -516,9 +579,27 @@ impl Trainer {
         Ok(grad_norm)
     }
 
+    /// The examples of a global batch of `b_n` this process computes: all of them, or a
+    /// data-parallel rank's contiguous share.
+    fn shard_of(&self, b_n: usize) -> std::ops::Range<usize> {
+        match &self.comm {
+            Some(c) => b_n * c.rank() / c.world()..b_n * (c.rank() + 1) / c.world(),
+            None => 0..b_n,
+        }
+    }
+
+    /// Whether this process writes the log, checkpoints and evaluations (rank 0 of a
+    /// data-parallel run, or the only process).
+    fn writes(&self) -> bool {
+        self.comm.as_ref().is_none_or(|c| c.rank() == 0)
+    }
+
     /// Forward, loss and backward of one batch; gradients added to `self.grads` (and to the
-    /// joint adapter's).
-    fn batch_gradients(&mut self, batch: &[Example], micro: usize) -> Result<BatchOutcome> {
+    /// joint adapter's). In a data-parallel run, of this rank's share of the batch, with the
+    /// loss over the whole batch.
+    fn batch_gradients(&mut self, global: &[Example], micro: usize) -> Result<BatchOutcome> {
+        let shard = self.shard_of(global.len());
+        let batch = &global[shard.clone()];
         let b_n = batch.len();
         // Documents: the B positives first, then each query's negatives. `own[b]` lists the
         // columns of query b's own negatives with their soft log-weights (0 = weight 1).
@@ -526,7 +607,8 @@ impl Trainer {
         let mut own: Vec<Vec<(usize, f32)>> = Vec::with_capacity(b_n);
         let (mut hard_drawn, mut s_fn_drawn, mut over_half) = (0, Vec::new(), 0);
         for (b, ex) in batch.iter().enumerate() {
-            let example = (micro * b_n + b) as u64;
+            // keyed by the position in the global batch: the same draws on any rank
+            let example = (micro * global.len() + shard.start + b) as u64;
             let drawn = self.draw_hard_negatives(ex, example)?;
             hard_drawn += drawn.docs.len();
             s_fn_drawn.extend_from_slice(&drawn.s_fn);
@@ -553,11 +635,43 @@ impl Trainer {
             let t = &self.doc_tokens[d];
             packed.push(&t.ids, &t.type_ids);
         }
-        // Dropout streams are keyed by (micro-batch, sequence) within the step.
-        let seqs = packed.sequences() as u64;
+        let te = TrainableEncoder {
+            bert: self.encoder.bert(),
+            pooling: self.encoder.pooling(),
+            normalize: self.encoder.normalize(),
+        };
+        // A data-parallel rank learns where its sequences sit in the global batch.
+        let layout = match &self.comm {
+            Some(comm) => {
+                let lw: Vec<f32> = own.iter().flatten().map(|c| c.1).collect();
+                let keys = |v: &mut dyn Iterator<Item = usize>| -> Vec<u32> {
+                    v.map(|i| i as u32).collect()
+                };
+                Some(GlobalLayout::gather(
+                    comm.as_ref(),
+                    &Shard {
+                        packed: &packed,
+                        query_keys: &keys(&mut batch.iter().map(|e| e.query)),
+                        doc_keys: &keys(&mut docs.iter().copied()),
+                        negatives: &own.iter().map(Vec::len).collect::<Vec<_>>(),
+                        negative_log_weights: Some(&lw),
+                    },
+                    &te,
+                )?)
+            }
+            None => None,
+        };
+        // Dropout streams are keyed by (micro-batch, sequence of the global batch).
+        let seqs = packed.sequences();
+        let rank = self.comm.as_ref().map_or(0, |c| c.rank());
         let train_batch = TrainBatch {
             packed,
-            example_ids: (0..seqs).map(|s| ((micro as u64) << 14) | s).collect(),
+            example_ids: (0..seqs)
+                .map(|s| {
+                    let g = layout.as_ref().map_or(s, |l| l.global_sequence(rank, s));
+                    ((micro as u64) << 14) | g as u64
+                })
+                .collect(),
         };
         let cfg = self.encoder.config();
         let dropout = if self.cfg.dropout {
@@ -570,12 +684,9 @@ impl Trainer {
         } else {
             DropoutPlan::none()
         };
-        let te = TrainableEncoder {
-            bert: self.encoder.bert(),
-            pooling: self.encoder.pooling(),
-            normalize: self.encoder.normalize(),
-        };
         let (embeddings, cpu_acts) = match self.offload.as_mut() {
+            // a rank may hold no example at an uneven epoch end: it only joins the collectives
+            _ if seqs == 0 => (Vec::new(), None),
             Some((enc, stale)) => {
                 if *stale {
                     enc.set_weights(&self.encoder.bert().weights)?;
@@ -589,6 +700,48 @@ impl Trainer {
             }
         };
         let h = self.encoder.dim();
+        if let (Some(comm), Some(layout)) = (&self.comm, &layout) {
+            let (queries, all_docs) =
+                parallel::gather_embeddings(comm.as_ref(), layout, &embeddings, h)?;
+            let set = &self.set;
+            let log_w = layout.log_weights(&|q, d| set.is_positive(q as usize, d as usize));
+            let mut dq = vec![0.0f32; queries.len()];
+            let mut dd = vec![0.0f32; all_docs.len()];
+            let stats = info_nce(
+                &InfoNceInput {
+                    queries: &queries,
+                    docs: &all_docs,
+                    dim: h,
+                    targets: &layout.targets(),
+                    log_weights: Some(&log_w),
+                    tau: self.tau,
+                },
+                &mut dq,
+                &mut dd,
+            )?;
+            self.check_loss(stats.loss)?;
+            if seqs > 0 {
+                let d_emb = parallel::local_rows(layout, rank, &dq, &dd, h);
+                encoder_backward(
+                    &mut self.offload,
+                    &te,
+                    &mut self.grads,
+                    &train_batch,
+                    &dropout,
+                    cpu_acts,
+                    &d_emb,
+                )?;
+            }
+            let mut drawn = [hard_drawn as f32];
+            comm.all_reduce_sum(&mut drawn)?;
+            return Ok(BatchOutcome {
+                stats,
+                hard_drawn: drawn[0] as usize,
+                adapter_loss: None,
+                s_fn_drawn,
+                over_half,
+            });
+        }
         let d_n = docs.len();
         // Another positive of the same query is never its negative.
         let mut log_w = vec![0.0f32; b_n * d_n];
@@ -620,12 +773,7 @@ impl Trainer {
             dq,
             dd,
         )?;
-        if !stats.loss.is_finite() {
-            return Err(Error::InvalidArgument(format!(
-                "the loss became {} at step {}: lower the learning rate",
-                stats.loss, self.step
-            )));
-        }
+        self.check_loss(stats.loss)?;
         let mut adapter_loss = None;
         if let (Some(joint), Some(pool)) = (self.joint.as_mut(), self.pool.as_ref()) {
             // each query's positive (column b) and its own negatives, classed by the snapshot
@@ -647,20 +795,15 @@ impl Trainer {
             adapter_loss =
                 Some(joint.batch_loss(q, d, h, &lists, self.cfg.adapter.loss_weight, dq, dd)?);
         }
-        match (self.offload.as_mut(), cpu_acts) {
-            (Some((enc, _)), _) => match enc.resident() {
-                Some(r) => r.accumulate(&d_emb)?,
-                None => enc.backward(&d_emb, &mut self.grads)?,
-            },
-            (None, Some(acts)) => {
-                te.backward(&train_batch, &dropout, acts, &d_emb, &mut self.grads)?
-            }
-            (None, None) => {
-                return Err(Error::InvalidArgument(
-                    "the encoder's activations are missing".into(),
-                ))
-            }
-        }
+        encoder_backward(
+            &mut self.offload,
+            &te,
+            &mut self.grads,
+            &train_batch,
+            &dropout,
+            cpu_acts,
+            &d_emb,
+        )?;
         Ok(BatchOutcome {
             stats,
             hard_drawn,
@@ -668,6 +811,16 @@ impl Trainer {
             s_fn_drawn,
             over_half,
         })
+    }
+
+    fn check_loss(&self, loss: f64) -> Result<()> {
+        if loss.is_finite() {
+            return Ok(());
+        }
+        Err(Error::InvalidArgument(format!(
+            "the loss became {loss} at step {}: lower the learning rate",
+            self.step
+        )))
     }
 
     /// The sampler's draw from the query's pool (corpus indices, draw order).
@@ -868,8 +1021,8 @@ impl Trainer {
 
     /// Retrieval metrics of the current encoder on the evaluation split.
     pub fn evaluate(&mut self, on: &mut dyn FnMut(TrainEvent)) -> Result<()> {
-        if self.eval.is_none() {
-            return Ok(());
+        if self.eval.is_none() || !self.writes() {
+            return Ok(()); // no split, or a data-parallel rank other than 0
         }
         self.sync_host()?;
         let Some(ev) = &self.eval else { return Ok(()) };
@@ -914,6 +1067,9 @@ impl Trainer {
     /// Writes the model folder, then the training state (each atomically).
     pub fn save_checkpoint(&mut self, on: &mut dyn FnMut(TrainEvent)) -> Result<()> {
         self.sync_host()?;
+        if !self.writes() {
+            return Ok(()); // a data-parallel rank other than 0: rank 0 writes
+        }
         state::write_model(self)?;
         if let Some(j) = self.joint.as_mut() {
             // the jointly trained adapter, beside the encoder it now belongs to
@@ -934,11 +1090,36 @@ impl Trainer {
     }
 
     fn log_json(&mut self, v: &serde_json::Value) -> Result<()> {
+        let Some(log) = self.log.as_mut() else {
+            return Ok(());
+        };
         let line = format!("{v}\n");
-        self.log
-            .write_all(line.as_bytes())
-            .and_then(|_| self.log.flush())
+        log.write_all(line.as_bytes())
+            .and_then(|_| log.flush())
             .map_err(|e| Error::io(&self.paths.log, e))
+    }
+}
+
+/// The encoder's backward of `d_emb` wherever its forward ran: added to `grads`, or to an
+/// offloaded encoder's own accumulator.
+fn encoder_backward(
+    offload: &mut Option<(Box<dyn OffloadedEncoder>, bool)>,
+    te: &TrainableEncoder<'_>,
+    grads: &mut BertWeights,
+    batch: &TrainBatch,
+    dropout: &DropoutPlan,
+    cpu_acts: Option<super::encoder_grad::Activations>,
+    d_emb: &[f32],
+) -> Result<()> {
+    match (offload.as_mut(), cpu_acts) {
+        (Some((enc, _)), _) => match enc.resident() {
+            Some(r) => r.accumulate(d_emb),
+            None => enc.backward(d_emb, grads),
+        },
+        (None, Some(acts)) => te.backward(batch, dropout, acts, d_emb, grads),
+        (None, None) => Err(Error::InvalidArgument(
+            "the encoder's activations are missing".into(),
+        )),
     }
 }
 
