@@ -156,6 +156,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     const int s = blockIdx.z, hd = blockIdx.y;
     const long long start = offsets[s];
     const int len = (int)((long long)offsets[s + 1] - start);
+    // the host keeps sequences and heads within the shared arrays; a mismatch fails loudly
+    if (len > ATT_MAX_LEN || dh > ATT_MAX_DH) __trap();
     const int i = blockIdx.x * ATT_WARPS + warp;
     if (i >= len) return;  // the whole warp
     float* pw = ps[warp];

@@ -121,6 +121,8 @@ fn site_slot(layer: usize, site: Site) -> usize {
 
 /// Longest sequence the training attention kernel with dropout takes (`ATT_MAX_LEN`).
 const DROPOUT_ATTENTION_MAX_LEN: usize = 512;
+/// CUDA's largest grid z dimension.
+const MAX_GRID_Z: usize = 65_535;
 
 /// A BERT encoder resident on one GPU for training, with its gradients and activations.
 pub struct GpuTrainableEncoder {
@@ -179,6 +181,12 @@ impl GpuTrainableEncoder {
             return Err(Error::InvalidArgument(
                 "training buffers need at least one token and one sequence".into(),
             ));
+        }
+        if max_sequences > MAX_GRID_Z {
+            // the attention kernels take one grid z index per sequence
+            return Err(Error::InvalidArgument(format!(
+                "at most {MAX_GRID_Z} sequences per training batch, asked for {max_sequences}"
+            )));
         }
         let (h, inter, layers) = (
             cfg.hidden_size,

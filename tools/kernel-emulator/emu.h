@@ -6,6 +6,8 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -28,6 +30,7 @@ std::vector<std::unique_ptr<std::barrier<>>> g_warp_bar;
 double g_shfl[1024];
 static inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
 static inline void __syncwarp() { g_warp_bar[threadIdx.x / 32]->arrive_and_wait(); }
+[[noreturn]] static inline void __trap() { std::fprintf(stderr, "__trap() in a kernel\n"); std::abort(); }
 template <class T> static inline T __shfl_xor_sync(unsigned, T v, int o) {
     int t = threadIdx.x, w = t / 32, l = t % 32;
     g_shfl[t] = (double)v;

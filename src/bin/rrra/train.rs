@@ -2,12 +2,16 @@
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use rrra::device::encoder_train::GpuTrainableEncoder;
+use rrra::device::train_step::GpuTrainStep;
 use rrra::train::config::{DataSource, EvalSpec, NegativePool, TrainConfig};
-use rrra::train::encoder_grad::ActivationMode;
+use rrra::train::encoder_grad::{ActivationMode, OffloadedEncoder};
+use rrra::train::parallel::Collective;
 use rrra::train::sampler::SamplerKind;
 use rrra::train::trainer::{TrainEvent, Trainer};
 use rrra::{Error, Result};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -115,6 +119,21 @@ pub struct TrainArgs {
         requires = "gpu"
     )]
     pub gpu_math: rrra::device::GemmMath,
+    /// Data-parallel training over NCCL: this process is rank R of --nccl-world processes,
+    /// one per GPU (--gpu names this one's). Each rank takes its share of every batch; rank 0
+    /// writes the log and checkpoints.
+    #[cfg(feature = "nccl")]
+    #[arg(long, value_name = "R", requires_all = ["gpu", "nccl_world", "nccl_id"])]
+    pub nccl_rank: Option<usize>,
+    /// Number of ranks of a data-parallel run.
+    #[cfg(feature = "nccl")]
+    #[arg(long, value_name = "N", requires = "nccl_rank")]
+    pub nccl_world: Option<usize>,
+    /// File through which rank 0 hands the NCCL unique id to the others; fresh for each
+    /// launch (the ranks wait up to 10 minutes for it).
+    #[cfg(feature = "nccl")]
+    #[arg(long, value_name = "FILE", requires = "nccl_rank")]
+    pub nccl_id: Option<PathBuf>,
     /// Recompute each layer's activations in backward instead of keeping them (less memory).
     #[arg(long)]
     pub recompute: bool,
@@ -214,35 +233,60 @@ impl TrainArgs {
     }
 }
 
+/// The data-parallel group this process joins, if any.
+#[cfg(feature = "nccl")]
+fn collective(a: &TrainArgs) -> Result<Option<Arc<dyn Collective>>> {
+    let (Some(rank), Some(world), Some(id), Some(gpu)) =
+        (a.nccl_rank, a.nccl_world, a.nccl_id.as_ref(), a.gpu)
+    else {
+        return Ok(None);
+    };
+    let timeout = std::time::Duration::from_secs(600);
+    let comm = rrra::train::parallel::nccl::Nccl::join(gpu, rank, world, id, timeout)?;
+    eprintln!("rank {rank} of {world} (NCCL)");
+    Ok(Some(Arc::new(comm)))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn collective(_: &TrainArgs) -> Result<Option<Arc<dyn Collective>>> {
+    Ok(None)
+}
+
 pub fn run(a: TrainArgs) -> Result<()> {
-    let mut trainer = match &a.resume {
-        Some(dir) => {
-            let t = Trainer::resume(dir)?;
+    let comm = collective(&a)?;
+    let data_parallel = comm.is_some();
+    let mut trainer = match (&a.resume, comm) {
+        (Some(dir), comm) => {
+            let t = match comm {
+                Some(c) => Trainer::resume_rank(dir, c)?,
+                None => Trainer::resume(dir)?,
+            };
             eprintln!("resuming {} at step {}", dir.display(), t.step());
             t
         }
-        None => Trainer::new(a.config()?)?,
+        (None, Some(c)) => Trainer::new_rank(a.config()?, c)?,
+        (None, None) => Trainer::new(a.config()?)?,
     };
     if let Some(ordinal) = a.gpu {
         let gpu = rrra::device::Gpu::open(ordinal)?;
         let (sequences, tokens) = trainer.batch_capacity();
         let enc = trainer.encoder();
-        let mut dev = rrra::device::train_step::GpuTrainStep::new(
-            &gpu,
-            enc.bert(),
-            enc.pooling(),
-            enc.normalize(),
-            trainer.config().adamw,
-            tokens,
-            sequences,
-        )?;
-        dev.set_gemm_math(a.gpu_math);
-        trainer.offload_encoder(Box::new(dev))?;
-        eprintln!(
-            "encoder forward, backward ({} products) and AdamW on {}",
-            a.gpu_math,
-            gpu.info()
-        );
+        let (bert, pooling, normalize) = (enc.bert(), enc.pooling(), enc.normalize());
+        let (dev, what): (Box<dyn OffloadedEncoder>, _) = if data_parallel {
+            // the ranks' gradients are summed on the host, so the optimizer stays there
+            let mut dev =
+                GpuTrainableEncoder::new(&gpu, bert, pooling, normalize, tokens, sequences)?;
+            dev.set_gemm_math(a.gpu_math);
+            (Box::new(dev), "forward and backward")
+        } else {
+            let adamw = trainer.config().adamw;
+            let mut dev =
+                GpuTrainStep::new(&gpu, bert, pooling, normalize, adamw, tokens, sequences)?;
+            dev.set_gemm_math(a.gpu_math);
+            (Box::new(dev), "forward, backward and AdamW")
+        };
+        trainer.offload_encoder(dev)?;
+        eprintln!("encoder {what} ({} products) on {}", a.gpu_math, gpu.info());
     }
     let cfg = trainer.config().clone();
     let total = trainer.total_steps()?;
