@@ -628,6 +628,7 @@ fn a_resident_optimizer_trains_like_the_cpu_path() {
 /// single-process run; two and three ranks (uneven shares of the 4-query batches) follow it
 /// within f32 summation order and end bitwise equal to each other; only rank 0 writes; a
 /// two-rank run stopped after its checkpoint and resumed is bitwise the uninterrupted one.
+/// Mining is divided among the ranks too (each encodes its share), so it is checked as well.
 ///
 /// Tolerance, and why: the ranks sum the per-token weight-gradient terms in another grouping
 /// than one process (tests/data_parallel.rs: up to 4e-6 relative per tensor), and AdamW's

@@ -179,8 +179,9 @@ impl Trainer {
     /// is given the same configuration, takes its contiguous share of each global batch, and
     /// the ranks together compute the single-process run's steps (`train::parallel`: the
     /// embeddings are gathered for the loss, the gradients summed before each update). Rank 0
-    /// writes the log and the checkpoints; the other ranks write nothing. Not split yet: the
-    /// RRRA sampler's joint adapter (refused) and mining (every rank mines the whole corpus).
+    /// writes the log and the checkpoints; the other ranks write nothing. A mining refresh
+    /// divides the encoding among the ranks. Not split yet: the RRRA sampler's joint adapter
+    /// (refused).
     pub fn new_rank(cfg: TrainConfig, comm: Arc<dyn Collective>) -> Result<Self> {
         Self::start(cfg, Some(comm))
     }
@@ -579,13 +580,46 @@ impl Trainer {
         Ok(grad_norm)
     }
 
-    /// The examples of a global batch of `b_n` this process computes: all of them, or a
-    /// data-parallel rank's contiguous share.
-    fn shard_of(&self, b_n: usize) -> std::ops::Range<usize> {
+    /// The items of `n` (a global batch's examples, the texts to encode for mining) this
+    /// process computes: all of them, or a data-parallel rank's contiguous share.
+    fn shard_of(&self, n: usize) -> std::ops::Range<usize> {
         match &self.comm {
-            Some(c) => b_n * c.rank() / c.world()..b_n * (c.rank() + 1) / c.world(),
-            None => 0..b_n,
+            Some(c) => share(n, c.rank(), c.world()),
+            None => 0..n,
         }
+    }
+
+    /// The training documents' (`docs`) or queries' embeddings for a mining refresh, with the
+    /// current encoder: on the offloaded encoder when there is one (the refresh's cost), and
+    /// in a data-parallel run each rank encodes its share and the shares are gathered, so
+    /// every rank mines the same pool from the same embeddings.
+    fn mining_encode(&mut self, docs: bool) -> Result<Vec<f32>> {
+        let tokens = if docs {
+            &self.doc_tokens
+        } else {
+            &self.query_tokens
+        };
+        let part = &tokens[self.shard_of(tokens.len())];
+        let local = match self.offload.as_mut() {
+            Some((enc, stale)) => {
+                if *stale {
+                    enc.set_weights(&self.encoder.bert().weights)?;
+                    *stale = false;
+                }
+                enc.encode(part)?
+            }
+            None => self
+                .encoder
+                .encode_tokens(part, self.cfg.encode_batch_size, &|_| {})?,
+        };
+        let Some(comm) = &self.comm else {
+            return Ok(local);
+        };
+        let (n, dim, world) = (tokens.len(), self.encoder.dim(), comm.world());
+        let counts: Vec<usize> = (0..world).map(|r| share(n, r, world).len() * dim).collect();
+        let mut all = vec![0.0f32; n * dim];
+        comm.all_gather(&local, &counts, &mut all)?;
+        Ok(all)
     }
 
     /// Whether this process writes the log, checkpoints and evaluations (rank 0 of a
@@ -966,20 +1000,12 @@ impl Trainer {
             "mining hard negatives at step {}",
             self.step
         )));
-        let snap = match (self.preset_snapshot.take(), self.offload.as_mut()) {
-            (Some(s), _) => s,
-            // the offloaded encoder encodes for mining too (the refresh's cost)
-            (None, Some((enc, stale))) => {
-                if *stale {
-                    enc.set_weights(&self.encoder.bert().weights)?;
-                    *stale = false;
-                }
-                MiningSnapshot {
-                    docs: enc.encode(&self.doc_tokens)?,
-                    queries: enc.encode(&self.query_tokens)?,
-                }
-            }
-            (None, None) => self.mining_snapshot()?,
+        let snap = match self.preset_snapshot.take() {
+            Some(s) => s,
+            None => MiningSnapshot {
+                docs: self.mining_encode(true)?,
+                queries: self.mining_encode(false)?,
+            },
         };
         let (doc_emb, q_emb) = (snap.docs, snap.queries);
         let (mut pool, stats) = mining::mine_from_embeddings(
@@ -1098,6 +1124,11 @@ impl Trainer {
             .and_then(|_| log.flush())
             .map_err(|e| Error::io(&self.paths.log, e))
     }
+}
+
+/// Rank `r`'s contiguous share of `n` items among `world` ranks.
+fn share(n: usize, r: usize, world: usize) -> std::ops::Range<usize> {
+    n * r / world..n * (r + 1) / world
 }
 
 /// The encoder's backward of `d_emb` wherever its forward ran: added to `grads`, or to an
