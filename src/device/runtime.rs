@@ -365,7 +365,8 @@ pub(crate) fn col_major(
 
 /// The arithmetic of the f32 products (f32 operands and results in every case; the
 /// accumulation is f32).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum GemmMath {
     /// Full f32 products: the CPU's arithmetic up to summation order.
     #[default]

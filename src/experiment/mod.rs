@@ -126,6 +126,13 @@ pub struct ExperimentConfig {
     pub adapter_loss_weight: f64,
     pub adapter_lr: f32,
     pub assess: AssessConfig,
+    /// Fine-tune on this GPU (encoder forward, backward, AdamW and the mining encodes; the
+    /// loss, samplers and the joint adapter stay on the CPU); `None`: all on the CPU.
+    #[serde(default)]
+    pub gpu: Option<usize>,
+    /// The arithmetic of the GPU fine-tuning's products.
+    #[serde(default)]
+    pub gpu_math: crate::device::GemmMath,
 }
 
 impl ExperimentConfig {
@@ -157,6 +164,8 @@ impl ExperimentConfig {
             adapter_loss_weight: 0.1,
             adapter_lr: 1e-3,
             assess: AssessConfig::default(),
+            gpu: None,
+            gpu_math: crate::device::GemmMath::F32,
         }
     }
 }
@@ -179,6 +188,11 @@ pub fn run(cfg: &ExperimentConfig, say: &mut dyn FnMut(String)) -> Result<Vec<Tr
         return Err(Error::InvalidArgument(
             "the experiment needs at least one seed and one method".into(),
         ));
+    }
+    // a missing device fails now, not after the first stages
+    for ordinal in [cfg.gpu, cfg.assess.adapter_gpu].into_iter().flatten() {
+        let gpu = crate::device::Gpu::open(ordinal)?;
+        say(format!("training on {}", gpu.info()));
     }
     let started = Instant::now();
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
@@ -391,6 +405,22 @@ fn fine_tune(
     tc.adapter.loss_weight = cfg.adapter_loss_weight;
     tc.adapter.lr = cfg.adapter_lr;
     let mut trainer = Trainer::new(tc)?;
+    if let Some(ordinal) = cfg.gpu {
+        let gpu = crate::device::Gpu::open(ordinal)?;
+        let (sequences, tokens) = trainer.batch_capacity();
+        let enc = trainer.encoder();
+        let mut dev = crate::device::train_step::GpuTrainStep::new(
+            &gpu,
+            enc.bert(),
+            enc.pooling(),
+            enc.normalize(),
+            trainer.config().adamw,
+            tokens,
+            sequences,
+        )?;
+        dev.set_gemm_math(cfg.gpu_math);
+        trainer.offload_encoder(Box::new(dev))?;
+    }
     let snap = match first_mining.take() {
         Some(s) => s,
         None => trainer.mining_snapshot()?,

@@ -258,6 +258,20 @@ pub struct ExperimentArgs {
     /// Peak learning rate of the adapter in joint training.
     #[arg(long, default_value_t = 1e-3)]
     pub adapter_lr: f32,
+    /// Run every stage's training on this CUDA device: the fine-tuning's encoder forward,
+    /// backward, AdamW and mining encodes, and (unless --adapter-gpu says otherwise) the
+    /// stage-2 adapter's forward and backward. Losses, samplers and the joint adapter stay on
+    /// the CPU.
+    #[arg(long, value_name = "ORDINAL")]
+    pub gpu: Option<usize>,
+    /// The arithmetic of the fine-tuning's products with --gpu (f32, tf32, bf16).
+    #[arg(
+        long,
+        default_value = "f32",
+        value_name = "f32|tf32|bf16",
+        requires = "gpu"
+    )]
+    pub gpu_math: rrra::device::GemmMath,
     #[command(flatten)]
     pub knobs: AdapterKnobs,
 }
@@ -293,6 +307,11 @@ impl ExperimentArgs {
         c.adapter_loss_weight = self.adapter_loss_weight;
         c.adapter_lr = self.adapter_lr;
         c.assess = self.knobs.config()?;
+        c.gpu = self.gpu;
+        c.gpu_math = self.gpu_math;
+        if c.assess.adapter_gpu.is_none() {
+            c.assess.adapter_gpu = self.gpu;
+        }
         Ok(c)
     }
 }
