@@ -293,7 +293,7 @@ mod stand_in {
         ActivationMode, Activations, DropoutPlan, OffloadedEncoder, ResidentOptimizer, TrainBatch,
         TrainableEncoder,
     };
-    use rrra::train::optim::{clip_grad_norm, AdamW};
+    use rrra::train::optim::{encoder_step, AdamW};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
@@ -398,26 +398,8 @@ mod stand_in {
         }
         fn update(&mut self, scale: f32, max_norm: f32, lr: f32) -> rrra::Result<f32> {
             let optim = self.optim.as_mut().expect("load comes first");
-            let mut grads: Vec<&mut [f32]> = self
-                .grads
-                .tensors_mut()
-                .into_iter()
-                .map(|(t, _)| t.as_mut_slice())
-                .collect();
-            for g in grads.iter_mut() {
-                g.iter_mut().for_each(|v| *v *= scale);
-            }
-            let norm = clip_grad_norm(&mut grads, max_norm);
-            if !norm.is_finite() {
-                return Ok(norm);
-            }
-            let grads: Vec<&[f32]> = grads.iter().map(|g| &**g).collect();
-            let mut params = self.inner.enc.bert_mut().weights.tensors_mut();
-            let decay: Vec<bool> = params.iter().map(|(_, d)| *d).collect();
-            let mut params: Vec<&mut [f32]> =
-                params.iter_mut().map(|(t, _)| t.as_mut_slice()).collect();
-            optim.update(&mut params, &grads, &decay, lr)?;
-            Ok(norm)
+            let weights = &mut self.inner.enc.bert_mut().weights;
+            encoder_step(optim, weights, &mut self.grads, scale, max_norm, lr)
         }
         fn store(&mut self, into: &mut BertWeights, optim: &mut AdamW) -> rrra::Result<()> {
             self.inner.counts.downloads.fetch_add(1, Ordering::SeqCst);

@@ -111,10 +111,9 @@ pub trait OffloadedEncoder {
 /// trainer then hands over only the embedding gradients, and copies the weights and moments
 /// back when it needs them (evaluation, checkpoints, the end of a run).
 ///
-/// The contract is the trainer's CPU step: gradients summed over the micro-batches, scaled by
-/// `1 / micro-batches`, clipped by [`clip_grad_norm`](super::optim::clip_grad_norm), then one
-/// [`AdamW::update`](super::optim::AdamW::update) with the weight-decay flags of
-/// `BertWeights::tensors_mut`.
+/// The contract is the trainer's CPU step, [`encoder_step`](super::optim::encoder_step):
+/// gradients summed over the micro-batches, scaled by `1 / micro-batches`, clipped, then one
+/// AdamW update with the weight-decay flags of `BertWeights::tensors_mut`.
 pub trait ResidentOptimizer {
     /// Takes `weights` and `optim`'s state (configuration, step, moments) as its own: at the
     /// start of a run or after a resume.

@@ -6,6 +6,7 @@
 //! the only reduction (the gradient norm) uses a fixed partition and a fixed summation order.
 
 use crate::error::{Error, Result};
+use crate::model::weights::BertWeights;
 use rayon::prelude::*;
 
 /// Elements per parallel work item: large enough to amortise scheduling, small enough that
@@ -216,6 +217,41 @@ pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f32) -> f32 {
             .for_each(|c| c.iter_mut().for_each(|x| *x *= s));
     }
     norm as f32
+}
+
+/// The encoder's optimizer step as the trainer takes it: the gradients summed over the
+/// micro-batches scaled by `scale` (`1 / micro-batches`), clipped to `max_norm` by
+/// [`clip_grad_norm`], then [`AdamW::update`] of `weights` with their weight-decay flags.
+/// Returns the norm before clipping; when it is not finite nothing changed. This is the
+/// contract a device that keeps the optimizer (`encoder_grad::ResidentOptimizer`) meets.
+pub fn encoder_step(
+    optim: &mut AdamW,
+    weights: &mut BertWeights,
+    grads: &mut BertWeights,
+    scale: f32,
+    max_norm: f32,
+    lr: f32,
+) -> Result<f32> {
+    let mut grads: Vec<&mut [f32]> = grads
+        .tensors_mut()
+        .into_iter()
+        .map(|(t, _)| t.as_mut_slice())
+        .collect();
+    if scale != 1.0 {
+        for g in grads.iter_mut() {
+            g.iter_mut().for_each(|v| *v *= scale);
+        }
+    }
+    let norm = clip_grad_norm(&mut grads, max_norm);
+    if !norm.is_finite() {
+        return Ok(norm);
+    }
+    let grads: Vec<&[f32]> = grads.iter().map(|g| &**g).collect();
+    let mut params = weights.tensors_mut();
+    let decay: Vec<bool> = params.iter().map(|(_, d)| *d).collect();
+    let mut params: Vec<&mut [f32]> = params.iter_mut().map(|(t, _)| t.as_mut_slice()).collect();
+    optim.update(&mut params, &grads, &decay, lr)?;
+    Ok(norm)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use super::encoder_grad::{
 };
 use super::loss::{info_nce, InfoNceInput, InfoNceStats};
 use super::mining::{self, MinedPool, MiningStats};
-use super::optim::{clip_grad_norm, linear_warmup_decay, AdamW};
+use super::optim::{encoder_step, linear_warmup_decay, AdamW};
 use super::parallel::{self, Collective, GlobalLayout, Shard};
 use super::rng::{Site, Stream};
 use super::rrra::JointAdapter;
@@ -500,7 +500,7 @@ impl Trainer {
         let resident = self.resident().is_some();
         let grad_norm = match self.resident() {
             Some(r) => r.update(scale, max_norm, lr)?,
-            None => self.host_update(stats.len(), scale, max_norm, lr)?,
+            None => self.host_update(scale, max_norm, lr)?,
         };
         self.host_behind |= resident;
         if !grad_norm.is_finite() {
@@ -549,35 +549,24 @@ impl Trainer {
         })
     }
 
-    /// The optimizer step on the host: scale the summed gradients of `micro` batches, clip,
-    /// then AdamW; returns the norm before clipping (not finite: nothing changed).
-    fn host_update(&mut self, micro: usize, scale: f32, max_norm: f32, lr: f32) -> Result<f32> {
-        let mut grads: Vec<&mut [f32]> = self
-            .grads
-            .tensors_mut()
-            .into_iter()
-            .map(|(t, _)| t.as_mut_slice())
-            .collect();
-        if micro > 1 {
-            for g in grads.iter_mut() {
-                g.iter_mut().for_each(|v| *v *= scale);
+    /// The optimizer step on the host ([`encoder_step`]); the weights on an offloaded encoder
+    /// are then behind.
+    fn host_update(&mut self, scale: f32, max_norm: f32, lr: f32) -> Result<f32> {
+        let weights = &mut self.encoder.bert_mut().weights;
+        let norm = encoder_step(
+            &mut self.optim,
+            weights,
+            &mut self.grads,
+            scale,
+            max_norm,
+            lr,
+        )?;
+        if norm.is_finite() {
+            if let Some((_, stale)) = self.offload.as_mut() {
+                *stale = true;
             }
         }
-        let grad_norm = clip_grad_norm(&mut grads, max_norm);
-        if !grad_norm.is_finite() {
-            return Ok(grad_norm);
-        }
-        let grads_ro: Vec<&[f32]> = grads.iter().map(|g| &**g).collect();
-        let mut params = self.encoder.bert_mut().weights.tensors_mut();
-        let decay: Vec<bool> = params.iter().map(|(_, d)| *d).collect();
-        let mut param_slices: Vec<&mut [f32]> =
-            params.iter_mut().map(|(t, _)| t.as_mut_slice()).collect();
-        self.optim
-            .update(&mut param_slices, &grads_ro, &decay, lr)?;
-        if let Some((_, stale)) = self.offload.as_mut() {
-            *stale = true;
-        }
-        Ok(grad_norm)
+        Ok(norm)
     }
 
     /// The items of `n` (a global batch's examples, the texts to encode for mining) this
