@@ -48,7 +48,8 @@ impl GpuTrainStep {
         let encoder =
             GpuTrainableEncoder::new(gpu, bert, pooling, normalize, max_tokens, max_sequences)?;
         let params = bert.weights.tensors();
-        let optim = GpuAdamW::new(gpu, cfg, &params, &decay_flags(bert), false)?;
+        let decay = bert.weights.decay_flags();
+        let optim = GpuAdamW::new(gpu, cfg, &params, &decay, false)?;
         Ok(GpuTrainStep {
             gpu: gpu.clone(),
             encoder,
@@ -65,12 +66,6 @@ impl GpuTrainStep {
     pub fn set_gemm_math(&mut self, math: GemmMath) {
         self.encoder.set_gemm_math(math);
     }
-}
-
-/// The weight-decay flag of each tensor, in the order of `BertWeights::tensors`.
-fn decay_flags(bert: &Bert) -> Vec<bool> {
-    let mut w = BertWeights::zeros(&bert.cfg);
-    w.tensors_mut().iter().map(|(_, d)| *d).collect()
 }
 
 impl ResidentOptimizer for GpuTrainStep {

@@ -189,22 +189,31 @@ impl LayerWeights {
     /// (tensor, weight-decay flag) in a fixed order: biases and LayerNorm parameters are not
     /// decayed, the convention of BERT fine-tuning recipes.
     fn tensors_mut(&mut self) -> [(&mut Vec<f32>, bool); 12] {
+        let d = LAYER_DECAY;
         [
-            (&mut self.qkv_w, true),
-            (&mut self.qkv_b, false),
-            (&mut self.attn_out_w, true),
-            (&mut self.attn_out_b, false),
-            (&mut self.attn_ln_g, false),
-            (&mut self.attn_ln_b, false),
-            (&mut self.inter_w, true),
-            (&mut self.inter_b, false),
-            (&mut self.out_w, true),
-            (&mut self.out_b, false),
-            (&mut self.out_ln_g, false),
-            (&mut self.out_ln_b, false),
+            (&mut self.qkv_w, d[0]),
+            (&mut self.qkv_b, d[1]),
+            (&mut self.attn_out_w, d[2]),
+            (&mut self.attn_out_b, d[3]),
+            (&mut self.attn_ln_g, d[4]),
+            (&mut self.attn_ln_b, d[5]),
+            (&mut self.inter_w, d[6]),
+            (&mut self.inter_b, d[7]),
+            (&mut self.out_w, d[8]),
+            (&mut self.out_b, d[9]),
+            (&mut self.out_ln_g, d[10]),
+            (&mut self.out_ln_b, d[11]),
         ]
     }
 }
+
+/// Weight decay of the embedding tensors (word, position, type tables, then the LayerNorm's
+/// gamma and beta) and of a layer's 12 (`LayerWeights::tensors_mut`): biases and LayerNorm
+/// parameters are not decayed, the convention of BERT fine-tuning recipes.
+const EMBEDDING_DECAY: [bool; 5] = [true, true, true, false, false];
+const LAYER_DECAY: [bool; 12] = [
+    true, false, true, false, false, false, true, false, true, false, false, false,
+];
 
 impl BertWeights {
     /// All-zero tensors of the shapes `cfg` gives: the gradient accumulator of a model.
@@ -225,15 +234,25 @@ impl BertWeights {
 
     /// Every tensor with its weight-decay flag, in a fixed order (the optimizer's order).
     pub fn tensors_mut(&mut self) -> Vec<(&mut Vec<f32>, bool)> {
+        let d = EMBEDDING_DECAY;
         let mut out: Vec<(&mut Vec<f32>, bool)> = vec![
-            (&mut self.word_emb, true),
-            (&mut self.pos_emb, true),
-            (&mut self.type_emb, true),
-            (&mut self.emb_ln_g, false),
-            (&mut self.emb_ln_b, false),
+            (&mut self.word_emb, d[0]),
+            (&mut self.pos_emb, d[1]),
+            (&mut self.type_emb, d[2]),
+            (&mut self.emb_ln_g, d[3]),
+            (&mut self.emb_ln_b, d[4]),
         ];
         for l in &mut self.layers {
             out.extend(l.tensors_mut());
+        }
+        out
+    }
+
+    /// The weight-decay flag of every tensor, in the order of [`BertWeights::tensors_mut`].
+    pub fn decay_flags(&self) -> Vec<bool> {
+        let mut out = EMBEDDING_DECAY.to_vec();
+        for _ in &self.layers {
+            out.extend(LAYER_DECAY);
         }
         out
     }
@@ -339,5 +358,20 @@ impl BertWeights {
             ]);
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decay_flags_follow_the_tensor_order() {
+        let mut w = BertWeights::zeros(&crate::model::synthetic::small_config(8, 2, 3, 16));
+        let flags = w.decay_flags();
+        let from_tensors: Vec<bool> = w.tensors_mut().iter().map(|(_, d)| *d).collect();
+        assert_eq!(flags, from_tensors);
+        assert_eq!(flags.len(), 5 + 3 * 12);
+        assert_eq!(flags.iter().filter(|&&d| d).count(), 3 + 3 * 4);
     }
 }
