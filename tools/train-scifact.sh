@@ -4,18 +4,20 @@
 #   tools/train-scifact.sh [extra `rrra train` options]
 # Env: SAMPLERS (default "simans simans:a=200 uniform trisampler inbatch"; "inbatch" trains with in-batch negatives
 # only, no mining), WORK (default $RRRA_CACHE/train-scifact or
-# ~/.cache/rrra/train-scifact), RRRA_SHARED (default ../shared), THREADS (default: all cores).
+# ~/.cache/rrra/train-scifact), RRRA_SHARED (default ../shared), THREADS (default: all cores),
+# RRRA_MODEL (default: tools/fetch-model.sh), RRRA_BIN (a built rrra; default: build it).
+# Prints one summary line per sampler, ending "nDCG@10 X ..." and "training wall time N s".
 # Budget (the defaults below): 1 epoch, batch 16, query 64 / document 128 tokens, 3 hard
 # negatives per query from the top-200, lr 2e-5 with 10% warm-up, tau 0.05, seed 42.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-model=$(tools/fetch-model.sh)
+model="${RRRA_MODEL:-$(tools/fetch-model.sh)}"
 shared="${RRRA_SHARED:-../shared}"
 work="${WORK:-${RRRA_CACHE:-$HOME/.cache/rrra}/train-scifact}"
 threads=()
 [ -n "${THREADS:-}" ] && threads=(--threads "$THREADS")
-cargo build --release --quiet --bin rrra
-rrra=target/release/rrra
+rrra="${RRRA_BIN:-target/release/rrra}"
+[ -n "${RRRA_BIN:-}" ] || cargo build --release --quiet --bin rrra
 mkdir -p "$work"
 for sampler in ${SAMPLERS:-simans simans:a=200 uniform trisampler inbatch}; do
   out="$work/$sampler"
