@@ -399,13 +399,15 @@ pub struct LoadPoint {
 /// [`QUERY_MAX_TOKENS`]), a `QUERY_STORE`-document store of random unit vectors of `dtype`
 /// written to `dir`, and a random adapter; every request is `retrieve(query, 10, rerank)` with
 /// the rerank over the top [`QUERY_RERANK_K`]. Each client count answers every query once
-/// (after a warm-up pass), the queries dealt round-robin to the clients.
+/// (after a warm-up pass), the queries dealt round-robin to the clients. With `gpu` the
+/// retriever serves from that GPU (`RetrieverOptions::gpu`), else from the CPU.
 pub fn query_load(
     model: &std::path::Path,
     dir: &std::path::Path,
     queries: &[&str],
     clients: &[usize],
     dtype: crate::index::Dtype,
+    gpu: Option<crate::device::retriever::GpuEngineOptions>,
 ) -> Result<Vec<LoadPoint>> {
     use crate::adapter::file::AdapterFile;
     use crate::index::store::{StoreSpec, StoreWriter};
@@ -458,6 +460,7 @@ pub fn query_load(
         &store_path,
         &RetrieverOptions {
             adapter: Some(adapter_path),
+            gpu,
             ..Default::default()
         },
     )?;

@@ -11,7 +11,9 @@
 #   5. SciFact fine-tuning on the GPU (`rrra train --gpu 0`, SimANS a = 200, one epoch) against
 #      the CPU run of docs/PERF.md (nDCG@10 0.6872 in 839 s; within ±0.005 is the target), when
 #      RRRA_DEVICE_TRAIN=1 (a few minutes: the evaluation encodes on the CPU);
-#   6. the peers on the same machine when python3 has torch: tools/peer-torch-gpu.py.
+#   6. the Retriever served from the GPU under 1, 2 and 8 client threads
+#      (`rrra bench --only query-load --gpu 0`), when the model is at hand;
+#   7. the peers on the same machine when python3 has torch: tools/peer-torch-gpu.py.
 # Full logs go to $RRRA_DEVICE_LOG (default ./device-logs). Exit status: non-zero when a test
 # or a step failed. Meant to finish in well under 8 minutes on an H200.
 set -uo pipefail
@@ -74,6 +76,12 @@ if [ -n "${RRRA_MODEL:-}" ] && [ -d "$shared/data/scifact" ]; then
   done
 else
   step "SciFact skipped: no model (RRRA_MODEL) or no data/scifact"
+fi
+
+if [ -n "${RRRA_MODEL:-}" ] && [ -f "$shared/data/scifact/queries.jsonl" ]; then
+  step "Retriever on the GPU under load"
+  "$bin/rrra" bench --model "$RRRA_MODEL" --shared "$shared" --only query-load --gpu 0 \
+    --json "$log/query-load-gpu.json" 2>&1 | tee "$log/query-load-gpu.txt" | tail -n 12 || status=1
 fi
 
 if [ "${RRRA_DEVICE_TRAIN:-0}" = 1 ] && [ -n "${RRRA_MODEL:-}" ] && [ -d "$shared/data/scifact" ]; then
