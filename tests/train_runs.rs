@@ -606,6 +606,93 @@ fn a_resident_optimizer_trains_like_the_cpu_path() {
     assert_same_weights(plain.encoder(), again.encoder(), "resumed");
 }
 
+/// Data-parallel trainer runs on threads (`InProcess` ranks).
+mod ranks {
+    use rrra::train::config::TrainConfig;
+    use rrra::train::parallel::{Collective, InProcess};
+    use rrra::train::trainer::{TrainEvent, Trainer};
+    use std::sync::Arc;
+
+    pub type Weights = Vec<Vec<f32>>;
+
+    /// What a run reports per step: the loss and the mean s_FN of the drawn negatives.
+    pub fn steps(t: &mut Trainer, stop: Option<u64>) -> Vec<(f64, Option<f64>)> {
+        let mut out = Vec::new();
+        t.run(stop, &mut |e| {
+            if let TrainEvent::Step(r) = e {
+                out.push((r.loss, r.fn_mean_drawn));
+            }
+        })
+        .unwrap();
+        out
+    }
+
+    pub fn weights(t: &Trainer) -> Weights {
+        let w = t.encoder().bert().weights.tensors();
+        w.iter().map(|x| x.to_vec()).collect()
+    }
+
+    pub fn bits(w: &Weights) -> Vec<u32> {
+        w.iter().flatten().map(|v| v.to_bits()).collect()
+    }
+
+    /// Every rank of a `world`-rank run of `cfg` in its own thread (a fresh run, or a resume of
+    /// `cfg.output`), to the end or `stop` more steps: rank 0's steps; the ranks must end with
+    /// bitwise the same weights, which are returned.
+    pub fn run(
+        cfg: &TrainConfig,
+        world: usize,
+        stop: Option<u64>,
+        resume: bool,
+    ) -> (Vec<(f64, Option<f64>)>, Weights) {
+        let results: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = InProcess::group(world)
+                .into_iter()
+                .map(|comm| {
+                    let cfg = cfg.clone();
+                    scope.spawn(move || {
+                        let comm: Arc<dyn Collective> = Arc::new(comm);
+                        let mut t = if resume {
+                            Trainer::resume_rank(&cfg.output, comm).unwrap()
+                        } else {
+                            Trainer::new_rank(cfg, comm).unwrap()
+                        };
+                        (steps(&mut t, stop), weights(&t))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (r, (_, w)) in results.iter().enumerate().skip(1) {
+            assert_eq!(
+                bits(w),
+                bits(&results[0].1),
+                "{}: rank {r} holds other weights than rank 0",
+                cfg.output.display()
+            );
+        }
+        results.into_iter().next().unwrap()
+    }
+
+    /// Each tensor of `b` within `tol` of `a`'s distance from `start` (relative L2).
+    pub fn assert_near(start: &[&[f32]], a: &Weights, b: &Weights, tol: f64, what: &str) {
+        let dist = |x: &[f32], y: &[f32]| -> f64 {
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| ((p - q) as f64).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        };
+        for (i, ((s, p), d)) in start.iter().zip(a).zip(b).enumerate() {
+            let (moved, apart) = (dist(s, p), dist(p, d));
+            assert!(
+                apart <= tol * moved.max(1e-30),
+                "{what}, tensor {i}: {apart:.2e} from the single process, which moved {moved:.2e}"
+            );
+        }
+    }
+}
+
 /// Data-parallel runs of the trainer on threads (`InProcess` ranks): one rank is bitwise the
 /// single-process run; two and three ranks (uneven shares of the 4-query batches) follow it
 /// within f32 summation order and end bitwise equal to each other; only rank 0 writes; a
@@ -620,9 +707,7 @@ fn a_resident_optimizer_trains_like_the_cpu_path() {
 #[test]
 fn data_parallel_ranks_train_like_one_process() {
     use rrra::model::{Encoder, EncoderOptions};
-    use rrra::train::parallel::{Collective, InProcess};
-    use rrra::train::trainer::{TrainEvent, Trainer};
-    use std::sync::Arc;
+    use rrra::train::trainer::Trainer;
 
     let dir = tempfile::tempdir().unwrap();
     let model = common::tiny_bert_with_dropout(dir.path());
@@ -633,108 +718,127 @@ fn data_parallel_ranks_train_like_one_process() {
         cfg.checkpoint_every = Some(2);
         cfg
     };
-    let losses = |t: &mut Trainer, stop: Option<u64>| {
-        let mut out = Vec::new();
-        t.run(stop, &mut |e| {
-            if let TrainEvent::Step(r) = e {
-                out.push(r.loss);
-            }
-        })
-        .unwrap();
-        out
-    };
-    // Every rank of a `world`-rank run in its own thread: rank 0's losses, every rank's weights.
-    type Weights = Vec<Vec<f32>>;
-    let run = |world: usize, out: &str, stop: Option<u64>, resume: bool| {
-        let cfg = config(out);
-        let results: Vec<(Vec<f64>, Weights)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = InProcess::group(world)
-                .into_iter()
-                .map(|comm| {
-                    let cfg = cfg.clone();
-                    scope.spawn(move || {
-                        let comm: Arc<dyn Collective> = Arc::new(comm);
-                        let mut t = if resume {
-                            Trainer::resume_rank(&cfg.output, comm).unwrap()
-                        } else {
-                            Trainer::new_rank(cfg, comm).unwrap()
-                        };
-                        let l = losses(&mut t, stop);
-                        let w = t.encoder().bert().weights.tensors();
-                        (l, w.iter().map(|x| x.to_vec()).collect())
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        for (r, (_, w)) in results.iter().enumerate().skip(1) {
-            assert!(
-                w.iter()
-                    .zip(&results[0].1)
-                    .all(|(a, b)| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())),
-                "{out}: rank {r} holds other weights than rank 0"
-            );
-        }
-        results.into_iter().next().unwrap()
-    };
-    let bits = |w: &[Vec<f32>]| -> Vec<u32> { w.iter().flatten().map(|v| v.to_bits()).collect() };
-
     let mut plain = Trainer::new(config("plain")).unwrap();
-    let plain_losses = losses(&mut plain, None);
-    let plain_w: Vec<Vec<f32>> = plain
-        .encoder()
-        .bert()
-        .weights
-        .tensors()
-        .iter()
-        .map(|x| x.to_vec())
-        .collect();
+    let plain_steps = ranks::steps(&mut plain, None);
+    let plain_w = ranks::weights(&plain);
     let start = Encoder::load(&model, &EncoderOptions::default()).unwrap();
     let start_w = start.bert().weights.tensors();
 
-    let (l1, w1) = run(1, "world-1", None, false);
-    assert_eq!(l1, plain_losses, "one rank: losses");
-    assert_eq!(bits(&w1), bits(&plain_w), "one rank: weights");
+    let (s1, w1) = ranks::run(&config("world-1"), 1, None, false);
+    assert_eq!(s1, plain_steps, "one rank: losses");
+    assert_eq!(ranks::bits(&w1), ranks::bits(&plain_w), "one rank: weights");
 
     let mut two = None;
     for world in [2, 3] {
         let out = format!("world-{world}");
-        let (l, w) = run(world, &out, None, false);
-        assert_eq!(l.len(), plain_losses.len());
-        for (i, (a, b)) in plain_losses.iter().zip(&l).enumerate() {
+        let (s, w) = ranks::run(&config(&out), world, None, false);
+        assert_eq!(s.len(), plain_steps.len());
+        for (i, ((a, _), (b, _))) in plain_steps.iter().zip(&s).enumerate() {
             assert!(
                 (a - b).abs() <= 1e-5 * a.abs(),
                 "{world} ranks, step {}: loss {b} vs {a}",
                 i + 1
             );
         }
-        for (i, ((s, p), d)) in start_w.iter().zip(&plain_w).zip(&w).enumerate() {
-            let sq = |x: &[f32], y: &[f32]| -> f64 {
-                x.iter()
-                    .zip(y)
-                    .map(|(a, b)| ((a - b) as f64).powi(2))
-                    .sum::<f64>()
-                    .sqrt()
-            };
-            let (moved, apart) = (sq(s, p), sq(p, d));
-            assert!(
-                apart <= 1e-3 * moved.max(1e-30),
-                "{world} ranks, tensor {i}: {apart:.2e} from the single process, which moved {moved:.2e}"
-            );
-        }
+        ranks::assert_near(&start_w, &plain_w, &w, 1e-3, &format!("{world} ranks"));
         // rank 0 alone wrote the log: every step once
         let log = std::fs::read_to_string(dir.path().join(&out).join("train_log.jsonl")).unwrap();
-        let steps = log.lines().filter(|l| l.contains("\"loss\"")).count();
-        assert_eq!(steps, 4, "{world} ranks: steps in the log");
+        let logged = log.lines().filter(|l| l.contains("\"loss\"")).count();
+        assert_eq!(logged, 4, "{world} ranks: steps in the log");
         if world == 2 {
             two = Some(w);
         }
     }
 
     // two ranks stopped after the checkpoint of step 2, then resumed from rank 0's files
-    let (mut l, _) = run(2, "resumed", Some(2), false);
-    let (rest, w) = run(2, "resumed", None, true);
-    l.extend(rest);
-    assert_eq!(l.len(), 4);
-    assert_eq!(bits(&w), bits(&two.unwrap()), "resumed: weights");
+    let resumed = config("resumed");
+    let (mut s, _) = ranks::run(&resumed, 2, Some(2), false);
+    let (rest, w) = ranks::run(&resumed, 2, None, true);
+    s.extend(rest);
+    assert_eq!(s.len(), 4);
+    assert_eq!(
+        ranks::bits(&w),
+        ranks::bits(&two.unwrap()),
+        "resumed: weights"
+    );
+}
+
+/// Stage 3 across ranks: with the RRRA sampler every rank scores the pool with the same joint
+/// adapter, draws its share's negatives by s_FN, and adds the adapter's loss over the whole
+/// gathered batch, so one rank is bitwise the single process and two ranks follow it (same
+/// tolerances as above), the mean s_FN of the drawn negatives included.
+#[test]
+fn data_parallel_ranks_train_the_joint_adapter_like_one_process() {
+    use rrra::adapter::file::AdapterFile;
+    use rrra::adapter::AdapterParams;
+    use rrra::model::{Encoder, EncoderOptions};
+    use rrra::train::sampler::SamplerKind;
+    use rrra::train::trainer::Trainer;
+
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_bert_with_dropout(dir.path());
+    let start = Encoder::load(&model, &EncoderOptions::default()).unwrap();
+    let adapter = dir.path().join("adapter.safetensors");
+    let mut params = AdapterParams::init(start.dim(), 16, 5).unwrap();
+    // away from the identity, so the adapter has an opinion about the pool
+    for (i, w) in params.w2.iter_mut().enumerate() {
+        *w = ((i % 11) as f32 - 5.0) * 1e-2;
+    }
+    AdapterFile {
+        params,
+        calibration: Default::default(),
+        lambda_rr: 1.0,
+        tau: 0.05,
+        train_config: Default::default(),
+        info: serde_json::json!({}),
+    }
+    .save(&adapter)
+    .unwrap();
+    let config = |out: &str| {
+        let mut cfg = offload_config(&model, dir.path().join(out), true);
+        cfg.max_steps = Some(3);
+        cfg.sampler = SamplerKind::Rrra {
+            gamma: 2.0,
+            t_h: 1.0,
+            soft: false,
+        };
+        cfg.adapter.init = Some(adapter.clone());
+        cfg.adapter.loss_weight = 0.5;
+        cfg
+    };
+    let mut plain = Trainer::new(config("plain")).unwrap();
+    let plain_steps = ranks::steps(&mut plain, None);
+    let plain_w = ranks::weights(&plain);
+    assert!(plain_steps.iter().all(|s| s.1.is_some()), "s_FN logged");
+
+    let (s1, w1) = ranks::run(&config("world-1"), 1, None, false);
+    assert_eq!(s1, plain_steps, "one rank: losses and s_FN");
+    assert_eq!(ranks::bits(&w1), ranks::bits(&plain_w), "one rank: weights");
+
+    let (s2, w2) = ranks::run(&config("world-2"), 2, None, false);
+    for (i, ((a, fa), (b, fb))) in plain_steps.iter().zip(&s2).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs(),
+            "two ranks, step {}: loss {b} vs {a}",
+            i + 1
+        );
+        let (fa, fb) = (fa.unwrap(), fb.unwrap());
+        assert!(
+            (fa - fb).abs() <= 1e-5 * fa.abs().max(1e-6),
+            "two ranks, step {}: drawn s_FN {fb} vs {fa}",
+            i + 1
+        );
+    }
+    let start_w = start.bert().weights.tensors();
+    ranks::assert_near(&start_w, &plain_w, &w2, 1e-3, "two ranks");
+    // and the joint adapter that rank 0 saved moved like the single process's
+    let saved = |out: &str| {
+        AdapterFile::load(&dir.path().join(out).join("model/adapter.safetensors"))
+            .unwrap()
+            .params
+            .w2
+    };
+    let (p, d) = (saved("plain"), saved("world-2"));
+    let init = AdapterFile::load(&adapter).unwrap().params.w2;
+    ranks::assert_near(&[&init], &vec![p], &vec![d], 1e-3, "joint adapter W2");
 }

@@ -42,7 +42,8 @@
 //! rank order and every rank copies the one result, so all replicas hold bitwise the same
 //! gradient and stay in step after the (deterministic) AdamW update.
 //!
-//! Scope: the encoder and the loss. The RRRA joint adapter's loss is not split here.
+//! Scope: the encoder and the loss. The trainer adds the RRRA joint adapter's loss the same
+//! way as InfoNCE: every rank computes it on the gathered batch.
 
 use super::encoder_grad::{ActivationMode, DropoutPlan, TrainBatch, TrainableEncoder};
 use super::loss::{info_nce, InfoNceInput, InfoNceStats};
@@ -552,6 +553,23 @@ fn encode_key(k: u32) -> [f32; 2] {
 
 fn decode_key(v: &[f32]) -> u32 {
     ((v[0] as u32) << 16) | v[1] as u32
+}
+
+/// Every rank's `local`, of any length, concatenated in rank order (lengths below 2^24).
+pub fn gather_all(comm: &dyn Collective, local: &[f32]) -> Result<Vec<f32>> {
+    let world = comm.world();
+    if local.len() >= F32_EXACT {
+        return Err(Error::InvalidArgument(format!(
+            "{} values are too many to gather",
+            local.len()
+        )));
+    }
+    let mut lens = vec![0.0f32; world];
+    comm.all_gather(&[local.len() as f32], &vec![1; world], &mut lens)?;
+    let counts: Vec<usize> = lens.iter().map(|&l| l as usize).collect();
+    let mut out = vec![0.0f32; counts.iter().sum()];
+    comm.all_gather(local, &counts, &mut out)?;
+    Ok(out)
 }
 
 /// Every rank's embeddings (`local`: `[sequences × h]` in shard order) gathered into the

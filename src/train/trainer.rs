@@ -180,8 +180,8 @@ impl Trainer {
     /// the ranks together compute the single-process run's steps (`train::parallel`: the
     /// embeddings are gathered for the loss, the gradients summed before each update). Rank 0
     /// writes the log and the checkpoints; the other ranks write nothing. A mining refresh
-    /// divides the encoding among the ranks. Not split yet: the RRRA sampler's joint adapter
-    /// (refused).
+    /// divides the encoding among the ranks; the RRRA sampler's joint adapter is computed on
+    /// the whole gathered batch by every rank.
     pub fn new_rank(cfg: TrainConfig, comm: Arc<dyn Collective>) -> Result<Self> {
         Self::start(cfg, Some(comm))
     }
@@ -270,13 +270,6 @@ impl Trainer {
         } else {
             None
         };
-        if comm.is_some() && matches!(cfg.sampler, SamplerKind::Rrra { .. }) {
-            return Err(Error::InvalidArgument(
-                "data-parallel training does not split the RRRA sampler's joint adapter yet: \
-                 train it in one process"
-                    .into(),
-            ));
-        }
         let joint = match (&cfg.sampler, &cfg.adapter.init) {
             (SamplerKind::Rrra { .. }, Some(path)) => {
                 let j = JointAdapter::load(path)?;
@@ -743,6 +736,26 @@ impl Trainer {
                 &mut dd,
             )?;
             self.check_loss(stats.loss)?;
+            // The joint adapter's loss over the whole batch, like InfoNCE on every rank: the
+            // same adapter gradient everywhere, and the embeddings' share of it per rank.
+            let mut adapter_loss = None;
+            if let (Some(joint), Some(pool)) = (self.joint.as_mut(), self.pool.as_ref()) {
+                let lists = joint_lists(
+                    joint,
+                    &self.set,
+                    pool,
+                    layout.batch(),
+                    |g| {
+                        let cols = std::iter::once(g).chain(layout.own_negatives(g)).collect();
+                        (layout.query_keys[g] as usize, cols)
+                    },
+                    |j| layout.doc_keys[j] as usize,
+                );
+                let weight = self.cfg.adapter.loss_weight;
+                adapter_loss = Some(
+                    joint.batch_loss(&queries, &all_docs, h, &lists, weight, &mut dq, &mut dd)?,
+                );
+            }
             if seqs > 0 {
                 let d_emb = parallel::local_rows(layout, rank, &dq, &dd, h);
                 encoder_backward(
@@ -755,14 +768,15 @@ impl Trainer {
                     &d_emb,
                 )?;
             }
-            let mut drawn = [hard_drawn as f32];
-            comm.all_reduce_sum(&mut drawn)?;
+            // the log's counts over the whole batch
+            let mut counts = [hard_drawn as f32, over_half as f32];
+            comm.all_reduce_sum(&mut counts)?;
             return Ok(BatchOutcome {
                 stats,
-                hard_drawn: drawn[0] as usize,
-                adapter_loss: None,
-                s_fn_drawn,
-                over_half,
+                hard_drawn: counts[0] as usize,
+                adapter_loss,
+                s_fn_drawn: parallel::gather_all(comm.as_ref(), &s_fn_drawn)?,
+                over_half: counts[1] as usize,
             });
         }
         let d_n = docs.len();
@@ -799,21 +813,19 @@ impl Trainer {
         self.check_loss(stats.loss)?;
         let mut adapter_loss = None;
         if let (Some(joint), Some(pool)) = (self.joint.as_mut(), self.pool.as_ref()) {
-            // each query's positive (column b) and its own negatives, classed by the snapshot
-            let lists: Vec<(Vec<usize>, Vec<crate::adapter::pairs::PairClass>)> = batch
-                .iter()
-                .enumerate()
-                .map(|(b, ex)| {
-                    let cols: Vec<usize> = std::iter::once(b)
+            let lists = joint_lists(
+                joint,
+                &self.set,
+                pool,
+                b_n,
+                |b| {
+                    let cols = std::iter::once(b)
                         .chain(own[b].iter().map(|c| c.0))
                         .collect();
-                    let classes = cols
-                        .iter()
-                        .map(|&j| joint.class_of(&self.set, pool, ex.query, docs[j]))
-                        .collect();
-                    (cols, classes)
-                })
-                .collect();
+                    (batch[b].query, cols)
+                },
+                |j| docs[j],
+            );
             let (dq, dd) = d_emb.split_at_mut(b_n * h);
             adapter_loss =
                 Some(joint.batch_loss(q, d, h, &lists, self.cfg.adapter.loss_weight, dq, dd)?);
@@ -1113,6 +1125,29 @@ impl Trainer {
             .and_then(|_| log.flush())
             .map_err(|e| Error::io(&self.paths.log, e))
     }
+}
+
+/// The joint adapter's pairs of a batch of `queries`: for each query (its training-set index
+/// and document columns from `query_cols`: its positive's column, then its own negatives'),
+/// the columns with their classes by the mined pool; `doc` gives a column's corpus index.
+fn joint_lists(
+    joint: &JointAdapter,
+    set: &TrainSet,
+    pool: &MinedPool,
+    queries: usize,
+    query_cols: impl Fn(usize) -> (usize, Vec<usize>),
+    doc: impl Fn(usize) -> usize,
+) -> Vec<(Vec<usize>, Vec<crate::adapter::pairs::PairClass>)> {
+    (0..queries)
+        .map(|b| {
+            let (query, cols) = query_cols(b);
+            let classes = cols
+                .iter()
+                .map(|&j| joint.class_of(set, pool, query, doc(j)))
+                .collect();
+            (cols, classes)
+        })
+        .collect()
 }
 
 /// Rank `r`'s contiguous share of `n` items among `world` ranks.
