@@ -235,6 +235,63 @@ fn tensor_core_gemm_math_stays_within_its_rounding() {
 }
 
 #[test]
+fn micro_batches_accumulate_on_the_device_like_the_cpu() {
+    let Some(gpu) = common::gpu_or_skip() else {
+        return;
+    };
+    // Two micro-batches of different shapes on one encoder, added up on the device (the
+    // resident step's path) against the CPU's sum: max pooling with dropout, and sequences past
+    // 64 tokens (the attention backward's multi-tile path) in the second batch.
+    let (h, heads, layers, inter) = (64usize, 2usize, 2usize, 128usize);
+    let cfg = small_config(h, heads, layers, inter);
+    let bert = random_bert(cfg.clone(), 90);
+    let drop = DropoutPlan {
+        hidden: 0.1,
+        attention: 0.1,
+        seed: 3,
+        step: 9,
+    };
+    let batches = [
+        train_batch(batch_with_lengths(&cfg, &[7, 3, 12], 91), 0),
+        train_batch(batch_with_lengths(&cfg, &[100, 9, 130, 1], 92), 1 << 14),
+    ];
+    let mut rng = Rng::new(93);
+    let d: Vec<Vec<f32>> = batches
+        .iter()
+        .map(|b| {
+            (0..b.packed.sequences() * h)
+                .map(|_| rng.normal_pair().0 as f32)
+                .collect()
+        })
+        .collect();
+    let mut g_cpu = BertWeights::zeros(&cfg);
+    for (b, d) in batches.iter().zip(&d) {
+        cpu_step(&bert, Pooling::Max, true, b, &drop, d, &mut g_cpu);
+    }
+    let mut dev = GpuTrainableEncoder::new(&gpu, &bert, Pooling::Max, true, 260, 4).unwrap();
+    dev.zero_grads().unwrap();
+    for (b, d) in batches.iter().zip(&d) {
+        dev.forward_train(b, &drop).unwrap();
+        dev.accumulate_backward(d).unwrap();
+    }
+    let mut g = BertWeights::zeros(&cfg);
+    dev.add_grads_to(&mut g).unwrap();
+    for (i, (c, d)) in g_cpu.tensors().iter().zip(g.tensors()).enumerate() {
+        let err = rel_l2(d, c);
+        assert!(err <= 1e-4, "tensor {i}: relative L2 {err:.2e}");
+    }
+    // the activations are spent after a backward, and a mining encode replaces them
+    assert!(dev.accumulate_backward(&d[1]).is_err(), "a second backward");
+    dev.forward_train(&batches[0], &drop).unwrap();
+    let texts: Vec<rrra::model::tokenizer::Tokens> = Vec::new();
+    dev.encode(&texts).unwrap();
+    assert!(
+        dev.accumulate_backward(&d[0]).is_err(),
+        "a backward after encode"
+    );
+}
+
+#[test]
 fn gradients_match_the_float64_reference_on_the_gpu() {
     let Some(gpu) = common::gpu_or_skip() else {
         return;

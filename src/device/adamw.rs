@@ -333,10 +333,12 @@ impl GpuAdamW {
             .clone_dtoh(&self.norm)
             .map_err(cuda_err("downloading the gradient norm"))?[0];
         gpu.synchronize()?;
+        // the kernel skips exactly when the norm is not finite in f32, as the CPU decides
+        let norm = norm as f32;
         if norm.is_finite() {
             self.step += 1;
         }
-        Ok(norm as f32)
+        Ok(norm)
     }
 
     /// Queues the three kernels for update number `t` (nothing synchronised).

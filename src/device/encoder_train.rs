@@ -108,14 +108,15 @@ struct Batch {
 }
 
 /// The dropout sites in the stream-word buffer: the embeddings, then per layer (0-based) the
-/// attention probabilities, the attention output and the FFN output (the last arm: the
-/// encoder has no other dropout site).
+/// attention probabilities, the attention output and the FFN output.
 fn site_slot(layer: usize, site: Site) -> usize {
     match site {
         Site::EmbeddingDropout => 0,
         Site::AttentionDropout => 1 + 3 * layer,
         Site::AttentionOutputDropout => 2 + 3 * layer,
-        _ => 3 + 3 * layer,
+        Site::FfnOutputDropout => 3 + 3 * layer,
+        // the callers here pass the four sites above, constants all
+        other => unreachable!("{other:?} is not a dropout site of the encoder"),
     }
 }
 
@@ -442,15 +443,25 @@ impl GpuTrainableEncoder {
     /// Adds the parameter gradients of `Σ d_embeddings ⊙ embeddings` (over the last forward's
     /// batch) to `grads`.
     pub fn backward(&mut self, d_embeddings: &[f32], grads: &mut BertWeights) -> Result<()> {
+        self.check_host(grads)?;
+        self.zero_grads()?;
+        self.backward_on_device(d_embeddings)?;
+        self.add_grads_to(grads)
+    }
+
+    fn check_host(&self, grads: &BertWeights) -> Result<()> {
         let host = grads.tensors();
         if host.len() != self.g.len() || host.iter().zip(&self.g).any(|(a, d)| a.len() != d.len()) {
             return Err(Error::InvalidArgument(
                 "gradient accumulator of another shape than the encoder".into(),
             ));
         }
-        self.zero_grads()?;
-        self.backward_on_device(d_embeddings)?;
-        // download and add, as the CPU's backward accumulates
+        Ok(())
+    }
+
+    /// Adds the gradients kept on the device to `grads` (the host's accumulator).
+    pub fn add_grads_to(&self, grads: &mut BertWeights) -> Result<()> {
+        self.check_host(grads)?;
         let mut tmp = Vec::new();
         for ((acc, _), dev) in grads.tensors_mut().into_iter().zip(&self.g) {
             tmp.resize(acc.len(), 0.0f32);
@@ -501,7 +512,11 @@ impl GpuTrainableEncoder {
             Error::InvalidArgument("the encoder's backward needs a forward first".into())
         })?;
         let r = self.backward_batch(&b, d_embeddings);
-        self.last = Some(b);
+        if r.is_err() {
+            self.last = Some(b); // nothing was added on a refused call: it may be retried
+        }
+        // after a backward the activations are spent, as on the CPU: a second backward
+        // would add the same gradients again
         r
     }
 
@@ -681,8 +696,8 @@ impl GpuTrainableEncoder {
     }
 
     /// Embeddings of tokenized texts, `[texts × h]` in order: forwards over as many texts at a
-    /// time as the buffers take (the activations of the last one are kept, as after
-    /// [`GpuTrainableEncoder::forward`]).
+    /// time as the buffers take. It overwrites the activations, so a backward needs a new
+    /// forward after it.
     pub fn encode(&mut self, texts: &[crate::model::tokenizer::Tokens]) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(texts.len() * self.cfg.hidden_size);
         let mut batch = PackedBatch::new();
@@ -705,6 +720,7 @@ impl GpuTrainableEncoder {
         if batch.sequences() > 0 {
             out.extend(self.forward(&batch)?);
         }
+        self.last = None;
         Ok(out)
     }
 

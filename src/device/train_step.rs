@@ -135,8 +135,13 @@ impl OffloadedEncoder for GpuTrainStep {
     fn forward(&mut self, batch: &TrainBatch, dropout: &DropoutPlan) -> Result<Vec<f32>> {
         self.encoder.forward_train(batch, dropout)
     }
-    fn backward(&mut self, d_embeddings: &[f32], grads: &mut BertWeights) -> Result<()> {
-        self.encoder.backward(d_embeddings, grads)
+    fn backward(&mut self, _: &[f32], _: &mut BertWeights) -> Result<()> {
+        // the host-accumulating backward would zero the device gradients this step is summing
+        Err(Error::InvalidArgument(
+            "a resident training step accumulates its gradients on the device: use \
+             ResidentOptimizer::accumulate"
+                .into(),
+        ))
     }
     fn encode(&mut self, texts: &[crate::model::tokenizer::Tokens]) -> Result<Vec<f32>> {
         self.encoder.encode(texts)

@@ -157,6 +157,17 @@ void test_adamw() {
         CHECK(bfbad == 0, "bf16");
         CHECK(diff == 0 || mx < 1e-6, "adamw");
     }
+    // a norm finite in f64 but not in f32 (as the CPU returns it): the step is skipped
+    {
+        for (auto& x : g) x = 3.0e38f;
+        std::vector<float> p0 = p, m0 = m, v0 = v;
+        launch(C, 256, [&] { rrra_adamw_norm_partial(g.data(), table.data(), 1.f, partial.data()); });
+        launch(1, 1024, [&] { rrra_adamw_norm_final(partial.data(), C, 1.f, norm.data(), control.data()); });
+        launch(C, 256, [&] { rrra_adamw_update(p.data(), g.data(), m.data(), v.data(), bf.data(), table.data(), control.data(), 1.f, 0.9f, b1, b2, 1 - b1, 1 - b2, 1.f, eps, 1e-3f); });
+        CHECK(std::isfinite(norm[0]) && !std::isfinite((float)norm[0]), "huge norm %g", norm[0]);
+        CHECK(control[1] == 1.0f && p == p0 && m == m0 && v == v0, "a step past f32's range must be skipped");
+        printf("adamw norm %.3g (not finite in f32): skipped %d\n", norm[0], (int)control[1]);
+    }
 }
 
 int main() {
