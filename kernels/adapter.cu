@@ -54,7 +54,7 @@ __device__ __forceinline__ float load_elem(const __nv_bfloat16* p, long long i) 
 // u[i, :] = W1sum · q_i + b1, one block per query.
 extern "C" __global__ void __launch_bounds__(THREADS)
     rrra_adapter_query_bias(const RrraAdapterArgs args) {
-    extern __shared__ float q_s[];
+    RRRA_DYNAMIC_SMEM(4, float, q_s);
     const int d = args.d, h = args.h;
     const float* q = args.queries + (long long)blockIdx.x * d;
     for (int l = threadIdx.x; l < d; l += THREADS) q_s[l] = q[l];
@@ -70,7 +70,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 // f64 reduction scratch [WARPS × (TP·NSUM + 1)].
 template <typename T>
 __device__ void adapter_pairs(const RrraAdapterArgs& args) {
-    extern __shared__ __align__(16) unsigned char smem[];
+    RRRA_DYNAMIC_SMEM(16, unsigned char, smem);
     const int d = args.d, h = args.h, k = args.k;
     const int qi = blockIdx.y;
     const int first = blockIdx.x * TP;

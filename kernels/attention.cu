@@ -90,12 +90,9 @@ __device__ __forceinline__ void attention_simt(const float* __restrict__ qkv,
                                                const unsigned* __restrict__ offsets, int h,
                                                float scale_log2e, float* __restrict__ ctx) {
     using C = SimtTile<DH>;
-    extern __shared__ float4 rrra_attn_smem[];
-    {
-        unsigned dyn;
-        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-        if (dyn < C::SMEM_FLOATS * sizeof(float)) __trap();  // a host/kernel mismatch, loudly
-    }
+    RRRA_DYNAMIC_SMEM(16, float4, rrra_attn_smem);
+    // a host/kernel mismatch, loudly
+    if (dynamic_smem_bytes() < C::SMEM_FLOATS * sizeof(float)) __trap();
     float* Qs = reinterpret_cast<float*>(rrra_attn_smem);
     float* Ks = Qs + C::BQ * C::QS;
     float* Vs = Ks + C::BK * C::QS;

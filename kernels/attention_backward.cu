@@ -62,6 +62,8 @@
 // 32, 40, 64, 128, lengths 0, 1, 63, 64, 65, 129, 130, dropout 0 to 0.5): max difference 1e-6
 // of the largest gradient.
 
+#include "common.cuh"
+
 #define RRRA_ATTB_NEG_INF (-__int_as_float(0x7f800000))
 
 namespace attb {
@@ -122,16 +124,6 @@ struct Dropout {
         return u < p ? 0.0f : scale;
     }
 };
-
-__device__ __forceinline__ unsigned dynamic_smem_bytes() {
-#ifdef __CUDA_ARCH__
-    unsigned dyn;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-    return dyn;
-#else
-    return ~0u;
-#endif
-}
 
 // Sum over the 16 lanes of a half-warp (the lanes with the same ty).
 __device__ __forceinline__ float sum16(float v) {
@@ -220,7 +212,7 @@ __device__ __forceinline__ void backward_dq(const float* __restrict__ qkv,
     using L = Layout<DMAX>;
     constexpr int LD = L::LD, NC = L::NC;
     const int dh = FIXED ? DMAX : dh_arg;
-    extern __shared__ float4 rrra_attb_smem[];
+    RRRA_DYNAMIC_SMEM(16, float4, rrra_attb_smem);
     if (dynamic_smem_bytes() < L::DQ_FLOATS * sizeof(float)) __trap();
     float* Qs = reinterpret_cast<float*>(rrra_attb_smem);
     float* dOs = Qs + T * LD;
@@ -364,7 +356,7 @@ __device__ __forceinline__ void backward_dkdv(const float* __restrict__ qkv,
     using L = Layout<DMAX>;
     constexpr int LD = L::LD, NC = L::NC;
     const int dh = FIXED ? DMAX : dh_arg;
-    extern __shared__ float4 rrra_attb_smem[];
+    RRRA_DYNAMIC_SMEM(16, float4, rrra_attb_smem);
     if (dynamic_smem_bytes() < L::DKDV_FLOATS * sizeof(float)) __trap();
     float* Ks = reinterpret_cast<float*>(rrra_attb_smem);
     float* Vs = Ks + T * LD;

@@ -3,6 +3,18 @@
 
 #define RRRA_WARP 32
 
+// Dynamic shared memory and its size, through these two names so that the CPU block emulator
+// (tools/kernel-emulator/emu.h, which defines RRRA_EMULATOR) can supply its own.
+#ifndef RRRA_EMULATOR
+#define RRRA_DYNAMIC_SMEM(align, type, name) extern __shared__ __align__(align) type name[]
+
+__device__ __forceinline__ unsigned dynamic_smem_bytes() {
+    unsigned dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    return dyn;
+}
+#endif
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = RRRA_WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -217,7 +217,7 @@ __device__ __forceinline__ void score_simt(const void* __restrict__ corpus, long
     constexpr int ESZ = (KIND == 0) ? 4 : 2;
     static_assert(V == 8 || V == 32, "reduce_scatter layout");
 
-    extern __shared__ float4 simt_smem[];
+    RRRA_DYNAMIC_SMEM(16, float4, simt_smem);
     float* qs = reinterpret_cast<float*>(simt_smem);  // [QP][dpad]
     __shared__ unsigned s_min[QP];
 
@@ -371,7 +371,7 @@ __device__ __forceinline__ void score_tc(const unsigned short* __restrict__ corp
                                          const unsigned* __restrict__ min_key, u64* __restrict__ cand,
                                          unsigned* __restrict__ count, long long stride, int q_tiles) {
     using namespace nvcuda;
-    extern __shared__ __align__(128) unsigned char tc_smem[];
+    RRRA_DYNAMIC_SMEM(128, unsigned char, tc_smem);
     unsigned short* sm = reinterpret_cast<unsigned short*>(tc_smem);
     const int tid = threadIdx.x, warp = tid >> 5;
     const int qt = blockIdx.x % q_tiles;
@@ -684,7 +684,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     rrra_topk_select(const u64* __restrict__ in_all, const unsigned* __restrict__ count_in,
                      u64* __restrict__ out_all, unsigned* __restrict__ count_out,
                      unsigned* __restrict__ min_key, long long stride, int k) {
-    extern __shared__ u64 sbuf[];  // SEL_CAP keys
+    RRRA_DYNAMIC_SMEM(8, u64, sbuf);  // SEL_CAP keys
     __shared__ unsigned hist[256];
     __shared__ unsigned s_bucket, s_above, s_cnt, s_out, s_buf, s_min;
     const int q = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -822,7 +822,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
 extern "C" __global__ void __launch_bounds__(1024)
     rrra_topk_sort(const u64* __restrict__ lists, const unsigned* __restrict__ count, long long stride,
                    int k, u64* __restrict__ out) {
-    extern __shared__ u64 skeys[];
+    RRRA_DYNAMIC_SMEM(8, u64, skeys);
     const int q = blockIdx.x, tid = threadIdx.x;
     const unsigned n = min(count[q], (unsigned)k);
     int P = 1;

@@ -22,3 +22,5 @@ static inline float2 __bfloat1622float2(__nv_bfloat162 v) { return {__bfloat162f
 static inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
     return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)};
 }
+static inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.x; }
+static inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short x) { __nv_bfloat16 b; b.x = x; return b; }
