@@ -138,12 +138,12 @@ template <class T> static inline T __ldg(const T* p) { return *p; }
 #define RRRA_EMULATOR 1
 #define RRRA_DYNAMIC_SMEM(align, type, name) type* name = reinterpret_cast<type*>(g_dyn_smem)
 static inline unsigned dynamic_smem_bytes() { return g_dyn_smem_bytes; }
-#define __align__(x) alignas(x)
+#define __align__(x) __attribute__((aligned(x)))  // also valid after `static` (__shared__)
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __shared__ static
 static inline double __dadd_rn(double a, double b) { volatile double r = a + b; return r; }
 static inline double __dsub_rn(double a, double b) { volatile double r = a - b; return r; }
@@ -175,25 +175,31 @@ template <class F> void launch3(unsigned gx, unsigned gy, unsigned gz, unsigned 
     if (smem > sizeof g_dyn_smem) { std::fprintf(stderr, "dynamic shared memory %u > %zu\n", smem, sizeof g_dyn_smem); std::abort(); }
     gridDim.x = gx; gridDim.y = gy; gridDim.z = gz; blockDim.x = block;
     g_dyn_smem_bytes = smem;
-    g_block_bar = std::make_unique<std::barrier<>>(block);
-    g_warp_bar.clear();
-    g_warp_meet.clear();
-    for (unsigned w = 0; w < (block + 31) / 32; ++w) {
-        g_warp_bar.push_back(std::make_unique<std::barrier<>>(std::min(32u, block - 32 * w)));
-        g_warp_meet.push_back(std::make_unique<EmuWarpMeet>());
-    }
     for (unsigned z = 0; z < gz; ++z)
         for (unsigned y = 0; y < gy; ++y)
             for (unsigned x = 0; x < gx; ++x) {
                 blockIdx.x = x; blockIdx.y = y; blockIdx.z = z;
+                // fresh barriers per block: the previous block's exited threads dropped out of theirs
+                g_block_bar = std::make_unique<std::barrier<>>(block);
+                g_warp_bar.clear();
+                g_warp_meet.clear();
+                for (unsigned w = 0; w < (block + 31) / 32; ++w) {
+                    g_warp_bar.push_back(std::make_unique<std::barrier<>>(std::min(32u, block - 32 * w)));
+                    g_warp_meet.push_back(std::make_unique<EmuWarpMeet>());
+                }
                 std::memset(g_dyn_smem, 0xA5, smem);  // poisoned: a read before a write shows
+                std::atomic<int> block_live((int)block);
+                std::vector<std::atomic<int>> warp_live((block + 31) / 32);
+                for (unsigned w = 0; w < warp_live.size(); ++w) warp_live[w] = (int)std::min(32u, block - 32 * w);
                 std::vector<std::thread> ts;
                 for (unsigned t = 0; t < block; ++t)
-                    ts.emplace_back([t, &f] {
+                    ts.emplace_back([t, &f, &block_live, &warp_live] {
                         threadIdx.x = t;
                         f();
-                        g_warp_bar[t / 32]->arrive_and_drop();
-                        g_block_bar->arrive_and_drop();
+                        // The last thread to leave does not drop: a barrier left with no
+                        // participants divides by zero in libstdc++, and nobody waits on it.
+                        if (warp_live[t / 32].fetch_sub(1) > 1) g_warp_bar[t / 32]->arrive_and_drop();
+                        if (block_live.fetch_sub(1) > 1) g_block_bar->arrive_and_drop();
                     });
                 for (auto& t : ts) t.join();
             }
