@@ -229,7 +229,8 @@ fn forward_query(
             *o = qv * cv;
         }
     }
-    linear(feats, k, 2 * d, &fused.w_pair, u_i, h, pre_i);
+    // feats holds k × max(2d, h): the features are its first k × 2d
+    linear(&feats[..k * 2 * d], k, 2 * d, &fused.w_pair, u_i, h, pre_i);
     if let Some(ctx) = ctx {
         let y = positive_features(c_i, ctx, d);
         let mut extra = vec![0.0f32; k * h];
@@ -970,6 +971,20 @@ mod tests {
         assert!(query_logits(&params, &other, &q, &c, &mut [0.0; 2], &mut scratch).is_err());
         assert!(query_logits(&params, &fused, &q, &c, &mut [0.0; 3], &mut scratch).is_err());
         assert!(query_logits(&params, &fused, &q, &[], &mut [], &mut scratch).is_ok());
+    }
+
+    #[test]
+    fn a_hidden_layer_wider_than_the_features_scores_like_naive() {
+        // h > 2d: the features are the first k × 2d floats of a larger scratch buffer
+        let (d, h, k) = (6, 20, 5);
+        let params = trained_like(d, h, 8);
+        let w = flat(&params);
+        let mut rng = Rng::new(9);
+        let q = random(&mut rng, d, 0.3);
+        let c = random(&mut rng, k * d, 0.3);
+        let out = score(&params, &q, &c, k).unwrap();
+        let want = naive(&w, d, h, &to64(&q), &to64(&c), k);
+        assert!(max_err(&out.logit, &want.logit) <= 1e-4);
     }
 
     #[test]
