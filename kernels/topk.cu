@@ -30,7 +30,7 @@
 //   rrra_topk_score_tc_{f16,bf16}  tensor cores (WMMA 16x16x16, fp32 accumulate) for > 8 queries
 //       on 16-bit corpora. The corpus values are exact in f16/bf16; each f32 query is split into
 //       three terms hi + mid + lo of the corpus type (rrra_topk_split_queries_*), which represent
-//       it to 2^-24 relative (f16: after scaling each query by a power of two so its largest value
+//       it to 2^-24 relative (after scaling each query by a power of two so its largest value
 //       is ~2^14, undone exactly on the scores), and every product of 16-bit values is exact in
 //       fp32. So the scores keep fp32 accuracy (error ~ fp32 summation, not bf16 rounding) at 3x
 //       the tensor work, which is still far below the memory time up to ~50 queries.
@@ -116,7 +116,7 @@ __device__ __forceinline__ void append_same_query(bool pass, int q, u64 c, u64* 
 
 // Column sweep over a tile of scores stored query-major (ct[query * LDC + row]): each warp takes
 // whole query columns, so the filter threshold is one load and the append one atomic per 32 rows.
-// `qexp` (tensor path on f16) holds per-query power-of-two exponents to undo, or is null.
+// `qexp` (tensor path) holds per-query power-of-two exponents to undo, or is null.
 template <int BM, int BN, int LDC, int NWARPS>
 __device__ __forceinline__ void tile_epilogue(const float* ct, long long r_base, long long n_rows,
                                               unsigned row0, int q_base, int nq, const int* qexp,
@@ -350,6 +350,8 @@ constexpr int TC_LDC = TC_BM + 4;
 constexpr int TC_SMEM_BYTES = TC_STAGES * TC_STAGE * 2;  // 84 480: two blocks per SM
 static_assert(TC_BN * TC_LDC * 4 <= TC_SMEM_BYTES, "epilogue tile aliases the pipeline buffers");
 
+// cp.async cannot run on a host: the CPU emulator supplies synchronous versions of these three.
+#ifndef RRRA_EMULATOR
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, unsigned src_bytes) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
     const size_t g = __cvta_generic_to_global(gmem);
@@ -361,6 +363,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+#endif
 
 // qsplit: [3][q_pad][d_pad] raw 16-bit terms (d_pad multiple of TC_BK, q_pad of TC_BN, zero
 // padded); qexp: [q_pad] power-of-two exponent each query was scaled by.
@@ -475,9 +478,10 @@ RRRA_TC(rrra_topk_score_tc_bf16, __nv_bfloat16)
 
 // Splits each f32 query into hi + mid + lo of the corpus's 16-bit type, each term the rounding of
 // what the previous ones left (x - rn(x) is exact in f32), so hi + mid + lo = x to 2^-24 relative.
-// f16 has a narrow exponent range: the query is first scaled by 2^s (s from its largest value,
-// stored in qexp) so its terms stay normal; the scorer multiplies the score by 2^-s (exact).
-// One block per padded query; padding queries and dims are zero.
+// The query is first scaled by 2^s (s from its largest value, stored in qexp) so its terms stay
+// normal in f16's narrow exponent range, and so that no value rounds past the type's largest
+// (bf16 rounds f32 values above ~3.39e38 to infinity); the scorer multiplies the score by 2^-s
+// (exact). One block per padded query; padding queries and dims are zero.
 template <bool F16>
 __device__ __forceinline__ void split_queries(const float* __restrict__ q, int nq, int dim, int q_pad,
                                               int d_pad, unsigned short* __restrict__ out,
@@ -485,21 +489,19 @@ __device__ __forceinline__ void split_queries(const float* __restrict__ q, int n
     const int qi = blockIdx.x;
     __shared__ unsigned s_max;
     int s = 0;
-    if (F16) {
-        if (threadIdx.x == 0) s_max = 0;
-        __syncthreads();
-        unsigned m = 0;  // |x| bit patterns order like the values
-        if (qi < nq)
-            for (int d = threadIdx.x; d < dim; d += blockDim.x)
-                m = max(m, __float_as_uint(fabsf(q[(long long)qi * dim + d])));
-        for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(RRRA_FULL, m, o));
-        if ((threadIdx.x & 31) == 0) atomicMax(&s_max, m);
-        __syncthreads();
-        const unsigned mx = s_max;
-        if (mx != 0) {
-            const int e = (int)((mx >> 23) & 0xffu) - 127;  // largest value in [2^e, 2^(e+1))
-            s = min(max(14 - e, -126), 126);                 // -> [2^14, 2^15): below f16 max
-        }
+    if (threadIdx.x == 0) s_max = 0;
+    __syncthreads();
+    unsigned mq = 0;  // |x| bit patterns order like the values
+    if (qi < nq)
+        for (int d = threadIdx.x; d < dim; d += blockDim.x)
+            mq = max(mq, __float_as_uint(fabsf(q[(long long)qi * dim + d])));
+    for (int o = 16; o > 0; o >>= 1) mq = max(mq, __shfl_xor_sync(RRRA_FULL, mq, o));
+    if ((threadIdx.x & 31) == 0) atomicMax(&s_max, mq);
+    __syncthreads();
+    const unsigned mx = s_max;
+    if (mx != 0) {
+        const int e = (int)((mx >> 23) & 0xffu) - 127;  // largest value in [2^e, 2^(e+1))
+        s = min(max(14 - e, -126), 126);                 // -> [2^14, 2^15): below f16's max
     }
     const float scale = __int_as_float((127 + s) << 23);
     for (int d = threadIdx.x; d < d_pad; d += blockDim.x) {
