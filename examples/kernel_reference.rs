@@ -6,6 +6,11 @@
 //!   reads them);
 //! * `dropout.bin`, `dropout_words.bin`: a packed QKV batch, `attention_sequence_train` with
 //!   dropout on the probabilities, `dropout_inplace` on a hidden block, and the streams' words.
+//! * `backward_{layernorm,bias,gelu,l2,attention}.bin`: inputs and `cpu::backward` outputs of
+//!   the encoder backward kernels' cases (shapes in each file, see `encoder_backward`).
+//! * `inference_{attention,adapter,rows}.bin`: inputs and CPU outputs of the inference kernels'
+//!   cases (attention, adapter scoring, embeddings, LayerNorm, GELU, L2, pooling), every array
+//!   preceded by its length (see `inference`).
 
 use rrra::adapter::{backward, score, AdapterParams};
 use rrra::cpu::backward::{attention_sequence_train, dropout_inplace, AttnDropout};
@@ -148,6 +153,406 @@ fn dropout(dir: &Path) -> rrra::Result<()> {
     std::fs::write(&path, words).map_err(|e| rrra::Error::io(&path, e))
 }
 
+/// Normal(0, `sd`) values as f32.
+fn normals(rng: &mut Rng, n: usize, sd: f64) -> Vec<f32> {
+    (0..n).map(|_| (rng.normal_pair().0 * sd) as f32).collect()
+}
+
+/// The values rounded to bf16 and widened back (the bf16 kernels' inputs, exactly).
+fn bf16_values(x: &[f32]) -> Vec<f32> {
+    x.iter()
+        .map(|&v| half::bf16::from_f32(v).to_f32())
+        .collect()
+}
+
+/// The references of the encoder backward kernels (kernels/backward.cu and
+/// kernels/attention_backward.cu), one file per family: a case count, then per case its shape
+/// (small integers as f32), inputs and `cpu::backward` outputs. Read by
+/// tools/kernel-emulator/encoder_backward.cpp.
+fn encoder_backward(dir: &Path) -> rrra::Result<()> {
+    use rrra::cpu::backward as bw;
+    let mut rng = Rng::new(21);
+    let save = |name: &str, v: &[f32]| {
+        let path = dir.join(name);
+        write_f32(&path, &[v]).map_err(|e| rrra::Error::io(&path, e))
+    };
+
+    // LayerNorm (rows, h, eps): every kernel width, h not a multiple of 32, > 8 row blocks
+    let ln = [
+        (70usize, 37usize, 1e-12f32),
+        (33, 128, 1e-5),
+        (300, 200, 1e-12),
+        (9, 300, 1e-12),
+        (45, 700, 1e-5),
+        (17, 1000, 1e-12),
+        (5, 1, 1e-12),
+    ];
+    let mut out = vec![ln.len() as f32];
+    for (rows, h, eps) in ln {
+        let mut s = normals(&mut rng, rows * h, 1.0);
+        for (r, row) in s.chunks_mut(h).enumerate() {
+            // rows with different offsets and spreads
+            let (a, b) = (0.2 + (r % 7) as f32, (r % 5) as f32 - 2.0);
+            row.iter_mut().for_each(|v| *v = *v * a + b);
+        }
+        let gamma: Vec<f32> = normals(&mut rng, h, 0.3).iter().map(|g| 1.0 + g).collect();
+        let dy = normals(&mut rng, rows * h, 1.0);
+        let (dg0, db0) = (normals(&mut rng, h, 0.5), normals(&mut rng, h, 0.5));
+        let mut ds = vec![0.0f32; rows * h];
+        let (mut dg, mut db) = (dg0.clone(), db0.clone());
+        bw::layernorm_backward(&s, h, &gamma, eps, &dy, &mut ds, &mut dg, &mut db);
+        let (mut dgz, mut dbz) = (vec![0.0f32; h], vec![0.0f32; h]);
+        let mut scratch = vec![0.0f32; rows * h];
+        bw::layernorm_backward(&s, h, &gamma, eps, &dy, &mut scratch, &mut dgz, &mut dbz);
+        out.extend([rows as f32, h as f32, eps]);
+        for v in [&s, &gamma, &dy, &dg0, &db0, &ds, &dg, &db, &dgz, &dbz] {
+            out.extend_from_slice(v);
+        }
+    }
+    save("backward_layernorm.bin", &out)?;
+
+    // bias gradient (rows, cols): f32 and bf16 inputs, onto given values and from zero
+    let bias = [
+        (600usize, 37usize),
+        (256, 130),
+        (257, 5),
+        (1, 3),
+        (513, 129),
+    ];
+    let mut out = vec![bias.len() as f32];
+    for (rows, cols) in bias {
+        let dy = normals(&mut rng, rows * cols, 1.0);
+        let dyb = bf16_values(&dy);
+        let db0 = normals(&mut rng, cols, 1.0);
+        // the bias part of linear_backward (one input feature, no dx)
+        let sums = |dy: &[f32], init: &[f32]| {
+            let (x, w) = (vec![0.0f32; rows], vec![0.0f32; cols]);
+            let (mut dw, mut db) = (vec![0.0f32; cols], init.to_vec());
+            bw::linear_backward(&x, rows, 1, &w, cols, dy, None, &mut dw, &mut db);
+            db
+        };
+        let zero = vec![0.0f32; cols];
+        out.extend([rows as f32, cols as f32]);
+        for v in [
+            &dy,
+            &dyb,
+            &db0,
+            &sums(&dy, &db0),
+            &sums(&dyb, &db0),
+            &sums(&dy, &zero),
+            &sums(&dyb, &zero),
+        ] {
+            out.extend_from_slice(v);
+        }
+    }
+    save("backward_bias.bin", &out)?;
+
+    // GELU: n not a multiple of 4, saturated and underflowing tails, signed zeros
+    let gelu_n = [1031usize, 5000];
+    let mut out = vec![gelu_n.len() as f32];
+    for n in gelu_n {
+        let mut pre: Vec<f32> = (0..n)
+            .map(|_| (rng.next_f64() * 16.0 - 8.0) as f32)
+            .collect();
+        pre[..8].copy_from_slice(&[0.0, -0.0, 10.0, -10.0, 30.0, -30.0, -5.7, 1e-30]);
+        let dy = normals(&mut rng, n, 1.0);
+        let mut g = dy.clone();
+        bw::gelu_backward(&pre, &mut g);
+        let (preb, dyb) = (bf16_values(&pre), bf16_values(&dy));
+        let mut gb = dyb.clone();
+        bw::gelu_backward(&preb, &mut gb);
+        out.push(n as f32);
+        for v in [&pre, &dy, &g, &preb, &dyb, &gb] {
+            out.extend_from_slice(v);
+        }
+    }
+    save("backward_gelu.bin", &out)?;
+
+    // L2 normalisation (rows, dim); row 1 is zero and row 2 below the 1e-12 clamp
+    let l2 = [(9usize, 37usize), (3, 768), (10, 1), (17, 130)];
+    let mut out = vec![l2.len() as f32];
+    for (rows, dim) in l2 {
+        let mut x = normals(&mut rng, rows * dim, 1.0);
+        x[dim..2 * dim].fill(0.0);
+        x[2 * dim..3 * dim].iter_mut().for_each(|v| *v *= 1e-15);
+        let dy = normals(&mut rng, rows * dim, 1.0);
+        let mut dx = vec![0.0f32; rows * dim];
+        for ((xr, gr), o) in x.chunks(dim).zip(dy.chunks(dim)).zip(dx.chunks_mut(dim)) {
+            bw::l2_normalize_backward(xr, gr, o);
+        }
+        out.extend([rows as f32, dim as f32]);
+        for v in [&x, &dy, &dx] {
+            out.extend_from_slice(v);
+        }
+    }
+    save("backward_l2.bin", &out)?;
+
+    // attention (h, heads, dropout p, with bias, lengths): every kernel variant (d32, d64,
+    // d128, _any with dh 40 and 8), empty and single-token sequences, tile edges 63 / 64 / 65
+    let attn: [(usize, usize, f32, bool, &[usize]); 6] = [
+        (128, 2, 0.0, false, &[0, 1, 63, 64, 65, 130]),
+        (128, 2, 0.1, true, &[0, 1, 63, 64, 65, 130]),
+        (96, 3, 0.3, true, &[130, 5, 0, 64]),
+        (128, 1, 0.5, false, &[65, 1, 130]),
+        (80, 2, 0.15, true, &[63, 130, 1]),
+        (24, 3, 0.2, false, &[17, 65]),
+    ];
+    let (seed, step, layer) = (11u64, 3u64, 2u32);
+    let mut out = vec![attn.len() as f32];
+    for (h, heads, p, with_bias, lens) in attn {
+        let t: usize = lens.iter().sum();
+        let qkv = normals(&mut rng, t * 3 * h, 1.0);
+        let bias = if with_bias {
+            normals(&mut rng, 3 * h, 0.3)
+        } else {
+            vec![0.0f32; 3 * h]
+        };
+        let dctx = normals(&mut rng, t * h, 1.0);
+        let (mut words, mut dqkv) = (Vec::new(), vec![0.0f32; t * 3 * h]);
+        let mut start = 0;
+        for (s, &len) in lens.iter().enumerate() {
+            let stream = Stream::new(seed, step, 1000 + s as u64, layer, Site::AttentionDropout);
+            words.extend(stream.words().map(f32::from_bits));
+            // the CPU keeps the biased projection
+            let mut q = qkv[start * 3 * h..(start + len) * 3 * h].to_vec();
+            q.iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v += bias[i % (3 * h)]);
+            let drop = AttnDropout { p, stream };
+            bw::attention_sequence_backward(
+                &q,
+                len,
+                h,
+                heads,
+                (p > 0.0).then_some(&drop),
+                &dctx[start * h..(start + len) * h],
+                &mut dqkv[start * 3 * h..(start + len) * 3 * h],
+            );
+            start += len;
+        }
+        out.extend([
+            h as f32,
+            heads as f32,
+            lens.len() as f32,
+            p,
+            with_bias as u8 as f32,
+        ]);
+        out.extend(lens.iter().map(|&l| l as f32));
+        for v in [&qkv, &bias, &dctx, &words, &dqkv] {
+            out.extend_from_slice(v);
+        }
+    }
+    save("backward_attention.bin", &out)
+}
+
+/// `v` with its length first (an f32, exact below 2^24): the inference harness reads records of
+/// varying shapes without a table of them.
+fn push_sized(out: &mut Vec<f32>, v: &[f32]) {
+    out.push(v.len() as f32);
+    out.extend_from_slice(v);
+}
+
+/// Attention cases (head dim, heads, sequence lengths): every tiled head dim and the fallback's
+/// (24), partial key tiles, one-token and empty sequences, and one sequence of 512.
+const ATTENTION_CASES: [(usize, usize, &[usize]); 5] = [
+    (32, 2, &[1, 17, 64, 65, 130, 0]),
+    (64, 2, &[130, 1, 65, 17, 64]),
+    (128, 2, &[65, 1, 130, 17]),
+    (24, 2, &[17, 1, 33]),
+    (64, 1, &[512]),
+];
+
+/// Adapter cases (d, h, queries, k, max_pairs, corpus rows): odd sizes, k below one tile,
+/// several launches when max_pairs < queries · k, the MiniLM width.
+const ADAPTER_SCORE_CASES: [(usize, usize, usize, usize, usize, usize); 4] = [
+    (37, 53, 2, 5, 5, 41),
+    (64, 300, 2, 9, 18, 100),
+    (129, 129, 1, 1, 1, 7),
+    (384, 384, 1, 17, 17, 300),
+];
+
+/// The references of the inference kernels, read by tools/kernel-emulator/inference.cpp: every
+/// array is written with its length first (`push_sized`).
+fn inference(dir: &Path) -> rrra::Result<()> {
+    use rrra::cpu::attention::attention_sequence;
+    use rrra::cpu::math::{add_layernorm, gelu_inplace, l2_normalize};
+    use rrra::model::Pooling;
+    let save = |name: &str, v: &[f32]| {
+        let path = dir.join(name);
+        write_f32(&path, &[v]).map_err(|e| rrra::Error::io(&path, e))
+    };
+    let mut rng = Rng::new(31);
+
+    // attention: the kernels add the bias to the raw projection; the CPU reads it biased. The
+    // bf16 reference reads the projection rounded to bf16, as the bf16 kernels do.
+    let mut out = Vec::new();
+    for (dh, heads, lens) in ATTENTION_CASES {
+        let h = dh * heads;
+        let t: usize = lens.iter().sum();
+        let qkv = normals(&mut rng, t * 3 * h, 1.0);
+        let bias = normals(&mut rng, 3 * h, 0.3);
+        push_sized(&mut out, &[dh as f32, heads as f32]);
+        push_sized(
+            &mut out,
+            &lens.iter().map(|&l| l as f32).collect::<Vec<_>>(),
+        );
+        push_sized(&mut out, &qkv);
+        push_sized(&mut out, &bias);
+        for src in [qkv.clone(), bf16_values(&qkv)] {
+            let mut ctx = vec![0.0f32; t * h];
+            let mut start = 0;
+            for &len in lens {
+                let mut x = src[start * 3 * h..(start + len) * 3 * h].to_vec();
+                x.iter_mut()
+                    .enumerate()
+                    .for_each(|(i, v)| *v += bias[i % (3 * h)]);
+                attention_sequence(&x, len, h, heads, &mut ctx[start * h..(start + len) * h]);
+                start += len;
+            }
+            push_sized(&mut out, &ctx);
+        }
+    }
+    save("inference_attention.bin", &out)?;
+
+    // adapter scoring: dense candidates (every statistic), then corpus rows gathered by index
+    // in f32, f16 and bf16 (the reference reads the rows widened back to f32)
+    let mut out = Vec::new();
+    for (case, &(d, h, nq, k, max_pairs, rows)) in ADAPTER_SCORE_CASES.iter().enumerate() {
+        let seed = 60 + case as u64;
+        let mut p = AdapterParams::init(d, h, seed)?;
+        let s2 = 1.0 / (h as f64).sqrt();
+        for t in p.tensors_mut().into_iter().skip(1) {
+            t.iter_mut()
+                .for_each(|v| *v = (rng.normal_pair().0 * s2) as f32);
+        }
+        (p.beta, p.beta0) = (7.5, -0.3);
+        let q = random_unit_vectors(nq, d, seed + 1);
+        let mut c = random_unit_vectors(nq * k, d, seed + 2);
+        if k > 1 {
+            c[..d].copy_from_slice(&q[..d]); // q = c: alpha 0
+        }
+        let dense = score(&p, &q, &c, k)?;
+        let corpus = random_unit_vectors(rows, d, seed + 3);
+        let picks: Vec<f32> = (0..nq * k).map(|_| rng.below(rows) as f32).collect();
+        let shape = [d, h, nq, k, max_pairs, rows].map(|x| x as f32);
+        push_sized(&mut out, &shape);
+        for v in [&p.w1, &p.b1, &p.w2, &p.b2, &vec![p.beta, p.beta0], &q, &c] {
+            push_sized(&mut out, v);
+        }
+        for v in [&dense.logit, &dense.p, &dense.qa, &dense.ca, &dense.alpha] {
+            push_sized(&mut out, v);
+        }
+        push_sized(&mut out, &corpus);
+        push_sized(&mut out, &picks);
+        let f16: Vec<f32> = corpus
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_f32())
+            .collect();
+        for table in [corpus.clone(), f16, bf16_values(&corpus)] {
+            let gathered: Vec<f32> = picks
+                .iter()
+                .flat_map(|&r| table[r as usize * d..(r as usize + 1) * d].to_vec())
+                .collect();
+            push_sized(&mut out, &score(&p, &q, &gathered, k)?.logit);
+        }
+    }
+    save("inference_adapter.bin", &out)?;
+
+    // row kernels: embeddings + LayerNorm, bias + residual + LayerNorm and the poolings per
+    // hidden size (h128 with a partial chunk, h512, h1024), then GELU and L2 widths
+    let mut out = Vec::new();
+    let (eps, lens) = (1e-12f32, [5usize, 1, 17, 0, 9, 130]);
+    let t: usize = lens.iter().sum();
+    let (vocab, positions, types) = (50usize, 130usize, 2usize);
+    for h in [72usize, 384, 1000] {
+        let ids: Vec<f32> = (0..t).map(|_| rng.below(vocab) as f32).collect();
+        let tys: Vec<f32> = (0..t).map(|_| rng.below(types) as f32).collect();
+        let word = normals(&mut rng, vocab * h, 1.0);
+        let pos = normals(&mut rng, positions * h, 0.5);
+        let ty = normals(&mut rng, types * h, 0.5);
+        let gamma: Vec<f32> = normals(&mut rng, h, 0.2).iter().map(|g| 1.0 + g).collect();
+        let beta = normals(&mut rng, h, 0.1);
+        let mut x = vec![0.0f32; t * h];
+        let mut start = 0;
+        for &len in &lens {
+            for p in 0..len {
+                let (tok, w, ty_row) =
+                    (start + p, ids[start + p] as usize, tys[start + p] as usize);
+                for i in 0..h {
+                    x[tok * h + i] = word[w * h + i] + pos[p * h + i] + ty[ty_row * h + i];
+                }
+            }
+            start += len;
+        }
+        add_layernorm(&mut x, None, h, &gamma, &beta, eps);
+        push_sized(&mut out, &[h as f32]);
+        push_sized(&mut out, &lens.map(|l| l as f32));
+        for v in [&ids, &tys, &word, &pos, &ty, &gamma, &beta, &x] {
+            push_sized(&mut out, v);
+        }
+        // the GEMM output y gets its bias first (as cpu::gemm::linear adds it), then the residual
+        let r = 37;
+        let (y, b, res) = (
+            normals(&mut rng, r * h, 2.0),
+            normals(&mut rng, h, 0.5),
+            normals(&mut rng, r * h, 1.0),
+        );
+        let mut z: Vec<f32> = y.iter().enumerate().map(|(i, v)| v + b[i % h]).collect();
+        add_layernorm(&mut z, Some(&res), h, &gamma, &beta, eps);
+        for v in [&y, &b, &res, &z] {
+            push_sized(&mut out, v);
+        }
+        // pooling of the embeddings' output (empty sequences stay zero rows here)
+        for pooling in [Pooling::Mean, Pooling::Cls, Pooling::Max] {
+            for normalize in [false, true] {
+                let mut pooled = vec![0.0f32; lens.len() * h];
+                let mut start = 0;
+                for (s, &len) in lens.iter().enumerate() {
+                    if len > 0 {
+                        let o = &mut pooled[s * h..(s + 1) * h];
+                        pooling.pool(&x[start * h..(start + len) * h], len, h, o);
+                        if normalize {
+                            l2_normalize(o);
+                        }
+                    }
+                    start += len;
+                }
+                push_sized(&mut out, &pooled);
+            }
+        }
+    }
+    // bias + GELU: scalar (37) and vector widths; the bf16 reference reads y rounded to bf16
+    for cols in [37usize, 64, 1000] {
+        let rows = 5;
+        let (y, b) = (
+            normals(&mut rng, rows * cols, 2.0),
+            normals(&mut rng, cols, 0.5),
+        );
+        push_sized(&mut out, &[cols as f32]);
+        push_sized(&mut out, &y);
+        push_sized(&mut out, &b);
+        for src in [y.clone(), bf16_values(&y)] {
+            let mut g: Vec<f32> = src
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v + b[i % cols])
+                .collect();
+            gelu_inplace(&mut g);
+            push_sized(&mut out, &g);
+        }
+    }
+    // L2 normalisation: float4 and scalar paths, a zero row first
+    for (rows, dim) in [(37usize, 384usize), (11, 37)] {
+        let mut x = normals(&mut rng, rows * dim, 1.5);
+        x[..dim].fill(0.0);
+        push_sized(&mut out, &[dim as f32]);
+        push_sized(&mut out, &x);
+        x.chunks_exact_mut(dim).for_each(l2_normalize);
+        push_sized(&mut out, &x);
+    }
+    save("inference_rows.bin", &out)
+}
+
 fn main() -> rrra::Result<()> {
     let dir = std::env::args_os()
         .nth(1)
@@ -157,5 +562,7 @@ fn main() -> rrra::Result<()> {
     for shape in ADAPTER_SHAPES {
         adapter(dir, shape)?;
     }
+    encoder_backward(dir)?;
+    inference(dir)?;
     dropout(dir)
 }

@@ -254,6 +254,8 @@ __device__ __forceinline__ float2 unpack_bf16x2(unsigned u) {
     return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
 }
 
+// Inline PTX; the CPU emulator supplies its own (tools/kernel-emulator/mma_sync.h).
+#ifndef RRRA_EMULATOR
 // d += a * b for a 16x16 (row-major) bf16 A, 16x8 (column-major) bf16 B, 16x8 f32 D. Fragments
 // (g = lane / 4, t = lane % 4): a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..],
 // a[3] = A[g+8][2t+8..]; b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g]; d[0..1] = D[g][2t..2t+1],
@@ -301,6 +303,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+#endif
 
 template <int DH>
 __device__ __forceinline__ void attention_mma(const bf16* __restrict__ qkv,
