@@ -495,7 +495,8 @@ __device__ __forceinline__ void attention_rowwise(const T* __restrict__ qkv,
     const int len = (int)offsets[blockIdx.z + 1] - start;
     const int warp = threadIdx.x / RRRA_WARP, lane = threadIdx.x % RRRA_WARP;
     const int q = blockIdx.x * ROWWISE_WARPS + warp;
-    if (q >= len || dh > ROWWISE_MAX_DH) return;  // per warp: only warp-level syncs below
+    if (dh > ROWWISE_MAX_DH) __trap();  // a host/kernel mismatch, loudly
+    if (q >= len) return;               // per warp: only warp-level syncs below
     const HeadView<T> hv(qkv, bias, start, h, blockIdx.y, dh);
     const size_t ld = hv.ld;
     for (int d = lane; d < dh; d += RRRA_WARP)

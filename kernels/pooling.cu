@@ -26,6 +26,8 @@ __device__ __forceinline__ void pool(const float* __restrict__ hidden,
                                      const unsigned* __restrict__ offsets, int h, int normalize,
                                      float* __restrict__ out) {
     __shared__ float4 part[POOL_WARPS][POOL_MAX_CHUNKS * RRRA_WARP];
+    // float4 chunks: a width past them or not a multiple of 4 is a host/kernel mismatch, loudly
+    if (h > 4 * RRRA_WARP * POOL_MAX_CHUNKS || h % 4 != 0) __trap();
     const int s = blockIdx.x;
     const int start = (int)offsets[s];
     const int len = (int)offsets[s + 1] - start;
