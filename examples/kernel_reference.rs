@@ -11,6 +11,10 @@
 //! * `inference_{attention,adapter,rows}.bin`: inputs and CPU outputs of the inference kernels'
 //!   cases (attention, adapter scoring, embeddings, LayerNorm, GELU, L2, pooling), every array
 //!   preceded by its length (see `inference`).
+//! * `encoder_step.bin`: random models (and tiny-bert's with its float64 gradients, when
+//!   ../shared holds the fixture), packed batches, dropout plans and embedding gradients, then
+//!   `TrainableEncoder::forward` and `backward`'s embeddings and parameter gradients, every array
+//!   preceded by its length (see `encoder_step`).
 
 use rrra::adapter::{backward, score, AdapterParams};
 use rrra::cpu::backward::{attention_sequence_train, dropout_inplace, AttnDropout};
@@ -553,6 +557,327 @@ fn inference(dir: &Path) -> rrra::Result<()> {
     save("inference_rows.bin", &out)
 }
 
+/// Training-step cases (hidden, heads, pooling, normalise, dropout, micro-batches as sequence
+/// lengths), 2 layers, FFN 4 × hidden: head dim 32 (the tiled attention kernels) with and
+/// without dropout, head dim 16 (the `_any` attention backward) with dropout, every pooling,
+/// normalisation on and off, a sequence past one 64-token tile, and two micro-batches whose
+/// gradients add up on the device. The tiny-bert case (head dim 8, no dropout) runs the `_any`
+/// forward attention. Sized for the emulator's time (a host thread per CUDA thread).
+type StepCase = (
+    usize,
+    usize,
+    rrra::model::Pooling,
+    bool,
+    bool,
+    &'static [&'static [usize]],
+);
+const STEP_CASES: [StepCase; 3] = {
+    use rrra::model::Pooling::{Cls, Max, Mean};
+    [
+        (64, 2, Cls, false, false, &[&[65, 6, 1, 9]]),
+        (64, 2, Max, true, true, &[&[65, 6, 1, 9], &[4, 7]]),
+        (48, 3, Mean, false, true, &[&[9, 66, 3]]),
+    ]
+};
+
+/// The references of the encoder's training step, read by tools/kernel-emulator/encoder_step.cpp:
+/// per case its shape and dropout plan, the weights, per micro-batch its batch, embedding
+/// gradient and the CPU's embeddings, then the parameter gradients summed over the micro-batches
+/// onto 0.5 (`TrainableEncoder`, as tests/gpu_encoder_train.rs runs it), every array with its
+/// length first (`push_sized`). The tiny-bert case follows when the fixture is present.
+fn encoder_step(dir: &Path) -> rrra::Result<()> {
+    use rrra::model::synthetic::{batch_with_lengths, random_bert, small_config};
+    use rrra::model::weights::BertWeights;
+    use rrra::model::Pooling;
+    use rrra::train::encoder_grad::{ActivationMode, DropoutPlan, TrainBatch, TrainableEncoder};
+    let mut out = Vec::new();
+    for (case, &(h, heads, pooling, normalize, dropout, micro)) in STEP_CASES.iter().enumerate() {
+        let cfg = rrra::model::BertConfig {
+            vocab_size: 50,
+            max_position_embeddings: 96,
+            ..small_config(h, heads, 2, 4 * h)
+        };
+        let mut bert = random_bert(cfg.clone(), 40 + case as u64);
+        // std 0.1 instead of 0.02: attention far from uniform, so a key or mask mix-up shows
+        for l in &mut bert.weights.layers {
+            for w in [
+                &mut l.qkv_w,
+                &mut l.attn_out_w,
+                &mut l.inter_w,
+                &mut l.out_w,
+            ] {
+                w.iter_mut().for_each(|v| *v *= 5.0);
+            }
+        }
+        let plan = if dropout {
+            DropoutPlan {
+                hidden: 0.1,
+                attention: 0.15,
+                seed: 11,
+                step: 3,
+            }
+        } else {
+            DropoutPlan::none()
+        };
+        let te = TrainableEncoder {
+            bert: &bert,
+            pooling,
+            normalize,
+        };
+        let pooling_code = match pooling {
+            Pooling::Mean => 0.0,
+            Pooling::Cls => 1.0,
+            Pooling::Max => 2.0,
+        };
+        let shape = [
+            h as f32,
+            heads as f32,
+            cfg.num_hidden_layers as f32,
+            cfg.intermediate_size as f32,
+            cfg.vocab_size as f32,
+            cfg.max_position_embeddings as f32,
+            cfg.type_vocab_size as f32,
+            cfg.layer_norm_eps as f32,
+            pooling_code,
+            f32::from(u8::from(normalize)),
+            plan.hidden,
+            plan.attention,
+            plan.seed as f32,
+            plan.step as f32,
+            micro.len() as f32,
+            0.5, // the gradients' starting value
+            0.0, // no float64 reference follows
+        ];
+        push_sized(&mut out, &shape);
+        for t in bert.weights.tensors() {
+            push_sized(&mut out, t);
+        }
+        let mut grads = BertWeights::zeros(&cfg);
+        for (t, _) in grads.tensors_mut() {
+            t.fill(0.5);
+        }
+        let mut rng = Rng::new(60 + case as u64);
+        for (m, lens) in micro.iter().enumerate() {
+            let seed = 50 + 10 * case as u64 + m as u64;
+            let mut packed = batch_with_lengths(&cfg, lens, seed);
+            // both token types, and a type run past one 64-token chunk of the scatter
+            for (t, ty) in packed.type_ids.iter_mut().enumerate() {
+                *ty = u32::from(t % 5 == 0);
+            }
+            let first = 1000 * case as u64 + 100 * m as u64;
+            let batch = TrainBatch {
+                example_ids: (first..first + lens.len() as u64).collect(),
+                packed,
+            };
+            let d_emb = normals(&mut rng, lens.len() * h, 1.0);
+            let acts = te.forward(&batch, &plan, ActivationMode::Keep)?;
+            let emb = acts.embeddings.clone();
+            te.backward(&batch, &plan, acts, &d_emb, &mut grads)?;
+            let pb = &batch.packed;
+            let as_f32 = |v: &[u32]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+            push_sized(
+                &mut out,
+                &lens.iter().map(|&l| l as f32).collect::<Vec<_>>(),
+            );
+            push_sized(&mut out, &as_f32(&pb.ids));
+            push_sized(&mut out, &as_f32(&pb.type_ids));
+            let ids: Vec<f32> = batch.example_ids.iter().map(|&e| e as f32).collect();
+            push_sized(&mut out, &ids);
+            push_sized(&mut out, &d_emb);
+            push_sized(&mut out, &emb);
+        }
+        for t in grads.tensors() {
+            push_sized(&mut out, t);
+        }
+    }
+    tiny_bert_step(&mut out)?;
+    let path = dir.join("encoder_step.bin");
+    write_f32(&path, &[&out]).map_err(|e| rrra::Error::io(&path, e))
+}
+
+/// The step of tests/gpu_encoder_train.rs's float64 case, appended to `out` in `encoder_step`'s
+/// format when ../shared/fixtures/tiny-bert (or `$RRRA_SHARED`'s) is there: the fixture's batch
+/// (3 queries, 6 documents), no dropout, d_embeddings from its InfoNCE; gradients from zero, then
+/// the float64 PyTorch embeddings and gradients (as f32, laid out as `BertWeights::tensors`).
+fn tiny_bert_step(out: &mut Vec<f32>) -> rrra::Result<()> {
+    use rrra::model::bert::PackedBatch;
+    use rrra::model::weights::BertWeights;
+    use rrra::model::{Encoder, EncoderOptions, Pooling};
+    use rrra::train::encoder_grad::{ActivationMode, DropoutPlan, TrainBatch, TrainableEncoder};
+    use rrra::train::loss::{info_nce, InfoNceInput};
+    use safetensors::{Dtype, SafeTensors};
+    use std::collections::HashMap;
+    let shared = std::env::var_os("RRRA_SHARED")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    let dir = shared.join("fixtures/tiny-bert");
+    let state = dir.join("debug_state.safetensors");
+    if !state.exists() {
+        return Ok(());
+    }
+    let bad = |e: safetensors::SafeTensorError| rrra::Error::InvalidArgument(format!("{e}"));
+    let bytes = std::fs::read(&state).map_err(|e| rrra::Error::io(&state, e))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(bad)?;
+    let mut f: HashMap<String, (Vec<usize>, Vec<f64>)> = HashMap::new();
+    for (name, t) in st.tensors() {
+        let v: Vec<f64> = match t.dtype() {
+            Dtype::F64 => t
+                .data()
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect(),
+            Dtype::I64 => t
+                .data()
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as f64)
+                .collect(),
+            _ => continue,
+        };
+        f.insert(name, (t.shape().to_vec(), v));
+    }
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(bad)?;
+    let tau: f32 = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("tau"))
+        .and_then(|t| t.parse().ok())
+        .ok_or_else(|| rrra::Error::InvalidArgument("the fixture has no tau".into()))?;
+    let enc = Encoder::load(&dir, &EncoderOptions::default())?;
+    let (cfg, h) = (enc.config().clone(), enc.dim());
+    // tests/common's push_rows: the tokens the attention mask keeps, type 0
+    let mut packed = PackedBatch::new();
+    for (ids, mask) in [
+        ("query_input_ids", "query_attention_mask"),
+        ("doc_input_ids", "doc_attention_mask"),
+    ] {
+        let ((shape, ids), (_, mask)) = (&f[ids], &f[mask]);
+        for r in 0..shape[0] {
+            let row: Vec<u32> = (0..shape[1])
+                .filter(|&c| mask[r * shape[1] + c] != 0.0)
+                .map(|c| ids[r * shape[1] + c] as u32)
+                .collect();
+            packed.push(&row, &vec![0; row.len()]);
+        }
+    }
+    let lens: Vec<f32> = packed
+        .offsets
+        .windows(2)
+        .map(|w| (w[1] - w[0]) as f32)
+        .collect();
+    let batch = TrainBatch {
+        example_ids: (0..lens.len() as u64).collect(),
+        packed,
+    };
+    let te = TrainableEncoder {
+        bert: enc.bert(),
+        pooling: enc.pooling(),
+        normalize: enc.normalize(),
+    };
+    let none = DropoutPlan::none();
+    let acts = te.forward(&batch, &none, ActivationMode::Keep)?;
+    let emb = acts.embeddings.clone();
+    // InfoNCE over 3 queries and 6 documents, query i's positive document i
+    let (q, d) = emb.split_at(3 * h);
+    let mut d_emb = vec![0.0f32; emb.len()];
+    let (dq, dd) = d_emb.split_at_mut(3 * h);
+    let input = InfoNceInput {
+        queries: q,
+        docs: d,
+        dim: h,
+        targets: &[0, 1, 2],
+        log_weights: None,
+        tau,
+    };
+    info_nce(&input, dq, dd)?;
+    let mut grads = BertWeights::zeros(&cfg);
+    te.backward(&batch, &none, acts, &d_emb, &mut grads)?;
+    // the float64 gradients, each named tensor placed where `named` finds it in the fused ones
+    let mut want = BertWeights::zeros(&cfg);
+    let places: Vec<(String, usize, usize)> = {
+        let tensors = want.tensors();
+        want.named(&cfg)
+            .iter()
+            .map(|n| {
+                let at = n.data.as_ptr() as usize;
+                let (i, t) = tensors
+                    .iter()
+                    .enumerate()
+                    .find(|(_, t)| {
+                        (t.as_ptr() as usize..t.as_ptr() as usize + 4 * t.len()).contains(&at)
+                    })
+                    .expect("a named view lies in a tensor");
+                (n.name.clone(), i, (at - t.as_ptr() as usize) / 4)
+            })
+            .collect()
+    };
+    {
+        let mut tensors = want.tensors_mut();
+        for (name, i, offset) in &places {
+            let (_, g) = &f[&format!("grad.{name}")];
+            for (o, v) in tensors[*i].0[*offset..*offset + g.len()].iter_mut().zip(g) {
+                *o = *v as f32;
+            }
+        }
+    }
+    let pooling_code = match enc.pooling() {
+        Pooling::Mean => 0.0,
+        Pooling::Cls => 1.0,
+        Pooling::Max => 2.0,
+    };
+    let shape = [
+        h as f32,
+        cfg.num_attention_heads as f32,
+        cfg.num_hidden_layers as f32,
+        cfg.intermediate_size as f32,
+        cfg.vocab_size as f32,
+        cfg.max_position_embeddings as f32,
+        cfg.type_vocab_size as f32,
+        cfg.layer_norm_eps as f32,
+        pooling_code,
+        f32::from(u8::from(enc.normalize())),
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        1.0,
+        0.0, // gradients from zero
+        1.0, // the float64 reference follows
+    ];
+    push_sized(out, &shape);
+    for t in enc.bert().weights.tensors() {
+        push_sized(out, t);
+    }
+    let pb = &batch.packed;
+    push_sized(out, &lens);
+    push_sized(out, &pb.ids.iter().map(|&x| x as f32).collect::<Vec<_>>());
+    push_sized(
+        out,
+        &pb.type_ids.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+    );
+    push_sized(
+        out,
+        &batch
+            .example_ids
+            .iter()
+            .map(|&e| e as f32)
+            .collect::<Vec<_>>(),
+    );
+    push_sized(out, &d_emb);
+    push_sized(out, &emb);
+    for t in grads.tensors() {
+        push_sized(out, t);
+    }
+    let f64_emb: Vec<f32> = ["query_embeddings", "doc_embeddings"]
+        .iter()
+        .flat_map(|k| f[*k].1.iter().map(|&v| v as f32))
+        .collect();
+    push_sized(out, &f64_emb);
+    for t in want.tensors() {
+        push_sized(out, t);
+    }
+    Ok(())
+}
+
 fn main() -> rrra::Result<()> {
     let dir = std::env::args_os()
         .nth(1)
@@ -564,5 +889,6 @@ fn main() -> rrra::Result<()> {
     }
     encoder_backward(dir)?;
     inference(dir)?;
+    encoder_step(dir)?;
     dropout(dir)
 }

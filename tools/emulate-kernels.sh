@@ -15,7 +15,10 @@
 #     cpu::attention, adapter::score and the CPU row ops;
 #   * kernels/topk.cu as device::topk drives it (chunks, thresholds, ping-pong lists, query
 #     preparation, select, sort, decode) against an exact CPU top-k: bitwise on dyadic data,
-#     within 1e-5 of sum |q c| on random data.
+#     within 1e-5 of sum |q c| on random data;
+#   * device::encoder_train's whole training step (forward_train with and without dropout,
+#     backward, micro-batches accumulated on the device), cuBLAS replaced as above, against
+#     train::encoder_grad (and tiny-bert's float64 gradients when ../shared has the fixture).
 # The reference outputs come from examples/kernel_reference.rs. Needs g++ with C++20 (<barrier>).
 # This checks the kernels' arithmetic and indexing, not the GPU's math library or scheduling.
 set -euo pipefail
@@ -32,6 +35,7 @@ g++ "${flags[@]}" tools/kernel-emulator/train_ops.cpp -o "$work/train_ops"
 g++ "${flags[@]}" tools/kernel-emulator/encoder_backward.cpp -o "$work/encoder_backward"
 g++ "${flags[@]}" tools/kernel-emulator/inference.cpp -o "$work/inference"
 g++ "${flags[@]}" tools/kernel-emulator/topk.cpp -o "$work/topk"
+g++ "${flags[@]}" tools/kernel-emulator/encoder_step.cpp -o "$work/encoder_step"
 status=0
 for shape in "37 53 3 7" "16 2 40 2" "33 17 1 1" "64 96 4 20"; do
     set -- $shape
@@ -42,4 +46,5 @@ done
 "$work/encoder_backward" "$work" | tail -n 1 || status=1
 "$work/inference" "$work" | tail -n 1 || status=1
 "$work/topk" | tail -n 1 || status=1
+"$work/encoder_step" "$work" | tail -n 1 || status=1
 exit $status
