@@ -351,16 +351,23 @@ pub fn query_logits(
         let (m_q, rest) = rest.split_at_mut(h * d);
         let (pre, rest) = rest.split_at_mut(k * h);
         let (g, a) = rest.split_at_mut(k * h);
-        linear_serial(query, 1, d, &fused.w_sum, &params.b1, h, u);
-        for (m, w) in m_q
-            .chunks_exact_mut(d)
-            .zip(fused.w_pair.chunks_exact(2 * d))
-        {
-            let (w_diff, w_b) = w.split_at(d);
-            for (((mv, &wd), &wb), &qv) in m.iter_mut().zip(w_diff).zip(w_b).zip(query) {
-                *mv = wd + wb * qv;
-            }
-        }
+        // u and M_q read 3·h·d weights, which the store's scan has pushed out of the caches:
+        // split over the threads by hidden unit (each unit's values are the same either way).
+        let per_unit = h.div_ceil(rayon::current_num_threads().max(1));
+        u.par_chunks_mut(per_unit)
+            .zip(m_q.par_chunks_mut(per_unit * d))
+            .zip(fused.w_sum.par_chunks(per_unit * d))
+            .zip(params.b1.par_chunks(per_unit))
+            .zip(fused.w_pair.par_chunks(per_unit * 2 * d))
+            .for_each(|((((u, m_q), w_sum), b1), w_pair)| {
+                linear_serial(query, 1, d, w_sum, b1, u.len(), u);
+                for (m, w) in m_q.chunks_exact_mut(d).zip(w_pair.chunks_exact(2 * d)) {
+                    let (w_diff, w_b) = w.split_at(d);
+                    for (((mv, &wd), &wb), &qv) in m.iter_mut().zip(w_diff).zip(w_b).zip(query) {
+                        *mv = wd + wb * qv;
+                    }
+                }
+            });
         // One parallel region per query: each task takes a run of candidates through both
         // layers on its own thread (one fork-join instead of one per product).
         let (u, m_q) = (&*u, &*m_q);
