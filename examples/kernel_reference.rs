@@ -585,10 +585,48 @@ const STEP_CASES: [StepCase; 3] = {
 /// gradient and the CPU's embeddings, then the parameter gradients summed over the micro-batches
 /// onto 0.5 (`TrainableEncoder`, as tests/gpu_encoder_train.rs runs it), every array with its
 /// length first (`push_sized`). The tiny-bert case follows when the fixture is present.
+/// The header of one `encoder_step.bin` case, in the order tools/kernel-emulator/encoder_step.cpp
+/// reads it: model shape, pooling, dropout plan, micro-batches, the gradients' starting value and
+/// whether tiny-bert's float64 reference follows.
+fn step_header(
+    cfg: &rrra::model::BertConfig,
+    pooling: rrra::model::Pooling,
+    normalize: bool,
+    plan: &rrra::train::encoder_grad::DropoutPlan,
+    micro_batches: usize,
+    grad_start: f32,
+    float64_follows: bool,
+) -> [f32; 17] {
+    use rrra::model::Pooling;
+    let pooling_code = match pooling {
+        Pooling::Mean => 0.0,
+        Pooling::Cls => 1.0,
+        Pooling::Max => 2.0,
+    };
+    [
+        cfg.hidden_size as f32,
+        cfg.num_attention_heads as f32,
+        cfg.num_hidden_layers as f32,
+        cfg.intermediate_size as f32,
+        cfg.vocab_size as f32,
+        cfg.max_position_embeddings as f32,
+        cfg.type_vocab_size as f32,
+        cfg.layer_norm_eps as f32,
+        pooling_code,
+        f32::from(u8::from(normalize)),
+        plan.hidden,
+        plan.attention,
+        plan.seed as f32,
+        plan.step as f32,
+        micro_batches as f32,
+        grad_start,
+        f32::from(u8::from(float64_follows)),
+    ]
+}
+
 fn encoder_step(dir: &Path) -> rrra::Result<()> {
     use rrra::model::synthetic::{batch_with_lengths, random_bert, small_config};
     use rrra::model::weights::BertWeights;
-    use rrra::model::Pooling;
     use rrra::train::encoder_grad::{ActivationMode, DropoutPlan, TrainBatch, TrainableEncoder};
     let mut out = Vec::new();
     for (case, &(h, heads, pooling, normalize, dropout, micro)) in STEP_CASES.iter().enumerate() {
@@ -624,31 +662,9 @@ fn encoder_step(dir: &Path) -> rrra::Result<()> {
             pooling,
             normalize,
         };
-        let pooling_code = match pooling {
-            Pooling::Mean => 0.0,
-            Pooling::Cls => 1.0,
-            Pooling::Max => 2.0,
-        };
-        let shape = [
-            h as f32,
-            heads as f32,
-            cfg.num_hidden_layers as f32,
-            cfg.intermediate_size as f32,
-            cfg.vocab_size as f32,
-            cfg.max_position_embeddings as f32,
-            cfg.type_vocab_size as f32,
-            cfg.layer_norm_eps as f32,
-            pooling_code,
-            f32::from(u8::from(normalize)),
-            plan.hidden,
-            plan.attention,
-            plan.seed as f32,
-            plan.step as f32,
-            micro.len() as f32,
-            0.5, // the gradients' starting value
-            0.0, // no float64 reference follows
-        ];
-        push_sized(&mut out, &shape);
+        // gradients start at 0.5; no float64 reference follows
+        let header = step_header(&cfg, pooling, normalize, &plan, micro.len(), 0.5, false);
+        push_sized(&mut out, &header);
         for t in bert.weights.tensors() {
             push_sized(&mut out, t);
         }
@@ -702,7 +718,7 @@ fn encoder_step(dir: &Path) -> rrra::Result<()> {
 fn tiny_bert_step(out: &mut Vec<f32>) -> rrra::Result<()> {
     use rrra::model::bert::PackedBatch;
     use rrra::model::weights::BertWeights;
-    use rrra::model::{Encoder, EncoderOptions, Pooling};
+    use rrra::model::{Encoder, EncoderOptions};
     use rrra::train::encoder_grad::{ActivationMode, DropoutPlan, TrainBatch, TrainableEncoder};
     use rrra::train::loss::{info_nce, InfoNceInput};
     use safetensors::{Dtype, SafeTensors};
@@ -819,31 +835,17 @@ fn tiny_bert_step(out: &mut Vec<f32>) -> rrra::Result<()> {
             }
         }
     }
-    let pooling_code = match enc.pooling() {
-        Pooling::Mean => 0.0,
-        Pooling::Cls => 1.0,
-        Pooling::Max => 2.0,
-    };
-    let shape = [
-        h as f32,
-        cfg.num_attention_heads as f32,
-        cfg.num_hidden_layers as f32,
-        cfg.intermediate_size as f32,
-        cfg.vocab_size as f32,
-        cfg.max_position_embeddings as f32,
-        cfg.type_vocab_size as f32,
-        cfg.layer_norm_eps as f32,
-        pooling_code,
-        f32::from(u8::from(enc.normalize())),
+    // one micro-batch, gradients from zero, the float64 reference follows
+    let header = step_header(
+        &cfg,
+        enc.pooling(),
+        enc.normalize(),
+        &DropoutPlan::none(),
+        1,
         0.0,
-        0.0,
-        0.0,
-        0.0,
-        1.0,
-        0.0, // gradients from zero
-        1.0, // the float64 reference follows
-    ];
-    push_sized(out, &shape);
+        true,
+    );
+    push_sized(out, &header);
     for t in enc.bert().weights.tensors() {
         push_sized(out, t);
     }

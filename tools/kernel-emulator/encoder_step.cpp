@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 #include "emu.h"
+#include "sized_reader.h"
 #ifndef exp2f
 #define exp2f(x) std::exp2((float)(x))
 #endif
@@ -749,19 +750,6 @@ struct GpuTrainableEncoder {
 
 // ---- the comparison ----
 
-struct Reader {
-    FILE* f;
-    explicit Reader(const std::string& path) : f(fopen(path.c_str(), "rb")) { if (!f) { perror(path.c_str()); exit(2); } }
-    ~Reader() { fclose(f); }
-    bool more() { int c = fgetc(f); if (c == EOF) return false; ungetc(c, f); return true; }
-    std::vector<float> next() {
-        float n;
-        if (fread(&n, 4, 1, f) != 1) { printf("short reference file\n"); exit(2); }
-        std::vector<float> v((size_t)n);
-        if (fread(v.data(), 4, v.size(), f) != v.size()) { printf("short reference file\n"); exit(2); }
-        return v;
-    }
-};
 
 static double rel_l2(const std::vector<float>& got, const std::vector<float>& want) {
     double num = 0, den = 0;

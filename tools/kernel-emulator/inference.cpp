@@ -15,6 +15,7 @@
 #include <vector>
 #include <sys/resource.h>
 #include "emu.h"
+#include "sized_reader.h"
 #ifndef exp2f
 #define exp2f(x) std::exp2((float)(x))
 #endif
@@ -32,22 +33,6 @@
 
 static int checks = 0, fails = 0;
 
-// Arrays as push_sized writes them: the length (an f32), then the values.
-struct Reader {
-    FILE* f;
-    explicit Reader(const std::string& path) : f(fopen(path.c_str(), "rb")) {
-        if (!f) { perror(path.c_str()); exit(2); }
-    }
-    ~Reader() { fclose(f); }
-    bool more() { int c = fgetc(f); if (c == EOF) return false; ungetc(c, f); return true; }
-    std::vector<float> next() {
-        float n;
-        if (fread(&n, 4, 1, f) != 1) { printf("short reference file\n"); exit(2); }
-        std::vector<float> v((size_t)n);
-        if (fread(v.data(), 4, v.size(), f) != v.size()) { printf("short reference file\n"); exit(2); }
-        return v;
-    }
-};
 
 // One check: every |got - want| <= abs + rel * |want| (NaN fails). Prints the worst error.
 static void compare(const std::string& what, const std::vector<float>& got, const std::vector<float>& want,
