@@ -293,7 +293,7 @@ pub fn query_path(
     dtype: crate::index::Dtype,
 ) -> Result<QueryLatency> {
     use crate::adapter::rerank::rerank_list;
-    use crate::adapter::scoring::{query_logits, AdapterScratch, FusedWeights};
+    use crate::adapter::serving::{query_logits, AdapterScratch, ServingWeights};
     use crate::index::{Dtype, Vectors};
     if queries.is_empty() {
         return Err(crate::Error::InvalidArgument(
@@ -320,7 +320,7 @@ pub fn query_path(
     };
     let corpus = Corpus::new(vectors, dim)?;
     let params = bench_adapter(dim)?;
-    let fused = FusedWeights::of(&params);
+    let weights = ServingWeights::of(&params);
     let mut docs = vec![0.0f32; QUERY_RERANK_K * dim];
     let mut logits = vec![0.0f32; QUERY_RERANK_K];
     // The serving path's functions with their reused working memory (as `Retriever` runs them).
@@ -346,7 +346,7 @@ pub fn query_path(
         }
         query_logits(
             &params,
-            &fused,
+            &weights,
             &emb,
             &docs[..n * dim],
             &mut logits[..n],

@@ -2,7 +2,7 @@
 //! embedding store, and search a store with encoded queries into a TREC run.
 
 use crate::adapter::rerank::rerank_list;
-use crate::adapter::scoring::{query_logits, AdapterScratch, FusedWeights};
+use crate::adapter::serving::{query_logits, AdapterScratch, ServingWeights};
 use crate::data::{Document, Query, Run};
 use crate::error::{Error, Result};
 use crate::index::store::{Store, StoreSpec, StoreWriter};
@@ -261,7 +261,7 @@ pub fn rerank_run(
     for (q, ranked) in qids.iter().zip(rerank_rows(
         store,
         adapter,
-        &FusedWeights::of(&adapter.params),
+        &ServingWeights::of(&adapter.params),
         &q_emb,
         &lists,
     )?) {
@@ -291,12 +291,12 @@ pub struct Reranked {
 
 /// The adapter's rerank of candidate lists `(store row, retriever score)`, one per row of
 /// `q_emb`: each list's vectors are gathered from `store` (as f32), scored with the adapter's
-/// prepared weights (`fused`, from [`FusedWeights::of`] of the file's parameters), and ordered
+/// prepared weights (`weights`, from [`ServingWeights::of`] of the file's parameters), and ordered
 /// by `s_base · p^lambda_rr` of the adapter file. Lists are scored in parallel.
 pub fn rerank_rows(
     store: &Store,
     adapter: &crate::adapter::file::AdapterFile,
-    fused: &FusedWeights,
+    weights: &ServingWeights,
     q_emb: &[f32],
     lists: &[Vec<(usize, f32)>],
 ) -> Result<Vec<Vec<Reranked>>> {
@@ -318,7 +318,7 @@ pub fn rerank_rows(
                 store.row_f32(r, v)?;
             }
             let mut logits = vec![0.0f32; l.len()];
-            query_logits(&adapter.params, fused, q, &docs, &mut logits, scratch)?;
+            query_logits(&adapter.params, weights, q, &docs, &mut logits, scratch)?;
             let scores: Vec<f32> = l.iter().map(|x| x.1).collect();
             Ok(
                 rerank_list(&scores, &logits, adapter.tau, adapter.lambda_rr)

@@ -18,7 +18,7 @@
 
 use crate::adapter::file::AdapterFile;
 use crate::adapter::rerank::{rerank_list, rerank_list_into};
-use crate::adapter::scoring::{query_logits, AdapterScratch, FusedWeights};
+use crate::adapter::serving::{query_logits, AdapterScratch, ServingWeights};
 use crate::adapter::sigmoid;
 use crate::device::retriever::{GpuEngineOptions, GpuQueryEngine};
 use crate::error::{Error, Result};
@@ -119,7 +119,7 @@ pub struct Retriever {
     encoder: Encoder,
     store: Store,
     /// The adapter with its first layer prepared for scoring (built once at open).
-    adapter: Option<(AdapterFile, FusedWeights)>,
+    adapter: Option<(AdapterFile, ServingWeights)>,
     /// The device copy of all of the above, when serving from a GPU.
     gpu: Option<GpuQueryEngine>,
     opts: RetrieverOptions,
@@ -171,8 +171,8 @@ impl Retriever {
                          queries",
                     ));
                 }
-                let fused = FusedWeights::of(&a.params);
-                Some((a, fused))
+                let weights = ServingWeights::of(&a.params);
+                Some((a, weights))
             }
             None => None,
         };
@@ -503,7 +503,7 @@ impl Retriever {
     fn reranked(
         &self,
         adapter: &AdapterFile,
-        fused: &FusedWeights,
+        fused: &ServingWeights,
         q_emb: &[f32],
         hits: Vec<Vec<topk::Hit>>,
         k: usize,

@@ -15,7 +15,7 @@
 //! the query's labelled positives (`W1pos: h × 2d`), TriSampler's intuition that a negative
 //! close to the positives is suspect.
 //!
-//! [`scoring`] holds the fused forward/backward op; this file the parameters and the two training
+//! [`scoring`] holds the fused forward/backward op, [`serving`] the per-query serving path; this file the parameters and the two training
 //! losses of the adapter, `L = BCE_w(logit) + mu · L_norm(a)`:
 //! [`weighted_bce`] on the logit and [`normalisation_loss`] keeping `a` on the segment [c, q].
 
@@ -25,6 +25,7 @@ pub mod fit;
 pub mod pairs;
 pub mod rerank;
 pub mod scoring;
+pub mod serving;
 
 pub use scoring::{backward, score, AdapterCache, AdapterOutput};
 

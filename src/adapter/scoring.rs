@@ -21,7 +21,7 @@
 //! either way because it mixes q and c; the two linear terms do not, which is why they fold into
 //! per-query and per-candidate work (a kernel scoring one candidate pool against many queries
 //! would compute `(W1c − W1a)·c` once per candidate). The K pairs of a query are batched as
-//! GEMMs (`cpu::gemm::linear`). The serving path ([`query_logits`], one query, k ≈ 100) forms
+//! GEMMs (`cpu::gemm::linear`). The serving path ([`super::serving::query_logits`], one query, k ≈ 100) forms
 //! `M_q` itself instead (h·d once per query) and applies it to the candidates: h·d per pair for
 //! the first layer, 2·h·d in all.
 //!
@@ -47,8 +47,8 @@
 use rayon::prelude::*;
 
 use super::{sigmoid, AdapterParams};
-use crate::cpu::gemm::{linear, linear_serial};
-use crate::cpu::math::{erf, exp, gelu, gelu_inplace, gelu_serial};
+use crate::cpu::gemm::linear;
+use crate::cpu::math::{erf, exp, gelu, gelu_inplace};
 use crate::error::{Error, Result};
 
 /// Norms below this are clamped (as `cpu::math::l2_normalize` does): a zero vector has cosine 0.
@@ -109,18 +109,7 @@ struct Geometry {
 }
 
 fn geometry(q: &[f32], c: &[f32], a: &[f32]) -> Geometry {
-    let (mut qq, mut aa, mut cc, mut qa, mut ac, mut num, mut den) =
-        (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
-    for ((&qv, &cv), &av) in q.iter().zip(c).zip(a) {
-        let (qv, cv, av) = (qv as f64, cv as f64, av as f64);
-        qq += qv * qv;
-        aa += av * av;
-        cc += cv * cv;
-        qa += qv * av;
-        ac += av * cv;
-        num += (av - cv) * (qv - cv);
-        den += (qv - cv) * (qv - cv);
-    }
+    let [qq, aa, cc, qa, ac, num, den] = geometry_sums(q, c, a);
     let norm = |x2: f64| x2.sqrt().max(NORM_EPS);
     let inv = |x2: f64| {
         if x2.sqrt() > NORM_EPS {
@@ -149,8 +138,43 @@ fn geometry(q: &[f32], c: &[f32], a: &[f32]) -> Geometry {
     }
 }
 
+crate::cpu::dispatch_avx2! {
+    /// One pair's sums `[|q|², |a|², |c|², <q,a>, <a,c>, <a − c, q − c>, |q − c|²]` in f64, each
+    /// over four interleaved partial sums combined in a fixed order (so the loop vectorises and
+    /// the result is the same on every machine).
+    fn geometry_sums(q: &[f32], c: &[f32], a: &[f32]) -> [f64; 7] {
+        const L: usize = 4;
+        let mut acc = [[0.0f64; L]; 7];
+        let term = |acc: &mut [[f64; L]; 7], lane: usize, qv: f32, cv: f32, av: f32| {
+            let (qv, cv, av) = (qv as f64, cv as f64, av as f64);
+            acc[0][lane] += qv * qv;
+            acc[1][lane] += av * av;
+            acc[2][lane] += cv * cv;
+            acc[3][lane] += qv * av;
+            acc[4][lane] += av * cv;
+            acc[5][lane] += (av - cv) * (qv - cv);
+            acc[6][lane] += (qv - cv) * (qv - cv);
+        };
+        let n = q.len().min(c.len()).min(a.len());
+        let body = n / L * L;
+        for ((q4, c4), a4) in q[..body]
+            .chunks_exact(L)
+            .zip(c[..body].chunks_exact(L))
+            .zip(a[..body].chunks_exact(L))
+        {
+            for lane in 0..L {
+                term(&mut acc, lane, q4[lane], c4[lane], a4[lane]);
+            }
+        }
+        for i in body..n {
+            term(&mut acc, 0, q[i], c[i], a[i]);
+        }
+        acc.map(|s| (s[0] + s[1]) + (s[2] + s[3]))
+    }
+}
+
 /// `W1a + W1c` and `W1c − W1a`, each `[h × d]`.
-fn sum_diff(params: &AdapterParams) -> (Vec<f32>, Vec<f32>) {
+pub(super) fn sum_diff(params: &AdapterParams) -> (Vec<f32>, Vec<f32>) {
     let (d, h) = (params.d, params.h);
     let mut w_sum = vec![0.0f32; h * d];
     let mut w_diff = vec![0.0f32; h * d];
@@ -165,18 +189,17 @@ fn sum_diff(params: &AdapterParams) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// The first layer re-cut for the fused product (module docs): `W1a + W1c` (`[h × d]`, applied
-/// to the query) and `[W1c − W1a | W1b]` (`[h × 2d]`, applied to a pair's `[c ; q ⊙ c]`). A
-/// service builds it once per adapter; training rebuilds it per call (the weights move).
+/// to the query) and `[W1c − W1a | W1b]` (`[h × 2d]`, applied to a pair's `[c ; q ⊙ c]`),
+/// rebuilt per call (training moves the weights; the serving path has its own,
+/// [`super::serving::ServingWeights`]).
 #[derive(Debug, Clone)]
-pub struct FusedWeights {
-    d: usize,
-    h: usize,
+struct FusedWeights {
     w_sum: Vec<f32>,
     w_pair: Vec<f32>,
 }
 
 impl FusedWeights {
-    pub fn of(params: &AdapterParams) -> FusedWeights {
+    fn of(params: &AdapterParams) -> FusedWeights {
         let (d, h) = (params.d, params.h);
         let (w_sum, w_diff) = sum_diff(params);
         let mut w_pair = vec![0.0f32; h * 2 * d];
@@ -185,22 +208,7 @@ impl FusedWeights {
             w_pair[j * 2 * d + d..(j + 1) * 2 * d]
                 .copy_from_slice(&params.w1[j * 3 * d + d..j * 3 * d + 2 * d]);
         }
-        FusedWeights {
-            d,
-            h,
-            w_sum,
-            w_pair,
-        }
-    }
-
-    fn check(&self, params: &AdapterParams) -> Result<()> {
-        if (self.d, self.h) != (params.d, params.h) {
-            return Err(Error::InvalidArgument(format!(
-                "fused weights of d = {}, h = {} used with an adapter of d = {}, h = {}",
-                self.d, self.h, params.d, params.h
-            )));
-        }
-        Ok(())
+        FusedWeights { w_sum, w_pair }
     }
 }
 
@@ -240,12 +248,11 @@ fn forward_query(
         }
     }
     // feats is free again now: it holds GELU(pre).
-    second_layer(params, q, c_i, pre_i, &mut feats[..k * h], a_i, st_i, false);
+    second_layer(params, q, c_i, pre_i, &mut feats[..k * h], a_i, st_i);
 }
 
 /// From one query's pre-activations (`pre_i`, `k × h`) on: `g = GELU(pre)` into `g`,
 /// `a = c + W2·g + b2` into `a_i`, and the per-pair statistics `[p, logit, QA, CA, alpha]`.
-/// With `serial` everything runs on the calling thread.
 #[allow(clippy::too_many_arguments)]
 fn second_layer(
     params: &AdapterParams,
@@ -255,39 +262,41 @@ fn second_layer(
     g: &mut [f32],
     a_i: &mut [f32],
     st_i: &mut [[f32; 5]],
-    serial: bool,
 ) {
     let (d, h) = (params.d, params.h);
     let k = st_i.len();
     g.copy_from_slice(pre_i);
-    // the vectorised forms of `gelu`: the same values
-    if serial {
-        gelu_serial(g);
-        linear_serial(g, k, h, &params.w2, &params.b2, d, a_i);
-    } else {
-        gelu_inplace(g);
-        linear(g, k, h, &params.w2, &params.b2, d, a_i);
-    }
+    // the vectorised form of `gelu`: the same values
+    gelu_inplace(g);
+    linear(g, k, h, &params.w2, &params.b2, d, a_i);
     // residual last, so W2 = 0, b2 = 0 gives a = c exactly
     for (av, &cv) in a_i.iter_mut().zip(c_i) {
         *av += cv;
     }
-    let (beta, beta0) = (params.beta as f64, params.beta0 as f64);
-    for (kk, st) in st_i.iter_mut().enumerate() {
-        let g = geometry(q, &c_i[kk * d..(kk + 1) * d], &a_i[kk * d..(kk + 1) * d]);
-        let logit = beta * (g.qa - g.ca) + beta0;
-        *st = [
-            sigmoid(logit) as f32,
-            logit as f32,
-            g.qa as f32,
-            g.ca as f32,
-            g.alpha as f32,
-        ];
+    for ((st, c), a) in st_i
+        .iter_mut()
+        .zip(c_i.chunks_exact(d))
+        .zip(a_i.chunks_exact(d))
+    {
+        *st = pair_stats(params, q, c, a);
     }
 }
 
+/// One pair's `[p, logit, QA, CA, alpha]` from its query, candidate and adapted point.
+pub(super) fn pair_stats(params: &AdapterParams, q: &[f32], c: &[f32], a: &[f32]) -> [f32; 5] {
+    let g = geometry(q, c, a);
+    let logit = params.beta as f64 * (g.qa - g.ca) + params.beta0 as f64;
+    [
+        sigmoid(logit) as f32,
+        logit as f32,
+        g.qa as f32,
+        g.ca as f32,
+        g.alpha as f32,
+    ]
+}
+
 /// Checks the parameters and input shapes; returns the number of queries.
-fn check_inputs(
+pub(super) fn check_inputs(
     params: &AdapterParams,
     queries: &[f32],
     candidates: &[f32],
@@ -318,93 +327,12 @@ pub fn score(
     score_with_context(params, queries, candidates, None, k)
 }
 
-/// The logits of one query's `k` candidates (`candidates`: `[k × d]`) into `out` (length k),
-/// with the weights prepared once ([`FusedWeights::of`]): the serving path. Nothing is kept for
-/// a backward pass, and the working buffers (`scratch`) are reused across calls.
-///
-/// Unlike [`score`], which applies `[W1c − W1a | W1b]` to every pair's `[c ; q ⊙ c]` (2·h·d per
-/// pair), this forms `M_q = (W1c − W1a) + W1b·diag(q)` once per query (h·d) and applies it to
-/// the candidates (h·d per pair): a third of the adapter's work for k ≫ 1. The sum is
-/// re-associated, so the logits agree with [`score`]'s to fp32 rounding (~1e-6 relative), not
-/// bit for bit.
-pub fn query_logits(
-    params: &AdapterParams,
-    fused: &FusedWeights,
-    query: &[f32],
-    candidates: &[f32],
-    out: &mut [f32],
-    scratch: &mut AdapterScratch,
-) -> Result<()> {
-    let k = out.len();
-    if k == 0 && candidates.is_empty() && query.len() == params.d {
-        return Ok(());
-    }
-    check_inputs(params, query, candidates, k)?;
-    check_contexts(params, None, k)?;
-    fused.check(params)?;
-    let (d, h) = (params.d, params.h);
-    {
-        let AdapterScratch { buf, stats } = scratch;
-        buf.resize(h + h * d + 2 * k * h + k * d, 0.0);
-        stats.resize(k, [0.0; 5]);
-        let (u, rest) = buf.split_at_mut(h);
-        let (m_q, rest) = rest.split_at_mut(h * d);
-        let (pre, rest) = rest.split_at_mut(k * h);
-        let (g, a) = rest.split_at_mut(k * h);
-        // u and M_q read 3·h·d weights, which the store's scan has pushed out of the caches:
-        // split over the threads by hidden unit (each unit's values are the same either way).
-        let per_unit = h.div_ceil(rayon::current_num_threads().max(1));
-        u.par_chunks_mut(per_unit)
-            .zip(m_q.par_chunks_mut(per_unit * d))
-            .zip(fused.w_sum.par_chunks(per_unit * d))
-            .zip(params.b1.par_chunks(per_unit))
-            .zip(fused.w_pair.par_chunks(per_unit * 2 * d))
-            .for_each(|((((u, m_q), w_sum), b1), w_pair)| {
-                linear_serial(query, 1, d, w_sum, b1, u.len(), u);
-                for (m, w) in m_q.chunks_exact_mut(d).zip(w_pair.chunks_exact(2 * d)) {
-                    let (w_diff, w_b) = w.split_at(d);
-                    for (((mv, &wd), &wb), &qv) in m.iter_mut().zip(w_diff).zip(w_b).zip(query) {
-                        *mv = wd + wb * qv;
-                    }
-                }
-            });
-        // One parallel region per query: each task takes a run of candidates through both
-        // layers on its own thread (one fork-join instead of one per product).
-        let (u, m_q) = (&*u, &*m_q);
-        let per = k
-            .div_ceil(rayon::current_num_threads().max(1))
-            .max(MIN_PAIRS_PER_TASK);
-        pre.par_chunks_mut(per * h)
-            .zip(g.par_chunks_mut(per * h))
-            .zip(a[..k * d].par_chunks_mut(per * d))
-            .zip(stats[..k].par_chunks_mut(per))
-            .zip(candidates.par_chunks(per * d))
-            .for_each(|((((pre, g), a), st), c)| {
-                linear_serial(c, st.len(), d, m_q, u, h, pre);
-                second_layer(params, query, c, pre, g, a, st, true);
-            });
-        for (o, st) in out.iter_mut().zip(stats.iter()) {
-            *o = st[1];
-        }
-    }
-    Ok(())
-}
-
-/// Reusable working memory of [`query_logits`]. The caller owns it (not a thread-local): a
-/// pool thread waiting inside the candidates' fork-join may pick up another query's scoring,
-/// which must not find this one's buffers borrowed.
-#[derive(Debug, Default)]
-pub struct AdapterScratch {
-    buf: Vec<f32>,
-    stats: Vec<[f32; 5]>,
-}
-
-/// Fewest candidates per task in [`query_logits`]: below this the fork-join costs more than
-/// the products it splits.
-const MIN_PAIRS_PER_TASK: usize = 16;
-
 /// Checks that positive-aware contexts are given exactly when the parameters read them.
-fn check_contexts(params: &AdapterParams, contexts: Option<&[f32]>, pairs: usize) -> Result<()> {
+pub(super) fn check_contexts(
+    params: &AdapterParams,
+    contexts: Option<&[f32]>,
+    pairs: usize,
+) -> Result<()> {
     match (params.positive_aware(), contexts) {
         (false, None) => Ok(()),
         (true, Some(x)) if x.len() == pairs * params.d => Ok(()),
@@ -791,18 +719,18 @@ pub fn backward_with_context(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::index::synthetic::Rng;
 
-    fn random(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    pub(in crate::adapter) fn random(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
         (0..n)
             .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale)
             .collect()
     }
 
     /// Initial parameters with every tensor made non-zero (W2 = 0 would hide half the graph).
-    fn trained_like(d: usize, h: usize, seed: u64) -> AdapterParams {
+    pub(in crate::adapter) fn trained_like(d: usize, h: usize, seed: u64) -> AdapterParams {
         let mut p = AdapterParams::init(d, h, seed).unwrap();
         let mut rng = Rng::new(seed ^ 0xabc);
         p.b1 = random(&mut rng, h, 0.3);
@@ -814,7 +742,7 @@ mod tests {
     }
 
     /// Parameters as one f64 vector: w1, b1, w2, b2, beta, beta0, w1_pos (when present).
-    fn flat(p: &AdapterParams) -> Vec<f64> {
+    pub(in crate::adapter) fn flat(p: &AdapterParams) -> Vec<f64> {
         p.w1.iter()
             .chain(&p.b1)
             .chain(&p.w2)
@@ -825,8 +753,8 @@ mod tests {
             .collect()
     }
 
-    struct Naive {
-        logit: Vec<f64>,
+    pub(in crate::adapter) struct Naive {
+        pub(in crate::adapter) logit: Vec<f64>,
         p: Vec<f64>,
         qa: Vec<f64>,
         ca: Vec<f64>,
@@ -840,7 +768,14 @@ mod tests {
     }
 
     /// The adapter straight from its definition, in f64: z built explicitly, W1 applied to it.
-    fn naive(w: &[f64], d: usize, h: usize, q: &[f64], c: &[f64], k: usize) -> Naive {
+    pub(in crate::adapter) fn naive(
+        w: &[f64],
+        d: usize,
+        h: usize,
+        q: &[f64],
+        c: &[f64],
+        k: usize,
+    ) -> Naive {
         naive_ctx(w, d, h, q, c, None, k)
     }
 
@@ -918,11 +853,11 @@ mod tests {
         out
     }
 
-    fn to64(x: &[f32]) -> Vec<f64> {
+    pub(in crate::adapter) fn to64(x: &[f32]) -> Vec<f64> {
         x.iter().map(|&v| v as f64).collect()
     }
 
-    fn max_err(x: &[f32], y: &[f64]) -> f64 {
+    pub(in crate::adapter) fn max_err(x: &[f32], y: &[f64]) -> f64 {
         assert_eq!(x.len(), y.len());
         x.iter()
             .zip(y)
@@ -948,36 +883,6 @@ mod tests {
         // the test exercises the MLP: a moved away from c, alpha not stuck at a bound
         assert!(out.ca.iter().all(|&v| v < 0.999));
         assert!(out.alpha.iter().any(|&v| v > 0.0 && v < 1.0));
-    }
-
-    /// The serving entry (prepared weights, `M_q` per query, reused buffers) against the f64
-    /// definition and against [`score`] on the same query (fp32 tolerances as above: the two
-    /// re-associate the first layer's sum differently), at a realistic width and with lists
-    /// of different lengths on one thread, so the reused buffers shrink and grow.
-    #[test]
-    fn query_logits_match_naive_and_score() {
-        let (d, h) = (48, 40);
-        let params = trained_like(d, h, 5);
-        let fused = FusedWeights::of(&params);
-        let mut rng = Rng::new(6);
-        let w = flat(&params);
-        let mut scratch = AdapterScratch::default();
-        for k in [17, 3, 1, 17] {
-            let q = random(&mut rng, d, 0.3);
-            let c = random(&mut rng, k * d, 0.3);
-            let mut got = vec![0.0f32; k];
-            query_logits(&params, &fused, &q, &c, &mut got, &mut scratch).unwrap();
-            let want = naive(&w, d, h, &to64(&q), &to64(&c), k);
-            assert!(max_err(&got, &want.logit) <= 1e-4, "k {k}");
-            let out = score(&params, &q, &c, k).unwrap();
-            let from_score: Vec<f64> = out.logit.iter().map(|&v| v as f64).collect();
-            assert!(max_err(&got, &from_score) <= 1e-4, "k {k}");
-        }
-        let other = FusedWeights::of(&trained_like(d, h + 1, 5));
-        let (q, c) = (vec![0.1; d], vec![0.2; 2 * d]);
-        assert!(query_logits(&params, &other, &q, &c, &mut [0.0; 2], &mut scratch).is_err());
-        assert!(query_logits(&params, &fused, &q, &c, &mut [0.0; 3], &mut scratch).is_err());
-        assert!(query_logits(&params, &fused, &q, &[], &mut [], &mut scratch).is_ok());
     }
 
     #[test]

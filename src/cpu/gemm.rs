@@ -52,7 +52,7 @@ fn shapes_ok(
 /// weights into GEMM panels (as `sgemm` does) costs as much as using them. Measured on the
 /// 2-core AVX2 machine (`linear`, 2 threads): at 16–200 rows the unpacked kernel ran at
 /// 1.0–2.0× `sgemm`'s speed (typically 1.3×), above that `sgemm` wins as packing amortises.
-const SMALL_ROWS: usize = 256;
+pub(crate) const SMALL_ROWS: usize = 256;
 /// Fewest output columns per task when a few-row product is split over threads.
 const COL_CHUNK_MIN: usize = 64;
 
@@ -281,7 +281,7 @@ fn row_chunk(rows: usize) -> usize {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -322,7 +322,7 @@ mod tests {
         y
     }
 
-    fn pseudo(n: usize, seed: u64) -> Vec<f32> {
+    pub(crate) fn pseudo(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         (0..n)
             .map(|_| {
