@@ -193,6 +193,9 @@ impl Retriever {
             }
             None => None,
         };
+        if gpu.is_none() {
+            encoder.prepare_queries();
+        }
         Ok(Retriever {
             encoder,
             store: s,

@@ -2,15 +2,16 @@
 //! `Encoder::load` accepts any Hugging Face BERT-family folder (config.json, model.safetensors,
 //! tokenizer.json, and the sentence-transformers files when present).
 
-use super::bert::{Bert, PackedBatch, Workspace};
+use super::bert::{Bert, PackedBatch, PackedLayers, Workspace};
 use super::config::BertConfig;
 use super::pooling::{Pooling, SentenceTransformersConfig};
 use super::tokenizer::{TextTokenizer, Tokens};
 use super::weights::BertWeights;
 use super::wordpiece::Scratch;
-use crate::cpu::math;
+use crate::cpu::{gemm, math};
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// Overrides for what the model folder says; `None` keeps the folder's choice.
 #[derive(Debug, Clone, Default)]
@@ -38,6 +39,9 @@ pub struct EncodeScratch {
 
 pub struct Encoder {
     bert: Bert,
+    /// The layer weights packed for forwards of few tokens, built at the first one (or by
+    /// [`Encoder::prepare_queries`]) and dropped when the weights are lent out for change.
+    packed: OnceLock<PackedLayers>,
     tokenizer: TextTokenizer,
     pooling: Pooling,
     normalize: bool,
@@ -63,6 +67,7 @@ impl Encoder {
         let weights = BertWeights::load(&dir.join("model.safetensors"), &cfg)?;
         Ok(Encoder {
             bert: Bert { cfg, weights },
+            packed: OnceLock::new(),
             tokenizer,
             pooling: opts.pooling.or(st.pooling).unwrap_or(Pooling::Cls),
             normalize: opts.normalize.or(st.normalize).unwrap_or(false),
@@ -91,7 +96,22 @@ impl Encoder {
     /// The weights, for training. Whoever changes them should update `weights.file_hash`
     /// (training sets it to the hash of the checkpoint it writes) so fingerprints stay honest.
     pub fn bert_mut(&mut self) -> &mut Bert {
+        self.packed = OnceLock::new();
         &mut self.bert
+    }
+
+    /// Packs the weights for few-token forwards now (a second copy of the layer weights, a few
+    /// tens of milliseconds for a small model) instead of at the first query: services call it
+    /// at start.
+    pub fn prepare_queries(&self) {
+        self.packed.get_or_init(|| PackedLayers::of(&self.bert));
+    }
+
+    /// The packed weights when a forward of `tokens` rows should use them (see
+    /// `cpu::gemm::linear`'s few-row path, which they replace).
+    fn packed_for(&self, tokens: usize) -> Option<&PackedLayers> {
+        (tokens < gemm::SMALL_ROWS)
+            .then(|| self.packed.get_or_init(|| PackedLayers::of(&self.bert)))
     }
     /// The model folder this encoder was loaded from.
     pub fn dir(&self) -> &Path {
@@ -217,7 +237,8 @@ impl Encoder {
         self.tokenizer.encode_into(text, tokens, ids, type_ids)?;
         batch.clear();
         batch.push(ids, type_ids);
-        let hidden = self.bert.forward_into(batch, activations)?;
+        let packed = self.packed_for(batch.tokens());
+        let hidden = self.bert.forward_with(batch, activations, packed)?;
         self.pooling.pool(hidden, ids.len(), dim, out);
         if self.normalize {
             math::l2_normalize(out);
@@ -228,7 +249,9 @@ impl Encoder {
     /// Pooled (and normalised when configured) embeddings `[sequences × dim]` of a packed batch.
     pub fn embed_batch(&self, batch: &PackedBatch) -> Result<Vec<f32>> {
         let dim = self.dim();
-        let hidden = self.bert.forward(batch)?;
+        let mut activations = Workspace::default();
+        let packed = self.packed_for(batch.tokens());
+        let hidden = self.bert.forward_with(batch, &mut activations, packed)?;
         let mut pooled = vec![0.0f32; batch.sequences() * dim];
         for (s, out) in pooled.chunks_exact_mut(dim).enumerate() {
             let rows = &hidden[batch.offsets[s] * dim..batch.offsets[s + 1] * dim];
