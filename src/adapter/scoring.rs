@@ -138,39 +138,102 @@ fn geometry(q: &[f32], c: &[f32], a: &[f32]) -> Geometry {
     }
 }
 
-crate::cpu::dispatch_avx2! {
-    /// One pair's sums `[|q|², |a|², |c|², <q,a>, <a,c>, <a − c, q − c>, |q − c|²]` in f64, each
-    /// over four interleaved partial sums combined in a fixed order (so the loop vectorises and
-    /// the result is the same on every machine).
-    fn geometry_sums(q: &[f32], c: &[f32], a: &[f32]) -> [f64; 7] {
-        const L: usize = 4;
-        let mut acc = [[0.0f64; L]; 7];
-        let term = |acc: &mut [[f64; L]; 7], lane: usize, qv: f32, cv: f32, av: f32| {
-            let (qv, cv, av) = (qv as f64, cv as f64, av as f64);
-            acc[0][lane] += qv * qv;
-            acc[1][lane] += av * av;
-            acc[2][lane] += cv * cv;
-            acc[3][lane] += qv * av;
-            acc[4][lane] += av * cv;
-            acc[5][lane] += (av - cv) * (qv - cv);
-            acc[6][lane] += (qv - cv) * (qv - cv);
-        };
-        let n = q.len().min(c.len()).min(a.len());
-        let body = n / L * L;
-        for ((q4, c4), a4) in q[..body]
-            .chunks_exact(L)
-            .zip(c[..body].chunks_exact(L))
-            .zip(a[..body].chunks_exact(L))
-        {
-            for lane in 0..L {
-                term(&mut acc, lane, q4[lane], c4[lane], a4[lane]);
+/// One pair's sums `[|q|², |a|², |c|², <q,a>, <a,c>, <a − c, q − c>, |q − c|²]` in f64, each
+/// over four interleaved partial sums combined in a fixed order, the elements past a multiple
+/// of four added last. With AVX2 the four lanes are one register per sum; the scalar loop does
+/// the same operations in the same order, so every machine gives the same bits.
+fn geometry_sums(q: &[f32], c: &[f32], a: &[f32]) -> [f64; 7] {
+    let n = q.len().min(c.len()).min(a.len());
+    let body = n / 4 * 4;
+    #[cfg(target_arch = "x86_64")]
+    let lanes = if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present; the slices hold at least `body` elements.
+        unsafe { geometry_lanes_avx2(&q[..body], &c[..body], &a[..body]) }
+    } else {
+        geometry_lanes(&q[..body], &c[..body], &a[..body])
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let lanes = geometry_lanes(&q[..body], &c[..body], &a[..body]);
+    let mut sums = lanes.map(|s| (s[0] + s[1]) + (s[2] + s[3]));
+    for i in body..n {
+        let (qv, cv, av) = (q[i] as f64, c[i] as f64, a[i] as f64);
+        for (s, t) in sums.iter_mut().zip(pair_terms(qv, cv, av)) {
+            *s += t;
+        }
+    }
+    sums
+}
+
+/// The seven terms of one element of [`geometry_sums`].
+#[inline(always)]
+fn pair_terms(qv: f64, cv: f64, av: f64) -> [f64; 7] {
+    let (dq, da) = (qv - cv, av - cv);
+    [
+        qv * qv,
+        av * av,
+        cv * cv,
+        qv * av,
+        av * cv,
+        da * dq,
+        dq * dq,
+    ]
+}
+
+/// [`geometry_sums`]' four-lane partial sums over slices of a multiple of four elements.
+fn geometry_lanes(q: &[f32], c: &[f32], a: &[f32]) -> [[f64; 4]; 7] {
+    let mut acc = [[0.0f64; 4]; 7];
+    for ((q4, c4), a4) in q
+        .chunks_exact(4)
+        .zip(c.chunks_exact(4))
+        .zip(a.chunks_exact(4))
+    {
+        for l in 0..4 {
+            let terms = pair_terms(q4[l] as f64, c4[l] as f64, a4[l] as f64);
+            for (s, t) in acc.iter_mut().zip(terms) {
+                s[l] += t;
             }
         }
-        for i in body..n {
-            term(&mut acc, 0, q[i], c[i], a[i]);
-        }
-        acc.map(|s| (s[0] + s[1]) + (s[2] + s[3]))
     }
+    acc
+}
+
+/// [`geometry_lanes`] with one AVX2 register per sum (multiply, then add: no FMA, as the
+/// scalar loop).
+///
+/// # Safety
+/// AVX2 present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn geometry_lanes_avx2(q: &[f32], c: &[f32], a: &[f32]) -> [[f64; 4]; 7] {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_pd(); 7];
+    for ((q4, c4), a4) in q
+        .chunks_exact(4)
+        .zip(c.chunks_exact(4))
+        .zip(a.chunks_exact(4))
+    {
+        let qv = _mm256_cvtps_pd(_mm_loadu_ps(q4.as_ptr()));
+        let cv = _mm256_cvtps_pd(_mm_loadu_ps(c4.as_ptr()));
+        let av = _mm256_cvtps_pd(_mm_loadu_ps(a4.as_ptr()));
+        let (dq, da) = (_mm256_sub_pd(qv, cv), _mm256_sub_pd(av, cv));
+        let products = [
+            _mm256_mul_pd(qv, qv),
+            _mm256_mul_pd(av, av),
+            _mm256_mul_pd(cv, cv),
+            _mm256_mul_pd(qv, av),
+            _mm256_mul_pd(av, cv),
+            _mm256_mul_pd(da, dq),
+            _mm256_mul_pd(dq, dq),
+        ];
+        for (s, p) in acc.iter_mut().zip(products) {
+            *s = _mm256_add_pd(*s, p);
+        }
+    }
+    acc.map(|v| {
+        let mut out = [0.0f64; 4];
+        _mm256_storeu_pd(out.as_mut_ptr(), v);
+        out
+    })
 }
 
 /// `W1a + W1c` and `W1c − W1a`, each `[h × d]`.
@@ -1067,6 +1130,23 @@ pub(super) mod tests {
             })
         };
         assert_eq!(run(1), run(3));
+    }
+
+    /// The AVX2 lanes are the scalar lanes, bit for bit.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_geometry_sums_are_the_scalar_ones() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: no AVX2 on this CPU");
+            return;
+        }
+        let d = 384;
+        let q: Vec<f32> = (0..d).map(|i| (i as f32 * 0.37).sin()).collect();
+        let c: Vec<f32> = (0..d).map(|i| (i as f32 * 0.13).cos()).collect();
+        let a: Vec<f32> = (0..d).map(|i| (i as f32 * 0.71).sin() * 1e3).collect();
+        // SAFETY: AVX2 is present.
+        let fast = unsafe { geometry_lanes_avx2(&q, &c, &a) };
+        assert_eq!(fast, geometry_lanes(&q, &c, &a));
     }
 
     #[test]

@@ -7,10 +7,9 @@
 //! and h·d for `W2·g`. Two parallel phases:
 //! 1. **over hidden units**, in panels of [`PANEL`]: each task forms `u_q` and `M_qᵀ` for its
 //!    panels from the pre-packed `(W1c − W1a)ᵀ` and `W1bᵀ` (each weight read once per query,
-//!    by one thread), applies each panel to all k candidates while it is in L1, and takes the
-//!    GELU of the result;
-//! 2. **over candidates**: `a = c + W2·g + b2` against pre-packed `W2ᵀ` panels, then the
-//!    geometry (cosines, alpha) and the logit, per pair.
+//!    by one thread), and applies each panel to all k candidates while it is in L1/L2;
+//! 2. **over candidates**: the GELU, `a = c + W2·g + b2` against pre-packed `W2ᵀ` panels, then
+//!    the geometry (cosines, alpha) and the logit, per pair.
 //!
 //! Both products run on [`panel_product`], whose elements are each one FMA chain in a fixed
 //! order: the logits do not depend on the thread count or the CPU's vector width. The sums are
@@ -113,7 +112,7 @@ pub fn query_logits(
     let (g, rest) = rest.split_at_mut(k * h);
     let (a, m_panel) = rest.split_at_mut(k * d);
 
-    // Phase 1, over hidden units: g = GELU(u + C·M_qᵀ), a panel of M_qᵀ at a time.
+    // Phase 1, over hidden units: g = u + C·M_qᵀ, a panel of M_qᵀ at a time.
     let g_out = SharedOut(g.as_mut_ptr());
     u.par_chunks_mut(panels_per_task * PANEL)
         .zip(m_panel.par_chunks_mut(d * PANEL))
@@ -153,23 +152,21 @@ pub fn query_logits(
                         g_p,
                         h,
                     );
-                    for r in 0..k {
-                        gelu_serial(std::slice::from_raw_parts_mut(g_p.add(r * h), cols));
-                    }
                 }
             }
         });
 
-    // Phase 2, over candidates: a = c + W2·g + b2, then the geometry and the logit.
+    // Phase 2, over candidates: g ← GELU(g), a = c + W2·g + b2, then the geometry and the
+    // logit.
     let per = k.div_ceil(threads).max(MIN_PAIRS_PER_TASK);
-    let g = &*g;
     a[..k * d]
         .par_chunks_mut(per * d)
-        .zip(g.par_chunks(per * h))
+        .zip(g.par_chunks_mut(per * h))
         .zip(stats[..k].par_chunks_mut(per))
         .zip(candidates.par_chunks(per * d))
         .for_each(|(((a, g), st), c)| {
             let rows = st.len();
+            gelu_serial(g);
             for p in 0..d.div_ceil(PANEL) {
                 let o0 = p * PANEL;
                 let w2 = &weights.w2_panels[p * h * PANEL..(p + 1) * h * PANEL];
