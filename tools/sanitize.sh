@@ -26,8 +26,10 @@ step() { echo; echo "== $*"; }
 fail() { echo "   FAILED: $*"; status=1; }
 
 # The unit tests of the unsafe code (store views, SIMD kernels and conversions, the .npy
-# header); test files that need real files are marked `cfg_attr(miri, ignore)`.
-miri_filter=(index::store index::simd index::npy)
+# header, the packed-panel GEMM and the adapter's serving path, whose threads write disjoint
+# columns through raw pointers); test files that need real files are marked
+# `cfg_attr(miri, ignore)`.
+miri_filter=(index::store index::simd index::npy cpu::panel_gemm adapter::serving)
 # Tree Borrows: rayon's crossbeam-epoch breaks the stricter Stacked Borrows rules in its own
 # intrusive list (the searches in these tests run on rayon), which Tree Borrows accepts; rayon's
 # pool threads outlive the tests, hence ignore-leaks.
@@ -44,14 +46,14 @@ else
     echo "   skipped: no Miri (rustup +nightly component add miri rust-src)"
 fi
 
-step "Valgrind memcheck: tests/store.rs, tests/topk.rs, index unit tests"
+step "Valgrind memcheck: tests/store.rs, tests/topk.rs, index, panel GEMM and serving unit tests"
 if command -v valgrind >/dev/null; then
     # The test binaries as `cargo test --release` builds them (no rebuild when they are fresh).
     bins=$(cargo test --release --no-run --lib --test store --test topk 2>&1 |
         sed -n 's/.*Executable .*(\(.*\))$/\1/p')
     for bin in $bins; do
         filter=()
-        case $bin in */rrra-*) filter=(index::) ;; esac
+        case $bin in */rrra-*) filter=(index:: cpu::panel_gemm adapter::serving) ;; esac
         echo "-- $bin ${filter[*]}"
         RAYON_NUM_THREADS=2 valgrind --quiet --error-exitcode=99 --leak-check=no \
             --track-origins=no "$bin" --test-threads=2 "${filter[@]}" || fail "valgrind $bin"

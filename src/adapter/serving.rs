@@ -214,7 +214,13 @@ mod tests {
     /// reused buffers shrink and grow.
     #[test]
     fn query_logits_match_naive_and_score() {
-        for (d, h) in [(48, 40), (7, 70)] {
+        // Miri interprets every instruction: one small shape, still past one panel
+        let shapes: &[(usize, usize)] = if cfg!(miri) {
+            &[(7, 40)]
+        } else {
+            &[(48, 40), (7, 70)]
+        };
+        for &(d, h) in shapes {
             let params = trained_like(d, h, 5);
             let weights = ServingWeights::of(&params);
             let mut rng = Rng::new(6);
@@ -247,7 +253,11 @@ mod tests {
     /// one FMA chain in a fixed order, so any thread count gives the same bits.
     #[test]
     fn logits_do_not_depend_on_thread_count() {
-        let (d, h, k) = (40, 100, 70);
+        let (d, h, k) = if cfg!(miri) {
+            (5, 40, 33)
+        } else {
+            (40, 100, 70)
+        };
         let params = trained_like(d, h, 3);
         let weights = ServingWeights::of(&params);
         let mut rng = Rng::new(4);

@@ -339,13 +339,19 @@ mod tests {
     /// rounding of an f64 product (1e-5 relative to the magnitude of the terms).
     #[test]
     fn packed_products_are_the_fma_chain_bit_for_bit() {
-        for (rows, inp, out) in [
-            (1, 1, 1),
-            (5, 7, 3),
-            (13, 19, 45),
-            (50, 384, 384),
-            (100, 33, 70),
-        ] {
+        // Miri interprets every instruction: the small shapes still cover every tail
+        let shapes: &[(usize, usize, usize)] = if cfg!(miri) {
+            &[(1, 1, 1), (13, 5, 45)]
+        } else {
+            &[
+                (1, 1, 1),
+                (5, 7, 3),
+                (13, 19, 45),
+                (50, 384, 384),
+                (100, 33, 70),
+            ]
+        };
+        for &(rows, inp, out) in shapes {
             let x = pseudo(rows * inp, 1 + rows as u64);
             let w = pseudo(out * inp, 2 + out as u64);
             let b = pseudo(out, 3);
@@ -372,7 +378,11 @@ mod tests {
     /// (so machines with and without AVX-512 or AVX2 agree).
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
-        let (rows, inp, out) = (29, 41, 70);
+        let (rows, inp, out) = if cfg!(miri) {
+            (13, 3, 40)
+        } else {
+            (29, 41, 70)
+        };
         let x = pseudo(rows * inp, 7);
         let w = pseudo(out * inp, 8);
         let b = pseudo(out, 9);
