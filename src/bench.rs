@@ -320,7 +320,7 @@ pub fn query_path(
     };
     let corpus = Corpus::new(vectors, dim)?;
     let params = bench_adapter(dim)?;
-    let weights = ServingWeights::of(&params);
+    let weights = ServingWeights::of(&params)?;
     let mut docs = vec![0.0f32; QUERY_RERANK_K * dim];
     let mut logits = vec![0.0f32; QUERY_RERANK_K];
     // The serving path's functions with their reused working memory (as `Retriever` runs them).

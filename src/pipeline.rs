@@ -261,7 +261,7 @@ pub fn rerank_run(
     for (q, ranked) in qids.iter().zip(rerank_rows(
         store,
         adapter,
-        &ServingWeights::of(&adapter.params),
+        &ServingWeights::of(&adapter.params)?,
         &q_emb,
         &lists,
     )?) {

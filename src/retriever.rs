@@ -171,7 +171,7 @@ impl Retriever {
                          queries",
                     ));
                 }
-                let weights = ServingWeights::of(&a.params);
+                let weights = ServingWeights::of(&a.params)?;
                 Some((a, weights))
             }
             None => None,

@@ -26,7 +26,7 @@ use crate::cpu::panel_gemm::{pack_panels, panel_product, SharedOut, PANEL};
 use crate::error::{Error, Result};
 
 /// An adapter's weights prepared for [`query_logits`]: built once per adapter (about 4·h·d
-/// floats), never per query.
+/// floats), never per query. Parameters whose shapes disagree are an error.
 #[derive(Debug, Clone)]
 pub struct ServingWeights {
     d: usize,
@@ -42,21 +42,22 @@ pub struct ServingWeights {
 }
 
 impl ServingWeights {
-    pub fn of(params: &AdapterParams) -> ServingWeights {
+    pub fn of(params: &AdapterParams) -> Result<ServingWeights> {
+        params.check()?;
         let (d, h) = (params.d, params.h);
         let (w_sum, w_diff) = sum_diff(params);
         let w_b: Vec<f32> = (params.w1.chunks_exact(3 * d))
             .flat_map(|row| &row[d..2 * d])
             .copied()
             .collect();
-        ServingWeights {
+        Ok(ServingWeights {
             d,
             h,
             w_sum,
             diff_panels: pack_panels(&w_diff, h, d),
             hadamard_panels: pack_panels(&w_b, h, d),
             w2_panels: pack_panels(&params.w2, d, h),
-        }
+        })
     }
 
     fn check(&self, params: &AdapterParams) -> Result<()> {
@@ -222,7 +223,7 @@ mod tests {
         };
         for &(d, h) in shapes {
             let params = trained_like(d, h, 5);
-            let weights = ServingWeights::of(&params);
+            let weights = ServingWeights::of(&params).unwrap();
             let mut rng = Rng::new(6);
             let w = flat(&params);
             let mut scratch = AdapterScratch::default();
@@ -240,13 +241,16 @@ mod tests {
         }
         let (d, h) = (48, 40);
         let params = trained_like(d, h, 5);
-        let weights = ServingWeights::of(&params);
+        let weights = ServingWeights::of(&params).unwrap();
         let mut scratch = AdapterScratch::default();
-        let other = ServingWeights::of(&trained_like(d, h + 1, 5));
+        let other = ServingWeights::of(&trained_like(d, h + 1, 5)).unwrap();
         let (q, c) = (vec![0.1; d], vec![0.2; 2 * d]);
         assert!(query_logits(&params, &other, &q, &c, &mut [0.0; 2], &mut scratch).is_err());
         assert!(query_logits(&params, &weights, &q, &c, &mut [0.0; 3], &mut scratch).is_err());
         assert!(query_logits(&params, &weights, &q, &[], &mut [], &mut scratch).is_ok());
+        let mut bad = params.clone();
+        bad.w2.pop();
+        assert!(ServingWeights::of(&bad).is_err());
     }
 
     /// Phase 1 splits hidden panels and phase 2 candidates over the threads; every element is
@@ -259,7 +263,7 @@ mod tests {
             (40, 100, 70)
         };
         let params = trained_like(d, h, 3);
-        let weights = ServingWeights::of(&params);
+        let weights = ServingWeights::of(&params).unwrap();
         let mut rng = Rng::new(4);
         let q = random(&mut rng, d, 0.3);
         let c = random(&mut rng, k * d, 0.3);

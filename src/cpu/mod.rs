@@ -7,14 +7,14 @@
 /// Defines `fn name(args)` that runs `body` compiled for AVX2+FMA when the CPU has them, and the
 /// baseline build otherwise. Same source, same arithmetic order: only the vector width differs.
 macro_rules! dispatch_avx2 {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)? $body:block) => {
-        $(#[$m])* $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) $body:block) => {
+        $(#[$m])* $vis fn $name($($arg: $ty),*) {
             #[inline(always)]
-            fn body($($arg: $ty),*) $(-> $ret)? $body
+            fn body($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                unsafe fn avx2($($arg: $ty),*) { body($($arg),*) }
                 if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU supports the features the function was compiled for.
                     return unsafe { avx2($($arg),*) };
@@ -24,7 +24,6 @@ macro_rules! dispatch_avx2 {
         }
     };
 }
-pub(crate) use dispatch_avx2;
 
 pub mod attention;
 pub mod backward;

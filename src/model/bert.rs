@@ -70,14 +70,20 @@ pub struct Bert {
 /// few tokens (one query), where the panel kernel beats the unpacked one (up to 2× with
 /// AVX-512). A second copy of the layer weights: the caller builds it once, and must rebuild it
 /// when the weights change.
-pub struct PackedLayers(Vec<[Vec<f32>; 4]>);
+pub struct PackedLayers {
+    /// `(hidden, intermediate)` sizes they were packed for.
+    sizes: (usize, usize),
+    layers: Vec<[Vec<f32>; 4]>,
+}
 
 impl PackedLayers {
     pub fn of(bert: &Bert) -> PackedLayers {
         let (h, inter) = (bert.cfg.hidden_size, bert.cfg.intermediate_size);
         let pack = panel_gemm::pack_panels;
-        PackedLayers(
-            bert.weights
+        PackedLayers {
+            sizes: (h, inter),
+            layers: bert
+                .weights
                 .layers
                 .iter()
                 .map(|lw| {
@@ -89,7 +95,7 @@ impl PackedLayers {
                     ]
                 })
                 .collect(),
-        )
+        }
     }
 }
 
@@ -151,13 +157,15 @@ impl Bert {
             &self.weights.emb_ln_b,
             eps,
         );
-        if packed.is_some_and(|p| p.0.len() != self.weights.layers.len()) {
+        if packed
+            .is_some_and(|p| p.layers.len() != self.weights.layers.len() || p.sizes != (h, inter))
+        {
             return Err(Error::InvalidArgument(
                 "packed weights of another model".into(),
             ));
         }
         for (l, lw) in self.weights.layers.iter().enumerate() {
-            let packed = packed.map(|p| &p.0[l]);
+            let packed = packed.map(|p| &p.layers[l]);
             // `y = x·wᵀ + b` through layer l's weight matrix `m` (0..4, as in PackedLayers)
             let linear =
                 |m: usize, x: &[f32], inp, w: &[f32], b: &[f32], out, y: &mut [f32]| match packed {

@@ -113,6 +113,7 @@ impl Encoder {
         (tokens < gemm::SMALL_ROWS)
             .then(|| self.packed.get_or_init(|| PackedLayers::of(&self.bert)))
     }
+
     /// The model folder this encoder was loaded from.
     pub fn dir(&self) -> &Path {
         &self.dir
