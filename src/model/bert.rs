@@ -130,6 +130,13 @@ impl Bert {
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let t = batch.tokens();
         self.check(batch)?;
+        if packed
+            .is_some_and(|p| p.layers.len() != self.weights.layers.len() || p.sizes != (h, inter))
+        {
+            return Err(Error::InvalidArgument(
+                "packed weights of another model".into(),
+            ));
+        }
         let eps = cfg.layer_norm_eps as f32;
         let Workspace {
             x,
@@ -157,13 +164,6 @@ impl Bert {
             &self.weights.emb_ln_b,
             eps,
         );
-        if packed
-            .is_some_and(|p| p.layers.len() != self.weights.layers.len() || p.sizes != (h, inter))
-        {
-            return Err(Error::InvalidArgument(
-                "packed weights of another model".into(),
-            ));
-        }
         for (l, lw) in self.weights.layers.iter().enumerate() {
             let packed = packed.map(|p| &p.layers[l]);
             // `y = x·wᵀ + b` through layer l's weight matrix `m` (0..4, as in PackedLayers)
