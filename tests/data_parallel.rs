@@ -6,11 +6,12 @@ use rrra::model::bert::{Bert, PackedBatch};
 use rrra::model::synthetic::{random_bert, small_config};
 use rrra::model::weights::BertWeights;
 use rrra::model::Pooling;
+use rrra::train::collective::{Collective, InProcess};
 use rrra::train::encoder_grad::{ActivationMode, DropoutPlan, TrainBatch, TrainableEncoder};
 use rrra::train::loss::{info_nce, InfoNceInput, InfoNceStats};
 use rrra::train::parallel::{
-    all_reduce_gradients, gather_embeddings, shard_gradients, Collective, GlobalLayout, InProcess,
-    Shard, StepOptions, StepOutput,
+    all_reduce_gradients, backward_groups, gather_embeddings, shard_gradients, GlobalLayout, Shard,
+    StepOptions, StepOutput,
 };
 use std::time::Duration;
 
@@ -528,4 +529,32 @@ fn misuse_fails_on_every_rank_instead_of_hanging() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(errs, [true, true]);
+}
+
+/// The groups a resident optimizer sums as the backward finishes them cover every parameter
+/// tensor once: layer l's group is layer l's twelve tensors, from the last layer down, and
+/// the embeddings' five come last.
+#[test]
+fn backward_groups_follow_the_backward_over_every_tensor() {
+    let bert = model();
+    let w = &bert.weights;
+    let tensors = w.tensors();
+    let groups = backward_groups(w.layers.len());
+    assert_eq!(groups.len(), w.layers.len() + 1);
+    let mut seen = vec![0; tensors.len()];
+    for g in &groups {
+        for i in g.clone() {
+            seen[i] += 1;
+        }
+    }
+    assert!(seen.iter().all(|&n| n == 1), "each tensor once: {seen:?}");
+    let same = |i: usize, t: &[f32]| std::ptr::eq(tensors[i].as_ptr(), t.as_ptr());
+    for (k, g) in groups.iter().enumerate().take(w.layers.len()) {
+        let layer = &w.layers[w.layers.len() - 1 - k];
+        assert_eq!(g.len(), 12);
+        assert!(same(g.start, &layer.qkv_w) && same(g.end - 1, &layer.out_ln_b));
+    }
+    let emb = groups.last().unwrap();
+    assert_eq!(emb.clone(), 0..5);
+    assert!(same(0, &w.word_emb) && same(4, &w.emb_ln_b));
 }

@@ -2,8 +2,9 @@
 //! accumulation) with the encoder offloaded to the GPU against the same run on the CPU, on the
 //! tiny random BERT of the fixtures (dropout set to 0.1) and Cranfield: once with the optimizer
 //! on the host (`GpuTrainableEncoder`), once resident on the device (`GpuTrainStep`, what
-//! `rrra train --gpu` uses), and a resident run stopped and resumed from its checkpoint.
-//! Skips without a GPU.
+//! `rrra train --gpu` uses), a resident run stopped and resumed from its checkpoint, and two
+//! data-parallel ranks on threads sharing the GPU, each with its resident optimizer, their
+//! gradients summed through the host (`InProcess`). Skips without a GPU.
 //!
 //! Tolerances, and why: the first step starts from the same weights, so its loss differs only
 //! by the f32 summation orders of the encoder (~1e-6 relative). Later steps start from weights
@@ -148,4 +149,65 @@ fn an_offloaded_run_follows_the_cpu_run() {
         );
     }
     assert_close(&s, &c, &again.encoder().bert().weights.tensors(), "resumed");
+}
+
+/// Two data-parallel ranks (threads, `InProcess`) each holding a resident `GpuTrainStep` on the
+/// one GPU: each encodes its half of every batch and the gradients are summed after the step's
+/// last backward (through the host: the in-process group has no NCCL). The run follows the
+/// single-process CPU run within the tolerances above, and both ranks end with bitwise the
+/// same weights (every rank adds the same sums in rank order).
+#[test]
+fn resident_data_parallel_ranks_follow_the_cpu_run() {
+    use rrra::train::collective::{Collective, InProcess};
+    use std::sync::Arc;
+    let Some(gpu) = common::gpu_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_bert_with_dropout(dir.path());
+    let mut cpu = Trainer::new(config(&model, dir.path().join("cpu"))).unwrap();
+    let cpu_losses = losses(&mut cpu, None);
+    let out = dir.path().join("ranks");
+    let ranks: Vec<(Vec<f64>, Vec<Vec<f32>>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = InProcess::group(2)
+            .into_iter()
+            .map(|comm| {
+                let (ordinal, cfg) = (gpu.info().ordinal, config(&model, out.clone()));
+                scope.spawn(move || {
+                    // each rank opens the device itself, as its own process would
+                    let gpu = Gpu::open(ordinal).unwrap();
+                    let comm: Arc<dyn Collective> = Arc::new(comm);
+                    let mut t = Trainer::new_rank(cfg, comm).unwrap();
+                    offload(&gpu, &mut t, true);
+                    let l = losses(&mut t, None);
+                    let w = t.encoder().bert().weights.tensors();
+                    (l, w.iter().map(|x| x.to_vec()).collect())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let bits = |w: &[Vec<f32>]| -> Vec<u32> { w.iter().flatten().map(|v| v.to_bits()).collect() };
+    assert!(
+        bits(&ranks[0].1) == bits(&ranks[1].1),
+        "the two ranks hold different weights"
+    );
+    let (rank_losses, w) = &ranks[0];
+    assert_eq!(rank_losses.len(), 4);
+    for (i, (c, g)) in cpu_losses.iter().zip(rank_losses).enumerate() {
+        let tol = if i == 0 { 1e-5 } else { 1e-4 };
+        assert!(
+            (c - g).abs() <= tol * c.abs(),
+            "two ranks, step {}: cpu loss {c} vs gpu {g}",
+            i + 1
+        );
+    }
+    let start = Encoder::load(&model, &EncoderOptions::default()).unwrap();
+    let w: Vec<&[f32]> = w.iter().map(Vec::as_slice).collect();
+    assert_close(
+        &start.bert().weights.tensors(),
+        &cpu.encoder().bert().weights.tensors(),
+        &w,
+        "two ranks",
+    );
 }

@@ -287,13 +287,16 @@ fn a_flagembedding_file_trains_on_its_given_negatives() {
 /// the offload hooks where no GPU is (the GPU encoders themselves are checked against the CPU
 /// in tests/gpu_encoder_train.rs and tests/gpu_train_run.rs).
 mod stand_in {
+    use rrra::index::{search_batch, Corpus, Hit};
     use rrra::model::weights::BertWeights;
     use rrra::model::Encoder;
+    use rrra::train::collective::Collective;
     use rrra::train::encoder_grad::{
         ActivationMode, Activations, DropoutPlan, OffloadedEncoder, ResidentOptimizer, TrainBatch,
         TrainableEncoder,
     };
     use rrra::train::optim::{encoder_step, AdamW};
+    use rrra::train::parallel::backward_groups;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
@@ -302,6 +305,7 @@ mod stand_in {
     pub struct Counts {
         pub uploads: AtomicUsize,
         pub encodes: AtomicUsize,
+        pub searches: AtomicUsize,
         pub downloads: AtomicUsize,
     }
 
@@ -312,6 +316,8 @@ mod stand_in {
         pub acts: Option<Activations>,
         pub dropout: DropoutPlan,
         pub counts: Arc<Counts>,
+        /// Mining searches answer worst first (to see that the trainer uses the answer).
+        pub reverse_hits: bool,
     }
 
     impl Offloaded {
@@ -322,6 +328,7 @@ mod stand_in {
                 acts: None,
                 dropout: DropoutPlan::none(),
                 counts,
+                reverse_hits: false,
             }
         }
     }
@@ -363,6 +370,24 @@ mod stand_in {
             self.counts.encodes.fetch_add(1, Ordering::SeqCst);
             self.enc.encode_tokens(texts, 32, &|_| {})
         }
+        fn search(
+            &mut self,
+            docs: &[f32],
+            queries: &[f32],
+            dim: usize,
+            depth: usize,
+        ) -> Option<rrra::Result<Vec<Vec<Hit>>>> {
+            self.counts.searches.fetch_add(1, Ordering::SeqCst);
+            let corpus = match Corpus::from_f32(docs, dim) {
+                Ok(c) => c,
+                Err(e) => return Some(Err(e)),
+            };
+            let mut hits = search_batch(&corpus, queries, depth);
+            if let (Ok(h), true) = (&mut hits, self.reverse_hits) {
+                h.iter_mut().for_each(|q| q.reverse());
+            }
+            Some(hits)
+        }
     }
 
     /// [`Offloaded`] keeping its own gradients and AdamW, as `GpuTrainStep` does on a GPU.
@@ -395,6 +420,17 @@ mod stand_in {
         }
         fn accumulate(&mut self, d_emb: &[f32]) -> rrra::Result<()> {
             self.inner.backward(d_emb, &mut self.grads)
+        }
+        fn all_reduce_grads(&mut self, comm: &dyn Collective) -> rrra::Result<()> {
+            // the GPU's order (tensors as the backward finishes them)
+            let layers = self.grads.layers.len();
+            let mut tensors = self.grads.tensors_mut();
+            for group in backward_groups(layers) {
+                for (t, _) in &mut tensors[group] {
+                    comm.all_reduce_sum(t)?;
+                }
+            }
+            Ok(())
         }
         fn update(&mut self, scale: f32, max_norm: f32, lr: f32) -> rrra::Result<f32> {
             let optim = self.optim.as_mut().expect("load comes first");
@@ -501,6 +537,11 @@ fn an_offloaded_encoder_trains_like_the_cpu_path() {
         4,
         "two minings, each encoding the documents and the queries"
     );
+    assert_eq!(
+        counts.searches.load(Ordering::SeqCst),
+        2,
+        "two minings, each searching where the encoder runs"
+    );
     assert_same_weights(plain.encoder(), offloaded.encoder(), "offloaded");
     let a = plain.encoder().bert().weights.tensors();
     assert!(load().bert().weights.tensors() != a, "the run trained");
@@ -511,6 +552,49 @@ fn an_offloaded_encoder_trains_like_the_cpu_path() {
     assert!(
         no_dropout.encoder().bert().weights.tensors() != a,
         "dropout changed the run"
+    );
+}
+
+/// The trainer mines from the hits of the offloaded encoder's search (the GPU's top-k), not
+/// from a search of its own: a stand-in answering worst first gives rank-1 negatives that
+/// score lower than those of the CPU search.
+#[test]
+fn mining_uses_the_offloaded_encoders_search() {
+    use rrra::model::{Encoder, EncoderOptions};
+    use rrra::train::trainer::{TrainEvent, Trainer};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_bert_with_dropout(dir.path());
+    let rank1 = |out: &str, reverse: Option<bool>| -> Vec<f64> {
+        let mut cfg = offload_config(&model, dir.path().join(out), false);
+        cfg.max_steps = Some(1);
+        let mut t = Trainer::new(cfg).unwrap();
+        if let Some(reverse) = reverse {
+            let enc = Encoder::load(&model, &EncoderOptions::default()).unwrap();
+            let mut dev = stand_in::Offloaded::new(enc, Arc::default());
+            dev.reverse_hits = reverse;
+            t.offload_encoder(Box::new(dev)).unwrap();
+        }
+        let mut means = Vec::new();
+        t.run(None, &mut |e| {
+            if let TrainEvent::Mined(s) = e {
+                means.push(s.negative_rank1.mean);
+            }
+        })
+        .unwrap();
+        means
+    };
+    let (cpu, same, reversed) = (
+        rank1("cpu", None),
+        rank1("same", Some(false)),
+        rank1("reversed", Some(true)),
+    );
+    assert_eq!(cpu.len(), 1);
+    assert_eq!(same, cpu, "the same hits, the same pool");
+    assert!(
+        reversed[0] < cpu[0] - 1e-3,
+        "rank-1 negatives {reversed:?} vs {cpu:?}: the trainer ignored the search"
     );
 }
 
@@ -608,8 +692,10 @@ fn a_resident_optimizer_trains_like_the_cpu_path() {
 
 /// Data-parallel trainer runs on threads (`InProcess` ranks).
 mod ranks {
+    use super::stand_in::Resident;
+    use rrra::model::Encoder;
+    use rrra::train::collective::{Collective, InProcess};
     use rrra::train::config::TrainConfig;
-    use rrra::train::parallel::{Collective, InProcess};
     use rrra::train::trainer::{TrainEvent, Trainer};
     use std::sync::Arc;
 
@@ -645,6 +731,18 @@ mod ranks {
         stop: Option<u64>,
         resume: bool,
     ) -> (Vec<(f64, Option<f64>)>, Weights) {
+        run_with(cfg, world, stop, resume, false)
+    }
+
+    /// [`run`], with each rank's encoder behind the resident-optimizer stand-in when
+    /// `resident` (the ranks then sum their gradients through it).
+    pub fn run_with(
+        cfg: &TrainConfig,
+        world: usize,
+        stop: Option<u64>,
+        resume: bool,
+        resident: bool,
+    ) -> (Vec<(f64, Option<f64>)>, Weights) {
         let results: Vec<_> = std::thread::scope(|scope| {
             let handles: Vec<_> = InProcess::group(world)
                 .into_iter()
@@ -655,8 +753,14 @@ mod ranks {
                         let mut t = if resume {
                             Trainer::resume_rank(&cfg.output, comm).unwrap()
                         } else {
-                            Trainer::new_rank(cfg, comm).unwrap()
+                            Trainer::new_rank(cfg.clone(), comm).unwrap()
                         };
+                        if resident {
+                            let enc = Encoder::load(&cfg.model, &Default::default()).unwrap();
+                            let counts = Default::default();
+                            t.offload_encoder(Box::new(Resident::new(enc, counts)))
+                                .unwrap();
+                        }
                         (steps(&mut t, stop), weights(&t))
                     })
                 })
@@ -841,4 +945,32 @@ fn data_parallel_ranks_train_the_joint_adapter_like_one_process() {
     let (p, d) = (saved("plain"), saved("world-2"));
     let init = AdapterFile::load(&adapter).unwrap().params.w2;
     ranks::assert_near(&[&init], &vec![p], &vec![d], 1e-3, "joint adapter W2");
+}
+
+/// Data-parallel ranks whose optimizer is resident (as on GPUs, where the ranks' gradients are
+/// summed in place, during the step's last backward): the same run as with the host
+/// optimizer, bitwise, for two ranks and for five ranks on 4-query batches (one rank holds no
+/// example in every batch and must still join the sums at the same point of the step, or
+/// the collectives mismatch).
+#[test]
+fn data_parallel_ranks_with_a_resident_optimizer_train_like_the_host_optimizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_bert_with_dropout(dir.path());
+    let config = |out: &str| {
+        let mut cfg = offload_config(&model, dir.path().join(out), true);
+        cfg.max_steps = Some(3);
+        cfg
+    };
+    for world in [2, 5] {
+        let host = config(&format!("host-{world}"));
+        let (host_steps, host_w) = ranks::run(&host, world, None, false);
+        let resident = config(&format!("resident-{world}"));
+        let (steps, w) = ranks::run_with(&resident, world, None, false, true);
+        assert_eq!(steps, host_steps, "{world} ranks: losses");
+        assert_eq!(
+            ranks::bits(&w),
+            ranks::bits(&host_w),
+            "{world} ranks: weights"
+        );
+    }
 }

@@ -15,7 +15,7 @@
 //! ```
 //! `u_q` (h) is formed once per query, and `M_q·c = (W1c − W1a)·c + W1b·(q ⊙ c)` is one product
 //! of the pair's features `[c ; q ⊙ c]` (2d) with the fixed `[W1c − W1a | W1b]` (h × 2d,
-//! [`FusedWeights`], built once per parameter set): a pair costs about 2·h·d multiply-adds for
+//! `FusedWeights`, built once per parameter set): a pair costs about 2·h·d multiply-adds for
 //! the first layer and h·d for `W2·g`, against 3d·h + h·d for building `z` and applying `W1`
 //! naively, and `z` (3d per pair) is never materialised. The Hadamard term costs h·d per pair
 //! either way because it mixes q and c; the two linear terms do not, which is why they fold into

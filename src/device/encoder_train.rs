@@ -5,7 +5,7 @@
 //! [`BertWeights`] accumulator.
 //!
 //! Pieces: the GEMMs and the linear layers' input and weight gradients are cuBLAS f32 products
-//! (row-major mapping in [`super::runtime::sgemm_row_major`], weight gradients accumulated with
+//! (row-major mapping in `super::runtime::sgemm_row_major`, weight gradients accumulated with
 //! beta = 1); attention and pooling run the inference kernels; the row-wise forward steps that
 //! must keep their inputs are `kernels/encoder_train.cu`; the backward uses
 //! [`super::backward::GpuBackward`] (LayerNorm, bias, GELU, pooling, L2 and the atomic-free
@@ -42,12 +42,17 @@ use crate::model::config::BertConfig;
 use crate::model::pooling::Pooling;
 use crate::model::weights::BertWeights;
 use crate::train::encoder_grad::{DropoutPlan, TrainBatch};
+use crate::train::parallel::backward_groups;
 use crate::train::rng::{Site, Stream};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, PushKernelArg};
 use std::sync::Arc;
 
 const MODULE: &str = "encoder_train";
 const THREADS: u32 = 256;
+
+/// What [`GpuTrainableEncoder::accumulate_backward_with`] calls as each group of gradient
+/// tensors is finished: the stream the backward runs on, and the group's buffers.
+pub type GroupDone<'a> = dyn FnMut(&Arc<CudaStream>, &mut [CudaSlice<f32>]) -> Result<()> + 'a;
 
 /// Indices of a layer's tensors within its 12 (the order of `BertWeights::tensors`).
 mod t {
@@ -130,6 +135,7 @@ pub struct GpuTrainableEncoder {
     cfg: BertConfig,
     pooling: Pooling,
     normalize: bool,
+    gpu: Gpu,
     stream: Arc<CudaStream>,
     blas: F32Blas,
     k: Kernels,
@@ -250,6 +256,7 @@ impl GpuTrainableEncoder {
             });
         }
         let enc = GpuTrainableEncoder {
+            gpu: gpu.clone(),
             ids: alloc(&stream, mt, "token ids")?,
             type_ids: alloc(&stream, mt, "token type ids")?,
             offsets: alloc(&stream, ms + 1, "sequence offsets")?,
@@ -445,7 +452,7 @@ impl GpuTrainableEncoder {
     pub fn backward(&mut self, d_embeddings: &[f32], grads: &mut BertWeights) -> Result<()> {
         self.check_host(grads)?;
         self.zero_grads()?;
-        self.backward_on_device(d_embeddings)?;
+        self.backward_on_device(d_embeddings, &mut |_, _| Ok(()))?;
         self.add_grads_to(grads)
     }
 
@@ -489,7 +496,30 @@ impl GpuTrainableEncoder {
     /// batch) to the gradients kept on the device: the micro-batches of a step accumulate
     /// there, after [`GpuTrainableEncoder::zero_grads`].
     pub fn accumulate_backward(&mut self, d_embeddings: &[f32]) -> Result<()> {
-        self.backward_on_device(d_embeddings)
+        self.backward_on_device(d_embeddings, &mut |_, _| Ok(()))
+    }
+
+    /// [`GpuTrainableEncoder::accumulate_backward`], calling `group_done` each time the
+    /// backward has queued the last kernel that writes a group of gradient tensors, with the
+    /// stream it queued them on and the group's buffers: the groups of
+    /// `train::parallel::backward_groups`, in that order (each layer from the last down, then
+    /// the embeddings). What `group_done` queues elsewhere overlaps the rest of the backward.
+    pub fn accumulate_backward_with(
+        &mut self,
+        d_embeddings: &[f32],
+        group_done: &mut GroupDone<'_>,
+    ) -> Result<()> {
+        self.backward_on_device(d_embeddings, group_done)
+    }
+
+    /// The stream the encoder's work is queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The gradients kept on the device, to be changed in place (summed over ranks).
+    pub fn device_grads_mut(&mut self) -> &mut [CudaSlice<f32>] {
+        &mut self.g
     }
 
     /// The gradients kept on the device, one buffer per tensor in the order of
@@ -507,21 +537,37 @@ impl GpuTrainableEncoder {
     }
 
     /// The backward with the gradients added to those on the device.
-    fn backward_on_device(&mut self, d_embeddings: &[f32]) -> Result<()> {
+    fn backward_on_device(
+        &mut self,
+        d_embeddings: &[f32],
+        group_done: &mut GroupDone<'_>,
+    ) -> Result<()> {
+        // after a backward the activations are spent, as on the CPU: a second backward
+        // would add the same gradients again (and one that failed half-way added some)
         let b = self.last.take().ok_or_else(|| {
             Error::InvalidArgument("the encoder's backward needs a forward first".into())
         })?;
-        let r = self.backward_batch(&b, d_embeddings);
-        if r.is_err() {
-            self.last = Some(b); // nothing was added on a refused call: it may be retried
+        let h = self.cfg.hidden_size;
+        if d_embeddings.len() != b.sequences * h {
+            let why = format!(
+                "embedding gradient of {} values for {} sequences × {h}",
+                d_embeddings.len(),
+                b.sequences
+            );
+            self.last = Some(b); // refused before any work: the call may be retried
+            return Err(Error::InvalidArgument(why));
         }
-        // after a backward the activations are spent, as on the CPU: a second backward
-        // would add the same gradients again
-        r
+        self.backward_batch(&b, d_embeddings, group_done)
     }
 
-    fn backward_batch(&mut self, b: &Batch, d_embeddings: &[f32]) -> Result<()> {
+    fn backward_batch(
+        &mut self,
+        b: &Batch,
+        d_embeddings: &[f32],
+        group_done: &mut GroupDone<'_>,
+    ) -> Result<()> {
         let cfg = self.cfg.clone();
+        let groups = backward_groups(cfg.num_hidden_layers);
         let (h, inter, tok, seqs) = (
             cfg.hidden_size,
             cfg.intermediate_size,
@@ -530,12 +576,6 @@ impl GpuTrainableEncoder {
         );
         let eps = cfg.layer_norm_eps as f32;
         let hidden_p = b.dropout.hidden;
-        if d_embeddings.len() != seqs * h {
-            return Err(Error::InvalidArgument(format!(
-                "embedding gradient of {} values for {seqs} sequences × {h}",
-                d_embeddings.len()
-            )));
-        }
         let st = self.stream.clone();
         st.memcpy_htod(
             d_embeddings,
@@ -665,6 +705,10 @@ impl GpuTrainableEncoder {
                 Some(p(&self.dx)),
             )?;
             self.add(p(&self.dx), p(&self.ds_a), tok * h)?;
+            // layer l's gradients are final for this backward
+            let group = groups[cfg.num_hidden_layers - 1 - l].clone();
+            debug_assert_eq!(group.start, base);
+            group_done(&st, &mut self.g[group])?;
         }
         // embeddings: dropout, LayerNorm backward into ds_a, then the scatter into the tables
         if hidden_p > 0.0 {
@@ -692,7 +736,8 @@ impl GpuTrainableEncoder {
                 &mut rest[0],
             )?;
         }
-        Ok(())
+        let embedding = groups[cfg.num_hidden_layers].clone();
+        group_done(&st, &mut self.g[embedding])
     }
 
     /// Embeddings of tokenized texts, `[texts × h]` in order: forwards over as many texts at a
@@ -1088,7 +1133,8 @@ impl GpuTrainableEncoder {
     }
 }
 
-/// The trainer's hook (`Trainer::offload_encoder`): the step's forward and backward here.
+/// The trainer's hook (`Trainer::offload_encoder`): the step's forward and backward, and a
+/// mining refresh's encodes and search, here.
 impl crate::train::encoder_grad::OffloadedEncoder for GpuTrainableEncoder {
     fn set_weights(&mut self, weights: &BertWeights) -> Result<()> {
         GpuTrainableEncoder::set_weights(self, weights)
@@ -1101,6 +1147,15 @@ impl crate::train::encoder_grad::OffloadedEncoder for GpuTrainableEncoder {
     }
     fn encode(&mut self, texts: &[crate::model::tokenizer::Tokens]) -> Result<Vec<f32>> {
         GpuTrainableEncoder::encode(self, texts)
+    }
+    fn search(
+        &mut self,
+        docs: &[f32],
+        queries: &[f32],
+        dim: usize,
+        depth: usize,
+    ) -> Option<Result<Vec<Vec<crate::index::Hit>>>> {
+        Some(super::mining::search(&self.gpu, docs, queries, dim, depth))
     }
 }
 
@@ -1157,7 +1212,7 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
     let ms = gpu.time_ms(3, || {
         enc.forward(&batch)?;
         enc.zero_grads()?;
-        enc.backward_on_device(&d_emb)
+        enc.accumulate_backward(&d_emb)
     })?;
     let flops = training_step_flops(&cfg, batch.tokens(), 128);
     Ok(vec![super::KernelTiming {

@@ -9,7 +9,7 @@ use super::encoder::{GpuBert, Precision};
 use super::runtime::Gpu;
 use super::topk::{GpuCorpus, GpuSearcher};
 use crate::error::Result;
-use crate::index::Corpus;
+use crate::index::{Corpus, Hit};
 use crate::model::bert::Bert;
 use crate::model::tokenizer::Tokens;
 use crate::model::Pooling;
@@ -51,9 +51,24 @@ pub fn mine(
     let queries = bert.encode_tokens(query_tokens, batch, enc.pooling, enc.normalize)?;
     drop(bert);
     let dim = enc.bert.cfg.hidden_size;
-    let depth = mining::search_depth(set, top_k.max(1)).max(1);
-    let corpus = GpuCorpus::upload(gpu, &Corpus::from_f32(&docs, dim)?)?;
-    let mut searcher = GpuSearcher::new(gpu, 256, depth, 1 << 20)?;
-    let hits = searcher.search(&corpus, &queries, depth)?;
+    let depth = mining::search_depth(set, top_k.max(1));
+    let hits = search(gpu, &docs, &queries, dim, depth)?;
     mining::mine_from_hits(set, dim, queries, docs, &hits, top_k, exclude_same_id)
+}
+
+/// Every query's exact top-`depth` documents by the GPU top-k, best first: `docs`
+/// (`[documents × dim]`) uploaded for the search and freed after it; the contract of
+/// `index::topk::search_batch`. The search of a trainer's mining refresh
+/// (`OffloadedEncoder::search`).
+pub fn search(
+    gpu: &Gpu,
+    docs: &[f32],
+    queries: &[f32],
+    dim: usize,
+    depth: usize,
+) -> Result<Vec<Vec<Hit>>> {
+    let _range = super::nvtx::range(c"rrra mining search");
+    let corpus = GpuCorpus::upload(gpu, &Corpus::from_f32(docs, dim)?)?;
+    let mut searcher = GpuSearcher::new(gpu, 256, depth.max(1), 1 << 20)?;
+    searcher.search(&corpus, queries, depth)
 }

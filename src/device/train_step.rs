@@ -11,6 +11,14 @@
 //! next to a step of ~10² ms; sharing one buffer would remove them, at the price of the
 //! encoder addressing its tensors inside the optimizer's.
 //!
+//! Data parallel: the ranks' gradients are summed where they are. Over NCCL
+//! (`train::collective::nccl`, whose stream belongs to this GPU's context) each layer's gradients
+//! are summed in place as soon as the step's last backward has finished them, on the
+//! communicator's stream, so the sums overlap the backward of the layers below; the update
+//! waits for the last one. Over any other collective (the in-process ranks of the tests) they
+//! go through the host after the backward. Both issue the sums in the order of
+//! `train::parallel::backward_groups`, so ranks taking either path still match call for call.
+//!
 //! Against the host optimizer: the update is the CPU's arithmetic (`kernels/adamw.cu`), but
 //! the gradients it sees are the GPU backward's, accumulated over micro-batches in the
 //! weight-gradient GEMMs (beta = 1) rather than summed after each, so a run agrees with the
@@ -18,19 +26,23 @@
 
 use super::adamw::GpuAdamW;
 use super::encoder_train::GpuTrainableEncoder;
-use super::runtime::{GemmMath, Gpu};
+use super::runtime::{cuda_err, GemmMath, Gpu};
 use crate::error::{Error, Result};
 use crate::model::bert::Bert;
 use crate::model::pooling::Pooling;
 use crate::model::weights::BertWeights;
+use crate::train::collective::Collective;
 use crate::train::encoder_grad::{DropoutPlan, OffloadedEncoder, ResidentOptimizer, TrainBatch};
 use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::parallel::backward_groups;
 
 /// A BERT encoder, its gradients and its AdamW state resident on one GPU.
 pub struct GpuTrainStep {
     gpu: Gpu,
     encoder: GpuTrainableEncoder,
     optim: GpuAdamW,
+    /// Host buffer for sums over ranks that go through the host.
+    staging: Vec<f32>,
 }
 
 impl GpuTrainStep {
@@ -54,6 +66,7 @@ impl GpuTrainStep {
             gpu: gpu.clone(),
             encoder,
             optim,
+            staging: Vec::new(),
         })
     }
 
@@ -66,6 +79,55 @@ impl GpuTrainStep {
     pub fn set_gemm_math(&mut self, math: GemmMath) {
         self.encoder.set_gemm_math(math);
     }
+
+    /// `comm`'s NCCL communicator when its stream is on this GPU's context, so that it can
+    /// sum the gradient buffers in place and be ordered against the encoder's stream.
+    #[cfg(feature = "nccl")]
+    fn device_comm<'c>(
+        &self,
+        comm: &'c dyn Collective,
+    ) -> Option<&'c crate::train::collective::nccl::Nccl> {
+        let ours = self.encoder.stream().context();
+        comm.nccl()
+            .filter(|n| std::sync::Arc::ptr_eq(n.stream().context(), ours))
+    }
+
+    /// Sums the gradients over the ranks through host memory, tensor by tensor in the order
+    /// of `backward_groups`.
+    fn all_reduce_through_host(&mut self, comm: &dyn Collective) -> Result<()> {
+        let st = self.encoder.stream().clone();
+        let layers = self.encoder.config().num_hidden_layers;
+        let grads = self.encoder.device_grads_mut();
+        for group in backward_groups(layers) {
+            for g in &mut grads[group] {
+                self.staging.resize(g.len(), 0.0);
+                // into pageable memory: returns when the copy is done
+                st.memcpy_dtoh(g, &mut self.staging[..])
+                    .map_err(cuda_err("downloading gradients"))?;
+                comm.all_reduce_sum(&mut self.staging)?;
+                st.memcpy_htod(&self.staging[..], g)
+                    .map_err(cuda_err("uploading summed gradients"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An event recorded on `stream` (no timing), for another stream to wait on.
+#[cfg(feature = "nccl")]
+fn mark(stream: &cudarc::driver::CudaStream) -> Result<cudarc::driver::CudaEvent> {
+    use cudarc::driver::sys::CUevent_flags;
+    stream
+        .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
+        .map_err(cuda_err("recording an event"))
+}
+
+/// `after` waits, on the device, for the work queued on `before` so far.
+#[cfg(feature = "nccl")]
+fn order(before: &cudarc::driver::CudaStream, after: &cudarc::driver::CudaStream) -> Result<()> {
+    after
+        .wait(&mark(before)?)
+        .map_err(cuda_err("waiting for an event"))
 }
 
 impl ResidentOptimizer for GpuTrainStep {
@@ -86,6 +148,38 @@ impl ResidentOptimizer for GpuTrainStep {
 
     fn accumulate(&mut self, d_embeddings: &[f32]) -> Result<()> {
         self.encoder.accumulate_backward(d_embeddings)
+    }
+
+    fn all_reduce_grads(&mut self, comm: &dyn Collective) -> Result<()> {
+        #[cfg(feature = "nccl")]
+        if let Some(nccl) = self.device_comm(comm) {
+            let st = self.encoder.stream().clone();
+            order(&st, nccl.stream())?;
+            let layers = self.encoder.config().num_hidden_layers;
+            let grads = self.encoder.device_grads_mut();
+            for group in backward_groups(layers) {
+                nccl.all_reduce_device(&mut grads[group])?;
+            }
+            return order(nccl.stream(), &st);
+        }
+        self.all_reduce_through_host(comm)
+    }
+
+    fn accumulate_and_reduce(&mut self, d_embeddings: &[f32], comm: &dyn Collective) -> Result<()> {
+        #[cfg(feature = "nccl")]
+        if let Some(nccl) = self.device_comm(comm) {
+            // each group's sum waits for its last gradient kernel, then runs beside the
+            // backward of the layers below
+            self.encoder
+                .accumulate_backward_with(d_embeddings, &mut |st, group| {
+                    order(st, nccl.stream())?;
+                    nccl.all_reduce_device(group)
+                })?;
+            // the update reads the sums
+            return order(nccl.stream(), self.encoder.stream());
+        }
+        self.accumulate(d_embeddings)?;
+        self.all_reduce_through_host(comm)
     }
 
     fn update(&mut self, scale: f32, max_norm: f32, lr: f32) -> Result<f32> {
@@ -145,6 +239,15 @@ impl OffloadedEncoder for GpuTrainStep {
     }
     fn encode(&mut self, texts: &[crate::model::tokenizer::Tokens]) -> Result<Vec<f32>> {
         self.encoder.encode(texts)
+    }
+    fn search(
+        &mut self,
+        docs: &[f32],
+        queries: &[f32],
+        dim: usize,
+        depth: usize,
+    ) -> Option<Result<Vec<Vec<crate::index::Hit>>>> {
+        Some(super::mining::search(&self.gpu, docs, queries, dim, depth))
     }
     fn resident(&mut self) -> Option<&mut dyn ResidentOptimizer> {
         Some(self)

@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::model::bert::{Bert, PackedBatch};
 use crate::model::weights::{BertWeights, LayerWeights};
 use crate::model::Pooling;
+use crate::train::collective::Collective;
 use crate::train::rng::{Site, Stream};
 use rayon::prelude::*;
 
@@ -99,6 +100,20 @@ pub trait OffloadedEncoder {
     /// Embeddings of tokenized texts, `[texts × h]` in order, without dropout: the corpus and
     /// query encodings of a mining refresh.
     fn encode(&mut self, texts: &[crate::model::tokenizer::Tokens]) -> Result<Vec<f32>>;
+    /// The exact top-`depth` documents of `docs` (`[documents × dim]`) for each query of
+    /// `queries` (`[queries × dim]`), best first, by inner product: a mining refresh's search,
+    /// where the encoder runs (the GPU's top-k). `None` when this encoder does not search; the
+    /// trainer then searches on the CPU (`index::topk::search_batch`, the same contract).
+    fn search(
+        &mut self,
+        docs: &[f32],
+        queries: &[f32],
+        dim: usize,
+        depth: usize,
+    ) -> Option<Result<Vec<Vec<crate::index::Hit>>>> {
+        let _ = (docs, queries, dim, depth);
+        None
+    }
     /// The same encoder holding the gradients and the optimizer too, when it does: then the
     /// trainer never moves weights or gradients in a step (see [`ResidentOptimizer`]).
     fn resident(&mut self) -> Option<&mut dyn ResidentOptimizer> {
@@ -123,6 +138,19 @@ pub trait ResidentOptimizer {
     /// Adds the parameter gradients of `Σ d_embeddings ⊙ embeddings` over the last forward's
     /// batch to the accumulator.
     fn accumulate(&mut self, d_embeddings: &[f32]) -> Result<()>;
+    /// Data parallel: sums the accumulated gradients over the ranks of `comm`, in place, once
+    /// per step after the last micro-batch, before `update`. Every rank calls it at the same
+    /// point of the step (collectives match by call order).
+    fn all_reduce_grads(&mut self, comm: &dyn Collective) -> Result<()>;
+    /// The step's last micro-batch of a data-parallel run: [`ResidentOptimizer::accumulate`]
+    /// followed by [`ResidentOptimizer::all_reduce_grads`]. An implementation may start each
+    /// layer's sum as soon as the backward has finished that layer's gradients, overlapping
+    /// the communication with the rest of the backward, as long as the sums it issues are
+    /// those of `all_reduce_grads` in the same order.
+    fn accumulate_and_reduce(&mut self, d_embeddings: &[f32], comm: &dyn Collective) -> Result<()> {
+        self.accumulate(d_embeddings)?;
+        self.all_reduce_grads(comm)
+    }
     /// Scales the accumulated gradients by `scale`, clips them to `max_norm` (infinite: no
     /// clipping) and updates the weights with learning rate `lr`. Returns the norm before
     /// clipping; when it is not finite nothing changed.

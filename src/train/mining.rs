@@ -170,6 +170,13 @@ pub fn mine_from_hits(
     for (qi, (q, hits)) in set.queries.iter().zip(hits).enumerate() {
         let mut kept: Candidates = Vec::with_capacity(top_k);
         for (rank, hit) in hits.iter().enumerate() {
+            if hit.index >= set.corpus.len() {
+                return Err(crate::error::Error::InvalidArgument(format!(
+                    "a hit of query {qi} names document {} of a corpus of {}",
+                    hit.index,
+                    set.corpus.len()
+                )));
+            }
             if set.is_positive(qi, hit.index) {
                 stats.removed_positive += 1;
                 if rank < top_k {
@@ -261,6 +268,20 @@ mod tests {
         let (pool, stats) = mine_from_embeddings(&set, 2, q, docs, 2, false).unwrap();
         assert_eq!(pool.candidates[0][0].0, 1);
         assert_eq!(stats.removed_same_id, 0);
+    }
+
+    #[test]
+    fn hits_naming_no_document_are_refused() {
+        let (set, q, docs) = toy();
+        let bad = vec![vec![topk::Hit {
+            index: 4,
+            score: 1.0,
+        }]];
+        let err = mine_from_hits(&set, 2, q, docs, &bad, 2, true).unwrap_err();
+        assert!(
+            err.to_string().contains("document 4 of a corpus of 4"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -2,10 +2,12 @@
 //! ([`encoder_grad`], over the op backwards in `cpu::backward`), the fused contrastive loss
 //! ([`loss`]), AdamW and the schedule ([`optim`]), training data ([`data`]), hard-negative
 //! mining from our own index ([`mining`]) and the samplers over its pool ([`sampler`]),
-//! counter-based randomness ([`rng`]), checkpoints ([`checkpoint`], [`state`]) and the loop
-//! ([`trainer`]) with its knobs ([`config`]).
+//! counter-based randomness ([`rng`]), checkpoints ([`checkpoint`], [`state`]), the loop
+//! ([`trainer`]) with its knobs ([`config`]), and data parallelism ([`parallel`] over the
+//! [`collective`] layer).
 
 pub mod checkpoint;
+pub mod collective;
 pub mod config;
 pub mod data;
 pub mod encoder_grad;

@@ -8,6 +8,7 @@
 //! moments, the mined pool with the embeddings it was mined with, the data cursor). So a run
 //! resumed from a checkpoint computes bit for bit the steps the uninterrupted run computes.
 
+use super::collective::Collective;
 use super::config::{DataSource, NegativePool, TrainConfig};
 use super::data::{self, Example, TrainSet};
 use super::encoder_grad::{
@@ -16,7 +17,7 @@ use super::encoder_grad::{
 use super::loss::{info_nce, InfoNceInput, InfoNceStats};
 use super::mining::{self, MinedPool, MiningStats};
 use super::optim::{encoder_step, linear_warmup_decay, AdamW};
-use super::parallel::{self, Collective, GlobalLayout, Shard};
+use super::parallel::{self, GlobalLayout, Shard};
 use super::rng::{Site, Stream};
 use super::rrra::JointAdapter;
 use super::sampler::{self, PoolGeometry, SamplerKind};
@@ -312,16 +313,11 @@ impl Trainer {
     /// search and evaluation stay here. The optimizer stays here too, with the weights
     /// uploaded after every optimizer step, unless `encoder` is a [`ResidentOptimizer`]: then
     /// it takes the weights and the AdamW state now and keeps them, and the host copies them
-    /// back for evaluation, checkpoints and at the end of [`Trainer::run`].
+    /// back for evaluation, checkpoints and at the end of [`Trainer::run`]. In a data-parallel
+    /// run a resident optimizer also sums the ranks' gradients itself
+    /// ([`ResidentOptimizer::accumulate_and_reduce`]).
     pub fn offload_encoder(&mut self, mut encoder: Box<dyn OffloadedEncoder>) -> Result<()> {
         self.sync_host()?;
-        if self.comm.is_some() && encoder.resident().is_some() {
-            return Err(Error::InvalidArgument(
-                "data-parallel training sums the gradients on the host: offload an encoder \
-                 without a resident optimizer"
-                    .into(),
-            ));
-        }
         let stale = match encoder.resident() {
             Some(r) => {
                 r.load(&self.encoder.bert().weights, &self.optim)?;
@@ -465,7 +461,9 @@ impl Trainer {
                 self.batches_epoch = Some(self.epoch);
             }
             let batch = self.batches[self.cursor].clone();
-            let out = self.batch_gradients(&batch, micro)?;
+            // the step's last micro-batch: the grad_accum-th, or the epoch's last batch
+            let last = micro + 1 == self.cfg.grad_accum || self.cursor + 1 == self.batches.len();
+            let out = self.batch_gradients(&batch, micro, last)?;
             stats.push(out.stats);
             examples += batch.len();
             negatives += out.hard_drawn;
@@ -486,11 +484,12 @@ impl Trainer {
         } else {
             f32::INFINITY
         };
-        if let Some(comm) = &self.comm {
-            // the ranks' shares summed: every rank now holds the global batch's gradient
+        let resident = self.resident().is_some();
+        if let (Some(comm), false) = (&self.comm, resident) {
+            // the ranks' shares summed: every rank now holds the global batch's gradient (a
+            // resident optimizer summed its own during the last micro-batch)
             parallel::all_reduce_gradients(comm.as_ref(), &mut self.grads)?;
         }
-        let resident = self.resident().is_some();
         let grad_norm = match self.resident() {
             Some(r) => r.update(scale, max_norm, lr)?,
             None => self.host_update(scale, max_norm, lr)?,
@@ -613,7 +612,12 @@ impl Trainer {
     /// Forward, loss and backward of one batch; gradients added to `self.grads` (and to the
     /// joint adapter's). In a data-parallel run, of this rank's share of the batch, with the
     /// loss over the whole batch.
-    fn batch_gradients(&mut self, global: &[Example], micro: usize) -> Result<BatchOutcome> {
+    fn batch_gradients(
+        &mut self,
+        global: &[Example],
+        micro: usize,
+        last: bool,
+    ) -> Result<BatchOutcome> {
         let shard = self.shard_of(global.len());
         let batch = &global[shard.clone()];
         let b_n = batch.len();
@@ -756,6 +760,16 @@ impl Trainer {
                     joint.batch_loss(&queries, &all_docs, h, &lists, weight, &mut dq, &mut dd)?,
                 );
             }
+            // A resident optimizer sums the ranks' gradients with the step's last backward
+            // (a rank without examples joins at the same point of the step).
+            let reduce = match self.offload.as_mut().and_then(|(e, _)| e.resident()) {
+                Some(r) if last && seqs == 0 => {
+                    r.all_reduce_grads(comm.as_ref())?;
+                    None
+                }
+                Some(_) if last => Some(comm.as_ref()),
+                _ => None,
+            };
             if seqs > 0 {
                 let d_emb = parallel::local_rows(layout, rank, &dq, &dd, h);
                 encoder_backward(
@@ -766,6 +780,7 @@ impl Trainer {
                     &dropout,
                     cpu_acts,
                     &d_emb,
+                    reduce,
                 )?;
             }
             // the log's counts over the whole batch
@@ -838,6 +853,7 @@ impl Trainer {
             &dropout,
             cpu_acts,
             &d_emb,
+            None,
         )?;
         Ok(BatchOutcome {
             stats,
@@ -1009,14 +1025,32 @@ impl Trainer {
             },
         };
         let (doc_emb, q_emb) = (snap.docs, snap.queries);
-        let (mut pool, stats) = mining::mine_from_embeddings(
-            &self.set,
-            self.encoder.dim(),
-            q_emb,
-            doc_emb,
-            self.cfg.mine_top_k.max(1),
-            self.cfg.exclude_same_id,
-        )?;
+        let (dim, top_k) = (self.encoder.dim(), self.cfg.mine_top_k.max(1));
+        let depth = mining::search_depth(&self.set, top_k);
+        // the search where the encoder runs, when it can (a GPU's top-k), else here
+        let device_hits = match self.offload.as_mut() {
+            Some((enc, _)) if depth > 0 => enc.search(&doc_emb, &q_emb, dim, depth),
+            _ => None,
+        };
+        let (mut pool, stats) = match device_hits {
+            Some(hits) => mining::mine_from_hits(
+                &self.set,
+                dim,
+                q_emb,
+                doc_emb,
+                &hits?,
+                top_k,
+                self.cfg.exclude_same_id,
+            )?,
+            None => mining::mine_from_embeddings(
+                &self.set,
+                dim,
+                q_emb,
+                doc_emb,
+                top_k,
+                self.cfg.exclude_same_id,
+            )?,
+        };
         if self.cfg.negative_pool == NegativePool::Given {
             // The file's negatives, ranked by the same snapshot's scores.
             for (qi, q) in self.set.queries.iter().enumerate() {
@@ -1156,7 +1190,8 @@ fn share(n: usize, r: usize, world: usize) -> std::ops::Range<usize> {
 }
 
 /// The encoder's backward of `d_emb` wherever its forward ran: added to `grads`, or to an
-/// offloaded encoder's own accumulator.
+/// offloaded encoder's own accumulator (summed over `reduce`'s ranks with it, when given).
+#[allow(clippy::too_many_arguments)]
 fn encoder_backward(
     offload: &mut Option<(Box<dyn OffloadedEncoder>, bool)>,
     te: &TrainableEncoder<'_>,
@@ -1165,11 +1200,13 @@ fn encoder_backward(
     dropout: &DropoutPlan,
     cpu_acts: Option<super::encoder_grad::Activations>,
     d_emb: &[f32],
+    reduce: Option<&dyn Collective>,
 ) -> Result<()> {
     match (offload.as_mut(), cpu_acts) {
-        (Some((enc, _)), _) => match enc.resident() {
-            Some(r) => r.accumulate(d_emb),
-            None => enc.backward(d_emb, grads),
+        (Some((enc, _)), _) => match (enc.resident(), reduce) {
+            (Some(r), Some(comm)) => r.accumulate_and_reduce(d_emb, comm),
+            (Some(r), None) => r.accumulate(d_emb),
+            (None, _) => enc.backward(d_emb, grads),
         },
         (None, Some(acts)) => te.backward(batch, dropout, acts, d_emb, grads),
         (None, None) => Err(Error::InvalidArgument(

@@ -2,11 +2,10 @@
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use rrra::device::encoder_train::GpuTrainableEncoder;
 use rrra::device::train_step::GpuTrainStep;
+use rrra::train::collective::Collective;
 use rrra::train::config::{DataSource, EvalSpec, NegativePool, TrainConfig};
-use rrra::train::encoder_grad::{ActivationMode, OffloadedEncoder};
-use rrra::train::parallel::Collective;
+use rrra::train::encoder_grad::ActivationMode;
 use rrra::train::sampler::SamplerKind;
 use rrra::train::trainer::{TrainEvent, Trainer};
 use rrra::{Error, Result};
@@ -106,8 +105,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub no_dropout: bool,
     /// Run the encoder's training forward and backward, its AdamW step (weights, gradients and
-    /// moments stay on the device) and the mining encodes on this CUDA device (f32, the CPU's
-    /// dropout masks); the loss, samplers and mining search stay on the CPU.
+    /// moments stay on the device) and the mining encodes and search on this CUDA device (f32,
+    /// the CPU's dropout masks); the loss and the samplers stay on the CPU.
     #[arg(long, value_name = "ORDINAL")]
     pub gpu: Option<usize>,
     /// The arithmetic of the encoder's products with --gpu: f32 (the CPU's, up to summation
@@ -233,28 +232,32 @@ impl TrainArgs {
     }
 }
 
-/// The data-parallel group this process joins, if any.
+/// The data-parallel group this process joins, if any: NCCL on a stream of `gpu`.
 #[cfg(feature = "nccl")]
-fn collective(a: &TrainArgs) -> Result<Option<Arc<dyn Collective>>> {
+fn collective(
+    a: &TrainArgs,
+    gpu: Option<&rrra::device::Gpu>,
+) -> Result<Option<Arc<dyn Collective>>> {
     let (Some(rank), Some(world), Some(id), Some(gpu)) =
-        (a.nccl_rank, a.nccl_world, a.nccl_id.as_ref(), a.gpu)
+        (a.nccl_rank, a.nccl_world, a.nccl_id.as_ref(), gpu)
     else {
         return Ok(None);
     };
     let timeout = std::time::Duration::from_secs(600);
-    let comm = rrra::train::parallel::nccl::Nccl::join(gpu, rank, world, id, timeout)?;
+    let stream = gpu.new_stream()?;
+    let comm = rrra::train::collective::nccl::Nccl::join(stream, rank, world, id, timeout)?;
     eprintln!("rank {rank} of {world} (NCCL)");
     Ok(Some(Arc::new(comm)))
 }
 
 #[cfg(not(feature = "nccl"))]
-fn collective(_: &TrainArgs) -> Result<Option<Arc<dyn Collective>>> {
+fn collective(_: &TrainArgs, _: Option<&rrra::device::Gpu>) -> Result<Option<Arc<dyn Collective>>> {
     Ok(None)
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let comm = collective(&a)?;
-    let data_parallel = comm.is_some();
+    let gpu = a.gpu.map(rrra::device::Gpu::open).transpose()?;
+    let comm = collective(&a, gpu.as_ref())?;
     let mut trainer = match (&a.resume, comm) {
         (Some(dir), comm) => {
             let t = match comm {
@@ -267,26 +270,20 @@ pub fn run(a: TrainArgs) -> Result<()> {
         (None, Some(c)) => Trainer::new_rank(a.config()?, c)?,
         (None, None) => Trainer::new(a.config()?)?,
     };
-    if let Some(ordinal) = a.gpu {
-        let gpu = rrra::device::Gpu::open(ordinal)?;
+    if let Some(gpu) = &gpu {
         let (sequences, tokens) = trainer.batch_capacity();
         let enc = trainer.encoder();
         let (bert, pooling, normalize) = (enc.bert(), enc.pooling(), enc.normalize());
-        let (dev, what): (Box<dyn OffloadedEncoder>, _) = if data_parallel {
-            // the ranks' gradients are summed on the host, so the optimizer stays there
-            let mut dev =
-                GpuTrainableEncoder::new(&gpu, bert, pooling, normalize, tokens, sequences)?;
-            dev.set_gemm_math(a.gpu_math);
-            (Box::new(dev), "forward and backward")
-        } else {
-            let adamw = trainer.config().adamw;
-            let mut dev =
-                GpuTrainStep::new(&gpu, bert, pooling, normalize, adamw, tokens, sequences)?;
-            dev.set_gemm_math(a.gpu_math);
-            (Box::new(dev), "forward, backward and AdamW")
-        };
-        trainer.offload_encoder(dev)?;
-        eprintln!("encoder {what} ({} products) on {}", a.gpu_math, gpu.info());
+        let adamw = trainer.config().adamw;
+        // data parallel too: the ranks' gradients are summed on the GPUs (NCCL)
+        let mut dev = GpuTrainStep::new(gpu, bert, pooling, normalize, adamw, tokens, sequences)?;
+        dev.set_gemm_math(a.gpu_math);
+        trainer.offload_encoder(Box::new(dev))?;
+        eprintln!(
+            "encoder forward, backward and AdamW ({} products) on {}",
+            a.gpu_math,
+            gpu.info()
+        );
     }
     let cfg = trainer.config().clone();
     let total = trainer.total_steps()?;
