@@ -55,14 +55,15 @@
 // issues 8 shared loads for 16 FMAs, so expect 25-40% of FMA peak; tensor cores (bf16 or TF32
 // mma.sync) and a fused dq+dkdv with a deterministic dQ reduction are the next steps. Dropout
 // adds one Philox4x32-10 block (~60 integer ops) per score element and pass, against 2 dh FMAs.
-// Registers (sm_90, no spills): dq 100-128, dkdv 122-173 (d32's dkdv has launch bounds of 2
-// blocks per SM, see below).
+// Registers (sm_90, CUDA 13.0, no spills): dq 99-128, dkdv 96-185 (d32's dkdv has launch bounds
+// of 2 blocks per SM, see below).
 //
 // Validated on a CPU emulation of the CUDA blocks against the Rust CPU reference (head dims 16,
 // 32, 40, 64, 128, lengths 0, 1, 63, 64, 65, 129, 130, dropout 0 to 0.5): max difference 1e-6
 // of the largest gradient.
 
 #include "common.cuh"
+#include "philox.cuh"
 
 #define RRRA_ATTB_NEG_INF (-__int_as_float(0x7f800000))
 
@@ -83,45 +84,25 @@ struct Layout {
 // Dropout of one sequence: probability p, keep-scale 1/(1-p), the stream's key and counter words.
 struct Dropout {
     float p, scale;
-    unsigned k0, k1, c2, c3;
+    unsigned w[4];
     bool on;
     __device__ Dropout(float p_, float scale_, const unsigned* __restrict__ ctr) {
         p = p_;
         scale = scale_;
         on = p_ > 0.0f;
-        k0 = k1 = c2 = c3 = 0;
+        w[0] = w[1] = w[2] = w[3] = 0;
         if (on) {
-            const unsigned* w = ctr + 4 * (size_t)blockIdx.z;
-            k0 = w[0];
-            k1 = w[1];
-            c2 = w[2];
-            c3 = w[3];
+            const unsigned* s = ctr + 4 * (size_t)blockIdx.z;
+            w[0] = s[0];
+            w[1] = s[1];
+            w[2] = s[2];
+            w[3] = s[3];
         }
     }
     // Keep-scale of number n of the stream (1 when dropout is off).
     __device__ __forceinline__ float keep(unsigned long long n) const {
         if (!on) return 1.0f;
-        const unsigned long long b = n >> 2;
-        unsigned c0 = (unsigned)b, c1 = (unsigned)(b >> 32), cc2 = c2, cc3 = c3;
-        unsigned ka = k0, kb = k1;
-#pragma unroll
-        for (int round = 0; round < 10; ++round) {
-            if (round > 0) {
-                ka += 0x9E3779B9u;
-                kb += 0xBB67AE85u;
-            }
-            const unsigned hi0 = __umulhi(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
-            const unsigned hi1 = __umulhi(0xCD9E8D57u, cc2), lo1 = 0xCD9E8D57u * cc2;
-            const unsigned n0 = hi1 ^ c1 ^ ka, n2 = hi0 ^ cc3 ^ kb;
-            c0 = n0;
-            c1 = lo1;
-            cc2 = n2;
-            cc3 = lo0;
-        }
-        const int w = (int)(n & 3);
-        const unsigned word = w == 0 ? c0 : w == 1 ? c1 : w == 2 ? cc2 : cc3;
-        const float u = (float)(word >> 8) * (1.0f / 16777216.0f);
-        return u < p ? 0.0f : scale;
+        return rrra_uniform_at(n, w) < p ? 0.0f : scale;
     }
 };
 

@@ -3,8 +3,14 @@
 // the Rust values on a machine without a GPU.
 #pragma once
 
+// The high word of a 32 x 32-bit product: one IMAD.HI on the device (nvcc emits a widening
+// multiply for the portable form).
 __host__ __device__ __forceinline__ unsigned rrra_mulhi(unsigned a, unsigned b) {
+#ifdef __CUDA_ARCH__
+    return __umulhi(a, b);
+#else
     return (unsigned)(((unsigned long long)a * (unsigned long long)b) >> 32);
+#endif
 }
 
 __host__ __device__ __forceinline__ uint4 rrra_philox4x32_10(uint4 c, unsigned k0, unsigned k1) {

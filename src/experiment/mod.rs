@@ -126,8 +126,8 @@ pub struct ExperimentConfig {
     pub adapter_loss_weight: f64,
     pub adapter_lr: f32,
     pub assess: AssessConfig,
-    /// Fine-tune on this GPU (encoder forward, backward, AdamW and the mining encodes; the
-    /// loss, samplers and the joint adapter stay on the CPU); `None`: all on the CPU.
+    /// Fine-tune on this GPU (encoder forward, backward, AdamW, and the mining's encodes and
+    /// search; the loss, samplers and the joint adapter stay on the CPU); `None`: all on the CPU.
     #[serde(default)]
     pub gpu: Option<usize>,
     /// The arithmetic of the GPU fine-tuning's products.

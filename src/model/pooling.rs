@@ -37,8 +37,13 @@ impl std::fmt::Display for Pooling {
 }
 
 impl Pooling {
-    /// Pools `len` token rows of width `dim` into `out`.
+    /// Pools `len` token rows of width `dim` into `out`. An empty sequence pools to the zero
+    /// vector in every mode (as the GPU kernels do).
     pub fn pool(self, tokens: &[f32], len: usize, dim: usize, out: &mut [f32]) {
+        if len == 0 {
+            out.fill(0.0);
+            return;
+        }
         match self {
             Pooling::Cls => out.copy_from_slice(&tokens[..dim]),
             Pooling::Mean => {
@@ -123,5 +128,27 @@ fn read_json_opt(path: &Path) -> Result<Option<Value>> {
             .map_err(|e| Error::parse(path, e.line(), e.to_string())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pooling;
+
+    #[test]
+    fn an_empty_sequence_pools_to_zero_in_every_mode() {
+        for p in [Pooling::Mean, Pooling::Cls, Pooling::Max] {
+            let mut out = [7.0f32; 3];
+            p.pool(&[], 0, 3, &mut out);
+            assert_eq!(out, [0.0; 3], "{p}");
+        }
+        let rows = [1.0f32, -2.0, 3.0, 5.0, -4.0, 0.5];
+        let mut out = [0.0f32; 3];
+        Pooling::Max.pool(&rows, 2, 3, &mut out);
+        assert_eq!(out, [5.0, -2.0, 3.0]);
+        Pooling::Cls.pool(&rows, 2, 3, &mut out);
+        assert_eq!(out, [1.0, -2.0, 3.0]);
+        Pooling::Mean.pool(&rows, 2, 3, &mut out);
+        assert_eq!(out, [3.0, -3.0, 1.75]);
     }
 }

@@ -537,7 +537,10 @@ impl TrainableEncoder<'_> {
 /// Backward of [`Pooling::pool`] for one sequence: `rows` `[len × h]`, `dy` `[h]`, `dx` += .
 fn pool_backward(pooling: Pooling, rows: &[f32], dy: &[f32], dx: &mut [f32]) {
     let h = dy.len();
-    let len = rows.len() / h;
+    let len = rows.len() / h.max(1);
+    if len == 0 {
+        return; // an empty sequence pools to a constant (zero)
+    }
     match pooling {
         Pooling::Cls => add_into(&mut dx[..h], dy),
         Pooling::Mean => {
@@ -618,4 +621,64 @@ fn apply_dropout(
         let stream = Stream::new(d.seed, d.step, batch.example_ids[s], layer, site);
         bw::dropout_inplace(rows, p, &stream);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::synthetic::{batch_with_lengths, random_bert, small_config};
+
+    /// An empty sequence in a batch pools to zero and takes no part in the gradients: the batch
+    /// without it gives bitwise the same embeddings and parameter gradients, in every pooling.
+    #[test]
+    fn an_empty_sequence_changes_nothing() {
+        let bert = random_bert(small_config(32, 4, 2, 64), 3);
+        let full = batch_with_lengths(&bert.cfg, &[5, 0, 7], 9);
+        let mut without = PackedBatch::new();
+        for s in [0, 2] {
+            let r = full.offsets[s]..full.offsets[s + 1];
+            without.push(&full.ids[r.clone()], &full.type_ids[r]);
+        }
+        let h = bert.cfg.hidden_size;
+        let run = |packed: &PackedBatch, pooling: Pooling, d_emb: &[f32]| {
+            let n = packed.sequences() as u64;
+            let batch = TrainBatch {
+                packed: packed.clone(),
+                example_ids: (0..n).collect(),
+            };
+            let te = TrainableEncoder {
+                bert: &bert,
+                pooling,
+                normalize: true,
+            };
+            let none = DropoutPlan::none();
+            let acts = te.forward(&batch, &none, ActivationMode::Keep).unwrap();
+            let emb = acts.embeddings.clone();
+            let mut grads = BertWeights::zeros(&bert.cfg);
+            te.backward(&batch, &none, acts, d_emb, &mut grads).unwrap();
+            let bits: Vec<u32> = grads
+                .tensors()
+                .iter()
+                .flat_map(|t| t.iter())
+                .map(|v| v.to_bits())
+                .collect();
+            (emb, bits)
+        };
+        let d: Vec<f32> = (0..3 * h).map(|i| ((i % 7) as f32 - 3.0) * 0.1).collect();
+        let d_without: Vec<f32> = d[..h].iter().chain(&d[2 * h..]).copied().collect();
+        for pooling in [Pooling::Mean, Pooling::Cls, Pooling::Max] {
+            let (e_full, g_full) = run(&full, pooling, &d);
+            let (e_without, g_without) = run(&without, pooling, &d_without);
+            assert!(
+                e_full[h..2 * h].iter().all(|&v| v == 0.0),
+                "{pooling}: pools to zero"
+            );
+            assert_eq!(&e_full[..h], &e_without[..h], "{pooling}");
+            assert_eq!(&e_full[2 * h..], &e_without[h..], "{pooling}");
+            assert!(
+                g_full == g_without,
+                "{pooling}: gradients with and without it"
+            );
+        }
+    }
 }
