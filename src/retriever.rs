@@ -370,7 +370,7 @@ impl Retriever {
             rank_score,
         };
         match (&self.adapter, rerank) {
-            (Some((a, fused)), true) => {
+            (Some((a, weights)), true) => {
                 let n = s.hits.len();
                 s.docs.resize(n * dim, 0.0);
                 for (h, v) in s.hits.iter().zip(s.docs.chunks_exact_mut(dim)) {
@@ -379,7 +379,7 @@ impl Retriever {
                 s.logits.resize(n, 0.0);
                 query_logits(
                     &a.params,
-                    fused,
+                    weights,
                     &s.emb,
                     &s.docs[..n * dim],
                     &mut s.logits[..n],
@@ -435,7 +435,7 @@ impl Retriever {
             topk::search_batch(&self.store.corpus(), &q_emb, depth)?
         };
         match (&self.adapter, rerank) {
-            (Some((a, fused)), true) => self.reranked(a, fused, &q_emb, hits, k),
+            (Some((a, weights)), true) => self.reranked(a, weights, &q_emb, hits, k),
             _ => Ok(hits
                 .into_iter()
                 .map(|h| {
@@ -506,7 +506,7 @@ impl Retriever {
     fn reranked(
         &self,
         adapter: &AdapterFile,
-        fused: &ServingWeights,
+        weights: &ServingWeights,
         q_emb: &[f32],
         hits: Vec<Vec<topk::Hit>>,
         k: usize,
@@ -515,7 +515,7 @@ impl Retriever {
             .iter()
             .map(|h| h.iter().map(|x| (x.index, x.score)).collect())
             .collect();
-        Ok(rerank_rows(&self.store, adapter, fused, q_emb, &lists)?
+        Ok(rerank_rows(&self.store, adapter, weights, q_emb, &lists)?
             .into_iter()
             .map(|ranked| {
                 ranked

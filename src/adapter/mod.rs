@@ -15,9 +15,10 @@
 //! the query's labelled positives (`W1pos: h × 2d`), TriSampler's intuition that a negative
 //! close to the positives is suspect.
 //!
-//! [`scoring`] holds the fused forward/backward op, [`serving`] the per-query serving path; this file the parameters and the two training
-//! losses of the adapter, `L = BCE_w(logit) + mu · L_norm(a)`:
-//! [`weighted_bce`] on the logit and [`normalisation_loss`] keeping `a` on the segment [c, q].
+//! [`scoring`] holds the fused forward/backward op, [`serving`] the per-query serving path;
+//! this file the parameters and the two training losses of the adapter,
+//! `L = BCE_w(logit) + mu · L_norm(a)`: [`weighted_bce`] on the logit and
+//! [`normalisation_loss`] keeping `a` on the segment [c, q].
 
 pub mod calibrate;
 pub mod file;

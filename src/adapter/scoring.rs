@@ -21,9 +21,9 @@
 //! either way because it mixes q and c; the two linear terms do not, which is why they fold into
 //! per-query and per-candidate work (a kernel scoring one candidate pool against many queries
 //! would compute `(W1c − W1a)·c` once per candidate). The K pairs of a query are batched as
-//! GEMMs (`cpu::gemm::linear`). The serving path ([`super::serving::query_logits`], one query, k ≈ 100) forms
-//! `M_q` itself instead (h·d once per query) and applies it to the candidates: h·d per pair for
-//! the first layer, 2·h·d in all.
+//! GEMMs (`cpu::gemm::linear`). The serving path ([`super::serving::query_logits`], one query,
+//! k ≈ 100) forms `M_q` itself instead (h·d once per query) and applies it to the candidates:
+//! h·d per pair for the first layer, 2·h·d in all.
 //!
 //! # Backward
 //! The forward keeps a cache of the pre-activations `W1·z + b1` (`[P × h]`) and the adapted

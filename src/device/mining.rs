@@ -51,7 +51,7 @@ pub fn mine(
     let queries = bert.encode_tokens(query_tokens, batch, enc.pooling, enc.normalize)?;
     drop(bert);
     let dim = enc.bert.cfg.hidden_size;
-    let depth = mining::search_depth(set, top_k.max(1));
+    let depth = mining::search_depth(set, top_k.max(1)).max(1);
     let hits = search(gpu, &docs, &queries, dim, depth)?;
     mining::mine_from_hits(set, dim, queries, docs, &hits, top_k, exclude_same_id)
 }

@@ -38,9 +38,10 @@
 //!
 //! The only difference from the single-process step is the order of f32 sums: the weight
 //! gradients of a shard are reduced over its own tokens and then added across ranks, where the
-//! single process reduces over all tokens at once. With [`InProcess`](super::collective::InProcess) the cross-rank sum runs in
-//! rank order and every rank copies the one result, so all replicas hold bitwise the same
-//! gradient and stay in step after the (deterministic) AdamW update.
+//! single process reduces over all tokens at once. With
+//! [`InProcess`](super::collective::InProcess) the cross-rank sum runs in rank order and every
+//! rank copies the one result, so all replicas hold bitwise the same gradient and stay in step
+//! after the (deterministic) AdamW update.
 //!
 //! Scope: the encoder and the loss. The trainer adds the RRRA joint adapter's loss the same
 //! way as InfoNCE: every rank computes it on the gathered batch.
@@ -379,8 +380,8 @@ pub struct StepOutput {
 ///
 /// Shard errors are reported on every rank. The encoder forward is checked up front, so it
 /// should not fail later; if it did, the other ranks would wait in the embedding gather until
-/// the transport reports the failure ([`InProcess`](super::collective::InProcess): that rank's handle dropped, or the
-/// timeout).
+/// the transport reports the failure ([`InProcess`](super::collective::InProcess): that rank's
+/// handle dropped, or the timeout).
 pub fn shard_gradients(
     comm: &dyn Collective,
     encoder: &TrainableEncoder<'_>,

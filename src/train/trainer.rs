@@ -1032,25 +1032,16 @@ impl Trainer {
             Some((enc, _)) if depth > 0 => enc.search(&doc_emb, &q_emb, dim, depth),
             _ => None,
         };
-        let (mut pool, stats) = match device_hits {
-            Some(hits) => mining::mine_from_hits(
-                &self.set,
-                dim,
-                q_emb,
-                doc_emb,
-                &hits?,
-                top_k,
-                self.cfg.exclude_same_id,
-            )?,
-            None => mining::mine_from_embeddings(
-                &self.set,
-                dim,
-                q_emb,
-                doc_emb,
-                top_k,
-                self.cfg.exclude_same_id,
-            )?,
+        let hits = match device_hits {
+            Some(hits) => hits?,
+            None => {
+                let corpus = crate::index::Corpus::from_f32(&doc_emb, dim)?;
+                crate::index::topk::search_batch(&corpus, &q_emb, depth)?
+            }
         };
+        let exclude = self.cfg.exclude_same_id;
+        let (mut pool, stats) =
+            mining::mine_from_hits(&self.set, dim, q_emb, doc_emb, &hits, top_k, exclude)?;
         if self.cfg.negative_pool == NegativePool::Given {
             // The file's negatives, ranked by the same snapshot's scores.
             for (qi, q) in self.set.queries.iter().enumerate() {

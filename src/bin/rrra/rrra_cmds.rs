@@ -259,8 +259,8 @@ pub struct ExperimentArgs {
     #[arg(long, default_value_t = 1e-3)]
     pub adapter_lr: f32,
     /// Run every stage's training on this CUDA device: the fine-tuning's encoder forward,
-    /// backward, AdamW and mining (encodes and search), and (unless --adapter-gpu says otherwise) the
-    /// stage-2 adapter's forward and backward. Losses, samplers and the joint adapter stay on
+    /// backward, AdamW and mining (encodes and search), and (unless --adapter-gpu says
+    /// otherwise) the stage-2 adapter's forward and backward. Losses, samplers and the joint adapter stay on
     /// the CPU.
     #[arg(long, value_name = "ORDINAL")]
     pub gpu: Option<usize>,
