@@ -301,3 +301,89 @@ fn stage_two_on_the_gpu_follows_the_cpu() {
         );
     }
 }
+
+/// Stage 3's adapter on the GPU: `JointAdapter` with the device op gives the CPU's BCE,
+/// embedding gradients and adapter gradients (tolerances as in the op's own test above), and
+/// its pool scoring (`score_lists_on`, the refresh's) the CPU's logits.
+#[test]
+fn the_joint_adapter_on_the_gpu_follows_the_cpu() {
+    use rrra::adapter::fit::score_lists_on;
+    use rrra::train::rrra::JointAdapter;
+    let Some(gpu) = common::gpu_or_skip() else {
+        return;
+    };
+    let (d, h, nq, k) = (48usize, 40usize, 6usize, 5usize);
+    let params = random_params(d, h, 31);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("adapter.safetensors");
+    common::write_adapter(&path, params.clone());
+    let (mut cpu, mut dev) = (
+        JointAdapter::load(&path).unwrap(),
+        JointAdapter::load(&path).unwrap(),
+    );
+    dev.set_op(Box::new(
+        GpuAdapterGrad::new(&gpu, &params, nq, nq * k).unwrap(),
+    ));
+    // a batch: each query's positive (its own column) and negatives, lists of unequal length
+    let queries = random_unit_vectors(nq, d, 32);
+    let docs = random_unit_vectors(nq * k, d, 33);
+    let classes = PairClass::ALL;
+    let lists: Vec<(Vec<usize>, Vec<PairClass>)> = (0..nq)
+        .map(|b| {
+            let cols: Vec<usize> = (0..k - b % 2).map(|j| (b * k + j) % (nq * k)).collect();
+            let cls = (0..cols.len()).map(|j| classes[(b + j) % 4]).collect();
+            (cols, cls)
+        })
+        .collect();
+    let (mut dq_c, mut dd_c) = (vec![0.0f32; nq * d], vec![0.0f32; nq * k * d]);
+    let (mut dq_g, mut dd_g) = (dq_c.clone(), dd_c.clone());
+    let bce_c = cpu
+        .batch_loss(&queries, &docs, d, &lists, 0.3, &mut dq_c, &mut dd_c)
+        .unwrap();
+    let bce_g = dev
+        .batch_loss(&queries, &docs, d, &lists, 0.3, &mut dq_g, &mut dd_g)
+        .unwrap();
+    assert!(
+        (bce_c - bce_g).abs() <= 1e-5 * bce_c.abs(),
+        "bce {bce_c} vs {bce_g}"
+    );
+    check_rel("joint dq", &dq_g, &dq_c, 1e-4);
+    check_rel("joint dd", &dd_g, &dd_c, 1e-4);
+    for ((name, c), (_, g)) in cpu.grads.tensors().into_iter().zip(dev.grads.tensors()) {
+        check_rel(&format!("joint d{name}"), g, c, 1e-4);
+    }
+    // the refresh's scoring, in calls of at most nq × k pairs
+    let emb = Embeddings {
+        queries: &queries,
+        docs: &docs,
+        dim: d,
+    };
+    let pool: Vec<Vec<u32>> = (0..nq).map(|b| (0..(b % k) as u32 + 1).collect()).collect();
+    let pool_lists: Vec<(usize, &[u32])> =
+        pool.iter().enumerate().map(|(b, l)| (b, &l[..])).collect();
+    let mut op = GpuAdapterGrad::new(&gpu, &params, 2, 2 * k).unwrap();
+    let lg = score_lists_on(&params, emb, &pool_lists, &mut op).unwrap();
+    let lc = score_pairs(
+        &params,
+        emb,
+        &pool
+            .iter()
+            .enumerate()
+            .map(|(b, l)| QueryPairs {
+                query: b,
+                docs: l.clone(),
+                scores: vec![0.0; l.len()],
+                classes: vec![PairClass::TrueNegative; l.len()],
+            })
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let tol = 2e-5 * (1.0 + params.beta.abs());
+    for (a, b) in lc.iter().flatten().zip(lg.iter().flatten()) {
+        assert!((a - b).abs() <= tol, "pool logit cpu {a} vs gpu {b}");
+    }
+    assert_eq!(
+        lg.iter().map(Vec::len).sum::<usize>(),
+        lc.iter().map(Vec::len).sum::<usize>()
+    );
+}

@@ -1,10 +1,11 @@
-//! `rrra train --gpu` end to end: a few trainer steps (mining refreshes, dropout, gradient
+//! `rrra train --device cuda` end to end: a few trainer steps (mining refreshes, dropout, gradient
 //! accumulation) with the encoder offloaded to the GPU against the same run on the CPU, on the
 //! tiny random BERT of the fixtures (dropout set to 0.1) and Cranfield: once with the optimizer
 //! on the host (`GpuTrainableEncoder`), once resident on the device (`GpuTrainStep`, what
-//! `rrra train --gpu` uses), a resident run stopped and resumed from its checkpoint, and two
-//! data-parallel ranks on threads sharing the GPU, each with its resident optimizer, their
-//! gradients summed through the host (`InProcess`). Skips without a GPU.
+//! `rrra train --device cuda` uses), a resident run stopped and resumed from its checkpoint, and
+//! two data-parallel ranks on threads sharing the GPU, each with its resident optimizer, their
+//! gradients summed through the host (`InProcess`), and an RRRA run whose joint adapter trains
+//! on the GPU too. Skips without a GPU.
 //!
 //! Tolerances, and why: the first step starts from the same weights, so its loss differs only
 //! by the f32 summation orders of the encoder (~1e-6 relative). Later steps start from weights
@@ -149,6 +150,61 @@ fn an_offloaded_run_follows_the_cpu_run() {
         );
     }
     assert_close(&s, &c, &again.encoder().bert().weights.tensors(), "resumed");
+}
+
+/// RRRA's stage 3 on the GPU: the sampler reads the joint adapter's s_FN and the adapter
+/// trains with the encoder, its forward and backward on the device beside the resident step
+/// (`GpuTrainStep::adapter_op`). Encoder and adapter losses follow the CPU run within the
+/// tolerances above (the adapter's op differs from the CPU by f32 summation order, as the
+/// encoder's does), and so do the encoder's weights.
+#[test]
+fn an_rrra_run_with_its_joint_adapter_on_the_gpu_follows_the_cpu_run() {
+    use rrra::adapter::AdapterParams;
+    use rrra::train::sampler::SamplerKind;
+    let Some(gpu) = common::gpu_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_bert_with_dropout(dir.path());
+    let start = Encoder::load(&model, &EncoderOptions::default()).unwrap();
+    let adapter = dir.path().join("stage2.safetensors");
+    common::write_adapter(&adapter, AdapterParams::init(start.dim(), 16, 5).unwrap());
+    let rrra_config = |out: &str| {
+        let mut cfg = config(&model, dir.path().join(out));
+        cfg.sampler = SamplerKind::parse("rrra").unwrap();
+        cfg.adapter.init = Some(adapter.clone());
+        cfg
+    };
+    let run = |t: &mut Trainer| -> Vec<(f64, f64)> {
+        let mut out = Vec::new();
+        t.run(None, &mut |e| {
+            if let TrainEvent::Step(r) = e {
+                out.push((r.loss, r.adapter_loss.unwrap_or(f64::NAN)));
+            }
+        })
+        .unwrap();
+        out
+    };
+    let mut cpu = Trainer::new(rrra_config("cpu")).unwrap();
+    let cpu_losses = run(&mut cpu);
+    let mut dev = Trainer::new(rrra_config("gpu")).unwrap();
+    offload(&gpu, &mut dev, true);
+    let gpu_losses = run(&mut dev);
+    assert_eq!(cpu_losses.len(), 4);
+    assert_eq!(gpu_losses.len(), 4);
+    for (i, (c, g)) in cpu_losses.iter().zip(&gpu_losses).enumerate() {
+        let tol = if i == 0 { 1e-5 } else { 1e-4 };
+        for (what, c, g) in [("loss", c.0, g.0), ("adapter loss", c.1, g.1)] {
+            assert!(
+                (c - g).abs() <= tol * c.abs(),
+                "step {}: cpu {what} {c} vs gpu {g}",
+                i + 1
+            );
+        }
+    }
+    let s = start.bert().weights.tensors();
+    let c = cpu.encoder().bert().weights.tensors();
+    assert_close(&s, &c, &dev.encoder().bert().weights.tensors(), "rrra");
 }
 
 /// Two data-parallel ranks (threads, `InProcess`) each holding a resident `GpuTrainStep` on the

@@ -283,10 +283,12 @@ fn a_flagembedding_file_trains_on_its_given_negatives() {
     assert!(out.join("model/model.safetensors").exists());
 }
 
-/// CPU stand-ins for the GPU encoders of `rrra train --gpu`, to check the trainer's side of
+/// CPU stand-ins for the GPU encoders of `rrra train --device cuda`, to check the trainer's side of
 /// the offload hooks where no GPU is (the GPU encoders themselves are checked against the CPU
 /// in tests/gpu_encoder_train.rs and tests/gpu_train_run.rs).
 mod stand_in {
+    use rrra::adapter::fit::{AdapterOp, CpuAdapterOp, ForwardPass};
+    use rrra::adapter::AdapterParams;
     use rrra::index::{search_batch, Corpus, Hit};
     use rrra::model::weights::BertWeights;
     use rrra::model::Encoder;
@@ -307,6 +309,83 @@ mod stand_in {
         pub encodes: AtomicUsize,
         pub searches: AtomicUsize,
         pub downloads: AtomicUsize,
+        /// Calls of the joint adapter's op (forward, backward and scoring).
+        pub adapter_calls: AtomicUsize,
+    }
+
+    /// The CPU reference adapter op behind the capacity the trainer asked for, as a GPU's
+    /// buffers are sized: a call beyond it fails, as `GpuAdapterGrad`'s would.
+    pub struct SizedAdapterOp {
+        pub inner: CpuAdapterOp,
+        pub capacity: (usize, usize),
+        pub counts: Arc<Counts>,
+    }
+
+    impl SizedAdapterOp {
+        fn admit(&self, queries: usize, k: usize) -> rrra::Result<()> {
+            self.counts.adapter_calls.fetch_add(1, Ordering::SeqCst);
+            let (q, p) = self.capacity;
+            if queries > q || queries * k > p {
+                return Err(rrra::Error::InvalidArgument(format!(
+                    "{queries} queries × {k} candidates exceed the adapter op's {q} × {p}"
+                )));
+            }
+            Ok(())
+        }
+    }
+
+    impl AdapterOp for SizedAdapterOp {
+        fn capacity(&self) -> Option<(usize, usize)> {
+            Some(self.capacity)
+        }
+        fn logits(
+            &mut self,
+            params: &AdapterParams,
+            queries: &[f32],
+            candidates: &[f32],
+            k: usize,
+        ) -> rrra::Result<Vec<f32>> {
+            self.admit(queries.len() / params.d, k)?;
+            self.inner.logits(params, queries, candidates, k)
+        }
+        fn forward(
+            &mut self,
+            params: &AdapterParams,
+            queries: &[f32],
+            candidates: &[f32],
+            contexts: Option<&[f32]>,
+            k: usize,
+        ) -> rrra::Result<ForwardPass> {
+            self.admit(queries.len() / params.d, k)?;
+            self.inner.forward(params, queries, candidates, contexts, k)
+        }
+        fn backward(
+            &mut self,
+            params: &AdapterParams,
+            queries: &[f32],
+            candidates: &[f32],
+            contexts: Option<&[f32]>,
+            k: usize,
+            d_logit: &[f32],
+            d_a_extra: Option<&[f32]>,
+            grads: &mut AdapterParams,
+            d_queries: Option<&mut [f32]>,
+            d_candidates: Option<&mut [f32]>,
+        ) -> rrra::Result<()> {
+            self.admit(queries.len() / params.d, k)?;
+            self.inner.backward(
+                params,
+                queries,
+                candidates,
+                contexts,
+                k,
+                d_logit,
+                d_a_extra,
+                grads,
+                d_queries,
+                d_candidates,
+            )
+        }
     }
 
     /// The forward and backward of `TrainableEncoder` behind `OffloadedEncoder`.
@@ -318,6 +397,8 @@ mod stand_in {
         pub counts: Arc<Counts>,
         /// Mining searches answer worst first (to see that the trainer uses the answer).
         pub reverse_hits: bool,
+        /// Offer the joint adapter a place ([`SizedAdapterOp`]), as a GPU encoder does.
+        pub adapter_op: bool,
     }
 
     impl Offloaded {
@@ -329,6 +410,7 @@ mod stand_in {
                 dropout: DropoutPlan::none(),
                 counts,
                 reverse_hits: false,
+                adapter_op: false,
             }
         }
     }
@@ -387,6 +469,21 @@ mod stand_in {
                 h.iter_mut().for_each(|q| q.reverse());
             }
             Some(hits)
+        }
+        fn adapter_op(
+            &mut self,
+            _d: usize,
+            _h: usize,
+            max_queries: usize,
+            max_pairs: usize,
+        ) -> Option<rrra::Result<Box<dyn AdapterOp>>> {
+            self.adapter_op.then(|| {
+                Ok(Box::new(SizedAdapterOp {
+                    inner: CpuAdapterOp::default(),
+                    capacity: (max_queries, max_pairs),
+                    counts: self.counts.clone(),
+                }) as Box<dyn AdapterOp>)
+            })
         }
     }
 
@@ -598,7 +695,7 @@ fn mining_uses_the_offloaded_encoders_search() {
     );
 }
 
-/// With an offloaded encoder that keeps the optimizer too (`rrra train --gpu`), the trainer
+/// With an offloaded encoder that keeps the optimizer too (`rrra train --device cuda`), the trainer
 /// must hand it the weights and AdamW state once, copy them back for every checkpoint and
 /// evaluation (and not otherwise), and give it the same scale, clip and learning rate as its
 /// own step: bitwise the CPU run, for an uninterrupted run and for one stopped after its
@@ -888,16 +985,7 @@ fn data_parallel_ranks_train_the_joint_adapter_like_one_process() {
     for (i, w) in params.w2.iter_mut().enumerate() {
         *w = ((i % 11) as f32 - 5.0) * 1e-2;
     }
-    AdapterFile {
-        params,
-        calibration: Default::default(),
-        lambda_rr: 1.0,
-        tau: 0.05,
-        train_config: Default::default(),
-        info: serde_json::json!({}),
-    }
-    .save(&adapter)
-    .unwrap();
+    common::write_adapter(&adapter, params);
     let config = |out: &str| {
         let mut cfg = offload_config(&model, dir.path().join(out), true);
         cfg.max_steps = Some(3);
@@ -973,4 +1061,85 @@ fn data_parallel_ranks_with_a_resident_optimizer_train_like_the_host_optimizer()
             "{world} ranks: weights"
         );
     }
+}
+
+/// Stage 3 where the encoder runs: with an offloaded encoder that offers the joint adapter a
+/// place (a GPU does, `GpuAdapterGrad`), the adapter's pool rescoring, forward and backward go
+/// there, within the capacity the trainer asked for, and the run (encoder and adapter) is
+/// bitwise the CPU's. The GPU op itself is checked against the CPU in
+/// tests/gpu_adapter_train.rs.
+#[test]
+fn the_joint_adapter_runs_beside_an_offloaded_encoder() {
+    use rrra::adapter::file::{AdapterFile, FILE_NAME};
+    use rrra::adapter::AdapterParams;
+    use rrra::model::{Encoder, EncoderOptions};
+    use rrra::train::sampler::SamplerKind;
+    use rrra::train::trainer::Trainer;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_bert_with_dropout(dir.path());
+    let load = || Encoder::load(&model, &EncoderOptions::default()).unwrap();
+    let adapter = dir.path().join("stage2.safetensors");
+    common::write_adapter(&adapter, AdapterParams::init(load().dim(), 8, 3).unwrap());
+    let run = |out: &str, offload: Option<bool>| -> (Trainer, Arc<stand_in::Counts>) {
+        let mut cfg = offload_config(&model, dir.path().join(out), true);
+        cfg.sampler = SamplerKind::parse("rrra").unwrap();
+        cfg.adapter.init = Some(adapter.clone());
+        let mut t = Trainer::new(cfg).unwrap();
+        let counts = Arc::new(stand_in::Counts::default());
+        if let Some(adapter_op) = offload {
+            let mut dev = stand_in::Offloaded::new(load(), counts.clone());
+            dev.adapter_op = adapter_op;
+            t.offload_encoder(Box::new(dev)).unwrap();
+        }
+        t.run(None, &mut |_| {}).unwrap();
+        (t, counts)
+    };
+    let (cpu, _) = run("cpu", None);
+    let (beside, counts) = run("beside", Some(true));
+    let (offloaded, no_op) = run("offloaded", Some(false));
+    let calls = counts.adapter_calls.load(Ordering::SeqCst);
+    // 2 minings × ⌈queries / 32⌉ scoring calls, and a forward and a backward per micro-batch
+    assert!(calls >= 2 + 3 * 2 * 2, "{calls} adapter calls");
+    assert_eq!(no_op.adapter_calls.load(Ordering::SeqCst), 0);
+    for (t, what) in [(&beside, "beside"), (&offloaded, "offloaded")] {
+        assert_same_weights(cpu.encoder(), t.encoder(), what);
+    }
+    let saved = |out: &str| AdapterFile::load(&dir.path().join(out).join("model").join(FILE_NAME));
+    let (a, b) = (saved("cpu").unwrap(), saved("beside").unwrap());
+    assert_eq!(a.params, b.params, "the joint adapter trained the same");
+    assert_eq!(a.calibration, b.calibration);
+    let start = AdapterFile::load(&adapter).unwrap();
+    assert!(a.params != start.params, "the joint adapter trained");
+
+    // A resumed run has its pool already: the adapter moves with the encoder, before the next
+    // refresh.
+    let out = dir.path().join("resumed");
+    let mut cfg = offload_config(&model, out.clone(), true);
+    cfg.sampler = SamplerKind::parse("rrra").unwrap();
+    cfg.adapter.init = Some(adapter.clone());
+    cfg.checkpoint_every = Some(1);
+    Trainer::new(cfg)
+        .unwrap()
+        .run(Some(1), &mut |_| {})
+        .unwrap();
+    let mut t = Trainer::resume(&out).unwrap();
+    let counts = Arc::new(stand_in::Counts::default());
+    let mut dev = stand_in::Offloaded::new(load(), counts.clone());
+    dev.adapter_op = true;
+    t.offload_encoder(Box::new(dev)).unwrap();
+    let mut before_refresh = None;
+    t.run(None, &mut |e| {
+        if let rrra::train::trainer::TrainEvent::Mined(_) = e {
+            before_refresh.get_or_insert(counts.adapter_calls.load(Ordering::SeqCst));
+        }
+    })
+    .unwrap();
+    assert!(
+        before_refresh.is_some_and(|n| n > 0),
+        "adapter calls before the resumed run's refresh: {before_refresh:?}"
+    );
+    assert_same_weights(cpu.encoder(), t.encoder(), "resumed");
 }

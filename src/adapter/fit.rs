@@ -113,8 +113,25 @@ impl Embeddings<'_> {
 
 /// Where the adapter's forward and backward run while it trains: the CPU reference
 /// ([`CpuAdapterOp`]) or a device (`crate::device::adapter_train::GpuAdapterGrad`). The
-/// losses, class weights and optimizer stay in [`train_adapter_on`], the same for both.
+/// losses, class weights and optimizer stay with the caller ([`train_adapter_on`] in stage 2,
+/// `train::rrra::JointAdapter` in stage 3), the same for both.
 pub trait AdapterOp {
+    /// The most queries and (query, candidate) pairs one call takes; `None`: no limit.
+    fn capacity(&self) -> Option<(usize, usize)> {
+        None
+    }
+
+    /// The logits alone (`[B × k]`), for scoring without a backward.
+    fn logits(
+        &mut self,
+        params: &AdapterParams,
+        queries: &[f32],
+        candidates: &[f32],
+        k: usize,
+    ) -> Result<Vec<f32>> {
+        Ok(self.forward(params, queries, candidates, None, k)?.logit)
+    }
+
     /// Forward over a batch (`queries` `[B × d]`, `candidates` `[B × k × d]`, positive-aware
     /// `contexts` like the candidates) with `params`; keeps what [`AdapterOp::backward`] needs.
     fn forward(
@@ -127,7 +144,9 @@ pub trait AdapterOp {
     ) -> Result<ForwardPass>;
 
     /// Adds the gradients of the last forward's loss to `grads`, from `∂L/∂logit` and
-    /// optionally `∂L/∂a`; the batch is the last forward's.
+    /// optionally `∂L/∂a`; the batch is the last forward's. With `d_queries` (`[B × d]`) or
+    /// `d_candidates` (`[B × k × d]`) given, the inputs' gradients are added to them too
+    /// (stage 3, where the embeddings train).
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &mut self,
@@ -139,6 +158,8 @@ pub trait AdapterOp {
         d_logit: &[f32],
         d_a_extra: Option<&[f32]>,
         grads: &mut AdapterParams,
+        d_queries: Option<&mut [f32]>,
+        d_candidates: Option<&mut [f32]>,
     ) -> Result<()>;
 }
 
@@ -157,6 +178,16 @@ pub struct CpuAdapterOp {
 }
 
 impl AdapterOp for CpuAdapterOp {
+    fn logits(
+        &mut self,
+        params: &AdapterParams,
+        queries: &[f32],
+        candidates: &[f32],
+        k: usize,
+    ) -> Result<Vec<f32>> {
+        Ok(score(params, queries, candidates, k)?.logit)
+    }
+
     fn forward(
         &mut self,
         params: &AdapterParams,
@@ -185,12 +216,24 @@ impl AdapterOp for CpuAdapterOp {
         d_logit: &[f32],
         d_a_extra: Option<&[f32]>,
         grads: &mut AdapterParams,
+        d_queries: Option<&mut [f32]>,
+        d_candidates: Option<&mut [f32]>,
     ) -> Result<()> {
         let cache = self.cache.as_ref().ok_or_else(|| {
             Error::InvalidArgument("the adapter's backward needs a forward first".into())
         })?;
         backward_with_context(
-            params, queries, candidates, contexts, k, cache, d_logit, d_a_extra, grads, None, None,
+            params,
+            queries,
+            candidates,
+            contexts,
+            k,
+            cache,
+            d_logit,
+            d_a_extra,
+            grads,
+            d_queries,
+            d_candidates,
         )
     }
 }
@@ -520,6 +563,8 @@ fn batch_gradients(
         &d_logit,
         extra,
         grads,
+        None,
+        None,
     )?;
     Ok((bce, norm))
 }
@@ -574,7 +619,20 @@ pub fn score_lists(
     emb: Embeddings<'_>,
     lists: &[(usize, &[u32])],
 ) -> Result<Vec<Vec<f32>>> {
+    score_lists_on(params, emb, lists, &mut CpuAdapterOp::default())
+}
+
+/// [`score_lists`] on `op`: lists go in order, as many per call as `op`'s capacity takes
+/// (at most 32 without a limit), each call padded to its longest list. A pair's logit does
+/// not depend on the others of its call, so the grouping changes no result.
+pub fn score_lists_on(
+    params: &AdapterParams,
+    emb: Embeddings<'_>,
+    lists: &[(usize, &[u32])],
+    op: &mut dyn AdapterOp,
+) -> Result<Vec<Vec<f32>>> {
     check_dim(params, emb)?;
+    let (max_queries, max_pairs) = op.capacity().unwrap_or((32, usize::MAX));
     let mut logits: Vec<Vec<f32>> = lists
         .iter()
         .map(|l| Vec::with_capacity(l.1.len()))
@@ -582,13 +640,32 @@ pub fn score_lists(
     let idx: Vec<usize> = (0..lists.len())
         .filter(|&i| !lists[i].1.is_empty())
         .collect();
-    for batch in idx.chunks(32) {
+    let mut start = 0;
+    while start < idx.len() {
+        // the longest run of lists from `start` that fits one call
+        let (mut end, mut longest) = (start, 0usize);
+        while end < idx.len() {
+            let wide = longest.max(lists[idx[end]].1.len());
+            let n = end - start + 1;
+            if n > max_queries || n.saturating_mul(wide) > max_pairs {
+                break;
+            }
+            (end, longest) = (end + 1, wide);
+        }
+        if end == start {
+            return Err(Error::InvalidArgument(format!(
+                "a list of {} candidates exceeds the adapter's {max_pairs} pairs per call",
+                lists[idx[start]].1.len()
+            )));
+        }
+        let batch = &idx[start..end];
         let sel: Vec<(usize, &[u32])> = batch.iter().map(|&i| lists[i]).collect();
         let (k, queries, candidates) = gather_lists(emb, &sel);
-        let out = score(params, &queries, &candidates, k)?;
+        let out = op.logits(params, &queries, &candidates, k)?;
         for (bi, &i) in batch.iter().enumerate() {
-            logits[i].extend_from_slice(&out.logit[bi * k..bi * k + lists[i].1.len()]);
+            logits[i].extend_from_slice(&out[bi * k..bi * k + lists[i].1.len()]);
         }
+        start = end;
     }
     Ok(logits)
 }
@@ -671,6 +748,88 @@ mod tests {
             pairs.push(p);
         }
         (q, docs, pairs)
+    }
+
+    /// The CPU op behind a capacity (as a GPU's buffers), counting its calls.
+    struct Sized {
+        cpu: CpuAdapterOp,
+        capacity: (usize, usize),
+        calls: usize,
+    }
+
+    impl AdapterOp for Sized {
+        fn capacity(&self) -> Option<(usize, usize)> {
+            Some(self.capacity)
+        }
+        fn forward(
+            &mut self,
+            params: &AdapterParams,
+            queries: &[f32],
+            candidates: &[f32],
+            contexts: Option<&[f32]>,
+            k: usize,
+        ) -> Result<ForwardPass> {
+            let nq = queries.len() / params.d;
+            assert!(
+                nq <= self.capacity.0 && nq * k <= self.capacity.1,
+                "{nq} × {k}"
+            );
+            self.calls += 1;
+            self.cpu.forward(params, queries, candidates, contexts, k)
+        }
+        fn backward(
+            &mut self,
+            _: &AdapterParams,
+            _: &[f32],
+            _: &[f32],
+            _: Option<&[f32]>,
+            _: usize,
+            _: &[f32],
+            _: Option<&[f32]>,
+            _: &mut AdapterParams,
+            _: Option<&mut [f32]>,
+            _: Option<&mut [f32]>,
+        ) -> Result<()> {
+            unreachable!("scoring only")
+        }
+    }
+
+    /// Scoring through an op of small capacity groups the lists differently (here by the
+    /// forward of the trait's default `logits`) and gives bitwise the same logits; a list
+    /// longer than a call takes is refused.
+    #[test]
+    fn scoring_on_an_op_of_any_capacity_gives_the_same_logits() {
+        let (d, nq) = (16, 7);
+        let (q, docs, mut pairs) = toy(nq, d);
+        pairs[3].docs.truncate(5); // lists of unequal lengths, one empty
+        pairs[5].docs.clear();
+        let params = AdapterParams::init(d, 8, 4).unwrap();
+        let emb = Embeddings {
+            queries: &q,
+            docs: &docs,
+            dim: d,
+        };
+        let lists: Vec<(usize, &[u32])> = pairs.iter().map(|p| (p.query, &p.docs[..])).collect();
+        let reference = score_lists(&params, emb, &lists).unwrap();
+        assert_eq!(reference[5].len(), 0);
+        assert_eq!(reference[3].len(), 5);
+        let mut op = Sized {
+            cpu: CpuAdapterOp::default(),
+            capacity: (4, 65),
+            calls: 0,
+        };
+        let sized = score_lists_on(&params, emb, &lists, &mut op).unwrap();
+        let bits = |v: &[Vec<f32>]| -> Vec<Vec<u32>> {
+            v.iter()
+                .map(|l| l.iter().map(|x| x.to_bits()).collect())
+                .collect()
+        };
+        assert_eq!(bits(&sized), bits(&reference));
+        // 30-long lists, two per call under 65 pairs, the short one joins one: 6 lists → 3 calls
+        assert_eq!(op.calls, 3);
+        op.capacity = (4, 29);
+        let e = score_lists_on(&params, emb, &lists, &mut op).unwrap_err();
+        assert!(e.to_string().contains("30 candidates"), "{e}");
     }
 
     #[test]

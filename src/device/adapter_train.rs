@@ -623,11 +623,28 @@ impl GpuAdapterGrad {
     }
 }
 
-/// Stage 2 on the GPU: the forward and backward of [`crate::adapter::fit::train_adapter_on`]'s
-/// steps run here, the losses and the optimizer on the host. The weights the optimizer moved
-/// are uploaded at each forward (1.8 MB for the MiniLM adapter); the adapted points and alphas
-/// come back for the normalisation loss, which reads them with the queries and candidates.
+/// Stages 2 and 3 on the GPU: the forward and backward of the steps of
+/// [`crate::adapter::fit::train_adapter_on`] and of the joint adapter
+/// (`train::rrra::JointAdapter`) run here, the losses and the optimizer on the host. The
+/// weights the optimizer moved are uploaded at each forward (1.8 MB for the MiniLM adapter);
+/// the adapted points and alphas come back for the normalisation loss, which reads them with
+/// the queries and candidates.
 impl AdapterOp for GpuAdapterGrad {
+    fn capacity(&self) -> Option<(usize, usize)> {
+        Some((self.max_queries, self.max_pairs))
+    }
+
+    fn logits(
+        &mut self,
+        params: &AdapterParams,
+        queries: &[f32],
+        candidates: &[f32],
+        k: usize,
+    ) -> Result<Vec<f32>> {
+        self.set_params(params)?;
+        GpuAdapterGrad::forward(self, queries, candidates, k)
+    }
+
     fn forward(
         &mut self,
         params: &AdapterParams,
@@ -660,9 +677,11 @@ impl AdapterOp for GpuAdapterGrad {
         d_logit: &[f32],
         d_a_extra: Option<&[f32]>,
         grads: &mut AdapterParams,
+        d_queries: Option<&mut [f32]>,
+        d_candidates: Option<&mut [f32]>,
     ) -> Result<()> {
         // the batch is the one the forward uploaded
-        GpuAdapterGrad::backward(self, d_logit, d_a_extra, grads, None, None)
+        GpuAdapterGrad::backward(self, d_logit, d_a_extra, grads, d_queries, d_candidates)
     }
 }
 

@@ -252,6 +252,19 @@ impl OffloadedEncoder for GpuTrainStep {
     fn resident(&mut self) -> Option<&mut dyn ResidentOptimizer> {
         Some(self)
     }
+    fn adapter_op(
+        &mut self,
+        d: usize,
+        h: usize,
+        max_queries: usize,
+        max_pairs: usize,
+    ) -> Option<Result<Box<dyn crate::adapter::fit::AdapterOp>>> {
+        // placeholder weights of the right shapes: each call uploads the current ones
+        let op = crate::adapter::AdapterParams::init(d, h, 0).and_then(|p| {
+            super::adapter_train::GpuAdapterGrad::new(&self.gpu, &p, max_queries, max_pairs)
+        });
+        Some(op.map(|o| Box::new(o) as Box<dyn crate::adapter::fit::AdapterOp>))
+    }
 }
 
 /// The device check's rows: a whole BERT-base training step at the shape (64 queries,

@@ -119,6 +119,20 @@ pub trait OffloadedEncoder {
     fn resident(&mut self) -> Option<&mut dyn ResidentOptimizer> {
         None
     }
+    /// Where the RRRA joint adapter (stage 3: dimension `d`, hidden width `h`) should run its
+    /// forward and backward beside this encoder, sized for `max_queries` queries and
+    /// `max_pairs` pairs per call. `None` when this encoder has no such place; the adapter
+    /// then runs on the CPU.
+    fn adapter_op(
+        &mut self,
+        d: usize,
+        h: usize,
+        max_queries: usize,
+        max_pairs: usize,
+    ) -> Option<Result<Box<dyn crate::adapter::fit::AdapterOp>>> {
+        let _ = (d, h, max_queries, max_pairs);
+        None
+    }
 }
 
 /// An [`OffloadedEncoder`] that also keeps the gradient accumulator, the master weights and

@@ -7,15 +7,21 @@
 //! At every step the adapter's class-weighted BCE on each query's positive and drawn negatives
 //! is added to the loss with weight lambda; its gradient reaches both the adapter and, through
 //! the embeddings, the encoder.
+//!
+//! The adapter's forward and backward run on an [`AdapterOp`]: the CPU reference, or the GPU
+//! the encoder trains on (`OffloadedEncoder::adapter_op`); the BCE, the calibration and the
+//! adapter's AdamW stay here.
 
 use super::data::TrainSet;
 use super::mining::MinedPool;
 use super::optim::{AdamW, AdamWConfig};
 use crate::adapter::calibrate::FnCalibration;
 use crate::adapter::file::AdapterFile;
-use crate::adapter::fit::{bce_weights, calibrate_pairs, score_pairs, Embeddings};
+use crate::adapter::fit::{
+    bce_weights, calibrate_pairs, score_lists_on, AdapterOp, CpuAdapterOp, Embeddings,
+};
 use crate::adapter::pairs::{label_pairs, PairClass};
-use crate::adapter::{backward, score, weighted_bce, AdapterParams};
+use crate::adapter::{weighted_bce, AdapterParams};
 use crate::error::{Error, Result};
 use std::path::Path;
 
@@ -32,13 +38,14 @@ pub struct FnPoolStats {
 }
 
 /// The adapter being trained in stage 3, with its optimizer and the pool's s_FN.
-#[derive(Debug, Clone)]
 pub struct JointAdapter {
     pub file: AdapterFile,
     pub optim: AdamW,
     pub grads: AdapterParams,
     /// s_FN of each pool candidate, in pool order (empty before the first refresh).
     pub fn_scores: Vec<Vec<f32>>,
+    /// Where the forward and backward run (the CPU until [`JointAdapter::set_op`]).
+    op: Box<dyn AdapterOp>,
 }
 
 /// The adapter's parameters are not decayed (they are few, and the stage-2 fit used none).
@@ -69,7 +76,18 @@ impl JointAdapter {
             file,
             optim,
             fn_scores: Vec::new(),
+            op: Box::new(CpuAdapterOp::default()),
         })
+    }
+
+    /// Runs the adapter's forward and backward on `op` from now on (a GPU's).
+    pub fn set_op(&mut self, op: Box<dyn AdapterOp>) {
+        self.op = op;
+    }
+
+    /// What one call of the current op takes (queries, pairs); `None`: no limit.
+    pub fn op_capacity(&self) -> Option<(usize, usize)> {
+        self.op.capacity()
     }
 
     pub fn rank_cutoff(&self) -> usize {
@@ -91,7 +109,8 @@ impl JointAdapter {
             docs: &pool.doc_embeddings,
             dim: pool.dim,
         };
-        let logits = score_pairs(&self.file.params, emb, &pairs)?;
+        let lists: Vec<(usize, &[u32])> = pairs.iter().map(|p| (p.query, &p.docs[..])).collect();
+        let logits = score_lists_on(&self.file.params, emb, &lists, self.op.as_mut())?;
         let cal = calibrate_pairs(&pairs, &logits, self.file.calibration.scorer, self.file.tau)?;
         self.file.calibration = cal;
         let mut stats = FnPoolStats {
@@ -186,8 +205,8 @@ impl JointAdapter {
                 classes.push(cls.get(j).copied().filter(|_| j < docs.len()));
             }
         }
-        let params = &self.file.params;
-        let out = score(params, &q_emb[..b_n * dim], &cands, k)?;
+        let (params, queries) = (&self.file.params, &q_emb[..b_n * dim]);
+        let out = self.op.forward(params, queries, &cands, None, k)?;
         let w = bce_weights(&classes, self.file.train_config.class_weights);
         let targets: Vec<f32> = classes
             .iter()
@@ -198,12 +217,12 @@ impl JointAdapter {
         d_logit.iter_mut().for_each(|g| *g *= weight as f32);
         let mut g_q = vec![0.0f32; b_n * dim];
         let mut g_c = vec![0.0f32; cands.len()];
-        backward(
+        self.op.backward(
             params,
-            &q_emb[..b_n * dim],
+            queries,
             &cands,
+            None,
             k,
-            &out.cache,
             &d_logit,
             None,
             &mut self.grads,

@@ -309,13 +309,15 @@ impl Trainer {
     }
 
     /// Runs each step's encoder forward and backward (with the run's dropout masks), and the
-    /// encodes of a mining refresh, on `encoder` (a GPU's); the loss, the samplers, the mining
-    /// search and evaluation stay here. The optimizer stays here too, with the weights
+    /// encodes of a mining refresh, on `encoder` (a GPU's), and the refresh's search too when
+    /// it offers one ([`OffloadedEncoder::search`]); the loss, the samplers and evaluation
+    /// stay here. The optimizer stays here too, with the weights
     /// uploaded after every optimizer step, unless `encoder` is a [`ResidentOptimizer`]: then
     /// it takes the weights and the AdamW state now and keeps them, and the host copies them
     /// back for evaluation, checkpoints and at the end of [`Trainer::run`]. In a data-parallel
     /// run a resident optimizer also sums the ranks' gradients itself
-    /// ([`ResidentOptimizer::accumulate_and_reduce`]).
+    /// ([`ResidentOptimizer::accumulate_and_reduce`]). The RRRA joint adapter's forward and
+    /// backward go where `encoder` offers them a place ([`OffloadedEncoder::adapter_op`]).
     pub fn offload_encoder(&mut self, mut encoder: Box<dyn OffloadedEncoder>) -> Result<()> {
         self.sync_host()?;
         let stale = match encoder.resident() {
@@ -326,7 +328,11 @@ impl Trainer {
             None => true,
         };
         self.offload = Some((encoder, stale));
-        Ok(())
+        // a resumed run's pool is already mined: the adapter moves now, not at the next refresh
+        match self.pool.as_ref().map(|p| self.joint_op_size(p)) {
+            Some(size) => self.place_joint_adapter(size),
+            None => Ok(()),
+        }
     }
 
     /// The offloaded encoder's optimizer, when it keeps one.
@@ -1056,6 +1062,7 @@ impl Trainer {
         }
         self.log_json(&serde_json::json!({"event": "mine", "step": self.step, "stats": stats}))?;
         on(TrainEvent::Mined(&stats));
+        self.place_joint_adapter(self.joint_op_size(&pool))?;
         if let Some(joint) = self.joint.as_mut() {
             let fs = joint.refresh(&self.set, &pool)?;
             on(TrainEvent::Message(format!(
@@ -1068,6 +1075,39 @@ impl Trainer {
         }
         self.pool = Some(pool);
         self.pool_step = self.step;
+        Ok(())
+    }
+
+    /// What the joint adapter's op must take per call (queries, pairs): the run's batches,
+    /// and `pool`'s rescoring at 32 queries a call.
+    fn joint_op_size(&self, pool: &MinedPool) -> (usize, usize) {
+        let b = self.cfg.batch_size;
+        let per_query = 1 + self.cfg.hard_negatives + self.cfg.random_negatives;
+        let longest = (pool.candidates.iter().zip(&self.set.queries))
+            .map(|(c, q)| c.len() + q.positives.len())
+            .max()
+            .unwrap_or(0);
+        (b.max(32), (b * per_query).max(32 * longest))
+    }
+
+    /// Moves the joint adapter's forward and backward beside an offloaded encoder (its GPU)
+    /// when that encoder offers a place of `size` ([`Trainer::joint_op_size`]). Kept while
+    /// large enough; replaced (the only allocation, at a refresh) when a longer pool list
+    /// needs more.
+    fn place_joint_adapter(&mut self, (queries, pairs): (usize, usize)) -> Result<()> {
+        let (Some(joint), Some((enc, _))) = (self.joint.as_mut(), self.offload.as_mut()) else {
+            return Ok(());
+        };
+        if joint
+            .op_capacity()
+            .is_some_and(|(q, p)| q >= queries && p >= pairs)
+        {
+            return Ok(());
+        }
+        let params = &joint.file.params;
+        if let Some(op) = enc.adapter_op(params.d, params.h, queries, pairs) {
+            joint.set_op(op?);
+        }
         Ok(())
     }
 

@@ -301,3 +301,18 @@ pub fn tiny_bert_with_dropout(dir: &std::path::Path) -> PathBuf {
     std::fs::write(&config_path, json.to_string()).unwrap();
     model
 }
+
+/// Writes an adapter file holding `params` with default calibration and training knobs: a
+/// stand-in for a stage-2 adapter (`rrra adapter`) where a test needs only the weights.
+pub fn write_adapter(path: &std::path::Path, params: rrra::adapter::AdapterParams) {
+    rrra::adapter::file::AdapterFile {
+        params,
+        calibration: Default::default(),
+        lambda_rr: 1.0,
+        tau: 0.05,
+        train_config: Default::default(),
+        info: serde_json::json!({}),
+    }
+    .save(path)
+    .unwrap();
+}
