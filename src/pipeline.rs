@@ -1,14 +1,19 @@
 //! The retrieval path end to end, as the CLI and services use it: encode a corpus into an
-//! embedding store, and search a store with encoded queries into a TREC run.
+//! embedding store, and search a store with encoded queries into a TREC run, on the CPU or on a
+//! GPU.
 
 use crate::adapter::rerank::rerank_list;
 use crate::adapter::serving::{query_logits, AdapterScratch, ServingWeights};
 use crate::data::{Document, Query, Run};
+use crate::device::encoder::{GpuBert, Precision};
+use crate::device::retriever::GpuEngineOptions;
+use crate::device::Gpu;
 use crate::error::{Error, Result};
 use crate::index::store::{Store, StoreSpec, StoreWriter};
 use crate::index::topk;
 use crate::index::Dtype;
 use crate::model::Encoder;
+use crate::retriever::{Retriever, RetrieverOptions};
 use std::path::Path;
 
 /// Documents are encoded and written in windows of this many, so memory stays bounded however
@@ -80,6 +85,46 @@ pub fn encode_corpus_with(
     writer.finish()
 }
 
+/// Where and how [`encode_corpus_on_gpu`] and [`search_on_gpu`] run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuOptions {
+    /// CUDA device ordinal.
+    pub ordinal: usize,
+    /// The encoder's arithmetic.
+    pub precision: Precision,
+    /// Texts per forward pass of the encoder.
+    pub batch_size: usize,
+}
+
+/// [`encode_corpus`] on a CUDA device: `encoder`'s weights are uploaded once and every window
+/// of documents is tokenized on the host, then embedded (with `encoder`'s pooling and
+/// normalisation) on the device; the store records `encoder`'s description and fingerprint.
+/// [`Error::CudaUnavailable`] when no GPU can be used (before any file is written).
+pub fn encode_corpus_on_gpu(
+    encoder: &Encoder,
+    docs: &[Document],
+    out: &Path,
+    dtype: Dtype,
+    gpu: &GpuOptions,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<()> {
+    let device = Gpu::open(gpu.ordinal)?;
+    let batch = gpu.batch_size;
+    let mut bert = GpuBert::new(
+        &device,
+        encoder.bert(),
+        gpu.precision,
+        batch.saturating_mul(encoder.max_length()),
+        batch,
+    )?;
+    encode_corpus_with(encoder, docs, out, dtype, &mut |texts| {
+        let tokens = encoder.tokenizer().encode_batch(texts)?;
+        let v = bert.encode_tokens(&tokens, batch, encoder.pooling(), encoder.normalize())?;
+        progress(texts.len());
+        Ok(v)
+    })
+}
+
 /// Refuses a store that another encoder (other weights, max length or pooling) produced, or
 /// whose dimension differs: its scores would be meaningless.
 pub fn check_store_matches(store: &Store, store_path: &Path, encoder: &Encoder) -> Result<()> {
@@ -146,6 +191,52 @@ pub fn search(
                     }
                 })
                 .collect::<Result<_>>()?;
+            run.add_query(q.id.clone(), docs)?;
+        }
+        progress(window.len());
+    }
+    Ok(run)
+}
+
+/// [`search`] on a CUDA device, through the GPU serving path of [`Retriever`] (the model in
+/// `model` is checked against the store at `store` as [`Retriever::open`] does): the top `k`
+/// documents of each query, in query order. With `adapter` (a file, or a folder holding
+/// `adapter.safetensors`) each top `k` is reranked by `s_base · p^lambda_rr`, scores being the
+/// log of that product, as [`rerank_run`] does on the CPU. [`Error::CudaUnavailable`] when no
+/// GPU can be used.
+pub fn search_on_gpu(
+    model: &Path,
+    store: &Path,
+    queries: &[Query],
+    k: usize,
+    adapter: Option<&Path>,
+    gpu: &GpuOptions,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<Run> {
+    let retriever = Retriever::open(
+        model,
+        store,
+        &RetrieverOptions {
+            adapter: adapter.map(Path::to_path_buf),
+            // the rerank takes exactly the top k, as `rerank_run` does
+            rerank_depth: k,
+            batch_size: gpu.batch_size,
+            gpu: Some(GpuEngineOptions {
+                ordinal: gpu.ordinal,
+                precision: gpu.precision,
+                max_batch: gpu.batch_size,
+                max_depth: k,
+                ..Default::default()
+            }),
+        },
+    )?;
+    let mut run = Run::new();
+    for window in queries.chunks(1024) {
+        let texts: Vec<&str> = window.iter().map(|q| q.text.as_str()).collect();
+        let lists = retriever.retrieve_batch(&texts, k, adapter.is_some())?;
+        for (q, hits) in window.iter().zip(lists) {
+            // rank_score: the similarity, or the rerank's log(s_base · p^lambda)
+            let docs = hits.into_iter().map(|h| (h.id, h.rank_score)).collect();
             run.add_query(q.id.clone(), docs)?;
         }
         progress(window.len());

@@ -312,3 +312,171 @@ fn bad_arguments_are_clear() {
     ]);
     assert!(!ok && err.contains("f64"), "{err}");
 }
+
+/// Every command that takes `--device` refuses a value outside cpu, cuda and cuda:N with the
+/// accepted forms, before it reads anything.
+#[test]
+fn unknown_devices_are_refused() {
+    let f = Fixture::new();
+    let commands: [&[&str]; 8] = [
+        &["encode"],
+        &["search"],
+        &["train"],
+        &["adapter"],
+        &["experiment"],
+        &["bench"],
+        &["demo"],
+        &["device-check"],
+    ];
+    for cmd in commands {
+        for bad in ["gpu0", "cuda:x", "0"] {
+            let mut args: Vec<std::ffi::OsString> = cmd.iter().map(Into::into).collect();
+            args.extend(a!["--device", bad]);
+            let err = fails(&args, &[&format!("{bad:?}: expected cpu, cuda or cuda:N")]);
+            assert!(err.contains("--device"), "{cmd:?}: {err}");
+        }
+    }
+    // The GPU-only options say so with --device cpu (the default) instead of being ignored.
+    let encode = a![
+        "encode",
+        "--model",
+        tiny(),
+        "--corpus",
+        f.p("corpus.jsonl"),
+        "--out",
+        f.p("c.store"),
+        "--precision",
+        "f32"
+    ];
+    fails(&encode, &["--precision f32", "--device cuda"]);
+    let args = f.search(
+        &tiny(),
+        &f.p("c.store"),
+        &f.p("run.trec"),
+        &["--device", "cpu", "--precision", "bf16"],
+    );
+    fails(&args, &["--precision bf16", "--device cuda"]);
+    let train = a![
+        "train",
+        "--model",
+        tiny(),
+        "--beir",
+        f.p("beir"),
+        "--out",
+        f.p("t"),
+        "--gpu-math",
+        "bf16"
+    ];
+    fails(&train, &["--gpu-math bf16", "--device cuda"]);
+    let experiment = a![
+        "experiment",
+        "--synthetic",
+        "--model",
+        tiny(),
+        "--out",
+        f.p("e"),
+        "--gpu-math",
+        "tf32"
+    ];
+    fails(&experiment, &["--gpu-math tf32", "--device cuda"]);
+    fails(&a!["device-check", "--device", "cpu"], &["--device cpu"]);
+    assert_files(
+        f.dir.path(),
+        &["corpus.jsonl", "queries.jsonl", "qrels.tsv"],
+    );
+}
+
+/// `--device cpu` is the default: the same store and the same run, byte for byte.
+#[test]
+fn device_cpu_is_the_default() {
+    let f = Fixture::new();
+    f.encode(&tiny(), "c.store");
+    let (ok, _, err) = rrra(&a![
+        "encode",
+        "--model",
+        tiny(),
+        "--corpus",
+        f.p("corpus.jsonl"),
+        "--out",
+        f.p("cpu.store"),
+        "--device",
+        "cpu"
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        std::fs::read(f.p("c.store")).unwrap(),
+        std::fs::read(f.p("cpu.store")).unwrap()
+    );
+    let (ok, _, err) = rrra(&f.search(&tiny(), &f.p("c.store"), &f.p("a.trec"), &[]));
+    assert!(ok, "{err}");
+    let extra = ["--device", "cpu"];
+    let (ok, _, err) = rrra(&f.search(&tiny(), &f.p("c.store"), &f.p("b.trec"), &extra));
+    assert!(ok, "{err}");
+    assert_eq!(
+        std::fs::read(f.p("a.trec")).unwrap(),
+        std::fs::read(f.p("b.trec")).unwrap()
+    );
+}
+
+/// Without a usable GPU, `--device cuda` is one clear error (CUDA unavailable, and why), with
+/// no panic and nothing written. On a GPU machine the GPU path is checked by
+/// `encode_and_search_on_the_gpu_match_the_cpu` instead.
+#[test]
+fn cuda_without_a_gpu_is_a_clear_error() {
+    if let Ok(gpu) = rrra::device::Gpu::open(0) {
+        eprintln!("skipped: a GPU can be used ({})", gpu.info());
+        return;
+    }
+    let t = tiny_cranfield();
+    let p = |name: &str| t.dir.path().join(name);
+    let data = shared().join("data/cranfield");
+    for device in ["cuda", "cuda:1"] {
+        let encode = a![
+            "encode",
+            "--model",
+            t.model,
+            "--corpus",
+            data.join("corpus.jsonl"),
+            "--out",
+            p("gpu.store"),
+            "--device",
+            device
+        ];
+        fails(&encode, &["CUDA unavailable"]);
+        let adapter = t.adapter.to_str().unwrap();
+        for rerank in [&[][..], &["--rerank", adapter][..]] {
+            let mut args = a![
+                "search",
+                "--model",
+                t.model,
+                "--index",
+                t.store,
+                "--queries",
+                data.join("queries.jsonl"),
+                "--out",
+                p("run.trec"),
+                "--device",
+                device,
+                "--precision",
+                "f32"
+            ]
+            .to_vec();
+            args.extend(rerank.iter().map(std::ffi::OsString::from));
+            fails(&args, &["CUDA unavailable"]);
+        }
+    }
+    let beir = tiny_beir(t.dir.path());
+    let train = a![
+        "train",
+        "--model",
+        t.model,
+        "--beir",
+        beir,
+        "--out",
+        p("t"),
+        "--device",
+        "cuda"
+    ];
+    fails(&train, &["CUDA unavailable"]);
+    assert!(!p("gpu.store").exists() && !p("run.trec").exists() && !p("t").exists());
+}

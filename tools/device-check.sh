@@ -6,13 +6,13 @@
 #   2. run every GPU test with RRRA_REQUIRE_GPU=1 (a test that cannot find the GPU fails);
 #   3. `rrra device-check`: measured ceilings and every kernel family's timing, one table, and
 #      the batch-1 query path (eager, as a CUDA graph, with the adapter's rerank);
-#   4. SciFact end to end on the GPU (`rrra demo --gpu`, bf16 and f32) against the reference
-#      metrics, when the model is at hand ($RRRA_MODEL, or the prebuilt folder's);
-#   5. SciFact fine-tuning on the GPU (`rrra train --gpu 0`, SimANS a = 200, one epoch) against
-#      the CPU run of docs/PERF.md (nDCG@10 0.6872 in 839 s; within ±0.005 is the target), when
-#      RRRA_DEVICE_TRAIN=1 (a few minutes: the evaluation encodes on the CPU);
+#   4. SciFact end to end on the GPU (`rrra demo --device cuda`, bf16 and f32) against the
+#      reference metrics, when the model is at hand ($RRRA_MODEL, or the prebuilt folder's);
+#   5. SciFact fine-tuning on the GPU (`rrra train --device cuda:0`, SimANS a = 200, one epoch)
+#      against the CPU run of docs/PERF.md (nDCG@10 0.6872 in 839 s; within ±0.005 is the
+#      target), when RRRA_DEVICE_TRAIN=1 (a few minutes: the evaluation encodes on the CPU);
 #   6. the Retriever served from the GPU under 1, 2 and 8 client threads
-#      (`rrra bench --only query-load --gpu 0`), when the model is at hand;
+#      (`rrra bench --only query-load --device cuda:0`), when the model is at hand;
 #   7. the peers on the same machine when python3 has torch: tools/peer-torch-gpu.py.
 # Full logs go to $RRRA_DEVICE_LOG (default ./device-logs). Exit status: non-zero when a test
 # or a step failed. Meant to finish in well under 8 minutes on an H200.
@@ -70,8 +70,9 @@ shared="${RRRA_SHARED:-../shared}"
 if [ -n "${RRRA_MODEL:-}" ] && [ -d "$shared/data/scifact" ]; then
   for p in bf16 f32; do
     step "SciFact on the GPU ($p)"
-    "$bin/rrra" demo --gpu --gpu-precision "$p" --model "$RRRA_MODEL" --data "$shared/data/scifact" \
-      --work "$log/demo" --expect "$shared/fixtures/scifact-minilm/expected_metrics.json" \
+    "$bin/rrra" demo --device cuda --precision "$p" --model "$RRRA_MODEL" \
+      --data "$shared/data/scifact" --work "$log/demo" \
+      --expect "$shared/fixtures/scifact-minilm/expected_metrics.json" \
       2>&1 | tee "$log/scifact-$p.txt" | tail -n 12 || status=1
   done
 else
@@ -80,14 +81,14 @@ fi
 
 if [ -n "${RRRA_MODEL:-}" ] && [ -f "$shared/data/scifact/queries.jsonl" ]; then
   step "Retriever on the GPU under load"
-  "$bin/rrra" bench --model "$RRRA_MODEL" --shared "$shared" --only query-load --gpu 0 \
+  "$bin/rrra" bench --model "$RRRA_MODEL" --shared "$shared" --only query-load --device cuda:0 \
     --json "$log/query-load-gpu.json" 2>&1 | tee "$log/query-load-gpu.txt" | tail -n 12 || status=1
 fi
 
 if [ "${RRRA_DEVICE_TRAIN:-0}" = 1 ] && [ -n "${RRRA_MODEL:-}" ] && [ -d "$shared/data/scifact" ]; then
   step "SciFact fine-tuning on the GPU (CPU run: nDCG@10 0.6872, 839 s)"
   SAMPLERS="simans:a=200" RRRA_BIN="$bin/rrra" RRRA_SHARED="$shared" WORK="$log/train-scifact" \
-    tools/train-scifact.sh --gpu 0 > "$log/train-scifact.txt" 2>&1 || status=1
+    tools/train-scifact.sh --device cuda:0 > "$log/train-scifact.txt" 2>&1 || status=1
   tail -n 2 "$log/train-scifact/summary.txt" 2>/dev/null | tee -a "$log/summary.txt"
 fi
 

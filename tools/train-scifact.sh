@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fine-tunes all-MiniLM-L6-v2 on the SciFact train split with each hard-negative sampler and
 # evaluates every result on the test split (nDCG@10 etc., max length from the model: 256).
-#   tools/train-scifact.sh [extra `rrra train` options]
+#   tools/train-scifact.sh [extra `rrra train` options, e.g. --device cuda:0]
 # Env: SAMPLERS (default "simans simans:a=200 uniform trisampler inbatch"; "inbatch" trains with in-batch negatives
 # only, no mining), WORK (default $RRRA_CACHE/train-scifact or
 # ~/.cache/rrra/train-scifact), RRRA_SHARED (default ../shared), THREADS (default: all cores),

@@ -1,5 +1,6 @@
 //! `rrra bench`: the standard workloads, printed as a table next to the peer figures.
 
+use crate::device_arg::Device;
 use clap::Args;
 use rrra::bench::{self, Measurement};
 use rrra::index::Dtype;
@@ -28,13 +29,14 @@ pub struct BenchArgs {
     /// Also write the measurements as JSON.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// query-load: serve from this CUDA device (bf16 encoder, CUDA graphs, 8 worker streams)
-    /// instead of the CPU.
-    #[arg(long, value_name = "ORDINAL")]
-    pub gpu: Option<usize>,
+    /// Where query-load serves from: cpu, or a CUDA device (cuda is cuda:0; bf16 encoder, CUDA
+    /// graphs, 8 worker streams). The other workloads run on the CPU.
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda[:N]")]
+    pub device: Device,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    let gpu_ordinal = a.device.cuda_ordinal();
     let wants = |w: &str| a.only.iter().any(|o| o == w);
     for w in &a.only {
         if ![
@@ -137,14 +139,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let q: Vec<&str> = texts.iter().map(String::as_str).collect();
         let dir = tempfile_dir()?;
         // one worker stream per client at most
-        let gpu = a
-            .gpu
-            .map(|ordinal| rrra::device::retriever::GpuEngineOptions {
-                ordinal,
-                workers: 8,
-                ..Default::default()
-            });
-        let on = a.gpu.map_or("the CPU".to_string(), |o| format!("GPU {o}"));
+        let gpu = gpu_ordinal.map(|ordinal| rrra::device::retriever::GpuEngineOptions {
+            ordinal,
+            workers: 8,
+            ..Default::default()
+        });
+        let on = gpu_ordinal.map_or("the CPU".to_string(), |o| format!("GPU {o}"));
         for dtype in [Dtype::F32, Dtype::F16] {
             eprintln!(
                 "query-load on {on}: {} queries, {dtype} store {} documents, 1/2/8 clients ...",
@@ -201,7 +201,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     for (dtype, points) in &load {
         println!();
-        let on = a.gpu.map_or("CPU".to_string(), |o| format!("GPU {o}"));
+        let on = gpu_ordinal.map_or("CPU".to_string(), |o| format!("GPU {o}"));
         println!("Retriever under load on the {on}, {dtype} store: retrieve(k 10, rerank 100)");
         println!("| clients | requests | p50 ms | p95 ms | p99 ms | requests/s |");
         println!("|---|---|---|---|---|---|");
@@ -215,7 +215,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(p) = &a.json {
         let text = serde_json::to_string_pretty(&serde_json::json!({
             "workloads": rows, "query_path": latency,
-            "query_load": load.iter().map(|(d, p)| serde_json::json!({"store": d, "gpu": a.gpu, "points": p})).collect::<Vec<_>>(),
+            "query_load": load.iter().map(|(d, p)| serde_json::json!({"store": d, "gpu": gpu_ordinal, "points": p})).collect::<Vec<_>>(),
         }))
         .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         rrra::util::atomic_write(p, |w| {

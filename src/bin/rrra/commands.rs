@@ -1,14 +1,17 @@
 //! The core commands: encode, search, eval, info, export.
 
+use crate::device_arg::{cuda_precision, parse_precision, Device};
 use crate::progress::Phase;
 use clap::Args;
 use rrra::data::{read_corpus, read_qrels, read_queries, read_run, write_run, Query};
+use rrra::device::encoder::Precision;
 use rrra::eval::{evaluate, EvalOptions};
 use rrra::index::store::Store;
 use rrra::index::{npy, Dtype};
 use rrra::model::{Encoder, EncoderOptions, Pooling};
+use rrra::pipeline::GpuOptions;
 use rrra::{pipeline, Error, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Model options shared by encode and search.
 #[derive(Args, Clone)]
@@ -51,13 +54,21 @@ pub struct EncodeArgs {
     /// Storage type of the vectors: f32, f16 or bf16.
     #[arg(long, default_value = "f32", value_name = "TYPE")]
     pub dtype: Dtype,
+    /// Where the encoder runs: cpu, or a CUDA device (cuda is cuda:0).
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda[:N]")]
+    pub device: Device,
+    /// The GPU encoder's arithmetic: bf16 (tensor cores) or f32 [default: bf16; only with
+    /// --device cuda].
+    #[arg(long, value_name = "bf16|f32", value_parser = parse_precision)]
+    pub precision: Option<Precision>,
 }
 
 pub fn encode(a: EncodeArgs) -> Result<()> {
+    let gpu = cuda_precision(a.device, a.precision)?;
     let encoder = Encoder::load(&a.model.model, &a.model.options())?;
     let docs = read_corpus(&a.corpus)?;
     eprintln!(
-        "encoding {} documents with {} (dim {}, max length {}, {} pooling{})",
+        "encoding {} documents with {} (dim {}, max length {}, {} pooling{}) on {}{}",
         docs.len(),
         a.model.model.display(),
         encoder.dim(),
@@ -67,17 +78,33 @@ pub fn encode(a: EncodeArgs) -> Result<()> {
             ", normalised"
         } else {
             ""
-        }
+        },
+        a.device,
+        gpu.map_or(String::new(), |(_, p)| format!(" ({p})")),
     );
     let phase = Phase::new(docs.len(), "encoded");
-    pipeline::encode_corpus(
-        &encoder,
-        &docs,
-        &a.out,
-        a.dtype,
-        a.model.batch_size,
-        &phase.tick(),
-    )?;
+    match gpu {
+        None => pipeline::encode_corpus(
+            &encoder,
+            &docs,
+            &a.out,
+            a.dtype,
+            a.model.batch_size,
+            &phase.tick(),
+        )?,
+        Some((ordinal, precision)) => pipeline::encode_corpus_on_gpu(
+            &encoder,
+            &docs,
+            &a.out,
+            a.dtype,
+            &GpuOptions {
+                ordinal,
+                precision,
+                batch_size: a.model.batch_size,
+            },
+            &phase.tick(),
+        )?,
+    }
     phase.finish("docs");
     eprintln!("wrote {}", a.out.display());
     Ok(())
@@ -112,6 +139,14 @@ pub struct SearchArgs {
     /// Rerank the top k with this adapter (file, or a folder holding adapter.safetensors).
     #[arg(long, value_name = "PATH")]
     pub rerank: Option<PathBuf>,
+    /// Where queries are encoded and searched (and reranked): cpu, or a CUDA device (cuda is
+    /// cuda:0), which serves them as `Retriever` does on a GPU.
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda[:N]")]
+    pub device: Device,
+    /// The GPU encoder's arithmetic: bf16 (tensor cores) or f32 [default: bf16; only with
+    /// --device cuda].
+    #[arg(long, value_name = "bf16|f32", value_parser = parse_precision)]
+    pub precision: Option<Precision>,
 }
 
 pub fn search(a: SearchArgs) -> Result<()> {
@@ -121,18 +156,34 @@ pub fn search(a: SearchArgs) -> Result<()> {
             a.k
         )));
     }
+    let run = match cuda_precision(a.device, a.precision)? {
+        None => search_on_cpu(&a)?,
+        Some((ordinal, precision)) => search_on_gpu(
+            &a,
+            &GpuOptions {
+                ordinal,
+                precision,
+                batch_size: a.batch_size,
+            },
+        )?,
+    };
+    write_run(&a.out, &run, &a.tag)?;
+    eprintln!(
+        "wrote {} ({} queries, top {})",
+        a.out.display(),
+        run.len(),
+        a.k
+    );
+    Ok(())
+}
+
+/// `search` on the CPU: top k, then the adapter's rerank of it when asked.
+fn search_on_cpu(a: &SearchArgs) -> Result<rrra::data::Run> {
     let store = Store::open(&a.index)?;
     // Rebuild the encoder exactly as the store was built (max length, pooling), then verify.
     let encoder = Encoder::load(&a.model, &pipeline::store_encoder_options(&store))?;
     pipeline::check_store_matches(&store, &a.index, &encoder)?;
-    let mut queries = read_queries(&a.queries)?;
-    if let Some(qrels_path) = &a.qrels {
-        let qrels = read_qrels(qrels_path)?;
-        let known: std::collections::HashSet<&str> =
-            queries.iter().map(|q| q.id.as_str()).collect();
-        qrels.check_queries_known(qrels_path, |q| known.contains(q))?;
-        queries.retain(|q: &Query| qrels.get(&q.id).is_some());
-    }
+    let queries = judged_queries(&a.queries, a.qrels.as_deref())?;
     let phase = Phase::new(queries.len(), "searched");
     let mut run = pipeline::search(&encoder, &store, &queries, a.k, a.batch_size, &phase.tick())?;
     phase.finish("queries");
@@ -146,14 +197,49 @@ pub fn search(a: SearchArgs) -> Result<()> {
             adapter.lambda_rr
         );
     }
-    write_run(&a.out, &run, &a.tag)?;
-    eprintln!(
-        "wrote {} ({} queries, top {})",
-        a.out.display(),
-        run.len(),
-        a.k
-    );
-    Ok(())
+    Ok(run)
+}
+
+/// `search` on a GPU: the same top k and rerank, served as `Retriever` serves on a GPU (which
+/// opens and checks the store, the model and the adapter as the CPU path does).
+fn search_on_gpu(a: &SearchArgs, gpu: &GpuOptions) -> Result<rrra::data::Run> {
+    let queries = judged_queries(&a.queries, a.qrels.as_deref())?;
+    let phase = Phase::new(queries.len(), "searched");
+    let run = pipeline::search_on_gpu(
+        &a.model,
+        &a.index,
+        &queries,
+        a.k,
+        a.rerank.as_deref(),
+        gpu,
+        &phase.tick(),
+    )?;
+    phase.finish("queries");
+    if let Some(path) = &a.rerank {
+        // read again only for the message: the retriever does not expose the file
+        let adapter = rrra::adapter::file::AdapterFile::load(path)?;
+        eprintln!(
+            "reranked on {} with {} (lambda_rr {})",
+            a.device,
+            path.display(),
+            adapter.lambda_rr
+        );
+    }
+    Ok(run)
+}
+
+/// The queries of `path`; with qrels, only those judged there (a qrels query missing from the
+/// queries file is an error naming its line).
+fn judged_queries(path: &Path, qrels: Option<&Path>) -> Result<Vec<Query>> {
+    let mut queries = read_queries(path)?;
+    if let Some(qrels_path) = qrels {
+        let qrels = read_qrels(qrels_path)?;
+        let known: std::collections::HashSet<&str> =
+            queries.iter().map(|q| q.id.as_str()).collect();
+        qrels.check_queries_known(qrels_path, |q| known.contains(q))?;
+        queries.retain(|q: &Query| qrels.get(&q.id).is_some());
+    }
+    Ok(queries)
 }
 
 #[derive(Args)]

@@ -2,17 +2,16 @@
 //! all-MiniLM-L6-v2, search its test queries, evaluate, and compare with reference metrics when
 //! given. The store is kept in the work folder and reused while model and corpus are unchanged.
 
+use crate::device_arg::{cuda_precision, parse_precision, Device};
 use crate::progress::Phase;
 use clap::Args;
-use rrra::data::{read_beir_folder, write_run, Run};
-use rrra::device::encoder::{GpuBert, Precision};
-use rrra::device::retriever::GpuEngineOptions;
-use rrra::device::Gpu;
+use rrra::data::{read_beir_folder, write_run};
+use rrra::device::encoder::Precision;
 use rrra::eval::{evaluate, EvalOptions};
 use rrra::index::store::Store;
 use rrra::index::Dtype;
 use rrra::model::{Encoder, EncoderOptions};
-use rrra::retriever::{Retriever, RetrieverOptions};
+use rrra::pipeline::GpuOptions;
 use rrra::util::{cache_dir, default_model_dir};
 use rrra::{pipeline, Error, Result};
 use std::path::{Path, PathBuf};
@@ -37,16 +36,18 @@ pub struct DemoArgs {
     pub expect: Option<PathBuf>,
     #[arg(long, default_value_t = 100)]
     pub k: usize,
-    /// Run on GPU 0: encode the corpus and the queries and search there (the store gets its
-    /// own file, `<name>.gpu-<precision>.rrra`).
-    #[arg(long)]
-    pub gpu: bool,
-    /// The GPU encoder's arithmetic: bf16 (tensor cores) or f32.
-    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f32"])]
-    pub gpu_precision: String,
+    /// Where to run: cpu, or a CUDA device (cuda is cuda:0), which encodes the corpus and the
+    /// queries and searches there (the store gets its own file, `<name>.gpu-<precision>.rrra`).
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda[:N]")]
+    pub device: Device,
+    /// The GPU encoder's arithmetic: bf16 (tensor cores) or f32 [default: bf16; only with
+    /// --device cuda].
+    #[arg(long, value_name = "bf16|f32", value_parser = parse_precision)]
+    pub precision: Option<Precision>,
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
+    let gpu = cuda_precision(a.device, a.precision)?;
     let model = a.model.clone().unwrap_or_else(default_model_dir);
     if !model.join("model.safetensors").is_file() {
         return Err(Error::format(
@@ -65,67 +66,49 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let data = read_beir_folder(&a.data, &a.split)?;
     let encoder = Encoder::load(&model, &EncoderOptions::default())?;
     eprintln!(
-        "{name}: {} documents, {} {} queries judged; model {} (dim {}, max length {})",
+        "{name}: {} documents, {} {} queries judged; model {} (dim {}, max length {}) on {}",
         data.corpus.len(),
         data.qrels.len(),
         a.split,
         model.display(),
         encoder.dim(),
-        encoder.max_length()
+        encoder.max_length(),
+        a.device
     );
 
-    let precision = match a.gpu_precision.as_str() {
-        "f32" => Precision::F32,
-        _ => Precision::Bf16,
+    let store_path = match gpu {
+        Some((_, precision)) => work.join(format!("{name}.gpu-{precision}.rrra")),
+        None => work.join(format!("{name}.rrra")),
     };
-    let store_path = if a.gpu {
-        work.join(format!("{name}.gpu-{}.rrra", a.gpu_precision))
-    } else {
-        work.join(format!("{name}.rrra"))
-    };
-    let t0 = std::time::Instant::now();
     if store_is_current(&store_path, &encoder, &data.corpus) {
         eprintln!("reusing {} (same model and corpus)", store_path.display());
-    } else if a.gpu {
-        let gpu = Gpu::open(0)?;
-        eprintln!("{}", gpu.info());
-        let batch = 64;
-        let mut bert = GpuBert::new(
-            &gpu,
-            encoder.bert(),
-            precision,
-            batch * encoder.max_length(),
-            batch,
-        )?;
+    } else {
         let phase = Phase::new(data.corpus.len(), "encoded");
-        {
-            let tick = phase.tick();
-            pipeline::encode_corpus_with(
+        match gpu {
+            Some((ordinal, precision)) => {
+                let opts = GpuOptions {
+                    ordinal,
+                    precision,
+                    batch_size: 64,
+                };
+                pipeline::encode_corpus_on_gpu(
+                    &encoder,
+                    &data.corpus,
+                    &store_path,
+                    Dtype::F32,
+                    &opts,
+                    &phase.tick(),
+                )?
+            }
+            None => pipeline::encode_corpus(
                 &encoder,
                 &data.corpus,
                 &store_path,
                 Dtype::F32,
-                &mut |texts| {
-                    let tokens = encoder.tokenizer().encode_batch(texts)?;
-                    let v =
-                        bert.encode_tokens(&tokens, batch, encoder.pooling(), encoder.normalize())?;
-                    tick(texts.len());
-                    Ok(v)
-                },
-            )?;
+                32,
+                &phase.tick(),
+            )?,
         }
-        phase.finish("docs");
-        eprintln!("encoded on the GPU in {:.2} s", t0.elapsed().as_secs_f64());
-    } else {
-        let phase = Phase::new(data.corpus.len(), "encoded");
-        pipeline::encode_corpus(
-            &encoder,
-            &data.corpus,
-            &store_path,
-            Dtype::F32,
-            32,
-            &phase.tick(),
-        )?;
         phase.finish("docs");
     }
     let store = Store::open(&store_path)?;
@@ -137,14 +120,20 @@ pub fn run(a: DemoArgs) -> Result<()> {
         .filter(|q| data.qrels.get(&q.id).is_some())
         .cloned()
         .collect();
-    let run = if a.gpu {
-        gpu_search(&model, &store_path, &queries, a.k, precision)?
-    } else {
-        let phase = Phase::new(queries.len(), "searched");
-        let run = pipeline::search(&encoder, &store, &queries, a.k, 32, &phase.tick())?;
-        phase.finish("queries");
-        run
+    let phase = Phase::new(queries.len(), "searched");
+    let run = match gpu {
+        Some((ordinal, precision)) => {
+            let opts = GpuOptions {
+                ordinal,
+                precision,
+                batch_size: 32,
+            };
+            let tick = phase.tick();
+            pipeline::search_on_gpu(&model, &store_path, &queries, a.k, None, &opts, &tick)?
+        }
+        None => pipeline::search(&encoder, &store, &queries, a.k, 32, &phase.tick())?,
     };
+    phase.finish("queries");
     let run_path = work.join(format!("{name}.{}.run.trec", a.split));
     write_run(&run_path, &run, "rrra")?;
 
@@ -166,44 +155,6 @@ pub fn run(a: DemoArgs) -> Result<()> {
         compare(expect, &e.mean)?;
     }
     Ok(())
-}
-
-/// The queries through the GPU serving path (`Retriever` with a GPU engine), as a run.
-fn gpu_search(
-    model: &Path,
-    store: &Path,
-    queries: &[rrra::data::beir::Query],
-    k: usize,
-    precision: Precision,
-) -> Result<Run> {
-    let r = Retriever::open(
-        model,
-        store,
-        &RetrieverOptions {
-            gpu: Some(GpuEngineOptions {
-                precision,
-                max_depth: k,
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    )?;
-    let t = std::time::Instant::now();
-    let texts: Vec<&str> = queries.iter().map(|q| q.text.as_str()).collect();
-    let lists = r.retrieve_batch(&texts, k, false)?;
-    eprintln!(
-        "searched {} queries on the GPU in {:.3} s",
-        queries.len(),
-        t.elapsed().as_secs_f64()
-    );
-    let mut run = Run::new();
-    for (q, hits) in queries.iter().zip(lists) {
-        run.add_query(
-            q.id.clone(),
-            hits.into_iter().map(|h| (h.id, h.score as f64)).collect(),
-        )?;
-    }
-    Ok(run)
 }
 
 fn store_is_current(path: &Path, encoder: &Encoder, corpus: &[rrra::data::Document]) -> bool {

@@ -3,6 +3,7 @@
 //! the ceiling that bounds it. The GPU correctness tests run separately (tools/device-check.sh
 //! runs both).
 
+use crate::device_arg::Device;
 use clap::Args;
 use rrra::device::{
     adamw, adapter, adapter_train, attention_backward, backward, ceilings, encoder, encoder_train,
@@ -13,16 +14,22 @@ use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct DeviceCheckArgs {
-    /// CUDA device ordinal.
-    #[arg(long, default_value_t = 0)]
-    pub device: usize,
+    /// The CUDA device to measure (cuda is cuda:0).
+    #[arg(long, default_value = "cuda", value_name = "cuda[:N]")]
+    pub device: Device,
     /// Folder for the JSON results [default: $RRRA_DEVICE_LOG, else none].
     #[arg(long, value_name = "DIR")]
     pub log_dir: Option<PathBuf>,
 }
 
 pub fn run(a: DeviceCheckArgs) -> Result<()> {
-    let gpu = Gpu::open(a.device)?;
+    let Some(ordinal) = a.device.cuda_ordinal() else {
+        return Err(Error::InvalidArgument(format!(
+            "--device {}: the device check measures a GPU; pass --device cuda[:N]",
+            a.device
+        )));
+    };
+    let gpu = Gpu::open(ordinal)?;
     println!("{}", gpu.info());
     let ceil = ceilings::measure(&gpu)?;
     println!(

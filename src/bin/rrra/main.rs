@@ -4,6 +4,7 @@
 mod bench;
 mod commands;
 mod demo;
+mod device_arg;
 mod device_check;
 mod progress;
 mod rrra_cmds;
@@ -45,7 +46,7 @@ enum Command {
     Bench(bench::BenchArgs),
     /// On a GPU machine: measure the ceilings and time every kernel family (one table).
     DeviceCheck(device_check::DeviceCheckArgs),
-    /// Fine-tune a bi-encoder with mined hard negatives (InfoNCE, AdamW; CPU).
+    /// Fine-tune a bi-encoder with mined hard negatives (InfoNCE, AdamW; CPU or GPU).
     Train(train::TrainArgs),
     /// RRRA stage 2: train the false-negative adapter on a frozen encoder, choose lambda_rr
     /// on a dev split, report the reranked test retrieval.
@@ -94,5 +95,16 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap's own checks of the definitions (ids named by `requires`, duplicate flags, ...),
+    /// which otherwise only fire when a command line reaches them.
+    #[test]
+    fn arguments_are_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

@@ -1,6 +1,7 @@
 //! The RRRA commands: `adapter` (stage 2 on a frozen encoder), `rerank` (a TREC run through the
 //! adapter) and `experiment` (the comparison table).
 
+use crate::device_arg::{check_gpu_math, Device};
 use clap::Args;
 use rrra::adapter::calibrate::FnScorer;
 use rrra::adapter::file::AdapterFile;
@@ -56,14 +57,11 @@ pub struct AdapterKnobs {
     /// Max tokens per text when encoding for the adapter and evaluation.
     #[arg(long, default_value_t = 256)]
     pub eval_max_length: usize,
-    /// Train the adapter's forward and backward on this CUDA device (ordinal); the losses and
-    /// the optimizer stay on the CPU. Cross-fitted and positive-aware adapters train on the CPU.
-    #[arg(long, value_name = "ORDINAL")]
-    pub adapter_gpu: Option<usize>,
 }
 
 impl AdapterKnobs {
-    fn config(&self) -> Result<AssessConfig> {
+    /// The stage-2 configuration, the adapter trained on `device`.
+    fn config(&self, device: Device) -> Result<AssessConfig> {
         let mut c = AssessConfig::default();
         c.adapter.epochs = self.adapter_epochs;
         c.adapter.lr = self.adapter_train_lr;
@@ -78,7 +76,7 @@ impl AdapterKnobs {
         c.rerank_k = self.rerank_k;
         c.mine_top_k = self.adapter_top_k;
         c.max_length = self.eval_max_length;
-        c.adapter_gpu = self.adapter_gpu;
+        c.adapter_gpu = device.cuda_ordinal();
         Ok(c)
     }
 }
@@ -103,12 +101,17 @@ pub struct AdapterArgs {
     pub out: PathBuf,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Where the adapter trains: cpu, or a CUDA device (cuda is cuda:0) for its forward and
+    /// backward; the losses and the optimizer stay on the CPU. Cross-fitted and positive-aware
+    /// adapters train on the CPU.
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda[:N]")]
+    pub device: Device,
     #[command(flatten)]
     pub knobs: AdapterKnobs,
 }
 
 pub fn adapter(a: AdapterArgs) -> Result<()> {
-    let cfg = a.knobs.config()?;
+    let cfg = a.knobs.config(a.device)?;
     let data = prepare::prepare(
         &a.beir,
         &a.out.join("data"),
@@ -258,19 +261,17 @@ pub struct ExperimentArgs {
     /// Peak learning rate of the adapter in joint training.
     #[arg(long, default_value_t = 1e-3)]
     pub adapter_lr: f32,
-    /// Run every stage's training on this CUDA device: the fine-tuning's encoder forward,
-    /// backward, AdamW and mining (encodes and search), and (unless --adapter-gpu says
-    /// otherwise) the stage-2 adapter's forward and backward. Losses, samplers and the joint adapter stay on
-    /// the CPU.
-    #[arg(long, value_name = "ORDINAL")]
-    pub gpu: Option<usize>,
-    /// The arithmetic of the fine-tuning's products with --gpu (f32, tf32, bf16).
-    #[arg(
-        long,
-        default_value = "f32",
-        value_name = "f32|tf32|bf16",
-        requires = "gpu"
-    )]
+    /// Where every stage trains: cpu, or a CUDA device (cuda is cuda:0) for the fine-tuning's
+    /// encoder forward, backward, AdamW and mining (encodes and search), and (unless
+    /// --adapter-device says otherwise) the stage-2 adapter's forward and backward, and the
+    /// stage-3 joint adapter's. Losses and samplers stay on the CPU.
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda[:N]")]
+    pub device: Device,
+    /// Where the stage-2 adapter's forward and backward run [default: --device].
+    #[arg(long, value_name = "cpu|cuda[:N]")]
+    pub adapter_device: Option<Device>,
+    /// The arithmetic of the fine-tuning's products with --device cuda (f32, tf32, bf16).
+    #[arg(long, default_value = "f32", value_name = "f32|tf32|bf16")]
     pub gpu_math: rrra::device::GemmMath,
     #[command(flatten)]
     pub knobs: AdapterKnobs,
@@ -306,12 +307,12 @@ impl ExperimentArgs {
         c.soft = self.soft;
         c.adapter_loss_weight = self.adapter_loss_weight;
         c.adapter_lr = self.adapter_lr;
-        c.assess = self.knobs.config()?;
-        c.gpu = self.gpu;
+        c.assess = self
+            .knobs
+            .config(self.adapter_device.unwrap_or(self.device))?;
+        check_gpu_math(self.device, self.gpu_math)?;
+        c.gpu = self.device.cuda_ordinal();
         c.gpu_math = self.gpu_math;
-        if c.assess.adapter_gpu.is_none() {
-            c.assess.adapter_gpu = self.gpu;
-        }
         Ok(c)
     }
 }

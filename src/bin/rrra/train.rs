@@ -1,5 +1,7 @@
-//! `rrra train`: fine-tune a bi-encoder with mined hard negatives (CPU reference path).
+//! `rrra train`: fine-tune a bi-encoder with mined hard negatives (the CPU reference path, or
+//! the encoder's step on a GPU with `--device cuda[:N]`).
 
+use crate::device_arg::{check_gpu_math, Device};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use rrra::device::train_step::GpuTrainStep;
@@ -104,25 +106,22 @@ pub struct TrainArgs {
     /// Disable dropout (deterministic forward).
     #[arg(long)]
     pub no_dropout: bool,
-    /// Run the encoder's training forward and backward, its AdamW step (weights, gradients and
-    /// moments stay on the device) and the mining encodes and search on this CUDA device (f32,
-    /// the CPU's dropout masks); the loss and the samplers stay on the CPU.
-    #[arg(long, value_name = "ORDINAL")]
-    pub gpu: Option<usize>,
-    /// The arithmetic of the encoder's products with --gpu: f32 (the CPU's, up to summation
-    /// order), tf32 or bf16 (tensor cores, f32 accumulation; the activations stay f32).
-    #[arg(
-        long,
-        default_value = "f32",
-        value_name = "f32|tf32|bf16",
-        requires = "gpu"
-    )]
+    /// Where the encoder trains: cpu, or a CUDA device (cuda is cuda:0), which runs the
+    /// encoder's training forward and backward, its AdamW step (weights, gradients and moments
+    /// stay on the device), the mining encodes and search (f32, the CPU's dropout masks) and
+    /// the RRRA joint adapter's forward and backward; the losses and the samplers stay on the
+    /// CPU.
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda[:N]")]
+    pub device: Device,
+    /// The arithmetic of the encoder's products with --device cuda: f32 (the CPU's, up to
+    /// summation order), tf32 or bf16 (tensor cores, f32 accumulation; the activations stay f32).
+    #[arg(long, default_value = "f32", value_name = "f32|tf32|bf16")]
     pub gpu_math: rrra::device::GemmMath,
     /// Data-parallel training over NCCL: this process is rank R of --nccl-world processes,
-    /// one per GPU (--gpu names this one's). Each rank takes its share of every batch; rank 0
-    /// writes the log and checkpoints.
+    /// one per GPU (--device cuda:N names this one's). Each rank takes its share of every batch;
+    /// rank 0 writes the log and checkpoints.
     #[cfg(feature = "nccl")]
-    #[arg(long, value_name = "R", requires_all = ["gpu", "nccl_world", "nccl_id"])]
+    #[arg(long, value_name = "R", requires_all = ["device", "nccl_world", "nccl_id"])]
     pub nccl_rank: Option<usize>,
     /// Number of ranks of a data-parallel run.
     #[cfg(feature = "nccl")]
@@ -238,10 +237,15 @@ fn collective(
     a: &TrainArgs,
     gpu: Option<&rrra::device::Gpu>,
 ) -> Result<Option<Arc<dyn Collective>>> {
-    let (Some(rank), Some(world), Some(id), Some(gpu)) =
-        (a.nccl_rank, a.nccl_world, a.nccl_id.as_ref(), gpu)
+    let (Some(rank), Some(world), Some(id)) = (a.nccl_rank, a.nccl_world, a.nccl_id.as_ref())
     else {
         return Ok(None);
+    };
+    let Some(gpu) = gpu else {
+        return Err(Error::InvalidArgument(format!(
+            "--nccl-rank {rank} needs this rank's GPU: pass --device cuda:N, not --device {}",
+            a.device
+        )));
     };
     let timeout = std::time::Duration::from_secs(600);
     let stream = gpu.new_stream()?;
@@ -256,7 +260,12 @@ fn collective(_: &TrainArgs, _: Option<&rrra::device::Gpu>) -> Result<Option<Arc
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let gpu = a.gpu.map(rrra::device::Gpu::open).transpose()?;
+    check_gpu_math(a.device, a.gpu_math)?;
+    let gpu = a
+        .device
+        .cuda_ordinal()
+        .map(rrra::device::Gpu::open)
+        .transpose()?;
     let comm = collective(&a, gpu.as_ref())?;
     let mut trainer = match (&a.resume, comm) {
         (Some(dir), comm) => {

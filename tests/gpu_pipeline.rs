@@ -1,0 +1,125 @@
+//! The retrieval pipeline on a GPU (`pipeline::{encode_corpus_on_gpu, search_on_gpu}`, what
+//! `rrra encode` and `rrra search` run with `--device cuda`) against the CPU pipeline, on the
+//! tiny random BERT of the fixtures and Cranfield. Skips without a GPU.
+//!
+//! Tolerances, and why: with f32 arithmetic the GPU encoder differs from the CPU's by summation
+//! order only (≲ 1e-6 relative per coordinate; 1e-4 of 1 + |x| leaves room), and scores by the
+//! same, so each position's score agrees to 1e-4 and documents swap places only at near-ties
+//! (as in tests/gpu_retriever.rs).
+
+mod common;
+
+use rrra::adapter::file::AdapterFile;
+use rrra::data::beir::read_beir_folder;
+use rrra::data::Run;
+use rrra::device::encoder::Precision;
+use rrra::index::store::Store;
+use rrra::index::Dtype;
+use rrra::model::{Encoder, EncoderOptions};
+use rrra::pipeline::{self, GpuOptions};
+
+/// Position by position: the same queries and list lengths, scores within 1e-4, and at most
+/// `max_swaps` positions holding another document.
+fn assert_runs_match(want: &Run, got: &Run, max_swaps: usize, what: &str) {
+    let (w, g): (Vec<_>, Vec<_>) = (want.iter().collect(), got.iter().collect());
+    assert_eq!(w.len(), g.len(), "{what}: queries");
+    let mut swapped = 0;
+    for ((q, wl), (gq, gl)) in w.iter().zip(&g) {
+        assert_eq!(q, gq, "{what}: query order");
+        assert_eq!(wl.len(), gl.len(), "{what}: query {q}");
+        for (i, (x, y)) in wl.iter().zip(gl.iter()).enumerate() {
+            assert!(
+                (x.1 - y.1).abs() <= 1e-4,
+                "{what}: query {q} [{i}]: cpu {} {} vs gpu {} {}",
+                x.0,
+                x.1,
+                y.0,
+                y.1
+            );
+            swapped += usize::from(x.0 != y.0);
+        }
+    }
+    assert!(swapped <= max_swaps, "{what}: {swapped} positions differ");
+}
+
+#[test]
+fn encode_and_search_on_the_gpu_match_the_cpu() {
+    let Some(_gpu) = common::gpu_or_skip() else {
+        return;
+    };
+    let t = common::tiny_cranfield();
+    let data = read_beir_folder(&common::shared().join("data/cranfield"), "test").unwrap();
+    let encoder = Encoder::load(&t.model, &EncoderOptions::default()).unwrap();
+    let f32_gpu = GpuOptions {
+        ordinal: 0,
+        precision: Precision::F32,
+        batch_size: 32,
+    };
+
+    // encode: the CPU store's vectors (tiny_cranfield encoded it on the CPU)
+    let gpu_store = t.dir.path().join("gpu.store");
+    pipeline::encode_corpus_on_gpu(
+        &encoder,
+        &data.corpus,
+        &gpu_store,
+        Dtype::F32,
+        &f32_gpu,
+        &|_| {},
+    )
+    .unwrap();
+    let (cpu, gpu) = (
+        Store::open(&t.store).unwrap(),
+        Store::open(&gpu_store).unwrap(),
+    );
+    assert_eq!((cpu.len(), cpu.dim()), (gpu.len(), gpu.dim()));
+    assert_eq!(cpu.fingerprint(), gpu.fingerprint());
+    let (mut c, mut g) = (vec![0.0f32; cpu.dim()], vec![0.0f32; cpu.dim()]);
+    for i in 0..cpu.len() {
+        assert_eq!(cpu.id(i), gpu.id(i));
+        cpu.row_f32(i, &mut c).unwrap();
+        gpu.row_f32(i, &mut g).unwrap();
+        for (x, y) in c.iter().zip(&g) {
+            assert!(
+                (x - y).abs() <= 1e-4 * (1.0 + x.abs()),
+                "row {i}: {x} vs {y}"
+            );
+        }
+    }
+
+    // search, then the adapter's rerank of the top k, against the CPU's
+    let queries: Vec<_> = data
+        .queries
+        .iter()
+        .filter(|q| data.qrels.get(&q.id).is_some())
+        .cloned()
+        .collect();
+    let k = 10;
+    let want = pipeline::search(&encoder, &cpu, &queries, k, 32, &|_| {}).unwrap();
+    let got =
+        pipeline::search_on_gpu(&t.model, &t.store, &queries, k, None, &f32_gpu, &|_| {}).unwrap();
+    assert_runs_match(&want, &got, 20, "search");
+    let adapter = AdapterFile::load(&t.adapter).unwrap();
+    let want_rr =
+        pipeline::rerank_run(&encoder, &cpu, &queries, &want, &t.store, &adapter, k).unwrap();
+    let got_rr = pipeline::search_on_gpu(
+        &t.model,
+        &t.store,
+        &queries,
+        k,
+        Some(&t.adapter),
+        &f32_gpu,
+        &|_| {},
+    )
+    .unwrap();
+    assert_runs_match(&want_rr, &got_rr, 20, "rerank");
+
+    // bf16, the default on a GPU, end to end: the same queries and depths
+    let bf16 = GpuOptions {
+        precision: Precision::Bf16,
+        ..f32_gpu
+    };
+    let got =
+        pipeline::search_on_gpu(&t.model, &t.store, &queries, k, None, &bf16, &|_| {}).unwrap();
+    assert_eq!(got.queries().count(), want.queries().count());
+    assert!(got.iter().all(|(_, hits)| hits.len() == k));
+}
