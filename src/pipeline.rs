@@ -96,10 +96,46 @@ pub struct GpuOptions {
     pub batch_size: usize,
 }
 
-/// [`encode_corpus`] on a CUDA device: `encoder`'s weights are uploaded once and every window
-/// of documents is tokenized on the host, then embedded (with `encoder`'s pooling and
-/// normalisation) on the device; the store records `encoder`'s description and fingerprint.
-/// [`Error::CudaUnavailable`] when no GPU can be used (before any file is written).
+/// `encoder`'s forward on a CUDA device, for texts: its weights uploaded once, texts tokenized
+/// on the host and embedded on the device with `encoder`'s pooling and normalisation.
+pub struct GpuTextEncoder<'e> {
+    encoder: &'e Encoder,
+    bert: GpuBert,
+    batch: usize,
+}
+
+impl<'e> GpuTextEncoder<'e> {
+    /// Uploads `encoder` to the device of `gpu`; [`Error::CudaUnavailable`] when no GPU can be
+    /// used.
+    pub fn new(encoder: &'e Encoder, gpu: &GpuOptions) -> Result<Self> {
+        let device = Gpu::open(gpu.ordinal)?;
+        let batch = gpu.batch_size.max(1);
+        let bert = GpuBert::new(
+            &device,
+            encoder.bert(),
+            gpu.precision,
+            batch.saturating_mul(encoder.max_length()),
+            batch,
+        )?;
+        Ok(GpuTextEncoder {
+            encoder,
+            bert,
+            batch,
+        })
+    }
+
+    /// Embeddings of `texts`, `[texts × dim]` in order, as `Encoder::encode` gives them.
+    pub fn encode(&mut self, texts: &[&str]) -> Result<Vec<f32>> {
+        let enc = self.encoder;
+        let tokens = enc.tokenizer().encode_batch(texts)?;
+        self.bert
+            .encode_tokens(&tokens, self.batch, enc.pooling(), enc.normalize())
+    }
+}
+
+/// [`encode_corpus`] on a CUDA device ([`GpuTextEncoder`]); the store records `encoder`'s
+/// description and fingerprint. [`Error::CudaUnavailable`] when no GPU can be used (before
+/// any file is written).
 pub fn encode_corpus_on_gpu(
     encoder: &Encoder,
     docs: &[Document],
@@ -108,18 +144,9 @@ pub fn encode_corpus_on_gpu(
     gpu: &GpuOptions,
     progress: &(dyn Fn(usize) + Sync),
 ) -> Result<()> {
-    let device = Gpu::open(gpu.ordinal)?;
-    let batch = gpu.batch_size;
-    let mut bert = GpuBert::new(
-        &device,
-        encoder.bert(),
-        gpu.precision,
-        batch.saturating_mul(encoder.max_length()),
-        batch,
-    )?;
+    let mut on_gpu = GpuTextEncoder::new(encoder, gpu)?;
     encode_corpus_with(encoder, docs, out, dtype, &mut |texts| {
-        let tokens = encoder.tokenizer().encode_batch(texts)?;
-        let v = bert.encode_tokens(&tokens, batch, encoder.pooling(), encoder.normalize())?;
+        let v = on_gpu.encode(texts)?;
         progress(texts.len());
         Ok(v)
     })

@@ -15,11 +15,13 @@ use crate::adapter::rerank::{choose_lambda, ScoredLists, LAMBDA_GRID};
 use crate::data::beir::Qrels;
 use crate::data::trec::Run;
 use crate::device::adapter_train::GpuAdapterGrad;
+use crate::device::encoder::Precision;
 use crate::error::Result;
 use crate::eval::fn_detection::{detection, Detection, QueryScores};
 use crate::eval::metrics::{evaluate, EvalOptions};
 use crate::index::{topk, Corpus};
 use crate::model::{Encoder, EncoderOptions};
+use crate::pipeline::{GpuOptions, GpuTextEncoder};
 use crate::train::mining::{mine_from_embeddings, MinedPool};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -49,6 +51,10 @@ pub struct AssessConfig {
     /// optimizer stay on the CPU); `None`: all on the CPU.
     #[serde(default)]
     pub adapter_gpu: Option<usize>,
+    /// Encode the corpus and the queries on this GPU (f32, the CPU's embeddings up to
+    /// summation order); `None`: on the CPU.
+    #[serde(default)]
+    pub encode_gpu: Option<usize>,
 }
 
 impl Default for AssessConfig {
@@ -64,6 +70,7 @@ impl Default for AssessConfig {
             simans_a: 0.5,
             positive_aware: false,
             adapter_gpu: None,
+            encode_gpu: None,
         }
     }
 }
@@ -126,7 +133,8 @@ pub struct EncodedSets {
     pub seconds: f64,
 }
 
-/// Encodes the corpus and the fit, dev and test queries with the encoder in `model`.
+/// Encodes the corpus and the fit, dev and test queries with the encoder in `model`, on the
+/// CPU or on `cfg.encode_gpu`.
 pub fn encode_sets(
     model: &Path,
     data: &Prepared,
@@ -142,15 +150,33 @@ pub fn encode_sets(
         },
     )?;
     let dim = encoder.dim();
+    let batch = cfg.encode_batch_size;
+    let mut on_gpu = match cfg.encode_gpu {
+        Some(ordinal) => {
+            let opts = GpuOptions {
+                ordinal,
+                precision: Precision::F32,
+                batch_size: batch,
+            };
+            Some(GpuTextEncoder::new(&encoder, &opts)?)
+        }
+        None => None,
+    };
+    let mut embed = |texts: &[&str]| -> Result<Vec<f32>> {
+        match on_gpu.as_mut() {
+            Some(gpu) => gpu.encode(texts),
+            None => encoder.encode(texts, batch),
+        }
+    };
     let docs: Vec<&str> = data.corpus.iter().map(|d| d.text.as_str()).collect();
-    let doc_emb = encoder.encode(&docs, cfg.encode_batch_size)?;
+    let doc_emb = embed(&docs)?;
     let fit_q: Vec<&str> = data.fit.queries.iter().map(|q| q.text.as_str()).collect();
     let dev_q: Vec<&str> = data.dev.queries.iter().map(|q| q.text.as_str()).collect();
     let test_queries: Vec<&crate::data::beir::Query> = data.test.judged_queries().collect();
     let test_q: Vec<&str> = test_queries.iter().map(|q| q.text.as_str()).collect();
-    let fit_emb = encoder.encode(&fit_q, cfg.encode_batch_size)?;
-    let dev_emb = encoder.encode(&dev_q, cfg.encode_batch_size)?;
-    let test_emb = encoder.encode(&test_q, cfg.encode_batch_size)?;
+    let fit_emb = embed(&fit_q)?;
+    let dev_emb = embed(&dev_q)?;
+    let test_emb = embed(&test_q)?;
     say(format!(
         "encoded {} documents and {} queries",
         docs.len(),

@@ -190,7 +190,8 @@ pub fn run(cfg: &ExperimentConfig, say: &mut dyn FnMut(String)) -> Result<Vec<Tr
         ));
     }
     // a missing device fails now, not after the first stages
-    for ordinal in [cfg.gpu, cfg.assess.adapter_gpu].into_iter().flatten() {
+    let devices = [cfg.gpu, cfg.assess.adapter_gpu, cfg.assess.encode_gpu];
+    for ordinal in devices.into_iter().flatten() {
         let gpu = crate::device::Gpu::open(ordinal)?;
         say(format!("training on {}", gpu.info()));
     }

@@ -98,12 +98,13 @@ pub trait OffloadedEncoder {
     /// Adds the parameter gradients of `Σ d_embeddings ⊙ embeddings` to `grads`.
     fn backward(&mut self, d_embeddings: &[f32], grads: &mut BertWeights) -> Result<()>;
     /// Embeddings of tokenized texts, `[texts × h]` in order, without dropout: the corpus and
-    /// query encodings of a mining refresh.
+    /// query encodings of a mining refresh and of an evaluation.
     fn encode(&mut self, texts: &[crate::model::tokenizer::Tokens]) -> Result<Vec<f32>>;
     /// The exact top-`depth` documents of `docs` (`[documents × dim]`) for each query of
-    /// `queries` (`[queries × dim]`), best first, by inner product: a mining refresh's search,
-    /// where the encoder runs (the GPU's top-k). `None` when this encoder does not search; the
-    /// trainer then searches on the CPU (`index::topk::search_batch`, the same contract).
+    /// `queries` (`[queries × dim]`), best first, by inner product: a mining refresh's or an
+    /// evaluation's search, where the encoder runs (the GPU's top-k). `None` when this encoder
+    /// does not search; the trainer then searches on the CPU (`index::topk::search_batch`, the
+    /// same contract).
     fn search(
         &mut self,
         docs: &[f32],

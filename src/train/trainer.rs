@@ -309,12 +309,12 @@ impl Trainer {
     }
 
     /// Runs each step's encoder forward and backward (with the run's dropout masks), and the
-    /// encodes of a mining refresh, on `encoder` (a GPU's), and the refresh's search too when
-    /// it offers one ([`OffloadedEncoder::search`]); the loss, the samplers and evaluation
-    /// stay here. The optimizer stays here too, with the weights
-    /// uploaded after every optimizer step, unless `encoder` is a [`ResidentOptimizer`]: then
-    /// it takes the weights and the AdamW state now and keeps them, and the host copies them
-    /// back for evaluation, checkpoints and at the end of [`Trainer::run`]. In a data-parallel
+    /// encodes of a mining refresh and of an evaluation, on `encoder` (a GPU's), and their
+    /// searches too when it offers one ([`OffloadedEncoder::search`]); the loss and the
+    /// samplers stay here. The optimizer stays here too, with the weights uploaded after every
+    /// optimizer step, unless `encoder` is a [`ResidentOptimizer`]: then it takes the weights
+    /// and the AdamW state now and keeps them, and the host copies them back for checkpoints
+    /// and at the end of [`Trainer::run`]. In a data-parallel
     /// run a resident optimizer also sums the ranks' gradients itself
     /// ([`ResidentOptimizer::accumulate_and_reduce`]). The RRRA joint adapter's forward and
     /// backward go where `encoder` offers them a place ([`OffloadedEncoder::adapter_op`]).
@@ -587,18 +587,12 @@ impl Trainer {
             &self.query_tokens
         };
         let part = &tokens[self.shard_of(tokens.len())];
-        let local = match self.offload.as_mut() {
-            Some((enc, stale)) => {
-                if *stale {
-                    enc.set_weights(&self.encoder.bert().weights)?;
-                    *stale = false;
-                }
-                enc.encode(part)?
-            }
-            None => self
-                .encoder
-                .encode_tokens(part, self.cfg.encode_batch_size, &|_| {})?,
-        };
+        let local = encode_where_trained(
+            &mut self.offload,
+            &self.encoder,
+            part,
+            self.cfg.encode_batch_size,
+        )?;
         let Some(comm) = &self.comm else {
             return Ok(local);
         };
@@ -1033,18 +1027,7 @@ impl Trainer {
         let (doc_emb, q_emb) = (snap.docs, snap.queries);
         let (dim, top_k) = (self.encoder.dim(), self.cfg.mine_top_k.max(1));
         let depth = mining::search_depth(&self.set, top_k);
-        // the search where the encoder runs, when it can (a GPU's top-k), else here
-        let device_hits = match self.offload.as_mut() {
-            Some((enc, _)) if depth > 0 => enc.search(&doc_emb, &q_emb, dim, depth),
-            _ => None,
-        };
-        let hits = match device_hits {
-            Some(hits) => hits?,
-            None => {
-                let corpus = crate::index::Corpus::from_f32(&doc_emb, dim)?;
-                crate::index::topk::search_batch(&corpus, &q_emb, depth)?
-            }
-        };
+        let hits = search_where_trained(&mut self.offload, &doc_emb, &q_emb, dim, depth)?;
         let exclude = self.cfg.exclude_same_id;
         let (mut pool, stats) =
             mining::mine_from_hits(&self.set, dim, q_emb, doc_emb, &hits, top_k, exclude)?;
@@ -1111,31 +1094,30 @@ impl Trainer {
         Ok(())
     }
 
-    /// Retrieval metrics of the current encoder on the evaluation split.
+    /// Retrieval metrics of the current encoder on the evaluation split: encoded and searched
+    /// where the encoder trains (an offloaded encoder's GPU, as a mining refresh is), else here.
     pub fn evaluate(&mut self, on: &mut dyn FnMut(TrainEvent)) -> Result<()> {
         if self.eval.is_none() || !self.writes() {
             return Ok(()); // no split, or a data-parallel rank other than 0
         }
-        self.sync_host()?;
+        if self.offload.is_none() {
+            self.sync_host()?;
+        }
         let Some(ev) = &self.eval else { return Ok(()) };
+        let (dim, batch) = (self.encoder.dim(), self.cfg.encode_batch_size);
         let docs: Vec<&str> = ev.corpus.iter().map(|d| d.text.as_str()).collect();
-        let mut doc_emb = Vec::with_capacity(docs.len() * self.encoder.dim());
-        for chunk in docs.chunks(self.cfg.encode_batch_size * 32) {
+        let mut doc_emb = Vec::with_capacity(docs.len() * dim);
+        for chunk in docs.chunks(batch * 32) {
             let tokens = self.doc_tok.encode_batch(chunk)?;
-            doc_emb.extend(self.encoder.encode_tokens(
-                &tokens,
-                self.cfg.encode_batch_size,
-                &|_| {},
-            )?);
+            let emb = encode_where_trained(&mut self.offload, &self.encoder, &tokens, batch)?;
+            doc_emb.extend(emb);
         }
         let queries: Vec<&crate::data::beir::Query> = ev.judged_queries().collect();
         let texts: Vec<&str> = queries.iter().map(|q| q.text.as_str()).collect();
         let tokens = self.query_tok.encode_batch(&texts)?;
-        let q_emb = self
-            .encoder
-            .encode_tokens(&tokens, self.cfg.encode_batch_size, &|_| {})?;
-        let corpus = crate::index::Corpus::from_f32(&doc_emb, self.encoder.dim())?;
-        let hits = crate::index::topk::search_batch(&corpus, &q_emb, 100.min(ev.corpus.len()))?;
+        let q_emb = encode_where_trained(&mut self.offload, &self.encoder, &tokens, batch)?;
+        let depth = 100.min(ev.corpus.len());
+        let hits = search_where_trained(&mut self.offload, &doc_emb, &q_emb, dim, depth)?;
         let mut run = crate::data::trec::Run::new();
         for (q, hits) in queries.iter().zip(hits) {
             let docs = hits
@@ -1213,6 +1195,49 @@ fn joint_lists(
             (cols, classes)
         })
         .collect()
+}
+
+/// Embeddings of `tokens` (no dropout) by the current weights, where the encoder trains: on an
+/// offloaded encoder (given the host's weights first when it is behind them), else on the CPU
+/// `encoder`.
+fn encode_where_trained(
+    offload: &mut Option<(Box<dyn OffloadedEncoder>, bool)>,
+    encoder: &Encoder,
+    tokens: &[Tokens],
+    batch: usize,
+) -> Result<Vec<f32>> {
+    match offload.as_mut() {
+        Some((enc, stale)) => {
+            if *stale {
+                enc.set_weights(&encoder.bert().weights)?;
+                *stale = false;
+            }
+            enc.encode(tokens)
+        }
+        None => encoder.encode_tokens(tokens, batch, &|_| {}),
+    }
+}
+
+/// The exact top `depth` of `docs` for each of `queries` by inner product, where the encoder
+/// runs when it can search there (a GPU's top-k), else here.
+fn search_where_trained(
+    offload: &mut Option<(Box<dyn OffloadedEncoder>, bool)>,
+    docs: &[f32],
+    queries: &[f32],
+    dim: usize,
+    depth: usize,
+) -> Result<Vec<Vec<crate::index::Hit>>> {
+    let device_hits = match offload.as_mut() {
+        Some((enc, _)) if depth > 0 => enc.search(docs, queries, dim, depth),
+        _ => None,
+    };
+    match device_hits {
+        Some(hits) => hits,
+        None => {
+            let corpus = crate::index::Corpus::from_f32(docs, dim)?;
+            crate::index::topk::search_batch(&corpus, queries, depth)
+        }
+    }
 }
 
 /// Rank `r`'s contiguous share of `n` items among `world` ranks.

@@ -60,7 +60,7 @@ pub struct AdapterKnobs {
 }
 
 impl AdapterKnobs {
-    /// The stage-2 configuration, the adapter trained on `device`.
+    /// The stage-2 configuration: the encodes and the adapter's training on `device`.
     fn config(&self, device: Device) -> Result<AssessConfig> {
         let mut c = AssessConfig::default();
         c.adapter.epochs = self.adapter_epochs;
@@ -77,6 +77,7 @@ impl AdapterKnobs {
         c.mine_top_k = self.adapter_top_k;
         c.max_length = self.eval_max_length;
         c.adapter_gpu = device.cuda_ordinal();
+        c.encode_gpu = device.cuda_ordinal();
         Ok(c)
     }
 }
@@ -101,9 +102,9 @@ pub struct AdapterArgs {
     pub out: PathBuf,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Where the adapter trains: cpu, or a CUDA device (cuda is cuda:0) for its forward and
-    /// backward; the losses and the optimizer stay on the CPU. Cross-fitted and positive-aware
-    /// adapters train on the CPU.
+    /// Where the encodes and the adapter's training run: cpu, or a CUDA device (cuda is
+    /// cuda:0) for the encodes (f32) and the adapter's forward and backward; the losses and the
+    /// optimizer stay on the CPU. Cross-fitted and positive-aware adapters train on the CPU.
     #[arg(long, default_value = "cpu", value_name = "cpu|cuda[:N]")]
     pub device: Device,
     #[command(flatten)]
@@ -261,10 +262,10 @@ pub struct ExperimentArgs {
     /// Peak learning rate of the adapter in joint training.
     #[arg(long, default_value_t = 1e-3)]
     pub adapter_lr: f32,
-    /// Where every stage trains: cpu, or a CUDA device (cuda is cuda:0) for the fine-tuning's
-    /// encoder forward, backward, AdamW and mining (encodes and search), and (unless
-    /// --adapter-device says otherwise) the stage-2 adapter's forward and backward, and the
-    /// stage-3 joint adapter's. Losses and samplers stay on the CPU.
+    /// Where every stage runs: cpu, or a CUDA device (cuda is cuda:0) for the evaluation
+    /// encodes (f32), the fine-tuning's encoder forward, backward, AdamW, mining and
+    /// evaluations, and (unless --adapter-device says otherwise) the stage-2 adapter's forward
+    /// and backward, and the stage-3 joint adapter's. Losses and samplers stay on the CPU.
     #[arg(long, default_value = "cpu", value_name = "cpu|cuda[:N]")]
     pub device: Device,
     /// Where the stage-2 adapter's forward and backward run [default: --device].
@@ -312,6 +313,7 @@ impl ExperimentArgs {
             .config(self.adapter_device.unwrap_or(self.device))?;
         check_gpu_math(self.device, self.gpu_math)?;
         c.gpu = self.device.cuda_ordinal();
+        c.assess.encode_gpu = c.gpu;
         c.gpu_math = self.gpu_math;
         Ok(c)
     }

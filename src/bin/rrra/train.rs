@@ -107,10 +107,10 @@ pub struct TrainArgs {
     #[arg(long)]
     pub no_dropout: bool,
     /// Where the encoder trains: cpu, or a CUDA device (cuda is cuda:0), which runs the
-    /// encoder's training forward and backward, its AdamW step (weights, gradients and moments
-    /// stay on the device), the mining encodes and search (f32, the CPU's dropout masks) and
-    /// the RRRA joint adapter's forward and backward; the losses and the samplers stay on the
-    /// CPU.
+    /// encoder's training forward (with the CPU's dropout masks) and backward, its AdamW step
+    /// (weights, gradients and moments stay on the device), the encodes and searches of mining
+    /// and evaluation (f32) and the RRRA joint adapter's forward and backward; the losses and
+    /// the samplers stay on the CPU.
     #[arg(long, default_value = "cpu", value_name = "cpu|cuda[:N]")]
     pub device: Device,
     /// The arithmetic of the encoder's products with --device cuda: f32 (the CPU's, up to
