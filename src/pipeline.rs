@@ -1,19 +1,17 @@
 //! The retrieval path end to end, as the CLI and services use it: encode a corpus into an
-//! embedding store, and search a store with encoded queries into a TREC run, on the CPU or on a
-//! GPU.
+//! embedding store (on the CPU or a GPU), and search a store with encoded queries into a TREC
+//! run (on a GPU: `retriever::search_on_gpu`, through the GPU `Retriever`).
 
 use crate::adapter::rerank::rerank_list;
 use crate::adapter::serving::{query_logits, AdapterScratch, ServingWeights};
 use crate::data::{Document, Query, Run};
 use crate::device::encoder::{GpuBert, Precision};
-use crate::device::retriever::GpuEngineOptions;
 use crate::device::Gpu;
 use crate::error::{Error, Result};
 use crate::index::store::{Store, StoreSpec, StoreWriter};
 use crate::index::topk;
 use crate::index::Dtype;
 use crate::model::Encoder;
-use crate::retriever::{Retriever, RetrieverOptions};
 use std::path::Path;
 
 /// Documents are encoded and written in windows of this many, so memory stays bounded however
@@ -85,7 +83,7 @@ pub fn encode_corpus_with(
     writer.finish()
 }
 
-/// Where and how [`encode_corpus_on_gpu`] and [`search_on_gpu`] run.
+/// Where and how [`GpuTextEncoder`] and `retriever::search_on_gpu` run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GpuOptions {
     /// CUDA device ordinal.
@@ -218,52 +216,6 @@ pub fn search(
                     }
                 })
                 .collect::<Result<_>>()?;
-            run.add_query(q.id.clone(), docs)?;
-        }
-        progress(window.len());
-    }
-    Ok(run)
-}
-
-/// [`search`] on a CUDA device, through the GPU serving path of [`Retriever`] (the model in
-/// `model` is checked against the store at `store` as [`Retriever::open`] does): the top `k`
-/// documents of each query, in query order. With `adapter` (a file, or a folder holding
-/// `adapter.safetensors`) each top `k` is reranked by `s_base · p^lambda_rr`, scores being the
-/// log of that product, as [`rerank_run`] does on the CPU. [`Error::CudaUnavailable`] when no
-/// GPU can be used.
-pub fn search_on_gpu(
-    model: &Path,
-    store: &Path,
-    queries: &[Query],
-    k: usize,
-    adapter: Option<&Path>,
-    gpu: &GpuOptions,
-    progress: &(dyn Fn(usize) + Sync),
-) -> Result<Run> {
-    let retriever = Retriever::open(
-        model,
-        store,
-        &RetrieverOptions {
-            adapter: adapter.map(Path::to_path_buf),
-            // the rerank takes exactly the top k, as `rerank_run` does
-            rerank_depth: k,
-            batch_size: gpu.batch_size,
-            gpu: Some(GpuEngineOptions {
-                ordinal: gpu.ordinal,
-                precision: gpu.precision,
-                max_batch: gpu.batch_size,
-                max_depth: k,
-                ..Default::default()
-            }),
-        },
-    )?;
-    let mut run = Run::new();
-    for window in queries.chunks(1024) {
-        let texts: Vec<&str> = window.iter().map(|q| q.text.as_str()).collect();
-        let lists = retriever.retrieve_batch(&texts, k, adapter.is_some())?;
-        for (q, hits) in window.iter().zip(lists) {
-            // rank_score: the similarity, or the rerank's log(s_base · p^lambda)
-            let docs = hits.into_iter().map(|h| (h.id, h.rank_score)).collect();
             run.add_query(q.id.clone(), docs)?;
         }
         progress(window.len());

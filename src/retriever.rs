@@ -20,11 +20,12 @@ use crate::adapter::file::AdapterFile;
 use crate::adapter::rerank::{rerank_list, rerank_list_into};
 use crate::adapter::serving::{query_logits, AdapterScratch, ServingWeights};
 use crate::adapter::sigmoid;
+use crate::data::{Query, Run};
 use crate::device::retriever::{GpuEngineOptions, GpuQueryEngine};
 use crate::error::{Error, Result};
 use crate::index::{topk, OneQueryScratch, Store};
 use crate::model::{EncodeScratch, Encoder};
-use crate::pipeline::{check_store_matches, rerank_rows, store_encoder_options};
+use crate::pipeline::{check_store_matches, rerank_rows, store_encoder_options, GpuOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -532,4 +533,50 @@ impl Retriever {
             })
             .collect())
     }
+}
+
+/// [`crate::pipeline::search`] on a CUDA device, through the GPU serving path of [`Retriever`]
+/// (the model in `model` is checked against the store at `store` as [`Retriever::open`]
+/// does): the top `k` documents of each query, in query order. With `adapter` (a file, or a
+/// folder holding `adapter.safetensors`) each top `k` is reranked by `s_base · p^lambda_rr`,
+/// scores being the log of that product, as [`crate::pipeline::rerank_run`] does on the CPU.
+/// [`Error::CudaUnavailable`] when no GPU can be used.
+pub fn search_on_gpu(
+    model: &Path,
+    store: &Path,
+    queries: &[Query],
+    k: usize,
+    adapter: Option<&Path>,
+    gpu: &GpuOptions,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<Run> {
+    let retriever = Retriever::open(
+        model,
+        store,
+        &RetrieverOptions {
+            adapter: adapter.map(Path::to_path_buf),
+            // the rerank takes exactly the top k, as `rerank_run` does
+            rerank_depth: k,
+            batch_size: gpu.batch_size,
+            gpu: Some(GpuEngineOptions {
+                ordinal: gpu.ordinal,
+                precision: gpu.precision,
+                max_batch: gpu.batch_size,
+                max_depth: k,
+                ..Default::default()
+            }),
+        },
+    )?;
+    let mut run = Run::new();
+    for window in queries.chunks(1024) {
+        let texts: Vec<&str> = window.iter().map(|q| q.text.as_str()).collect();
+        let lists = retriever.retrieve_batch(&texts, k, adapter.is_some())?;
+        for (q, hits) in window.iter().zip(lists) {
+            // rank_score: the similarity, or the rerank's log(s_base · p^lambda)
+            let docs = hits.into_iter().map(|h| (h.id, h.rank_score)).collect();
+            run.add_query(q.id.clone(), docs)?;
+        }
+        progress(window.len());
+    }
+    Ok(run)
 }

@@ -1,6 +1,7 @@
-//! The retrieval pipeline on a GPU (`pipeline::{encode_corpus_on_gpu, search_on_gpu}`, what
-//! `rrra encode` and `rrra search` run with `--device cuda`) against the CPU pipeline, on the
-//! tiny random BERT of the fixtures and Cranfield. Skips without a GPU.
+//! The retrieval pipeline on a GPU (`pipeline::encode_corpus_on_gpu` and
+//! `retriever::search_on_gpu`, what `rrra encode` and `rrra search` run with `--device cuda`)
+//! against the CPU pipeline, on the tiny random BERT of the fixtures and Cranfield. Skips
+//! without a GPU.
 //!
 //! Tolerances, and why: with f32 arithmetic the GPU encoder differs from the CPU's by summation
 //! order only (≲ 1e-6 relative per coordinate; 1e-4 of 1 + |x| leaves room), and scores by the
@@ -96,12 +97,13 @@ fn encode_and_search_on_the_gpu_match_the_cpu() {
     let k = 10;
     let want = pipeline::search(&encoder, &cpu, &queries, k, 32, &|_| {}).unwrap();
     let got =
-        pipeline::search_on_gpu(&t.model, &t.store, &queries, k, None, &f32_gpu, &|_| {}).unwrap();
+        rrra::retriever::search_on_gpu(&t.model, &t.store, &queries, k, None, &f32_gpu, &|_| {})
+            .unwrap();
     assert_runs_match(&want, &got, 20, "search");
     let adapter = AdapterFile::load(&t.adapter).unwrap();
     let want_rr =
         pipeline::rerank_run(&encoder, &cpu, &queries, &want, &t.store, &adapter, k).unwrap();
-    let got_rr = pipeline::search_on_gpu(
+    let got_rr = rrra::retriever::search_on_gpu(
         &t.model,
         &t.store,
         &queries,
@@ -118,8 +120,8 @@ fn encode_and_search_on_the_gpu_match_the_cpu() {
         precision: Precision::Bf16,
         ..f32_gpu
     };
-    let got =
-        pipeline::search_on_gpu(&t.model, &t.store, &queries, k, None, &bf16, &|_| {}).unwrap();
+    let got = rrra::retriever::search_on_gpu(&t.model, &t.store, &queries, k, None, &bf16, &|_| {})
+        .unwrap();
     assert_eq!(got.queries().count(), want.queries().count());
     assert!(got.iter().all(|(_, hits)| hits.len() == k));
 }

@@ -205,7 +205,7 @@ fn search_on_cpu(a: &SearchArgs) -> Result<rrra::data::Run> {
 fn search_on_gpu(a: &SearchArgs, gpu: &GpuOptions) -> Result<rrra::data::Run> {
     let queries = judged_queries(&a.queries, a.qrels.as_deref())?;
     let phase = Phase::new(queries.len(), "searched");
-    let run = pipeline::search_on_gpu(
+    let run = rrra::retriever::search_on_gpu(
         &a.model,
         &a.index,
         &queries,

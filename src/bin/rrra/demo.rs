@@ -129,7 +129,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
                 batch_size: 32,
             };
             let tick = phase.tick();
-            pipeline::search_on_gpu(&model, &store_path, &queries, a.k, None, &opts, &tick)?
+            rrra::retriever::search_on_gpu(&model, &store_path, &queries, a.k, None, &opts, &tick)?
         }
         None => pipeline::search(&encoder, &store, &queries, a.k, 32, &phase.tick())?,
     };
