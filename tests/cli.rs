@@ -420,7 +420,7 @@ fn device_cpu_is_the_default() {
 
 /// Without a usable GPU, `--device cuda` is one clear error (CUDA unavailable, and why), with
 /// no panic and nothing written. On a GPU machine the GPU path is checked by
-/// `encode_and_search_on_the_gpu_match_the_cpu` instead.
+/// tests/gpu_pipeline.rs instead.
 #[test]
 fn cuda_without_a_gpu_is_a_clear_error() {
     if let Ok(gpu) = rrra::device::Gpu::open(0) {
