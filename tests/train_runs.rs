@@ -297,6 +297,7 @@ mod stand_in {
         ActivationMode, Activations, DropoutPlan, OffloadedEncoder, ResidentOptimizer, TrainBatch,
         TrainableEncoder,
     };
+    use rrra::train::loss::{info_nce, InfoNceInput, InfoNceStats};
     use rrra::train::optim::{encoder_step, AdamW};
     use rrra::train::parallel::backward_groups;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -311,6 +312,8 @@ mod stand_in {
         pub downloads: AtomicUsize,
         /// Calls of the joint adapter's op (forward, backward and scoring).
         pub adapter_calls: AtomicUsize,
+        /// Contrastive losses computed by the stand-in.
+        pub losses: AtomicUsize,
     }
 
     /// The CPU reference adapter op behind the capacity the trainer asked for, as a GPU's
@@ -470,6 +473,15 @@ mod stand_in {
             }
             Some(hits)
         }
+        fn info_nce(
+            &mut self,
+            input: &InfoNceInput<'_>,
+            dq: &mut [f32],
+            dd: &mut [f32],
+        ) -> Option<rrra::Result<InfoNceStats>> {
+            self.counts.losses.fetch_add(1, Ordering::SeqCst);
+            Some(info_nce(input, dq, dd))
+        }
         fn adapter_op(
             &mut self,
             _d: usize,
@@ -558,6 +570,14 @@ mod stand_in {
         fn encode(&mut self, texts: &[rrra::model::tokenizer::Tokens]) -> rrra::Result<Vec<f32>> {
             self.inner.encode(texts)
         }
+        fn info_nce(
+            &mut self,
+            input: &InfoNceInput<'_>,
+            dq: &mut [f32],
+            dd: &mut [f32],
+        ) -> Option<rrra::Result<InfoNceStats>> {
+            self.inner.info_nce(input, dq, dd)
+        }
         fn resident(&mut self) -> Option<&mut dyn ResidentOptimizer> {
             Some(self)
         }
@@ -601,7 +621,7 @@ fn assert_same_weights(a: &rrra::model::Encoder, b: &rrra::model::Encoder, what:
 
 /// The trainer's offload hook with a CPU stand-in for the GPU encoder: the same steps, dropout
 /// on, must give bitwise the same model as the plain CPU path, with the weights uploaded once
-/// per optimizer step used.
+/// per optimizer step used, and every loss computed by the stand-in.
 #[test]
 fn an_offloaded_encoder_trains_like_the_cpu_path() {
     use rrra::model::{Encoder, EncoderOptions};
@@ -638,6 +658,11 @@ fn an_offloaded_encoder_trains_like_the_cpu_path() {
         counts.searches.load(Ordering::SeqCst),
         2,
         "two minings, each searching where the encoder runs"
+    );
+    assert_eq!(
+        counts.losses.load(Ordering::SeqCst),
+        6,
+        "three steps of two micro-batches, each loss where the encoder runs"
     );
     assert_same_weights(plain.encoder(), offloaded.encoder(), "offloaded");
     let a = plain.encoder().bert().weights.tensors();

@@ -1133,8 +1133,8 @@ impl GpuTrainableEncoder {
     }
 }
 
-/// The trainer's hook (`Trainer::offload_encoder`): the step's forward and backward, and a
-/// mining refresh's encodes and search, here.
+/// The trainer's hook (`Trainer::offload_encoder`): the step's forward, loss and backward, and
+/// the encodes and searches of mining and evaluation, here.
 impl crate::train::encoder_grad::OffloadedEncoder for GpuTrainableEncoder {
     fn set_weights(&mut self, weights: &BertWeights) -> Result<()> {
         GpuTrainableEncoder::set_weights(self, weights)
@@ -1156,6 +1156,15 @@ impl crate::train::encoder_grad::OffloadedEncoder for GpuTrainableEncoder {
         depth: usize,
     ) -> Option<Result<Vec<Vec<crate::index::Hit>>>> {
         Some(super::mining::search(&self.gpu, docs, queries, dim, depth))
+    }
+    fn info_nce(
+        &mut self,
+        input: &crate::train::loss::InfoNceInput<'_>,
+        dq: &mut [f32],
+        dd: &mut [f32],
+    ) -> Option<Result<crate::train::loss::InfoNceStats>> {
+        let loss = super::infonce::GpuInfoNce::new(&self.gpu);
+        Some(loss.and_then(|l| l.run(&self.gpu, input, dq, dd)))
     }
 }
 
@@ -1199,7 +1208,7 @@ pub fn training_step_flops(cfg: &BertConfig, tokens: usize, seq_len: usize) -> f
 }
 
 /// The device check's row: one f32 training step (forward + backward, gradients left on the
-/// device) of a random BERT-base at the shape, 64 queries with a positive and 7 hard
+/// device) of a random BERT-base at the target shape, 64 queries with a positive and 7 hard
 /// negatives each, 128 tokens per sequence.
 pub fn bench(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
     use crate::model::synthetic::{batch_with_lengths, bert_base_config, random_bert};

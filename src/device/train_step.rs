@@ -219,7 +219,7 @@ impl ResidentOptimizer for GpuTrainStep {
     }
 }
 
-/// The trainer's hook: forward, backward and the optimizer step all on this GPU.
+/// The trainer's hook: forward, loss, backward and the optimizer step all on this GPU.
 impl OffloadedEncoder for GpuTrainStep {
     fn set_weights(&mut self, weights: &BertWeights) -> Result<()> {
         // the master copy and the encoder's; the moments stay
@@ -249,6 +249,14 @@ impl OffloadedEncoder for GpuTrainStep {
     ) -> Option<Result<Vec<Vec<crate::index::Hit>>>> {
         Some(super::mining::search(&self.gpu, docs, queries, dim, depth))
     }
+    fn info_nce(
+        &mut self,
+        input: &crate::train::loss::InfoNceInput<'_>,
+        dq: &mut [f32],
+        dd: &mut [f32],
+    ) -> Option<Result<crate::train::loss::InfoNceStats>> {
+        self.encoder.info_nce(input, dq, dd)
+    }
     fn resident(&mut self) -> Option<&mut dyn ResidentOptimizer> {
         Some(self)
     }
@@ -267,9 +275,11 @@ impl OffloadedEncoder for GpuTrainStep {
     }
 }
 
-/// The device check's rows: a whole BERT-base training step at the issue's shape (64 queries,
-/// a positive and 7 hard negatives each, 128 tokens, dropout 0.1): forward, backward and the
-/// AdamW update with clipping, everything on the device, once per GEMM arithmetic.
+/// The device check's rows: a whole BERT-base training step at the target shape (64 queries,
+/// a positive and 7 hard negatives each, 128 tokens, dropout 0.1) as the trainer runs it:
+/// forward, the fused InfoNCE, backward and the AdamW update with clipping, on the device (the
+/// embeddings and their gradients cross to the host and back, 1.8 MB each way), once per GEMM
+/// arithmetic.
 pub fn bench(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
     use crate::model::synthetic::{batch_with_lengths, bert_base_config, random_bert};
     let cfg = bert_base_config();
@@ -289,7 +299,11 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
         tb.packed.tokens(),
         seqs,
     )?;
-    let d_emb = vec![1e-3f32; seqs * cfg.hidden_size];
+    // the loss as the trainer computes it: the fused InfoNCE of the first 64 embeddings (the
+    // queries) against the other 512 (each query's positive, then its 7 negatives)
+    let (queries, h) = (64usize, cfg.hidden_size);
+    let targets: Vec<usize> = (0..queries).map(|b| b * 8).collect();
+    let mut d_emb = vec![0.0f32; seqs * h];
     // BERT-base's dropout, as the PyTorch peer trains with it
     let dropout = DropoutPlan {
         hidden: 0.1,
@@ -304,7 +318,19 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
         step.set_gemm_math(math);
         let ms = gpu.time_ms(3, || {
             step.zero_grads()?;
-            step.encoder.forward_train(&tb, &dropout)?;
+            let emb = step.encoder.forward_train(&tb, &dropout)?;
+            let (q, d) = emb.split_at(queries * h);
+            let (dq, dd) = d_emb.split_at_mut(queries * h);
+            let input = crate::train::loss::InfoNceInput {
+                queries: q,
+                docs: d,
+                dim: h,
+                targets: &targets,
+                log_weights: None,
+                tau: 0.05,
+            };
+            OffloadedEncoder::info_nce(&mut step, &input, dq, dd)
+                .unwrap_or_else(|| Err(Error::Cuda("the GPU step computes no loss".into())))?;
             step.accumulate(&d_emb)?;
             let norm = step.update(1.0, 1.0, 1e-5)?;
             if norm.is_finite() {
@@ -317,10 +343,11 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
         })?;
         rows.push(super::KernelTiming {
             name: format!(
-                "encoder training step + rrra_adamw ({math} products, f32 activations, weights resident)"
+                "encoder training step + rrra_infonce + rrra_adamw ({math} products, f32 \
+                 activations, weights resident)"
             ),
             shape: format!(
-                "BERT-base, {seqs} x 128 tokens, dropout 0.1, forward + backward + AdamW"
+                "BERT-base, {seqs} x 128 tokens, dropout 0.1, forward + InfoNCE + backward + AdamW"
             ),
             ms,
             bytes: 0.0,

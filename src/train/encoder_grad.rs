@@ -115,6 +115,19 @@ pub trait OffloadedEncoder {
         let _ = (docs, queries, dim, depth);
         None
     }
+    /// The contrastive loss of a batch's embeddings where the encoder runs (the GPU's fused
+    /// InfoNCE), with [`info_nce`](super::loss::info_nce)'s contract: statistics returned,
+    /// `dq` and `dd` overwritten. `None` when this encoder has no loss of its own; the trainer
+    /// then computes it on the CPU.
+    fn info_nce(
+        &mut self,
+        input: &super::loss::InfoNceInput<'_>,
+        dq: &mut [f32],
+        dd: &mut [f32],
+    ) -> Option<Result<super::loss::InfoNceStats>> {
+        let _ = (input, dq, dd);
+        None
+    }
     /// The same encoder holding the gradients and the optimizer too, when it does: then the
     /// trainer never moves weights or gradients in a step (see [`ResidentOptimizer`]).
     fn resident(&mut self) -> Option<&mut dyn ResidentOptimizer> {

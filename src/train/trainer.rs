@@ -727,7 +727,8 @@ impl Trainer {
             let log_w = layout.log_weights(&|q, d| set.is_positive(q as usize, d as usize));
             let mut dq = vec![0.0f32; queries.len()];
             let mut dd = vec![0.0f32; all_docs.len()];
-            let stats = info_nce(
+            let stats = loss_where_trained(
+                &mut self.offload,
                 &InfoNceInput {
                     queries: &queries,
                     docs: &all_docs,
@@ -813,7 +814,8 @@ impl Trainer {
         let (q, d) = embeddings.split_at(b_n * h);
         let mut d_emb = vec![0.0f32; embeddings.len()];
         let (dq, dd) = d_emb.split_at_mut(b_n * h);
-        let stats = info_nce(
+        let stats = loss_where_trained(
+            &mut self.offload,
             &InfoNceInput {
                 queries: q,
                 docs: d,
@@ -1215,6 +1217,23 @@ fn encode_where_trained(
             enc.encode(tokens)
         }
         None => encoder.encode_tokens(tokens, batch, &|_| {}),
+    }
+}
+
+/// The contrastive loss of `input` where the encoder runs when it offers one (a GPU's fused
+/// InfoNCE), else here ([`info_nce`]).
+fn loss_where_trained(
+    offload: &mut Option<(Box<dyn OffloadedEncoder>, bool)>,
+    input: &InfoNceInput<'_>,
+    dq: &mut [f32],
+    dd: &mut [f32],
+) -> Result<InfoNceStats> {
+    match offload
+        .as_mut()
+        .and_then(|(enc, _)| enc.info_nce(input, dq, dd))
+    {
+        Some(stats) => stats,
+        None => info_nce(input, dq, dd),
     }
 }
 

@@ -265,7 +265,8 @@ pub struct ExperimentArgs {
     /// Where every stage runs: cpu, or a CUDA device (cuda is cuda:0) for the evaluation
     /// encodes (f32), the fine-tuning's encoder forward, backward, AdamW, mining and
     /// evaluations, and (unless --adapter-device says otherwise) the stage-2 adapter's forward
-    /// and backward, and the stage-3 joint adapter's. Losses and samplers stay on the CPU.
+    /// and backward, and the stage-3 joint adapter's, and the fine-tuning's InfoNCE. The
+    /// samplers and the adapters' losses and optimizers stay on the CPU.
     #[arg(long, default_value = "cpu", value_name = "cpu|cuda[:N]")]
     pub device: Device,
     /// Where the stage-2 adapter's forward and backward run [default: --device].

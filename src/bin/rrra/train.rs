@@ -108,9 +108,9 @@ pub struct TrainArgs {
     pub no_dropout: bool,
     /// Where the encoder trains: cpu, or a CUDA device (cuda is cuda:0), which runs the
     /// encoder's training forward (with the CPU's dropout masks) and backward, its AdamW step
-    /// (weights, gradients and moments stay on the device), the encodes and searches of mining
-    /// and evaluation (f32) and the RRRA joint adapter's forward and backward; the losses and
-    /// the samplers stay on the CPU.
+    /// (weights, gradients and moments stay on the device), the fused InfoNCE, the encodes and
+    /// searches of mining and evaluation (f32) and the RRRA joint adapter's forward and
+    /// backward; the samplers and the adapter's loss and optimizer stay on the CPU.
     #[arg(long, default_value = "cpu", value_name = "cpu|cuda[:N]")]
     pub device: Device,
     /// The arithmetic of the encoder's products with --device cuda: f32 (the CPU's, up to
