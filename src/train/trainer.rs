@@ -309,9 +309,9 @@ impl Trainer {
     }
 
     /// Runs each step's encoder forward and backward (with the run's dropout masks), and the
-    /// encodes of a mining refresh and of an evaluation, on `encoder` (a GPU's), and their
-    /// searches too when it offers one ([`OffloadedEncoder::search`]); the loss and the
-    /// samplers stay here. The optimizer stays here too, with the weights uploaded after every
+    /// encodes of a mining refresh and of an evaluation, on `encoder` (a GPU's), and the
+    /// step's loss and those searches too when it offers them ([`OffloadedEncoder::info_nce`],
+    /// [`OffloadedEncoder::search`]); the samplers stay here. The optimizer stays here too, with the weights uploaded after every
     /// optimizer step, unless `encoder` is a [`ResidentOptimizer`]: then it takes the weights
     /// and the AdamW state now and keeps them, and the host copies them back for checkpoints
     /// and at the end of [`Trainer::run`]. In a data-parallel
@@ -1102,9 +1102,7 @@ impl Trainer {
         if self.eval.is_none() || !self.writes() {
             return Ok(()); // no split, or a data-parallel rank other than 0
         }
-        if self.offload.is_none() {
-            self.sync_host()?;
-        }
+        // the weights that encode are current wherever the encoder trains: nothing to copy back
         let Some(ev) = &self.eval else { return Ok(()) };
         let (dim, batch) = (self.encoder.dim(), self.cfg.encode_batch_size);
         let docs: Vec<&str> = ev.corpus.iter().map(|d| d.text.as_str()).collect();
