@@ -58,5 +58,36 @@ fn search(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, encode, search);
+/// The CPU contrastive loss (forward and backward) at BERT-base's training-step shape: 64
+/// queries against 512 documents (a positive and 7 hard negatives each), dim 768, with log
+/// weights. What `rrra train` pays per micro-batch when the loss is not on a GPU.
+fn loss(c: &mut Criterion) {
+    use rrra::index::synthetic::random_unit_vectors;
+    use rrra::train::loss::{info_nce, InfoNceInput};
+    let (b, d, h) = (64usize, 512usize, 768usize);
+    let queries = random_unit_vectors(b, h, 1);
+    let docs = random_unit_vectors(d, h, 2);
+    let targets: Vec<usize> = (0..b).map(|i| i * 8).collect();
+    let log_weights = vec![0.0f32; b * d];
+    let (mut dq, mut dd) = (vec![0.0f32; b * h], vec![0.0f32; d * h]);
+    let mut g = c.benchmark_group("infonce");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(b as u64));
+    g.bench_function("64x512x768", |bench| {
+        bench.iter(|| {
+            let input = InfoNceInput {
+                queries: &queries,
+                docs: &docs,
+                dim: h,
+                targets: &targets,
+                log_weights: Some(&log_weights),
+                tau: 0.05,
+            };
+            info_nce(&input, &mut dq, &mut dd).unwrap()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, encode, search, loss);
 criterion_main!(benches);
