@@ -6,7 +6,10 @@
 //! Tolerances, and why: with f32 arithmetic the GPU encoder differs from the CPU's by summation
 //! order only (≲ 1e-6 relative per coordinate; 1e-4 of 1 + |x| leaves room), and scores by the
 //! same, so each position's score agrees to 1e-4 and documents swap places only at near-ties
-//! (as in tests/gpu_retriever.rs).
+//! (as in tests/gpu_retriever.rs). A rerank score is `s/tau − LSE + lambda·log σ(logit)`: a
+//! 1e-5 score error grows to 2e-4 through 1/tau (0.05), and the adapter logit's
+//! 2e-5·(1 + |beta|) (beta 10, the serving kernel's bound) doubles through lambda (2), so
+//! rerank scores are compared to 1e-3.
 
 mod common;
 
@@ -19,9 +22,9 @@ use rrra::index::Dtype;
 use rrra::model::{Encoder, EncoderOptions};
 use rrra::pipeline::{self, GpuOptions};
 
-/// Position by position: the same queries and list lengths, scores within 1e-4, and at most
+/// Position by position: the same queries and list lengths, scores within `tol`, and at most
 /// `max_swaps` positions holding another document.
-fn assert_runs_match(want: &Run, got: &Run, max_swaps: usize, what: &str) {
+fn assert_runs_match(want: &Run, got: &Run, tol: f64, max_swaps: usize, what: &str) {
     let (w, g): (Vec<_>, Vec<_>) = (want.iter().collect(), got.iter().collect());
     assert_eq!(w.len(), g.len(), "{what}: queries");
     let mut swapped = 0;
@@ -30,7 +33,7 @@ fn assert_runs_match(want: &Run, got: &Run, max_swaps: usize, what: &str) {
         assert_eq!(wl.len(), gl.len(), "{what}: query {q}");
         for (i, (x, y)) in wl.iter().zip(gl.iter()).enumerate() {
             assert!(
-                (x.1 - y.1).abs() <= 1e-4,
+                (x.1 - y.1).abs() <= tol,
                 "{what}: query {q} [{i}]: cpu {} {} vs gpu {} {}",
                 x.0,
                 x.1,
@@ -99,7 +102,7 @@ fn encode_and_search_on_the_gpu_match_the_cpu() {
     let got =
         rrra::retriever::search_on_gpu(&t.model, &t.store, &queries, k, None, &f32_gpu, &|_| {})
             .unwrap();
-    assert_runs_match(&want, &got, 20, "search");
+    assert_runs_match(&want, &got, 1e-4, 20, "search");
     let adapter = AdapterFile::load(&t.adapter).unwrap();
     let want_rr =
         pipeline::rerank_run(&encoder, &cpu, &queries, &want, &t.store, &adapter, k).unwrap();
@@ -113,7 +116,7 @@ fn encode_and_search_on_the_gpu_match_the_cpu() {
         &|_| {},
     )
     .unwrap();
-    assert_runs_match(&want_rr, &got_rr, 20, "rerank");
+    assert_runs_match(&want_rr, &got_rr, 1e-3, 20, "rerank");
 
     // bf16, the default on a GPU, end to end: the same queries and depths
     let bf16 = GpuOptions {
