@@ -72,6 +72,19 @@ fn offload(gpu: &Gpu, t: &mut Trainer, resident: bool) {
     }
 }
 
+/// Step by step, `gpu`'s losses within the tolerances above of `cpu`'s: 1e-5 relative at the
+/// first step, 1e-4 after.
+fn assert_losses_follow(cpu: &[f64], gpu: &[f64], what: &str) {
+    for (i, (c, g)) in cpu.iter().zip(gpu).enumerate() {
+        let tol = if i == 0 { 1e-5 } else { 1e-4 };
+        assert!(
+            (c - g).abs() <= tol * c.abs(),
+            "{what}, step {}: cpu {c} vs gpu {g}",
+            i + 1
+        );
+    }
+}
+
 /// Each trained tensor of `b` within 1e-3 (relative L2) of `a`'s change from `start`.
 fn assert_close(start: &[&[f32]], a: &[&[f32]], b: &[&[f32]], what: &str) {
     for (i, ((s, c), g)) in start.iter().zip(a).zip(b).enumerate() {
@@ -117,14 +130,7 @@ fn an_offloaded_run_follows_the_cpu_run() {
         offload(&gpu, &mut dev, resident);
         let gpu_losses = losses(&mut dev, None);
         assert_eq!(gpu_losses.len(), 4);
-        for (i, (c, g)) in cpu_losses.iter().zip(&gpu_losses).enumerate() {
-            let tol = if i == 0 { 1e-5 } else { 1e-4 };
-            assert!(
-                (c - g).abs() <= tol * c.abs(),
-                "{what}, step {}: cpu loss {c} vs gpu {g}",
-                i + 1
-            );
-        }
+        assert_losses_follow(&cpu_losses, &gpu_losses, &format!("{what} loss"));
         assert_close(&s, &c, &dev.encoder().bert().weights.tensors(), what);
         // the checkpoint holds the device's weights, not the host's stale copy
         let saved =
@@ -208,16 +214,10 @@ fn an_rrra_run_with_its_joint_adapter_on_the_gpu_follows_the_cpu_run() {
     }
     assert_eq!(cpu_losses.len(), 4);
     assert_eq!(gpu_losses.len(), 4);
-    for (i, (c, g)) in cpu_losses.iter().zip(&gpu_losses).enumerate() {
-        let tol = if i == 0 { 1e-5 } else { 1e-4 };
-        for (what, c, g) in [("loss", c.0, g.0), ("adapter loss", c.1, g.1)] {
-            assert!(
-                (c - g).abs() <= tol * c.abs(),
-                "step {}: cpu {what} {c} vs gpu {g}",
-                i + 1
-            );
-        }
-    }
+    let (cpu_enc, cpu_adapter): (Vec<f64>, Vec<f64>) = cpu_losses.into_iter().unzip();
+    let (gpu_enc, gpu_adapter): (Vec<f64>, Vec<f64>) = gpu_losses.into_iter().unzip();
+    assert_losses_follow(&cpu_enc, &gpu_enc, "loss");
+    assert_losses_follow(&cpu_adapter, &gpu_adapter, "adapter loss");
     let s = start.bert().weights.tensors();
     let c = cpu.encoder().bert().weights.tensors();
     assert_close(&s, &c, &dev.encoder().bert().weights.tensors(), "rrra");
@@ -266,14 +266,7 @@ fn resident_data_parallel_ranks_follow_the_cpu_run() {
     );
     let (rank_losses, w) = &ranks[0];
     assert_eq!(rank_losses.len(), 4);
-    for (i, (c, g)) in cpu_losses.iter().zip(rank_losses).enumerate() {
-        let tol = if i == 0 { 1e-5 } else { 1e-4 };
-        assert!(
-            (c - g).abs() <= tol * c.abs(),
-            "two ranks, step {}: cpu loss {c} vs gpu {g}",
-            i + 1
-        );
-    }
+    assert_losses_follow(&cpu_losses, rank_losses, "two ranks loss");
     let start = Encoder::load(&model, &EncoderOptions::default()).unwrap();
     let w: Vec<&[f32]> = w.iter().map(Vec::as_slice).collect();
     assert_close(

@@ -141,6 +141,8 @@ pub struct GpuTrainableEncoder {
     k: Kernels,
     bw: GpuBackward,
     attn_bw: GpuAttentionBackward,
+    /// The fused InfoNCE (`OffloadedEncoder::info_nce`), its kernels loaded once.
+    loss: super::infonce::GpuInfoNce,
     max_tokens: usize,
     max_sequences: usize,
     /// Weights and gradients, each tensor in the order of `BertWeights::tensors`.
@@ -285,6 +287,7 @@ impl GpuTrainableEncoder {
             k,
             bw,
             attn_bw,
+            loss: super::infonce::GpuInfoNce::new(gpu)?,
             max_tokens,
             max_sequences,
             last: None,
@@ -1163,8 +1166,7 @@ impl crate::train::encoder_grad::OffloadedEncoder for GpuTrainableEncoder {
         dq: &mut [f32],
         dd: &mut [f32],
     ) -> Option<Result<crate::train::loss::InfoNceStats>> {
-        let loss = super::infonce::GpuInfoNce::new(&self.gpu);
-        Some(loss.and_then(|l| l.run(&self.gpu, input, dq, dd)))
+        Some(self.loss.run(&self.gpu, input, dq, dd))
     }
 }
 

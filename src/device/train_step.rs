@@ -247,7 +247,7 @@ impl OffloadedEncoder for GpuTrainStep {
         dim: usize,
         depth: usize,
     ) -> Option<Result<Vec<Vec<crate::index::Hit>>>> {
-        Some(super::mining::search(&self.gpu, docs, queries, dim, depth))
+        self.encoder.search(docs, queries, dim, depth)
     }
     fn info_nce(
         &mut self,
