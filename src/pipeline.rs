@@ -106,10 +106,14 @@ impl<'e> GpuTextEncoder<'e> {
     /// Uploads `encoder` to the device of `gpu`; [`Error::CudaUnavailable`] when no GPU can be
     /// used.
     pub fn new(encoder: &'e Encoder, gpu: &GpuOptions) -> Result<Self> {
-        let device = Gpu::open(gpu.ordinal)?;
+        Self::on(&Gpu::open(gpu.ordinal)?, encoder, gpu)
+    }
+
+    /// [`GpuTextEncoder::new`] on a device already open (`gpu.ordinal` is not read).
+    pub fn on(device: &Gpu, encoder: &'e Encoder, gpu: &GpuOptions) -> Result<Self> {
         let batch = gpu.batch_size.max(1);
         let bert = GpuBert::new(
-            &device,
+            device,
             encoder.bert(),
             gpu.precision,
             batch.saturating_mul(encoder.max_length()),
@@ -276,6 +280,25 @@ pub fn rerank_run(
     adapter: &crate::adapter::file::AdapterFile,
     k: usize,
 ) -> Result<Run> {
+    rerank_run_on(encoder, store, queries, run, run_path, adapter, k, None)
+}
+
+/// [`rerank_run`], with the queries encoded ([`GpuTextEncoder`]) and the candidates scored by
+/// the adapter's fused kernel ([`rerank_rows_on_gpu`]) on a CUDA device when `gpu` is given.
+/// The lists are the same; the scores differ from the CPU's by summation order (and by the
+/// encoder's bf16 arithmetic when `gpu.precision` says so). [`Error::CudaUnavailable`] when no
+/// GPU can be used.
+#[allow(clippy::too_many_arguments)]
+pub fn rerank_run_on(
+    encoder: &Encoder,
+    store: &Store,
+    queries: &[Query],
+    run: &Run,
+    run_path: &Path,
+    adapter: &crate::adapter::file::AdapterFile,
+    k: usize,
+    gpu: Option<&GpuOptions>,
+) -> Result<Run> {
     use std::collections::HashMap;
     let dim = store.dim();
     adapter.check_dim(dim, run_path)?;
@@ -296,7 +319,11 @@ pub fn rerank_run(
             )
         })?);
     }
-    let q_emb = encoder.encode(&texts, 32)?;
+    let device = gpu.map(|g| Gpu::open(g.ordinal)).transpose()?;
+    let q_emb = match (&device, gpu) {
+        (Some(d), Some(g)) => GpuTextEncoder::on(d, encoder, g)?.encode(&texts)?,
+        _ => encoder.encode(&texts, 32)?,
+    };
     let mut lists = Vec::with_capacity(qids.len());
     let mut row = vec![0.0f32; dim];
     for (qi, q) in qids.iter().enumerate() {
@@ -327,14 +354,18 @@ pub fn rerank_run(
         }
         lists.push(l);
     }
+    let ranked = match &device {
+        Some(d) => rerank_rows_on_gpu(d, store, adapter, &q_emb, &lists)?,
+        None => rerank_rows(
+            store,
+            adapter,
+            &ServingWeights::of(&adapter.params)?,
+            &q_emb,
+            &lists,
+        )?,
+    };
     let mut out = Run::new();
-    for (q, ranked) in qids.iter().zip(rerank_rows(
-        store,
-        adapter,
-        &ServingWeights::of(&adapter.params)?,
-        &q_emb,
-        &lists,
-    )?) {
+    for (q, ranked) in qids.iter().zip(ranked) {
         out.add_query(
             q.to_string(),
             ranked
@@ -403,4 +434,76 @@ pub fn rerank_rows(
             )
         })
         .collect()
+}
+
+/// Candidate pairs the adapter's device buffers hold per launch in [`rerank_rows_on_gpu`]
+/// (16 384 × 768 floats is 50 MB).
+const GPU_RERANK_PAIRS: usize = 16_384;
+
+/// [`rerank_rows`] with the adapter's fused scoring kernel on `device`
+/// ([`crate::device::adapter::GpuAdapter`]): the candidates' vectors are gathered from `store`
+/// on the host, lists of the same length are scored together, and each list is ordered on the
+/// host as on the CPU.
+pub fn rerank_rows_on_gpu(
+    device: &Gpu,
+    store: &Store,
+    adapter: &crate::adapter::file::AdapterFile,
+    q_emb: &[f32],
+    lists: &[Vec<(usize, f32)>],
+) -> Result<Vec<Vec<Reranked>>> {
+    let dim = store.dim();
+    if q_emb.len() != lists.len() * dim {
+        return Err(Error::InvalidArgument(format!(
+            "{} query floats for {} lists of dimension {dim}",
+            q_emb.len(),
+            lists.len()
+        )));
+    }
+    let longest = lists.iter().map(Vec::len).max().unwrap_or(0);
+    let mut op = crate::device::adapter::GpuAdapter::new(
+        device,
+        &adapter.params,
+        GPU_RERANK_PAIRS.max(longest),
+    )?;
+    let mut logits: Vec<Vec<f32>> = Vec::with_capacity(lists.len());
+    let mut docs = Vec::new();
+    // runs of consecutive lists of one length are scored together
+    let mut start = 0;
+    while start < lists.len() {
+        let len = lists[start].len();
+        let end = start + lists[start..].iter().take_while(|l| l.len() == len).count();
+        if len == 0 {
+            logits.extend((start..end).map(|_| Vec::new()));
+        } else {
+            // at most GPU_RERANK_PAIRS candidates gathered on the host at a time
+            let per = (GPU_RERANK_PAIRS / len).max(1);
+            for first in (start..end).step_by(per) {
+                let last = (first + per).min(end);
+                docs.resize((last - first) * len * dim, 0.0);
+                let rows = lists[first..last].iter().flatten();
+                for (&(r, _), v) in rows.zip(docs.chunks_exact_mut(dim)) {
+                    store.row_f32(r, v)?;
+                }
+                let scored = op.score(&q_emb[first * dim..last * dim], &docs, len)?;
+                logits.extend(scored.logit.chunks_exact(len).map(<[f32]>::to_vec));
+            }
+        }
+        start = end;
+    }
+    Ok(lists
+        .iter()
+        .zip(&logits)
+        .map(|(l, lg)| {
+            let scores: Vec<f32> = l.iter().map(|x| x.1).collect();
+            rerank_list(&scores, lg, adapter.tau, adapter.lambda_rr)
+                .into_iter()
+                .map(|(i, rank_score)| Reranked {
+                    row: l[i].0,
+                    score: l[i].1,
+                    logit: lg[i],
+                    rank_score,
+                })
+                .collect()
+        })
+        .collect())
 }

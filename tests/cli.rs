@@ -318,9 +318,10 @@ fn bad_arguments_are_clear() {
 #[test]
 fn unknown_devices_are_refused() {
     let f = Fixture::new();
-    let commands: [&[&str]; 8] = [
+    let commands: [&[&str]; 9] = [
         &["encode"],
         &["search"],
+        &["rerank"],
         &["train"],
         &["adapter"],
         &["experiment"],
@@ -356,6 +357,24 @@ fn unknown_devices_are_refused() {
         &["--device", "cpu", "--precision", "bf16"],
     );
     fails(&args, &["--precision bf16", "--device cuda"]);
+    let rerank = a![
+        "rerank",
+        "--model",
+        tiny(),
+        "--index",
+        f.p("c.store"),
+        "--queries",
+        f.p("queries.jsonl"),
+        "--adapter",
+        f.p("adapter"),
+        "--run",
+        f.p("run.trec"),
+        "--out",
+        f.p("rr.trec"),
+        "--precision",
+        "f32"
+    ];
+    fails(&rerank, &["--precision f32", "--device cuda"]);
     let train = a![
         "train",
         "--model",
@@ -465,6 +484,41 @@ fn cuda_without_a_gpu_is_a_clear_error() {
             fails(&args, &["CUDA unavailable"]);
         }
     }
+    // rerank: a run made on the CPU, then its rerank on a GPU
+    let (ok, _, err) = rrra(&a![
+        "search",
+        "--model",
+        t.model,
+        "--index",
+        t.store,
+        "--queries",
+        data.join("queries.jsonl"),
+        "--out",
+        p("cpu.trec"),
+        "--k",
+        "5"
+    ]);
+    assert!(ok, "{err}");
+    for device in ["cuda", "cuda:1"] {
+        let rerank = a![
+            "rerank",
+            "--model",
+            t.model,
+            "--index",
+            t.store,
+            "--queries",
+            data.join("queries.jsonl"),
+            "--adapter",
+            t.adapter,
+            "--run",
+            p("cpu.trec"),
+            "--out",
+            p("rr.trec"),
+            "--device",
+            device
+        ];
+        fails(&rerank, &["CUDA unavailable"]);
+    }
     let beir = tiny_beir(t.dir.path());
     let train = a![
         "train",
@@ -479,4 +533,5 @@ fn cuda_without_a_gpu_is_a_clear_error() {
     ];
     fails(&train, &["CUDA unavailable"]);
     assert!(!p("gpu.store").exists() && !p("run.trec").exists() && !p("t").exists());
+    assert!(!p("rr.trec").exists());
 }

@@ -1,7 +1,7 @@
-//! The retrieval pipeline on a GPU (`pipeline::encode_corpus_on_gpu` and
-//! `retriever::search_on_gpu`, what `rrra encode` and `rrra search` run with `--device cuda`)
-//! against the CPU pipeline, on the tiny random BERT of the fixtures and Cranfield. Skips
-//! without a GPU.
+//! The retrieval pipeline on a GPU (`pipeline::encode_corpus_on_gpu`,
+//! `retriever::search_on_gpu` and `pipeline::rerank_run_on`, what `rrra encode`, `rrra search`
+//! and `rrra rerank` run with `--device cuda`) against the CPU pipeline, on the tiny random BERT
+//! of the fixtures and Cranfield. Skips without a GPU.
 //!
 //! Tolerances, and why: with f32 arithmetic the GPU encoder differs from the CPU's by summation
 //! order only (≲ 1e-6 relative per coordinate; 1e-4 of 1 + |x| leaves room), and scores by the
@@ -117,6 +117,28 @@ fn encode_and_search_on_the_gpu_match_the_cpu() {
     )
     .unwrap();
     assert_runs_match(&want_rr, &got_rr, 1e-3, 20, "rerank");
+
+    // a run's rerank on the GPU (`rrra rerank --device cuda`), lists of uneven lengths so that
+    // runs of equal lengths are scored together and the length changes between them
+    let mut uneven = Run::new();
+    for (i, (q, list)) in want.iter().enumerate() {
+        let keep = [k, k, 3, 3, 3, 1, k][i % 7];
+        uneven.add_query(q, list[..keep].to_vec()).unwrap();
+    }
+    let want_rr =
+        pipeline::rerank_run(&encoder, &cpu, &queries, &uneven, &t.store, &adapter, k).unwrap();
+    let got_rr = pipeline::rerank_run_on(
+        &encoder,
+        &cpu,
+        &queries,
+        &uneven,
+        &t.store,
+        &adapter,
+        k,
+        Some(&f32_gpu),
+    )
+    .unwrap();
+    assert_runs_match(&want_rr, &got_rr, 1e-3, 20, "rerank of a run");
 
     // bf16, the default on a GPU, end to end: the same queries and depths
     let bf16 = GpuOptions {

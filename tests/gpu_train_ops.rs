@@ -347,7 +347,7 @@ fn batch(rng: &mut Rng, b_n: usize, neg: usize, dim: usize) -> Batch {
 #[test]
 fn infonce_matches_the_cpu() {
     let Some(gpu) = gpu() else { return };
-    let op = GpuInfoNce::new(&gpu).unwrap();
+    let mut op = GpuInfoNce::new(&gpu).unwrap();
     let mut rng = Rng::new(4);
     let shapes = [
         (1usize, 0usize, 1usize),
@@ -406,6 +406,22 @@ fn infonce_matches_the_cpu() {
             let (eq, ed) = (rel_l2(&dq_g, &dq_c), rel_l2(&dd_g, &dd_c));
             assert!(eq <= 1e-5, "{what}: dq relative L2 error {eq}");
             assert!(ed <= 1e-5, "{what}: dd relative L2 error {ed}");
+            // the op keeps its buffers: the same problem again allocates nothing and, the
+            // kernels being deterministic, gives the same bits
+            let allocations = op.device_allocations();
+            let (mut dq_2, mut dd_2) = (vec![f32::NAN; b_n * dim], vec![f32::NAN; d_n * dim]);
+            let again = op.run(&gpu, &inp, &mut dq_2, &mut dd_2).unwrap();
+            assert_eq!(
+                op.device_allocations(),
+                allocations,
+                "{what}: allocated again"
+            );
+            assert_eq!(
+                again.loss.to_bits(),
+                got.loss.to_bits(),
+                "{what}: loss differs"
+            );
+            assert!(dq_2 == dq_g && dd_2 == dd_g, "{what}: gradients differ");
         }
     }
 }
@@ -413,7 +429,7 @@ fn infonce_matches_the_cpu() {
 #[test]
 fn infonce_rejects_what_the_cpu_rejects() {
     let Some(gpu) = gpu() else { return };
-    let op = GpuInfoNce::new(&gpu).unwrap();
+    let mut op = GpuInfoNce::new(&gpu).unwrap();
     let q = [0.1f32; 4];
     let d = [0.2f32; 6];
     let (mut dq, mut dd) = (vec![0.0; 4], vec![0.0; 6]);

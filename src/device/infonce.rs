@@ -9,10 +9,10 @@
 //! and in the CPU's order. See the kernel file for the arithmetic; gradients agree with the CPU
 //! to about one f32 rounding per term.
 //!
-//! [`GpuInfoNce::run`] is host-to-host (uploads, three launches, downloads); [`InfoNceBuffers`]
-//! keeps everything on the device for repeated launches (the benchmark). The device outputs are
-//! filled with NaN before every launch, so an element a kernel failed to write cannot pass for a
-//! result.
+//! [`GpuInfoNce::run`] is host-to-host (uploads, three launches, downloads) through buffers it
+//! keeps between calls; [`InfoNceBuffers`] keeps everything on the device for repeated launches
+//! (the benchmark). The device outputs are filled with NaN before every launch, so an element
+//! a kernel failed to write cannot pass for a result.
 
 use super::runtime::{alloc, cuda_err, ptr, to_i32, Gpu, KernelTiming};
 use crate::error::{Error, Result};
@@ -43,19 +43,24 @@ fn validate(inp: &InfoNceInput<'_>) -> Result<(usize, usize)> {
     Ok((b_n, d_n))
 }
 
-/// The three kernels, loaded once.
+/// The three kernels, loaded once, and the buffers of the largest problem seen so far.
 pub struct GpuInfoNce {
     rows: CudaFunction,
     dq: CudaFunction,
     dd: CudaFunction,
+    /// Reused by [`GpuInfoNce::run`]: a training step of a fixed shape allocates nothing after
+    /// its first call.
+    bufs: Option<InfoNceBuffers>,
 }
 
-/// Every device buffer of one problem size, inputs uploaded.
+/// Every device buffer of one problem, inputs uploaded. Buffers may be larger than the problem
+/// they hold (after [`InfoNceBuffers::refill`] with a smaller one).
 pub struct InfoNceBuffers {
     b_n: usize,
     d_n: usize,
     dim: usize,
     inv_tau: f64,
+    weighted: bool,
     queries: CudaSlice<f32>,
     docs: CudaSlice<f32>,
     targets: CudaSlice<i32>,
@@ -64,40 +69,101 @@ pub struct InfoNceBuffers {
     stats: CudaSlice<f64>,
     dq: CudaSlice<f32>,
     dd: CudaSlice<f32>,
+    allocations: u64,
+}
+
+/// `slot` if it holds at least `n` elements, else a new buffer of `n` (counted in `allocations`).
+fn room<T: cudarc::driver::DeviceRepr>(
+    gpu: &Gpu,
+    slot: Option<CudaSlice<T>>,
+    n: usize,
+    what: &str,
+    allocations: &mut u64,
+) -> Result<CudaSlice<T>> {
+    match slot {
+        Some(s) if s.len() >= n => Ok(s),
+        _ => {
+            *allocations += 1;
+            alloc(gpu.stream(), n, what)
+        }
+    }
 }
 
 impl InfoNceBuffers {
-    /// Validates `inp` (like the CPU) and uploads it.
+    /// Validates `inp` (like the CPU) and uploads it into new buffers of its size.
     pub fn upload(gpu: &Gpu, inp: &InfoNceInput<'_>) -> Result<InfoNceBuffers> {
+        Self::fill(gpu, None, inp)
+    }
+
+    /// Validates `inp` and uploads it, reusing this problem's buffers where they are large
+    /// enough. On an invalid input the buffers are dropped, never half-filled.
+    pub fn refill(self, gpu: &Gpu, inp: &InfoNceInput<'_>) -> Result<InfoNceBuffers> {
+        Self::fill(gpu, Some(self), inp)
+    }
+
+    /// Device allocations these buffers have taken since the first upload.
+    pub fn device_allocations(&self) -> u64 {
+        self.allocations
+    }
+
+    fn fill(gpu: &Gpu, old: Option<InfoNceBuffers>, inp: &InfoNceInput<'_>) -> Result<Self> {
         let (b_n, d_n) = validate(inp)?;
         let dim = inp.dim;
-        let stream = gpu.stream();
-        let up = |x: &[f32], what: &str| {
-            stream
-                .clone_htod(x)
-                .map_err(cuda_err(&format!("uploading {what}")))
+        let mut n = old.as_ref().map_or(0, |o| o.allocations);
+        let (queries, docs, targets, mut log_weights, lse, stats, dq, dd) = match old {
+            Some(o) => (
+                Some(o.queries),
+                Some(o.docs),
+                Some(o.targets),
+                o.log_weights,
+                Some(o.lse),
+                Some(o.stats),
+                Some(o.dq),
+                Some(o.dd),
+            ),
+            None => (None, None, None, None, None, None, None, None),
         };
-        let targets: Vec<i32> = inp.targets.iter().map(|&t| t as i32).collect();
+        let targets_i32: Vec<i32> = inp.targets.iter().map(|&t| t as i32).collect();
+        let mut q = room(gpu, queries, b_n * dim, "queries", &mut n)?;
+        up(gpu, inp.queries, &mut q, "queries")?;
+        let mut d = room(gpu, docs, d_n * dim, "documents", &mut n)?;
+        up(gpu, inp.docs, &mut d, "documents")?;
+        let mut t = room(gpu, targets, b_n, "targets", &mut n)?;
+        up(gpu, &targets_i32, &mut t, "targets")?;
+        if let Some(w) = inp.log_weights {
+            let mut dst = room(gpu, log_weights.take(), b_n * d_n, "log weights", &mut n)?;
+            up(gpu, w, &mut dst, "log weights")?;
+            log_weights = Some(dst);
+        }
         Ok(InfoNceBuffers {
             b_n,
             d_n,
             dim,
             inv_tau: 1.0 / inp.tau as f64,
-            queries: up(inp.queries, "queries")?,
-            docs: up(inp.docs, "documents")?,
-            targets: stream
-                .clone_htod(&targets)
-                .map_err(cuda_err("uploading targets"))?,
-            log_weights: match inp.log_weights {
-                Some(w) => Some(up(w, "log weights")?),
-                None => None,
-            },
-            lse: alloc(stream, b_n, "per-query LSE")?,
-            stats: alloc(stream, b_n * STATS, "per-query statistics")?,
-            dq: alloc(stream, b_n * dim, "dq")?,
-            dd: alloc(stream, d_n * dim, "dd")?,
+            weighted: inp.log_weights.is_some(),
+            queries: q,
+            docs: d,
+            targets: t,
+            log_weights,
+            lse: room(gpu, lse, b_n, "per-query LSE", &mut n)?,
+            stats: room(gpu, stats, b_n * STATS, "per-query statistics", &mut n)?,
+            dq: room(gpu, dq, b_n * dim, "dq", &mut n)?,
+            dd: room(gpu, dd, d_n * dim, "dd", &mut n)?,
+            allocations: n,
         })
     }
+}
+
+/// Copies `host` into the front of `dst` (at least as long).
+fn up<T: cudarc::driver::DeviceRepr>(
+    gpu: &Gpu,
+    host: &[T],
+    dst: &mut CudaSlice<T>,
+    what: &str,
+) -> Result<()> {
+    gpu.stream()
+        .memcpy_htod(host, &mut dst.slice_mut(..host.len()))
+        .map_err(cuda_err(&format!("uploading {what}")))
 }
 
 impl GpuInfoNce {
@@ -106,14 +172,21 @@ impl GpuInfoNce {
             rows: gpu.function(MODULE, "rrra_infonce_rows")?,
             dq: gpu.function(MODULE, "rrra_infonce_dq")?,
             dd: gpu.function(MODULE, "rrra_infonce_dd")?,
+            bufs: None,
         })
     }
 
+    /// Device allocations [`GpuInfoNce::run`] has made so far (none once its buffers fit).
+    pub fn device_allocations(&self) -> u64 {
+        self.bufs.as_ref().map_or(0, |b| b.allocations)
+    }
+
     /// Loss and gradients of `inp`, like the CPU's `info_nce`: `dq` (`[B × dim]`) and `dd`
-    /// (`[D × dim]`) are overwritten. Errors: the CPU's `InvalidArgument`s (and sizes beyond
-    /// 32-bit indices), `Cuda` on a device failure.
+    /// (`[D × dim]`) are overwritten. The device buffers are kept for the next call and grow
+    /// only for a larger problem. Errors: the CPU's `InvalidArgument`s (and sizes beyond 32-bit
+    /// indices), `Cuda` on a device failure.
     pub fn run(
-        &self,
+        &mut self,
         gpu: &Gpu,
         inp: &InfoNceInput<'_>,
         dq: &mut [f32],
@@ -129,20 +202,26 @@ impl GpuInfoNce {
                 d_n * inp.dim
             )));
         }
-        let bufs = InfoNceBuffers::upload(gpu, inp)?;
-        self.launch(gpu, &bufs)?;
-        let stream = gpu.stream();
-        stream
-            .memcpy_dtoh(&bufs.dq, dq)
-            .map_err(cuda_err("downloading dq"))?;
-        stream
-            .memcpy_dtoh(&bufs.dd, dd)
-            .map_err(cuda_err("downloading dd"))?;
-        let stats = stream
-            .clone_dtoh(&bufs.stats)
-            .map_err(cuda_err("downloading loss statistics"))?;
-        gpu.synchronize()?;
-        Ok(fold_stats(&stats, b_n))
+        let bufs = match self.bufs.take() {
+            Some(old) => old.refill(gpu, inp)?,
+            None => InfoNceBuffers::upload(gpu, inp)?,
+        };
+        let out = self.launch(gpu, &bufs).and_then(|()| {
+            let stream = gpu.stream();
+            stream
+                .memcpy_dtoh(&bufs.dq.slice(..dq.len()), dq)
+                .map_err(cuda_err("downloading dq"))?;
+            stream
+                .memcpy_dtoh(&bufs.dd.slice(..dd.len()), dd)
+                .map_err(cuda_err("downloading dd"))?;
+            let stats = stream
+                .clone_dtoh(&bufs.stats.slice(..b_n * STATS))
+                .map_err(cuda_err("downloading loss statistics"))?;
+            gpu.synchronize()?;
+            Ok(fold_stats(&stats, b_n))
+        });
+        self.bufs = Some(bufs);
+        out
     }
 
     /// Poisons the outputs with NaN, then runs the three kernels on `bufs` (queued on the
@@ -159,12 +238,15 @@ impl GpuInfoNce {
         let q = ptr(&bufs.queries, stream);
         let dc = ptr(&bufs.docs, stream);
         let t = ptr(&bufs.targets, stream);
-        let lw = bufs.log_weights.as_ref().map_or(0u64, |w| ptr(w, stream));
+        let lw = match (&bufs.log_weights, bufs.weighted) {
+            (Some(w), true) => ptr(w, stream),
+            _ => 0u64,
+        };
         let lse = ptr(&bufs.lse, stream);
         let st = ptr(&bufs.stats, stream);
         let dq = ptr(&bufs.dq, stream);
         let dd = ptr(&bufs.dd, stream);
-        // SAFETY: raw byte fills of buffers of exactly these sizes (0xFF bytes are f32/f64 NaN).
+        // SAFETY: raw byte fills of whole buffers, of exactly these sizes (0xFF bytes are f32/f64 NaN).
         unsafe {
             let s = stream.cu_stream();
             cu::memset_d8_async(dq, 0xFF, bufs.dq.len() * 4, s)
@@ -175,8 +257,8 @@ impl GpuInfoNce {
         .map_err(cuda_err("poisoning the InfoNCE outputs"))?;
         // SAFETY (all three launches): the arguments match the kernels' signatures in
         // kernels/infonce.cu, in order and type (pointers as u64, int as i32, double as f64);
-        // the buffers hold the B × dim, D × dim, B, B × D, B, B × 5 elements the kernels index;
-        // `lw` is null when there are no log weights, which the kernels check.
+        // the buffers hold at least the B × dim, D × dim, B, B × D, B, B × 5 elements the kernels
+        // index; `lw` is null when there are no log weights, which the kernels check.
         unsafe {
             stream
                 .launch_builder(&self.rows)

@@ -1,18 +1,19 @@
 //! The RRRA commands: `adapter` (stage 2 on a frozen encoder), `rerank` (a TREC run through the
 //! adapter) and `experiment` (the comparison table).
 
-use crate::device_arg::{check_gpu_math, Device};
+use crate::device_arg::{check_gpu_math, cuda_precision, parse_precision, Device};
 use clap::Args;
 use rrra::adapter::calibrate::FnScorer;
 use rrra::adapter::file::AdapterFile;
 use rrra::data::beir::read_queries;
 use rrra::data::trec::{read_run, write_run};
+use rrra::device::encoder::Precision;
 use rrra::error::{Error, Result};
 use rrra::experiment::assess::{assess, encode_sets, AssessConfig};
 use rrra::experiment::{prepare, ExperimentConfig, Method};
 use rrra::index::store::Store;
 use rrra::model::Encoder;
-use rrra::pipeline;
+use rrra::pipeline::{self, GpuOptions};
 use std::path::PathBuf;
 
 /// Knobs of stage 2 shared by `adapter` and `experiment`.
@@ -171,6 +172,14 @@ pub struct RerankArgs {
     pub lambda: Option<f64>,
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
+    /// Where the queries are encoded and the candidates scored by the adapter: cpu, or a CUDA
+    /// device (cuda is cuda:0).
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda[:N]")]
+    pub device: Device,
+    /// The GPU encoder's arithmetic: bf16 (tensor cores) or f32 [default: bf16; only with
+    /// --device cuda].
+    #[arg(long, value_name = "bf16|f32", value_parser = parse_precision)]
+    pub precision: Option<Precision>,
 }
 
 pub fn rerank(a: RerankArgs) -> Result<()> {
@@ -180,6 +189,11 @@ pub fn rerank(a: RerankArgs) -> Result<()> {
             "--k 0: at least one document per query must be reranked".into(),
         ));
     }
+    let gpu = cuda_precision(a.device, a.precision)?.map(|(ordinal, precision)| GpuOptions {
+        ordinal,
+        precision,
+        batch_size: 32,
+    });
     let store = Store::open(&a.index)?;
     let encoder = Encoder::load(&a.model, &pipeline::store_encoder_options(&store))?;
     pipeline::check_store_matches(&store, &a.index, &encoder)?;
@@ -190,7 +204,16 @@ pub fn rerank(a: RerankArgs) -> Result<()> {
     }
     let queries = read_queries(&a.queries)?;
     let run = read_run(&a.run)?;
-    let out = pipeline::rerank_run(&encoder, &store, &queries, &run, &a.run, &adapter, a.k)?;
+    let out = pipeline::rerank_run_on(
+        &encoder,
+        &store,
+        &queries,
+        &run,
+        &a.run,
+        &adapter,
+        a.k,
+        gpu.as_ref(),
+    )?;
     write_run(&a.out, &out, "rrra-rerank")?;
     eprintln!(
         "wrote {} ({} queries reranked, lambda_rr {})",
