@@ -472,20 +472,21 @@ pub fn rerank_rows_on_gpu(
     while start < lists.len() {
         let len = lists[start].len();
         let end = start + lists[start..].iter().take_while(|l| l.len() == len).count();
-        if len == 0 {
-            logits.extend((start..end).map(|_| Vec::new()));
-        } else {
-            // at most GPU_RERANK_PAIRS candidates gathered on the host at a time
-            let per = (GPU_RERANK_PAIRS / len).max(1);
-            for first in (start..end).step_by(per) {
-                let last = (first + per).min(end);
-                docs.resize((last - first) * len * dim, 0.0);
-                let rows = lists[first..last].iter().flatten();
-                for (&(r, _), v) in rows.zip(docs.chunks_exact_mut(dim)) {
-                    store.row_f32(r, v)?;
+        // at most GPU_RERANK_PAIRS candidates (or one list) gathered on the host at a time
+        match GPU_RERANK_PAIRS.checked_div(len).map(|per| per.max(1)) {
+            // empty lists: nothing to score
+            None => logits.extend((start..end).map(|_| Vec::new())),
+            Some(per) => {
+                for first in (start..end).step_by(per) {
+                    let last = (first + per).min(end);
+                    docs.resize((last - first) * len * dim, 0.0);
+                    let rows = lists[first..last].iter().flatten();
+                    for (&(r, _), v) in rows.zip(docs.chunks_exact_mut(dim)) {
+                        store.row_f32(r, v)?;
+                    }
+                    let scored = op.score(&q_emb[first * dim..last * dim], &docs, len)?;
+                    logits.extend(scored.logit.chunks_exact(len).map(<[f32]>::to_vec));
                 }
-                let scored = op.score(&q_emb[first * dim..last * dim], &docs, len)?;
-                logits.extend(scored.logit.chunks_exact(len).map(<[f32]>::to_vec));
             }
         }
         start = end;

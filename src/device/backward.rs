@@ -16,6 +16,12 @@
 //! * LayerNorm, GELU, L2 backward: a few f32 roundings apart (other summation order, FMA
 //!   contraction, erfc/exp versus the CPU's polynomials).
 //!
+//! The bias gradient is this kernel rather than cuBLASLt's bias-gradient epilogue
+//! (`CUBLASLT_EPILOGUE_BGRADB` on the weight-gradient product), as in llm.c: the epilogue
+//! overwrites where micro-batches must accumulate, sums in an order of its own (this kernel
+//! is the CPU's, bit for bit), and would save one read of the output gradient, a memory-bound
+//! pass the device check times (`rrra_bias_backward_{partial,final}_f32`).
+//!
 //! [`GpuBackward`] holds the kernels and a scratch buffer for partial sums (grown on demand, so
 //! launches after the first of a size allocate nothing). Its device methods take device buffers
 //! and only queue work on the stream; the `*_host` methods upload, run and download, with the

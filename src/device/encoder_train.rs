@@ -1235,3 +1235,119 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
         flops,
     }])
 }
+
+/// The device check's rows of the step's products alone, at the shape of [`bench`], per step
+/// (one layer's twelve, times the layers): forward QKV, attention output, FFN in and out, and
+/// each one's input gradient and accumulated weight gradient, as `linear` and
+/// `linear_backward` call them. First with f32 matrices in each [`GemmMath`] (what the training
+/// step runs), then with bf16 activations and weights (bf16 outputs, f32 weight gradients; f32
+/// accumulation throughout): what storing the activations in bf16 would take off the products,
+/// measured before it is built.
+pub fn bench_products(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
+    use super::runtime::{gemm_row_major, Operands};
+    let cfg = crate::model::synthetic::bert_base_config();
+    // the step of `bench`: 64 × 9 sequences of 128 tokens
+    let (t, h, i) = (64 * 9 * 128, cfg.hidden_size, cfg.intermediate_size);
+    // (inputs, outputs) of the four linear layers
+    let linears = [(h, 3 * h), (h, h), (h, i), (i, h)];
+    let widest = i.max(3 * h);
+    let stream = gpu.stream();
+    let mut blas = cublas_f32(stream)?;
+    // non-zero data: tensor cores draw less power (and clock higher) on zeros
+    let pattern: Vec<f32> = (0..1usize << 20)
+        .map(|j| ((j * 2_654_435_761) % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
+    let pattern_bf16: Vec<u16> = pattern
+        .iter()
+        .map(|&v| half::bf16::from_f32(v).to_bits())
+        .collect();
+    let filled = |n: usize| -> Result<CudaSlice<f32>> {
+        let mut b = alloc::<f32>(stream, n, "product operands")?;
+        fill_with(stream, &mut b, &pattern)?;
+        Ok(b)
+    };
+    let filled_bf16 = |n: usize| -> Result<CudaSlice<u16>> {
+        let mut b = alloc::<u16>(stream, n, "product operands")?;
+        fill_with(stream, &mut b, &pattern_bf16)?;
+        Ok(b)
+    };
+    // x: layer inputs (and input gradients), y: outputs (and output gradients), w: weights,
+    // gw: weight gradients
+    let (x, y, w, gw) = (
+        filled(t * widest)?,
+        filled(t * widest)?,
+        filled(widest * h)?,
+        filled(widest * h)?,
+    );
+    let (xb, yb, wb) = (
+        filled_bf16(t * widest)?,
+        filled_bf16(t * widest)?,
+        filled_bf16(widest * h)?,
+    );
+    let p32 = |b: &CudaSlice<f32>| ptr(b, stream);
+    let p16 = |b: &CudaSlice<u16>| ptr(b, stream);
+    let layers = cfg.num_hidden_layers as f64;
+    let flops =
+        layers * 3.0 * 2.0 * t as f64 * linears.iter().map(|&(a, b)| (a * b) as f64).sum::<f64>();
+    let shape = format!("BERT-base step, {t} tokens: 4 forward + 8 backward products x {layers}");
+    // one layer's products (forward, input gradient, weight gradient of each linear layer) with
+    // these operand types, on these matrices
+    let layer = |blas: &F32Blas, (fwd, dx, dw), (x, y, w, gw): (u64, u64, u64, u64)| {
+        for &(inp, out) in &linears {
+            // SAFETY: x and y hold t × widest elements, w and gw widest × h, of the types the
+            // operands say: at least what each shape reads and writes.
+            unsafe {
+                gemm_row_major(blas, (false, true, t, out, inp), fwd, x, w, 0.0, y)?;
+                gemm_row_major(blas, (false, false, t, inp, out), dx, y, w, 0.0, x)?;
+                gemm_row_major(blas, (true, false, out, inp, t), dw, y, x, 1.0, gw)?;
+            }
+        }
+        Ok(())
+    };
+    let mut rows = Vec::new();
+    for math in [GemmMath::F32, GemmMath::Tf32, GemmMath::Bf16] {
+        blas.math = math;
+        let f32s = (Operands::F32, Operands::F32, Operands::F32);
+        let ms = gpu.time_ms(3, || {
+            layer(&blas, f32s, (p32(&x), p32(&y), p32(&w), p32(&gw)))
+        })?;
+        rows.push(super::KernelTiming {
+            name: format!("step products, f32 matrices, {math} math (cublasGemmEx)"),
+            shape: shape.clone(),
+            ms: ms * layers,
+            bytes: 0.0,
+            flops,
+        });
+    }
+    let bf16s = (Operands::Bf16Out, Operands::Bf16Out, Operands::Bf16);
+    let ms = gpu.time_ms(3, || {
+        layer(&blas, bf16s, (p16(&xb), p16(&yb), p16(&wb), p32(&gw)))
+    })?;
+    rows.push(super::KernelTiming {
+        name: "step products, bf16 activations and weights, f32 weight gradients (not built)"
+            .into(),
+        shape,
+        ms: ms * layers,
+        bytes: 0.0,
+        flops,
+    });
+    Ok(rows)
+}
+
+/// Fills `buf` with copies of `pattern` (host to device, one pattern at a time).
+fn fill_with<T: cudarc::driver::DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    buf: &mut CudaSlice<T>,
+    pattern: &[T],
+) -> Result<()> {
+    let n = buf.len();
+    let mut at = 0;
+    while at < n {
+        let len = pattern.len().min(n - at);
+        stream
+            .memcpy_htod(&pattern[..len], &mut buf.slice_mut(at..at + len))
+            .map_err(cuda_err("filling product operands"))?;
+        at += len;
+    }
+    Ok(())
+}

@@ -464,8 +464,49 @@ pub(crate) unsafe fn sgemm_row_major(
     beta: f32,
     c: u64,
 ) -> Result<()> {
+    let shape = (trans_a, trans_b, m, n, k);
+    gemm_row_major(blas, shape, Operands::F32, a, b, beta, c)
+}
+
+/// The element types of a product's matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Operands {
+    /// A, B and C f32, in the handle's [`GemmMath`].
+    F32,
+    /// A and B bf16, C f32, f32 accumulation (`CUBLAS_COMPUTE_32F`): a weight gradient of
+    /// bf16 activations, accumulated in f32.
+    Bf16,
+    /// A, B and C bf16, f32 accumulation: an activation (or its gradient) from bf16 operands.
+    Bf16Out,
+}
+
+/// [`sgemm_row_major`] for A and B of either element type; `shape` is
+/// `(trans_a, trans_b, m, n, k)`.
+///
+/// # Safety
+/// As [`sgemm_row_major`], each matrix holding elements of `operands`' types.
+pub(crate) unsafe fn gemm_row_major(
+    blas: &F32Blas,
+    (trans_a, trans_b, m, n, k): (bool, bool, usize, usize, usize),
+    operands: Operands,
+    a: u64,
+    b: u64,
+    beta: f32,
+    c: u64,
+) -> Result<()> {
+    use cudarc::cublas::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
     use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
-    use cudarc::cublas::sys::cudaDataType::CUDA_R_32F;
+    use cudarc::cublas::sys::cudaDataType::{CUDA_R_16BF, CUDA_R_32F};
+    let (ab_type, c_type, compute, what) = match operands {
+        Operands::F32 => (
+            CUDA_R_32F,
+            CUDA_R_32F,
+            blas.math.compute_type(),
+            blas.math.to_string(),
+        ),
+        Operands::Bf16 => (CUDA_R_16BF, CUDA_R_32F, CUBLAS_COMPUTE_32F, "bf16".into()),
+        Operands::Bf16Out => (CUDA_R_16BF, CUDA_R_16BF, CUBLAS_COMPUTE_32F, "bf16".into()),
+    };
     let g = col_major(trans_a, trans_b, m, n, k);
     let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
     let alpha = 1.0f32;
@@ -478,19 +519,19 @@ pub(crate) unsafe fn sgemm_row_major(
         to_i32(g.k, "GEMM size")?,
         &alpha as *const f32 as *const std::ffi::c_void,
         b as *const std::ffi::c_void,
-        CUDA_R_32F,
+        ab_type,
         to_i32(g.ld_first, "GEMM stride")?,
         a as *const std::ffi::c_void,
-        CUDA_R_32F,
+        ab_type,
         to_i32(g.ld_second, "GEMM stride")?,
         &beta as *const f32 as *const std::ffi::c_void,
         c as *mut std::ffi::c_void,
-        CUDA_R_32F,
+        c_type,
         to_i32(g.ldc, "GEMM stride")?,
-        blas.math.compute_type(),
+        compute,
         cudarc::cublas::sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
     )
-    .map_err(|e| Error::Cuda(format!("cuBLAS {} GEMM {m} × {n} × {k}: {e}", blas.math)))
+    .map_err(|e| Error::Cuda(format!("cuBLAS {what} GEMM {m} × {n} × {k}: {e}")))
 }
 
 #[cfg(test)]

@@ -51,6 +51,7 @@ pub fn run(a: DeviceCheckArgs) -> Result<()> {
         ("encoder backward", backward::bench),
         ("attention backward", attention_backward::bench),
         ("encoder training", encoder_train::bench),
+        ("training products", encoder_train::bench_products),
         ("training step", train_step::bench),
     ] {
         eprintln!("timing {what} kernels ...");
