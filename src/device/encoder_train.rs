@@ -1209,31 +1209,85 @@ pub fn training_step_flops(cfg: &BertConfig, tokens: usize, seq_len: usize) -> f
     l * (3.0 * 2.0 * t * (4.0 * h * h + 2.0 * h * i) + 3.5 * 4.0 * t * n * h)
 }
 
-/// The device check's row: one f32 training step (forward + backward, gradients left on the
+/// The device check's rows: one f32 training step (forward + backward, gradients left on the
 /// device) of a random BERT-base at the target shape, 64 queries with a positive and 7 hard
-/// negatives each, 128 tokens per sequence.
+/// negatives each, 128 tokens per sequence; then, with bf16 products, where that step's time
+/// goes: the forward without and with dropout (the training attention kernel with dropout
+/// against the tiled one without), and the backward (a forward and backward, less the forward).
 pub fn bench(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
     use crate::model::synthetic::{batch_with_lengths, bert_base_config, random_bert};
     let cfg = bert_base_config();
     let bert = random_bert(cfg.clone(), 1);
     let seqs = 64 * 9;
     let batch = batch_with_lengths(&cfg, &vec![128; seqs], 2);
-    let mut enc = GpuTrainableEncoder::new(gpu, &bert, Pooling::Mean, true, batch.tokens(), seqs)?;
+    let tb = TrainBatch {
+        example_ids: (0..seqs as u64).collect(),
+        packed: batch,
+    };
+    let mut enc =
+        GpuTrainableEncoder::new(gpu, &bert, Pooling::Mean, true, tb.packed.tokens(), seqs)?;
     let d_emb = vec![1e-3f32; seqs * cfg.hidden_size];
-    let ms = gpu.time_ms(3, || {
-        enc.forward(&batch)?;
-        enc.zero_grads()?;
-        enc.accumulate_backward(&d_emb)
-    })?;
-    let flops = training_step_flops(&cfg, batch.tokens(), 128);
-    Ok(vec![super::KernelTiming {
-        name: "encoder training step (f32: cuBLAS + encoder_train/backward/attention kernels)"
-            .into(),
-        shape: format!("BERT-base, {seqs} x 128 tokens, forward + backward"),
+    let flops = training_step_flops(&cfg, tb.packed.tokens(), 128);
+    let shape = |what: &str| format!("BERT-base, {seqs} x 128 tokens, {what}");
+    let row = |name: &str, shape: String, ms: f64, flops: f64| super::KernelTiming {
+        name: name.into(),
+        shape,
         ms,
         bytes: 0.0,
         flops,
-    }])
+    };
+    let step = |enc: &mut GpuTrainableEncoder, dropout: &DropoutPlan| -> Result<()> {
+        enc.forward_train(&tb, dropout)?;
+        enc.zero_grads()?;
+        enc.accumulate_backward(&d_emb)
+    };
+    let ms = gpu.time_ms(3, || step(&mut enc, &DropoutPlan::none()))?;
+    let mut rows = vec![row(
+        "encoder training step (f32: cuBLAS + encoder_train/backward/attention kernels)",
+        shape("forward + backward"),
+        ms,
+        flops,
+    )];
+    enc.set_gemm_math(GemmMath::Bf16);
+    let dropout = DropoutPlan {
+        hidden: 0.1,
+        attention: 0.1,
+        seed: 1,
+        step: 0,
+    };
+    // the forward's share of the model FLOPs: one of the products' three passes, and one of
+    // attention's 3.5
+    let forward_flops = {
+        let (t, h, i, l) = (
+            tb.packed.tokens() as f64,
+            cfg.hidden_size as f64,
+            cfg.intermediate_size as f64,
+            cfg.num_hidden_layers as f64,
+        );
+        l * (2.0 * t * (4.0 * h * h + 2.0 * h * i) + 4.0 * t * 128.0 * h)
+    };
+    let plain = gpu.time_ms(3, || enc.forward_train(&tb, &DropoutPlan::none()).map(drop))?;
+    rows.push(row(
+        "encoder training forward, bf16 products, no dropout (tiled attention)",
+        shape("forward"),
+        plain,
+        forward_flops,
+    ));
+    let dropped = gpu.time_ms(3, || enc.forward_train(&tb, &dropout).map(drop))?;
+    rows.push(row(
+        "encoder training forward, bf16 products, dropout 0.1 (rrra_train_attention_dropout_f32)",
+        shape("forward"),
+        dropped,
+        forward_flops,
+    ));
+    let whole = gpu.time_ms(3, || step(&mut enc, &dropout))?;
+    rows.push(row(
+        "encoder training backward, bf16 products, dropout 0.1 (the step less the forward above)",
+        shape("backward"),
+        whole - dropped,
+        flops - forward_flops,
+    ));
+    Ok(rows)
 }
 
 /// The device check's rows of the step's products alone, at the shape of [`bench`], per step
