@@ -588,3 +588,30 @@ fn bench_table() {
         std::fs::write(path, serde_json::to_string_pretty(&rows).unwrap()).unwrap();
     }
 }
+
+/// CUDA graphs need a stream of the encoder's own: on the legacy default stream (`GpuBert::new`)
+/// `embed` refuses them with a clear error and stays usable; on a stream from `Gpu::new_stream`
+/// the first batch of a shape is captured and later ones replayed, bitwise the eager result.
+#[test]
+fn graphs_need_a_stream_of_their_own() {
+    let Some(gpu) = common::gpu_or_skip() else {
+        return;
+    };
+    let bert = test_model(64, 2, 41);
+    let batch = batch_with_lengths(&bert.cfg, &[16], 3);
+    let mut legacy = GpuBert::new(&gpu, &bert, Precision::Bf16, 64, 1).unwrap();
+    let eager = legacy.embed(&batch, Pooling::Mean, true).unwrap();
+    legacy.use_graphs(true);
+    match legacy.embed(&batch, Pooling::Mean, true) {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains("legacy default stream"), "{m}"),
+        other => panic!("graphs on the legacy stream: {other:?}"),
+    }
+    legacy.use_graphs(false);
+    assert_eq!(legacy.embed(&batch, Pooling::Mean, true).unwrap(), eager);
+    let stream = gpu.new_stream().unwrap();
+    let mut own = GpuBert::on_stream(&gpu, stream, &bert, Precision::Bf16, 64, 1).unwrap();
+    own.use_graphs(true);
+    for _ in 0..3 {
+        assert_eq!(own.embed(&batch, Pooling::Mean, true).unwrap(), eager);
+    }
+}

@@ -458,7 +458,10 @@ impl GpuBert {
     /// sequence, pooling) and replays the graph for later batches of that shape: one launch
     /// instead of fifty, the fixed-shape query path's main cost. Token ids and offsets are
     /// still copied into the workspace before each replay; results are bitwise those of the
-    /// eager launches. Up to 64 shapes are kept; others run eagerly.
+    /// eager launches. Up to 64 shapes are kept; others run eagerly. CUDA cannot capture the
+    /// legacy default stream that [`GpuBert::new`] uses: graphs need an encoder built with
+    /// [`GpuBert::on_stream`] on a stream of its own ([`Gpu::new_stream`]), and `embed` refuses
+    /// them otherwise.
     pub fn use_graphs(&mut self, on: bool) {
         self.graphs = on.then(Default::default);
     }
@@ -580,6 +583,13 @@ impl GpuBert {
     /// Records [`GpuBert::launch_embed_pool`] into a graph (nothing runs while capturing).
     fn capture(&self, shape: &Shape, pooling: Pooling, normalize: bool) -> Result<Graph> {
         use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        if self.stream.cu_stream().is_null() {
+            return Err(Error::InvalidArgument(
+                "CUDA graphs cannot be captured on the legacy default stream: build the encoder \
+                 with GpuBert::on_stream on a stream of its own"
+                    .into(),
+            ));
+        }
         // Thread-local mode: other threads' CUDA calls do not disturb (or fail) this capture.
         self.stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)

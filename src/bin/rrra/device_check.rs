@@ -146,14 +146,18 @@ fn query_path_latency(gpu: &Gpu, graphs: bool, rerank: bool) -> Result<QueryLate
     use rrra::model::Pooling;
     let cfg = minilm_l6_config();
     let bert = random_bert(cfg.clone(), 7);
-    let mut enc = GpuBert::new(gpu, &bert, Precision::Bf16, 64, 1)?;
+    // One stream of its own for the encoder, the search and the rerank, as a serving worker
+    // has (`GpuQueryEngine`); graphs cannot be captured on the legacy default stream.
+    let stream = gpu.new_stream()?;
+    let mut enc = GpuBert::on_stream(gpu, stream.clone(), &bert, Precision::Bf16, 64, 1)?;
     enc.use_graphs(graphs);
     let corpus = topk::GpuCorpus::synthetic(gpu, 1_000_000, cfg.hidden_size, Dtype::F32, 11)?;
+    gpu.synchronize()?;
     let mut params = rrra::adapter::AdapterParams::init(cfg.hidden_size, cfg.hidden_size, 3)?;
     for (i, w) in params.w2.iter_mut().enumerate() {
         *w = ((i % 7) as f32 - 3.0) * 1e-3;
     }
-    let mut ad = rrra::device::adapter::GpuAdapter::new(gpu, &params, 100)?;
+    let mut ad = rrra::device::adapter::GpuAdapter::on_stream(gpu, stream.clone(), &params, 100)?;
     let (mut rows, mut logits) = (vec![0u32; 100], vec![0.0f32; 100]);
     let mut one = |q: &[f32], hits: &[rrra::index::Hit]| -> Result<()> {
         if rerank {
@@ -167,7 +171,7 @@ fn query_path_latency(gpu: &Gpu, graphs: bool, rerank: bool) -> Result<QueryLate
         }
         Ok(())
     };
-    let mut searcher = topk::GpuSearcher::new(gpu, 1, 100, 1 << 20)?;
+    let mut searcher = topk::GpuSearcher::on_stream(gpu, stream, 1, 100, 1 << 20)?;
     searcher.reserve(cfg.hidden_size)?;
     let batches: Vec<_> = (0..64)
         .map(|i| random_batch(&cfg, 1, 16..=16, 100 + i))
