@@ -81,7 +81,9 @@ extern "C" __global__ void __launch_bounds__(1024)
     if (threadIdx.x == 0) {
         const double norm = sqrt(acc);
         float clip = 1.0f, skip = 0.0f;
-        if (!isfinite(norm) || norm > 3.4028234663852886e38) {  // the CPU's test is on f32(norm)
+        // the CPU's test: is f32(norm), rounded to nearest, finite (a norm a little past
+        // FLT_MAX rounds down to it, and that step is taken)
+        if (!isfinite((float)norm)) {
             skip = 1.0f;
         } else {
             const double scale = (double)max_norm / __dadd_rn(norm, 1e-6);

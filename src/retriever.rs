@@ -179,7 +179,11 @@ impl Retriever {
         };
         let gpu = match &opts.gpu {
             Some(g) => {
-                let depth = opts.rerank_depth.max(g.max_depth);
+                // the GPU top-k stops at MAX_K; deeper lists take the CPU path (`retrieve_batch`)
+                let depth = opts
+                    .rerank_depth
+                    .max(g.max_depth)
+                    .min(crate::device::topk::MAX_K);
                 let g = GpuEngineOptions {
                     max_batch: g.max_batch.min(opts.batch_size),
                     max_depth: depth,

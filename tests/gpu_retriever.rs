@@ -113,7 +113,16 @@ fn graphs_change_nothing_and_threads_agree() {
             let e = graphed.encode(&[q]).unwrap();
             let w = eager.encode(&[q]).unwrap();
             assert_eq!(e, w, "query {i}: graph replay differs from eager launches");
-            assert_eq!(&w[..], &want[i * w.len()..(i + 1) * w.len()].to_vec()[..]);
+            // alone or in a batch of 40: cuBLAS may choose other kernels (another summation
+            // order) for another token count, so f32 rounding apart, not bitwise (unit
+            // vectors: 1e-5 per coordinate is ~100 roundings of the largest coordinate)
+            let row = &want[i * w.len()..(i + 1) * w.len()];
+            let gap = w
+                .iter()
+                .zip(row)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(gap <= 1e-5, "query {i}: alone vs batched, max |Δ| {gap}");
         }
     }
     // 8 threads × all queries one by one on one shared retriever = the sequential answers.

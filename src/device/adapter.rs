@@ -45,6 +45,8 @@ const THREADS: u32 = 256;
 const TILE_PAIRS: usize = 8;
 /// Per-pair sums of the geometry in the kernel's reduction scratch.
 const SUMS: usize = 6;
+/// CUDA's largest grid y dimension: queries per launch.
+const MAX_GRID_Y: usize = 65_535;
 
 /// Per-pair results of [`GpuAdapter::score`], each `[Q × K]`, as in [`crate::adapter::AdapterOutput`].
 #[derive(Debug, Clone, Default)]
@@ -345,8 +347,10 @@ impl GpuAdapter {
         Ok(queries.len() / d)
     }
 
+    /// Queries one launch takes: as many as the buffers hold, at most CUDA's grid y limit
+    /// (one block row per query).
     fn queries_per_launch(&self, k: usize) -> Result<usize> {
-        let per = self.max_pairs / k;
+        let per = (self.max_pairs / k).min(MAX_GRID_Y);
         if per == 0 {
             return Err(Error::InvalidArgument(format!(
                 "{k} candidates per query exceed this adapter's buffers ({} pairs)",
@@ -420,7 +424,7 @@ impl GpuAdapter {
         };
         let grid_y = u32::try_from(nq)
             .ok()
-            .filter(|&y| y <= 65_535)
+            .filter(|&y| y as usize <= MAX_GRID_Y)
             .ok_or_else(|| Error::InvalidArgument(format!("{nq} queries in one launch")))?;
         let bias_cfg = LaunchConfig {
             grid_dim: (grid_y, 1, 1),

@@ -316,11 +316,18 @@ pub(crate) fn launch_cfg(grid: usize, block: u32, smem: usize) -> Result<LaunchC
 }
 
 pub(crate) fn allow_smem(f: &CudaFunction, bytes: usize) -> Result<()> {
-    f.set_attribute(
-        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        to_i32(bytes, "shared memory")?,
-    )
-    .map_err(cuda_err("setting a kernel's shared memory size"))
+    // A kernel is shared by every op object built on one `Gpu`, so the limit only ever grows:
+    // an op sized for less must not take room from one sized for more.
+    let attribute = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+    let want = to_i32(bytes, "shared memory")?;
+    let now = f
+        .get_attribute(attribute)
+        .map_err(cuda_err("reading a kernel's shared memory size"))?;
+    if want <= now {
+        return Ok(());
+    }
+    f.set_attribute(attribute, want)
+        .map_err(cuda_err("setting a kernel's shared memory size"))
 }
 
 /// cuBLAS (column-major) arguments of the row-major product `C[m × n] = op(A)·op(B)`, with

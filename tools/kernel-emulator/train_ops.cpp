@@ -168,6 +168,20 @@ void test_adamw() {
         CHECK(control[1] == 1.0f && p == p0 && m == m0 && v == v0, "a step past f32's range must be skipped");
         printf("adamw norm %.3g (not finite in f32): skipped %d\n", norm[0], (int)control[1]);
     }
+    // a norm past FLT_MAX in f64 that rounds down to FLT_MAX in f32: the CPU takes that step
+    {
+        for (auto& x : g) x = 0.0f;
+        g[0] = 3.4028234663852886e38f;
+        g[1] = 2.6e34f;
+        std::vector<float> p0 = p;
+        launch(C, 256, [&] { rrra_adamw_norm_partial(g.data(), table.data(), 1.f, partial.data()); });
+        launch(1, 1024, [&] { rrra_adamw_norm_final(partial.data(), C, 1.f, norm.data(), control.data()); });
+        launch(C, 256, [&] { rrra_adamw_update(p.data(), g.data(), m.data(), v.data(), bf.data(), table.data(), control.data(), 1.f, 0.9f, b1, b2, 1 - b1, 1 - b2, 1.f, eps, 1e-3f); });
+        CHECK(norm[0] > 3.4028234663852886e38 && std::isfinite((float)norm[0]), "norm %.17g", norm[0]);
+        CHECK(control[1] == 0.0f && p != p0, "a norm finite in f32 must not skip the step");
+        for (float x : p) CHECK(std::isfinite(x), "a weight is not finite after the clipped step");
+        printf("adamw norm %.17g (f32 %g): skipped %d\n", norm[0], (float)norm[0], (int)control[1]);
+    }
 }
 
 int main() {
