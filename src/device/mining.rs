@@ -69,6 +69,9 @@ pub fn search(
 ) -> Result<Vec<Vec<Hit>>> {
     let _range = super::nvtx::range(c"rrra mining search");
     let corpus = GpuCorpus::upload(gpu, &Corpus::from_f32(docs, dim)?)?;
-    let mut searcher = GpuSearcher::new(gpu, 256, depth.max(1), 1 << 20)?;
+    // candidate lists of 16 bytes per query and row of a chunk: a chunk no longer than the
+    // corpus (4 GB for chunks of 2^20 rows would sit beside the training activations)
+    let chunk = corpus.len().clamp(1, 1 << 20);
+    let mut searcher = GpuSearcher::new(gpu, 256, depth.max(1), chunk)?;
     searcher.search(&corpus, queries, depth)
 }
