@@ -1290,7 +1290,7 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
     Ok(rows)
 }
 
-/// The device check's rows of the step's products alone, at the shape of [`bench`], per step
+/// The device check's rows of the step's products alone, at the shape of [`bench()`], per step
 /// (one layer's twelve, times the layers): forward QKV, attention output, FFN in and out, and
 /// each one's input gradient and accumulated weight gradient, as `linear` and
 /// `linear_backward` call them. First with f32 matrices in each [`GemmMath`] (what the training

@@ -20,7 +20,32 @@ pub struct DeviceCheckArgs {
     /// Folder for the JSON results [default: $RRRA_DEVICE_LOG, else none].
     #[arg(long, value_name = "DIR")]
     pub log_dir: Option<PathBuf>,
+    /// Only these parts (comma-separated): top-k, encoder, adapter, adapter-training, sampler,
+    /// infonce, adamw, encoder-backward, attention-backward, encoder-training,
+    /// training-products, training-step, query-path [default: all].
+    #[arg(long, value_delimiter = ',', value_name = "PART")]
+    pub only: Vec<String>,
 }
+
+/// A kernel family's timings.
+type Bench = fn(&Gpu) -> Result<Vec<KernelTiming>>;
+
+/// The parts of the check, as `--only` names them.
+const PARTS: [&str; 13] = [
+    "top-k",
+    "encoder",
+    "adapter",
+    "adapter-training",
+    "sampler",
+    "infonce",
+    "adamw",
+    "encoder-backward",
+    "attention-backward",
+    "encoder-training",
+    "training-products",
+    "training-step",
+    "query-path",
+];
 
 pub fn run(a: DeviceCheckArgs) -> Result<()> {
     let Some(ordinal) = a.device.cuda_ordinal() else {
@@ -29,6 +54,13 @@ pub fn run(a: DeviceCheckArgs) -> Result<()> {
             a.device
         )));
     };
+    if let Some(bad) = a.only.iter().find(|p| !PARTS.contains(&p.as_str())) {
+        return Err(Error::InvalidArgument(format!(
+            "--only {bad}: the parts are {}",
+            PARTS.join(", ")
+        )));
+    }
+    let wanted = |part: &str| a.only.is_empty() || a.only.iter().any(|p| p == part);
     let gpu = Gpu::open(ordinal)?;
     println!("{}", gpu.info());
     let ceil = ceilings::measure(&gpu)?;
@@ -36,58 +68,62 @@ pub fn run(a: DeviceCheckArgs) -> Result<()> {
         "ceilings measured now: device copy {:.0} GB/s (read + write), cuBLAS bf16 GEMM 8192^3 {:.0} TFLOP/s",
         ceil.copy_gb_s, ceil.bf16_gemm_tflop_s
     );
-    let mut rows: Vec<KernelTiming> = Vec::new();
-    for (what, bench) in [
-        (
-            "top-k",
-            topk::bench as fn(&Gpu) -> Result<Vec<KernelTiming>>,
-        ),
-        ("encoder", encoder::bench),
-        ("adapter", adapter::bench),
-        ("adapter training", adapter_train::bench),
-        ("sampler", sampler::bench),
-        ("InfoNCE", infonce::bench),
-        ("AdamW", adamw::bench),
-        ("encoder backward", backward::bench),
-        ("attention backward", attention_backward::bench),
-        ("encoder training", encoder_train::bench),
-        ("training products", encoder_train::bench_products),
-        ("training step", train_step::bench),
-    ] {
-        eprintln!("timing {what} kernels ...");
-        match bench(&gpu) {
-            Ok(r) => rows.extend(r),
-            // One family failing must not hide the others' numbers.
-            Err(e) => eprintln!("error: {what} benchmark failed: {e}"),
-        }
+    let dir = a
+        .log_dir
+        .or_else(|| std::env::var_os("RRRA_DEVICE_LOG").map(PathBuf::from));
+    if let Some(dir) = &dir {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
+    // Rows are printed, and the JSON rewritten, as each family finishes, so a later failure
+    // (or a kill at a time limit) loses nothing measured before it. One family failing, even
+    // by a panic, must not hide the others' numbers; the command fails at the end if any did.
+    let mut report = Report {
+        device: gpu.info().clone(),
+        ceilings: ceil,
+        kernels: Vec::new(),
+        query_path: Vec::new(),
+        failed: Vec::new(),
+    };
     println!("| kernel | problem | ms | GB/s | % of copy | TFLOP/s | % of bf16 GEMM |");
     println!("|---|---|---|---|---|---|---|");
-    for r in &rows {
-        let s = r.ms * 1e-3;
-        let gbs = r.bytes / s / 1e9;
-        let tf = r.flops / s / 1e12;
-        let cell = |v: f64, ok: bool, digits: usize| {
-            if ok {
-                format!("{v:.digits$}")
-            } else {
-                "–".to_string()
+    let families: [Bench; 12] = [
+        topk::bench,
+        encoder::bench,
+        adapter::bench,
+        adapter_train::bench,
+        sampler::bench,
+        infonce::bench,
+        adamw::bench,
+        backward::bench,
+        attention_backward::bench,
+        encoder_train::bench,
+        encoder_train::bench_products,
+        train_step::bench,
+    ];
+    for (what, bench) in PARTS.into_iter().zip(families).filter(|(p, _)| wanted(p)) {
+        eprintln!("timing {what} kernels ...");
+        match guarded(what, || bench(&gpu)) {
+            Ok(r) => {
+                for row in &r {
+                    print_row(row, &ceil);
+                }
+                report.kernels.extend(r);
             }
-        };
-        println!(
-            "| {} | {} | {:.3} | {} | {} | {} | {} |",
-            r.name,
-            r.shape,
-            r.ms,
-            cell(gbs, r.bytes > 0.0, 0),
-            cell(100.0 * gbs / ceil.copy_gb_s, r.bytes > 0.0, 0),
-            cell(tf, r.flops > 0.0, 1),
-            cell(100.0 * tf / ceil.bf16_gemm_tflop_s, r.flops > 0.0, 0),
-        );
+            Err(e) => {
+                eprintln!("error: {what} benchmark failed: {e}");
+                report.failed.push(format!("{what}: {e}"));
+            }
+        }
+        report.write(dir.as_deref())?;
     }
-    let mut latency = Vec::new();
-    for (graphs, rerank) in [(false, false), (true, false), (true, true)] {
-        match query_path_latency(&gpu, graphs, rerank) {
+    let paths = if wanted("query-path") {
+        &[(false, false), (true, false), (true, true)][..]
+    } else {
+        &[]
+    };
+    for &(graphs, rerank) in paths {
+        let what = format!("batch-1 query path (graphs {graphs}, rerank {rerank})");
+        match guarded(&what, || query_path_latency(&gpu, graphs, rerank)) {
             Ok(l) => {
                 println!(
                     "batch-1 query path (16-token query, MiniLM-L6 shape bf16 encode{} + mean pool + L2, top-100 over 1M x 384 f32{}, results on the host), {} queries: p50 {:.3} ms, p95 {:.3} ms, p99 {:.3} ms",
@@ -95,33 +131,86 @@ pub fn run(a: DeviceCheckArgs) -> Result<()> {
                     if rerank { ", adapter logits of the 100 hits (d = h = 384) and the rerank" } else { "" },
                     l.queries, l.p50_ms, l.p95_ms, l.p99_ms
                 );
-                latency.push(l);
+                report.query_path.push(l);
             }
-            Err(e) => eprintln!(
-                "error: batch-1 query path (graphs {graphs}, rerank {rerank}) failed: {e}"
-            ),
+            Err(e) => {
+                eprintln!("error: {what} failed: {e}");
+                report.failed.push(format!("{what}: {e}"));
+            }
         }
+        report.write(dir.as_deref())?;
     }
-    let dir = a
-        .log_dir
-        .or_else(|| std::env::var_os("RRRA_DEVICE_LOG").map(PathBuf::from));
-    if let Some(dir) = dir {
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    if report.failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Cuda(format!(
+            "{} of the device check's parts failed: {}",
+            report.failed.len(),
+            report.failed.join("; ")
+        )))
+    }
+}
+
+/// What `kernels.json` holds.
+#[derive(serde::Serialize)]
+struct Report {
+    device: rrra::device::DeviceInfo,
+    ceilings: ceilings::Ceilings,
+    kernels: Vec<KernelTiming>,
+    query_path: Vec<QueryLatency>,
+    /// The parts that failed, with their errors.
+    failed: Vec<String>,
+}
+
+impl Report {
+    /// Rewrites `dir/kernels.json` (atomically) when there is a log folder.
+    fn write(&self, dir: Option<&std::path::Path>) -> Result<()> {
+        let Some(dir) = dir else { return Ok(()) };
         let path = dir.join("kernels.json");
-        let json = serde_json::json!({
-            "device": gpu.info(),
-            "ceilings": ceil,
-            "kernels": rows,
-            "query_path": latency,
-        });
+        let json = serde_json::to_string(self).map_err(|e| Error::Cuda(e.to_string()))?;
         rrra::util::atomic_write(&path, |w| {
             use std::io::Write;
-            w.write_all(json.to_string().as_bytes())
+            w.write_all(json.as_bytes())
                 .map_err(|e| Error::io(&path, e))
-        })?;
-        eprintln!("wrote {}", path.display());
+        })
     }
-    Ok(())
+}
+
+/// `f`, with a panic turned into an error naming `what`: a bug in one benchmark must not end
+/// the whole check.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        Err(Error::Cuda(format!("{what} panicked: {msg}")))
+    })
+}
+
+/// One table row: time, and the achieved rate against the ceiling that bounds it.
+fn print_row(r: &KernelTiming, ceil: &ceilings::Ceilings) {
+    let s = r.ms * 1e-3;
+    let gbs = r.bytes / s / 1e9;
+    let tf = r.flops / s / 1e12;
+    let cell = |v: f64, ok: bool, digits: usize| {
+        if ok {
+            format!("{v:.digits$}")
+        } else {
+            "–".to_string()
+        }
+    };
+    println!(
+        "| {} | {} | {:.3} | {} | {} | {} | {} |",
+        r.name,
+        r.shape,
+        r.ms,
+        cell(gbs, r.bytes > 0.0, 0),
+        cell(100.0 * gbs / ceil.copy_gb_s, r.bytes > 0.0, 0),
+        cell(tf, r.flops > 0.0, 1),
+        cell(100.0 * tf / ceil.bf16_gemm_tflop_s, r.flops > 0.0, 0),
+    );
 }
 
 /// Wall-clock latency of the serving path for one query, end to end from token ids on the host
