@@ -76,7 +76,10 @@ fn layernorm_backward_matches_cpu() {
     .iter()
     .enumerate()
     {
-        let eps = if case % 2 == 0 { 1e-12 } else { 1e-5 };
+        // A one-wide row has no variance: ds is 0 up to 1/sqrt(eps) times one rounding of
+        // dy·gamma, which nvcc's FMA contraction makes differ from the CPU's; eps 1e-12 would
+        // blow that 1e-9 up to 1e-3, so that row takes 1e-5.
+        let eps = if case % 2 == 0 && h > 1 { 1e-12 } else { 1e-5 };
         let s = uniform(&mut rng, rows * h, -2.0, 3.0);
         let dy = uniform(&mut rng, rows * h, -1.0, 1.0);
         let gamma = uniform(&mut rng, h, 0.5, 1.5);

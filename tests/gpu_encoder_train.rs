@@ -337,10 +337,13 @@ fn gradients_match_the_float64_reference_on_the_gpu() {
         assert_eq!(&t.shape, shape, "{}", t.name);
         if t.name.ends_with("attention.self.key.bias") {
             // zero in exact arithmetic (softmax cancels it): round-off against the weight's
+            // (the GPU's attention backward rounds on other paths than the CPU's, so its
+            // round-off is of the same order, not the same; 1e-5 holds that, and a slip that
+            // leaves a real gradient there is O(1))
             let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
             let w_name = t.name.replace(".bias", ".weight");
             let w = named.iter().find(|n| n.name == w_name).unwrap();
-            assert!(norm(t.data) <= 1e-6 * norm(w.data), "{}", t.name);
+            assert!(norm(t.data) <= 1e-5 * norm(w.data), "{}", t.name);
             continue;
         }
         let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();

@@ -5,8 +5,12 @@
 //!
 //! Tolerance: in f32 the GPU encoder differs from the CPU by summation order only (≲ 3e-6 on the
 //! hidden states, see `device::encoder`), so scores differ by ≲ 1e-5. A list's k-th best score
-//! moves by at most the largest perturbation, so the sorted score (and rank-score) sequences are
-//! compared position by position to 1e-4; ids may swap only where two scores are that close.
+//! moves by at most the largest perturbation, so the sorted score sequences are compared
+//! position by position to 1e-4; ids may swap only where two scores are that close. A rerank
+//! score `s/tau − LSE + lambda·log σ(logit)` carries the score error times 1/tau (20) and the
+//! logit's times lambda, and a near-tie at the rerank depth can change the candidates, so rank
+//! scores are compared to 1e-3 where both lists hold the same document, as in
+//! tests/gpu_pipeline.rs.
 
 mod common;
 
@@ -51,7 +55,7 @@ fn compare(cpu: &[Hit], gpu: &[Hit], what: &str) -> usize {
             g.score
         );
         assert!(
-            (c.rank_score - g.rank_score).abs() <= 1e-4,
+            (c.rank_score - g.rank_score).abs() <= 1e-3 || c.id != g.id,
             "{what}[{i}]: rank score {} vs {}",
             c.rank_score,
             g.rank_score

@@ -11,15 +11,26 @@
 //! by the f32 summation orders of the encoder (~1e-6 relative). Later steps start from weights
 //! that AdamW moved with gradients ~1e-5 apart; Adam's normalised update carries that into the
 //! weights at about the same relative size, so the losses agree to 1e-4 relative and each
-//! trained tensor to 1e-3 in relative L2 norm of its change from the start.
+//! trained tensor to 1e-3 in relative L2 norm of its change from the start. Two things would
+//! part the runs for reasons these tests do not check, and are kept out:
+//! * the pool: the tiny model's scores have near-ties closer than the two encoders' f32 gap,
+//!   which the device's mining would rank in another order, changing the drawn negatives. The
+//!   offloaded runs mine once, at step 0, from the CPU's embeddings of the starting weights and
+//!   with the CPU's search ([`HostSearch`]), so every run draws from the same pool
+//!   (tests/gpu_mining.rs holds the device's mining to the CPU's);
+//! * the key biases: their gradient is zero in exact arithmetic (softmax cancels it), so
+//!   AdamW's normalised step turns each run's round-off into moves of a few hundredths of the
+//!   learning rate with signs of their own; they are left out of the weight comparison.
 
 mod common;
 
 use rrra::device::encoder_train::GpuTrainableEncoder;
 use rrra::device::train_step::GpuTrainStep;
 use rrra::device::Gpu;
+use rrra::model::weights::BertWeights;
 use rrra::model::{Encoder, EncoderOptions};
 use rrra::train::config::{DataSource, TrainConfig};
+use rrra::train::encoder_grad::{DropoutPlan, OffloadedEncoder, ResidentOptimizer, TrainBatch};
 use rrra::train::trainer::{TrainEvent, Trainer};
 
 fn config(model: &std::path::Path, out: std::path::PathBuf) -> TrainConfig {
@@ -37,7 +48,8 @@ fn config(model: &std::path::Path, out: std::path::PathBuf) -> TrainConfig {
     cfg.hard_negatives = 3;
     cfg.random_negatives = 1;
     cfg.doc_max_length = 96;
-    cfg.mine_every = Some(2);
+    // one mining, at step 0 (see the module's notes)
+    cfg.mine_every = Some(100);
     cfg.mine_top_k = 50;
     cfg.lr = 1e-3;
     cfg.checkpoint_every = Some(2);
@@ -55,8 +67,52 @@ fn losses(t: &mut Trainer, stop_after: Option<u64>) -> Vec<f64> {
     out
 }
 
-/// Hands `t`'s encoder to the GPU, with the optimizer there too when `resident`.
+/// The offloaded encoder with the trainer's searches left to the CPU: everything else is the
+/// device's.
+struct HostSearch(Box<dyn OffloadedEncoder>);
+
+impl OffloadedEncoder for HostSearch {
+    fn set_weights(&mut self, weights: &BertWeights) -> rrra::Result<()> {
+        self.0.set_weights(weights)
+    }
+    fn forward(&mut self, batch: &TrainBatch, dropout: &DropoutPlan) -> rrra::Result<Vec<f32>> {
+        self.0.forward(batch, dropout)
+    }
+    fn backward(&mut self, d_embeddings: &[f32], grads: &mut BertWeights) -> rrra::Result<()> {
+        self.0.backward(d_embeddings, grads)
+    }
+    fn encode(&mut self, texts: &[rrra::model::tokenizer::Tokens]) -> rrra::Result<Vec<f32>> {
+        self.0.encode(texts)
+    }
+    fn info_nce(
+        &mut self,
+        input: &rrra::train::loss::InfoNceInput<'_>,
+        dq: &mut [f32],
+        dd: &mut [f32],
+    ) -> Option<rrra::Result<rrra::train::loss::InfoNceStats>> {
+        self.0.info_nce(input, dq, dd)
+    }
+    fn resident(&mut self) -> Option<&mut dyn ResidentOptimizer> {
+        self.0.resident()
+    }
+    fn adapter_op(
+        &mut self,
+        d: usize,
+        h: usize,
+        max_queries: usize,
+        max_pairs: usize,
+    ) -> Option<rrra::Result<Box<dyn rrra::adapter::fit::AdapterOp>>> {
+        self.0.adapter_op(d, h, max_queries, max_pairs)
+    }
+}
+
+/// Hands `t`'s encoder to the GPU, with the optimizer there too when `resident`; a fresh run
+/// first takes the CPU's embeddings of its starting weights for its one mining.
 fn offload(gpu: &Gpu, t: &mut Trainer, resident: bool) {
+    if t.step() == 0 {
+        let snap = t.mining_snapshot().unwrap();
+        t.reuse_first_snapshot(snap).unwrap();
+    }
     let (sequences, tokens) = t.batch_capacity();
     let enc = t.encoder();
     let (bert, pooling, normalize) = (enc.bert(), enc.pooling(), enc.normalize());
@@ -64,11 +120,13 @@ fn offload(gpu: &Gpu, t: &mut Trainer, resident: bool) {
         let adamw = t.config().adamw;
         let dev =
             GpuTrainStep::new(gpu, bert, pooling, normalize, adamw, tokens, sequences).unwrap();
-        t.offload_encoder(Box::new(dev)).unwrap();
+        t.offload_encoder(Box::new(HostSearch(Box::new(dev))))
+            .unwrap();
     } else {
         let dev =
             GpuTrainableEncoder::new(gpu, bert, pooling, normalize, tokens, sequences).unwrap();
-        t.offload_encoder(Box::new(dev)).unwrap();
+        t.offload_encoder(Box::new(HostSearch(Box::new(dev))))
+            .unwrap();
     }
 }
 
@@ -85,19 +143,23 @@ fn assert_losses_follow(cpu: &[f64], gpu: &[f64], what: &str) {
     }
 }
 
-/// Each trained tensor of `b` within 1e-3 (relative L2) of `a`'s change from `start`.
+/// Whether element `j` of tensor `i` (`BertWeights::tensors` order: 5 embedding tensors, then
+/// 12 per layer, the fused QKV bias second) is a key bias.
+fn is_key_bias(i: usize, j: usize, len: usize) -> bool {
+    i >= 5 && (i - 5) % 12 == 1 && (len / 3..2 * len / 3).contains(&j)
+}
+
+/// Each trained tensor of `b` within 1e-3 (relative L2) of `a`'s change from `start`, key
+/// biases left out (see the module's notes).
 fn assert_close(start: &[&[f32]], a: &[&[f32]], b: &[&[f32]], what: &str) {
     for (i, ((s, c), g)) in start.iter().zip(a).zip(b).enumerate() {
-        let moved: f64 = s
-            .iter()
-            .zip(c.iter())
-            .map(|(x, y)| ((y - x) as f64).powi(2))
-            .sum();
-        let apart: f64 = c
-            .iter()
-            .zip(g.iter())
-            .map(|(x, y)| ((y - x) as f64).powi(2))
-            .sum();
+        let sq = |x: &[f32], y: &[f32]| -> f64 {
+            (x.iter().zip(y).enumerate())
+                .filter(|(j, _)| !is_key_bias(i, *j, x.len()))
+                .map(|(_, (p, q))| ((q - p) as f64).powi(2))
+                .sum()
+        };
+        let (moved, apart) = (sq(s, c), sq(c, g));
         assert!(
             apart <= 1e-6 * moved.max(1e-30),
             "{what}, tensor {i}: the runs are {:.2e} apart, the reference moved {:.2e}",
