@@ -364,8 +364,13 @@ pub mod nccl {
             // SAFETY: this only tries to dlopen the library; cudarc panics on first use of a
             // missing one, so check before any call. (The stream proves libcuda is present.)
             if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+                // cudarc looks for libnccl.so (and .so.1, .so.9 to .so.13); NCCL's packages
+                // install libnccl.so.2 with no such link
                 return Err(Error::CudaUnavailable(
-                    "the NCCL library (libnccl) is not installed".into(),
+                    "the NCCL library was not found under the names cudarc loads (libnccl.so, \
+                     libnccl.so.1, .so.9 to .so.13); NCCL installs libnccl.so.2: link \
+                     libnccl.so to it in a folder on LD_LIBRARY_PATH"
+                        .into(),
                 ));
             }
             let id = if rank == 0 {
