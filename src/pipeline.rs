@@ -403,13 +403,7 @@ pub fn rerank_rows(
 ) -> Result<Vec<Vec<Reranked>>> {
     use rayon::prelude::*;
     let dim = store.dim();
-    if q_emb.len() != lists.len() * dim {
-        return Err(Error::InvalidArgument(format!(
-            "{} query floats for {} lists of dimension {dim}",
-            q_emb.len(),
-            lists.len()
-        )));
-    }
+    check_lists(q_emb, lists, dim)?;
     lists
         .par_iter()
         .zip(q_emb.par_chunks_exact(dim))
@@ -420,18 +414,38 @@ pub fn rerank_rows(
             }
             let mut logits = vec![0.0f32; l.len()];
             query_logits(&adapter.params, weights, q, &docs, &mut logits, scratch)?;
-            let scores: Vec<f32> = l.iter().map(|x| x.1).collect();
-            Ok(
-                rerank_list(&scores, &logits, adapter.tau, adapter.lambda_rr)
-                    .into_iter()
-                    .map(|(i, rank_score)| Reranked {
-                        row: l[i].0,
-                        score: l[i].1,
-                        logit: logits[i],
-                        rank_score,
-                    })
-                    .collect(),
-            )
+            Ok(reranked(l, &logits, adapter))
+        })
+        .collect()
+}
+
+/// One query vector of `dim` floats per candidate list.
+fn check_lists(q_emb: &[f32], lists: &[Vec<(usize, f32)>], dim: usize) -> Result<()> {
+    if q_emb.len() != lists.len() * dim {
+        return Err(Error::InvalidArgument(format!(
+            "{} query floats for {} lists of dimension {dim}",
+            q_emb.len(),
+            lists.len()
+        )));
+    }
+    Ok(())
+}
+
+/// `list` (store row, retriever score) ordered by `s_base · p^lambda_rr` of its candidates'
+/// adapter `logits`.
+fn reranked(
+    list: &[(usize, f32)],
+    logits: &[f32],
+    adapter: &crate::adapter::file::AdapterFile,
+) -> Vec<Reranked> {
+    let scores: Vec<f32> = list.iter().map(|x| x.1).collect();
+    rerank_list(&scores, logits, adapter.tau, adapter.lambda_rr)
+        .into_iter()
+        .map(|(i, rank_score)| Reranked {
+            row: list[i].0,
+            score: list[i].1,
+            logit: logits[i],
+            rank_score,
         })
         .collect()
 }
@@ -452,13 +466,7 @@ pub fn rerank_rows_on_gpu(
     lists: &[Vec<(usize, f32)>],
 ) -> Result<Vec<Vec<Reranked>>> {
     let dim = store.dim();
-    if q_emb.len() != lists.len() * dim {
-        return Err(Error::InvalidArgument(format!(
-            "{} query floats for {} lists of dimension {dim}",
-            q_emb.len(),
-            lists.len()
-        )));
-    }
+    check_lists(q_emb, lists, dim)?;
     let longest = lists.iter().map(Vec::len).max().unwrap_or(0);
     let mut op = crate::device::adapter::GpuAdapter::new(
         device,
@@ -494,17 +502,6 @@ pub fn rerank_rows_on_gpu(
     Ok(lists
         .iter()
         .zip(&logits)
-        .map(|(l, lg)| {
-            let scores: Vec<f32> = l.iter().map(|x| x.1).collect();
-            rerank_list(&scores, lg, adapter.tau, adapter.lambda_rr)
-                .into_iter()
-                .map(|(i, rank_score)| Reranked {
-                    row: l[i].0,
-                    score: l[i].1,
-                    logit: lg[i],
-                    rank_score,
-                })
-                .collect()
-        })
+        .map(|(l, lg)| reranked(l, lg, adapter))
         .collect())
 }
