@@ -4,6 +4,7 @@ PyTorch + transformers BERT encode in bf16 (SDPA attention), a BERT-base contras
 step with bf16 autocast, and torch matmul + topk for search.
 Random weights and data (the timings do not depend on them); prints one markdown table.
 Run by tools/device-check.sh when python3 has CUDA PyTorch."""
+import sys
 import time
 
 import torch
@@ -94,18 +95,30 @@ def search_peer(n, dim, dtype, q, k, reps=10):
     torch.cuda.empty_cache()
 
 
+def guarded(f, *args, **kwargs):
+    """Runs one peer; a failure is printed and the others still run."""
+    try:
+        f(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - any peer's failure must not hide the rest
+        failed.append(f"{f.__name__}{args}: {type(e).__name__}: {e}")
+        print(f"error: {failed[-1]}", flush=True)
+        torch.cuda.empty_cache()
+
+
+failed = []
 t0 = time.time()
-encode_peer("BERT-base", 768, 12, 12, 3072, 128, 128)
-encode_peer("BERT-base", 768, 12, 12, 3072, 32, 512)
-encode_peer("MiniLM-L6 shape, batch 1", 384, 6, 12, 1536, 1, 16, reps=50)
-train_peer()
-search_peer(10_000_000, 768, torch.bfloat16, 1, 100)
-search_peer(10_000_000, 768, torch.bfloat16, 32, 100)
-search_peer(1_000_000, 384, torch.float32, 1, 100, reps=50)
-search_peer(1_000_000, 384, torch.bfloat16, 32, 2048)
-search_peer(200_000, 384, torch.float32, 1000, 10)
+guarded(encode_peer, "BERT-base", 768, 12, 12, 3072, 128, 128)
+guarded(encode_peer, "BERT-base", 768, 12, 12, 3072, 32, 512)
+guarded(encode_peer, "MiniLM-L6 shape, batch 1", 384, 6, 12, 1536, 1, 16, reps=50)
+guarded(train_peer)
+guarded(search_peer, 10_000_000, 768, torch.bfloat16, 1, 100)
+guarded(search_peer, 10_000_000, 768, torch.bfloat16, 32, 100)
+guarded(search_peer, 1_000_000, 384, torch.float32, 1, 100, reps=50)
+guarded(search_peer, 1_000_000, 384, torch.bfloat16, 32, 2048)
+guarded(search_peer, 200_000, 384, torch.float32, 1000, 10)
 print(f"torch {torch.__version__} on {torch.cuda.get_device_name()} ({time.time() - t0:.0f} s)")
 print("| peer | problem | ms | throughput |")
 print("|---|---|---|---|")
 for name, shape, ms, tp in rows:
     print(f"| {name} | {shape} | {ms:.3f} | {tp} |")
+sys.exit(1 if failed else 0)
