@@ -380,6 +380,11 @@ pub mod nccl {
             } else {
                 read_id(id_file, world, timeout)?
             };
+            // NCCL binds the communicator to the current context: make it the stream's
+            stream
+                .context()
+                .bind_to_thread()
+                .map_err(cuda("binding the context"))?;
             let comm = Comm::from_rank(stream.clone(), rank, world, id)
                 .map_err(nccl("joining the group"))?;
             Ok(Nccl {
