@@ -98,7 +98,8 @@ join_model() {
 if [ -n "${RRRA_PREBUILT:-}" ]; then
   bin="$RRRA_PREBUILT/bin"
   if [ ! -x "$bin/rrra" ]; then
-    tar -C "$RRRA_PREBUILT" -xJf "$RRRA_PREBUILT/payload.tar.xz" || { step "no payload in $RRRA_PREBUILT"; exit 1; }
+    tar -C "$RRRA_PREBUILT" -xJf "$RRRA_PREBUILT/payload.tar.xz" \
+      || { step "no payload in $RRRA_PREBUILT"; exit 1; }
   fi
   join_model && export RRRA_MODEL="${RRRA_MODEL:-$RRRA_PREBUILT/model}"
   export RRRA_SHARED="${RRRA_SHARED:-$RRRA_PREBUILT/shared}"

@@ -24,7 +24,7 @@ cargo build --release --bin rrra
 cp target/release/rrra "$stage/bin/"
 # a build without nvcc is CPU-only (build.rs only warns): no use on a GPU machine
 if ! grep -qa rrra_adamw_update "$stage/bin/rrra"; then
-  echo "error: rrra was built without its CUDA kernels (no nvcc found): run tools/install-nvcc.sh" >&2
+  echo "error: rrra was built without its CUDA kernels (no nvcc): run tools/install-nvcc.sh" >&2
   exit 1
 fi
 cargo test --release --no-run --message-format=json --test 'gpu_*' \

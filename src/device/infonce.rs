@@ -246,7 +246,8 @@ impl GpuInfoNce {
         let st = ptr(&bufs.stats, stream);
         let dq = ptr(&bufs.dq, stream);
         let dd = ptr(&bufs.dd, stream);
-        // SAFETY: raw byte fills of whole buffers, of exactly these sizes (0xFF bytes are f32/f64 NaN).
+        // SAFETY: raw byte fills of whole buffers, of exactly these sizes (0xFF bytes are f32
+        // and f64 NaN).
         unsafe {
             let s = stream.cu_stream();
             cu::memset_d8_async(dq, 0xFF, bufs.dq.len() * 4, s)
