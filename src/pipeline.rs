@@ -419,6 +419,28 @@ pub fn rerank_rows(
         .collect()
 }
 
+/// The calls of [`rerank_rows_on_gpu`] for lists of lengths `lens`: `(first, last, len)`, the
+/// lists `first..last`, consecutive and all of length `len`, in order; each call at most
+/// `budget` pairs, or one list where a list alone is longer. Empty lists make no call.
+fn gpu_rerank_calls(
+    lens: impl Iterator<Item = usize>,
+    budget: usize,
+) -> Vec<(usize, usize, usize)> {
+    let mut calls: Vec<(usize, usize, usize)> = Vec::new();
+    for (i, len) in lens.enumerate().filter(|&(_, len)| len > 0) {
+        match calls.last_mut() {
+            // the list right after the last call, of its length, while the budget allows
+            Some((first, last, l))
+                if *last == i && *l == len && (i + 1 - *first) * len <= budget =>
+            {
+                *last = i + 1
+            }
+            _ => calls.push((i, i + 1, len)),
+        }
+    }
+    calls
+}
+
 /// One query vector of `dim` floats per candidate list.
 fn check_lists(q_emb: &[f32], lists: &[Vec<(usize, f32)>], dim: usize) -> Result<()> {
     if q_emb.len() != lists.len() * dim {
@@ -473,35 +495,87 @@ pub fn rerank_rows_on_gpu(
         &adapter.params,
         GPU_RERANK_PAIRS.max(longest),
     )?;
-    let mut logits: Vec<Vec<f32>> = Vec::with_capacity(lists.len());
+    let mut logits: Vec<Vec<f32>> = vec![Vec::new(); lists.len()];
     let mut docs = Vec::new();
-    // runs of consecutive lists of one length are scored together
-    let mut start = 0;
-    while start < lists.len() {
-        let len = lists[start].len();
-        let end = start + lists[start..].iter().take_while(|l| l.len() == len).count();
-        // at most GPU_RERANK_PAIRS candidates (or one list) gathered on the host at a time
-        match GPU_RERANK_PAIRS.checked_div(len).map(|per| per.max(1)) {
-            // empty lists: nothing to score
-            None => logits.extend((start..end).map(|_| Vec::new())),
-            Some(per) => {
-                for first in (start..end).step_by(per) {
-                    let last = (first + per).min(end);
-                    docs.resize((last - first) * len * dim, 0.0);
-                    let rows = lists[first..last].iter().flatten();
-                    for (&(r, _), v) in rows.zip(docs.chunks_exact_mut(dim)) {
-                        store.row_f32(r, v)?;
-                    }
-                    let scored = op.score(&q_emb[first * dim..last * dim], &docs, len)?;
-                    logits.extend(scored.logit.chunks_exact(len).map(<[f32]>::to_vec));
-                }
-            }
+    for (first, last, len) in gpu_rerank_calls(lists.iter().map(Vec::len), GPU_RERANK_PAIRS) {
+        docs.resize((last - first) * len * dim, 0.0);
+        let rows = lists[first..last].iter().flatten();
+        for (&(r, _), v) in rows.zip(docs.chunks_exact_mut(dim)) {
+            store.row_f32(r, v)?;
         }
-        start = end;
+        let scored = op.score(&q_emb[first * dim..last * dim], &docs, len)?;
+        for (out, l) in logits[first..last]
+            .iter_mut()
+            .zip(scored.logit.chunks_exact(len))
+        {
+            *out = l.to_vec();
+        }
     }
     Ok(lists
         .iter()
         .zip(&logits)
         .map(|(l, lg)| reranked(l, lg, adapter))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gpu_rerank_calls;
+
+    #[test]
+    fn gpu_rerank_calls_group_equal_lengths_within_the_budget() {
+        let calls = gpu_rerank_calls([3, 3, 3, 0, 3, 5, 5, 1].into_iter(), 6);
+        assert_eq!(
+            calls,
+            [
+                (0, 2, 3),
+                (2, 3, 3),
+                (4, 5, 3),
+                (5, 6, 5),
+                (6, 7, 5),
+                (7, 8, 1)
+            ]
+        );
+        // a list longer than the budget goes alone
+        assert_eq!(
+            gpu_rerank_calls([10, 10].into_iter(), 4),
+            [(0, 1, 10), (1, 2, 10)]
+        );
+        assert!(gpu_rerank_calls([0, 0].into_iter(), 4).is_empty());
+    }
+
+    /// Random lengths: every non-empty list in exactly one call, in order; a call's lists are
+    /// consecutive and of its length, within the budget unless alone; a call ends only where
+    /// the next list could not join it.
+    #[test]
+    fn gpu_rerank_calls_cover_every_list_once() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n) as usize
+        };
+        for _ in 0..200 {
+            let lens: Vec<usize> = (0..next(40)).map(|_| [0, 1, 2, 7, 100][next(5)]).collect();
+            let budget = 1 + next(300);
+            let calls = gpu_rerank_calls(lens.iter().copied(), budget);
+            let mut covered = vec![0u32; lens.len()];
+            for (k, &(first, last, len)) in calls.iter().enumerate() {
+                assert!(first < last && len > 0);
+                assert!(lens[first..last].iter().all(|&l| l == len));
+                assert!(last - first == 1 || (last - first) * len <= budget);
+                covered[first..last].iter_mut().for_each(|c| *c += 1);
+                if let Some(&(next_first, _, next_len)) = calls.get(k + 1) {
+                    assert!(next_first >= last);
+                    let could_join =
+                        next_first == last && next_len == len && (last + 1 - first) * len <= budget;
+                    assert!(!could_join, "{lens:?} {budget}: {calls:?}");
+                }
+            }
+            for (l, c) in lens.iter().zip(&covered) {
+                assert_eq!(*c, u32::from(*l > 0), "{lens:?} {budget}: {calls:?}");
+            }
+        }
+    }
 }
