@@ -311,11 +311,11 @@ impl Trainer {
     /// Runs each step's encoder forward and backward (with the run's dropout masks), and the
     /// encodes of a mining refresh and of an evaluation, on `encoder` (a GPU's), and the
     /// step's loss and those searches too when it offers them ([`OffloadedEncoder::info_nce`],
-    /// [`OffloadedEncoder::search`]); the samplers stay here. The optimizer stays here too, with the weights uploaded after every
-    /// optimizer step, unless `encoder` is a [`ResidentOptimizer`]: then it takes the weights
-    /// and the AdamW state now and keeps them, and the host copies them back for checkpoints
-    /// and at the end of [`Trainer::run`]. In a data-parallel
-    /// run a resident optimizer also sums the ranks' gradients itself
+    /// [`OffloadedEncoder::search`]); the samplers stay here. The optimizer stays here too,
+    /// with the weights uploaded after every optimizer step, unless `encoder` is a
+    /// [`ResidentOptimizer`]: then it takes the weights and the AdamW state now and keeps them,
+    /// and the host copies them back for checkpoints and at the end of [`Trainer::run`]. In a
+    /// data-parallel run a resident optimizer also sums the ranks' gradients itself
     /// ([`ResidentOptimizer::accumulate_and_reduce`]). The RRRA joint adapter's forward and
     /// backward go where `encoder` offers them a place ([`OffloadedEncoder::adapter_op`]).
     pub fn offload_encoder(&mut self, mut encoder: Box<dyn OffloadedEncoder>) -> Result<()> {
