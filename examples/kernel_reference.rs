@@ -6,6 +6,9 @@
 //!   reads them);
 //! * `dropout.bin`, `dropout_words.bin`: a packed QKV batch, `attention_sequence_train` with
 //!   dropout on the probabilities, `dropout_inplace` on a hidden block, and the streams' words.
+//! * `train_attention.bin`: packed QKV batches, their dropout streams and
+//!   `attention_sequence_train`'s contexts for the tensor-core training attention (see
+//!   `train_attention`).
 //! * `backward_{layernorm,bias,gelu,l2,attention}.bin`: inputs and `cpu::backward` outputs of
 //!   the encoder backward kernels' cases (shapes in each file, see `encoder_backward`).
 //! * `inference_{attention,adapter,rows}.bin`: inputs and CPU outputs of the inference kernels'
@@ -155,6 +158,55 @@ fn dropout(dir: &Path) -> rrra::Result<()> {
         .collect();
     let path = dir.join("dropout_words.bin");
     std::fs::write(&path, words).map_err(|e| rrra::Error::io(&path, e))
+}
+
+/// The training attention cases (head dim, heads, dropout p, lengths) of
+/// `rrra_attention_train_mma_*` (tools/kernel-emulator/encoder_train.cpp): every head dim of the
+/// tensor-core kernels, lengths around the 64- and 32-key tiles, an empty and a one-token
+/// sequence, and a high p on short sequences, where one wrong mask bit moves an output by ~p/len.
+const TRAIN_ATTENTION_CASES: [(usize, usize, f32, &[usize]); 5] = [
+    (64, 2, 0.0, &[65, 0, 1, 130]),
+    (64, 2, 0.15, &[65, 0, 1, 130]),
+    (32, 3, 0.5, &[5, 17, 33, 1]),
+    (128, 1, 0.1, &[31, 0, 97]),
+    (32, 1, 0.15, &[64, 64]),
+];
+
+/// `train_attention.bin`: per case its shape, lengths, packed QKV (without its bias), bias, the
+/// sequences' Philox words (as f32 bit patterns) and `attention_sequence_train`'s context.
+fn train_attention(dir: &Path) -> rrra::Result<()> {
+    let mut rng = Rng::new(43);
+    let mut out = Vec::new();
+    for (case, &(dh, heads, p, lens)) in TRAIN_ATTENTION_CASES.iter().enumerate() {
+        let h = dh * heads;
+        let t: usize = lens.iter().sum();
+        let qkv = normals(&mut rng, t * 3 * h, 1.0);
+        let bias = normals(&mut rng, 3 * h, 0.3);
+        let (mut ctx, mut words) = (vec![0.0f32; t * h], Vec::new());
+        let mut start = 0;
+        for (s, &len) in lens.iter().enumerate() {
+            let stream = Stream::new(9, 2, 500 + s as u64, case as u32, Site::AttentionDropout);
+            words.extend(stream.words().map(f32::from_bits));
+            let mut x = qkv[start * 3 * h..(start + len) * 3 * h].to_vec();
+            x.iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v += bias[i % (3 * h)]);
+            let drop = AttnDropout { p, stream };
+            let out_rows = &mut ctx[start * h..(start + len) * h];
+            attention_sequence_train(&x, len, h, heads, Some(&drop), out_rows);
+            start += len;
+        }
+        push_sized(&mut out, &[dh as f32, heads as f32, p]);
+        push_sized(
+            &mut out,
+            &lens.iter().map(|&l| l as f32).collect::<Vec<_>>(),
+        );
+        for part in [&qkv, &bias, &words, &ctx] {
+            push_sized(&mut out, part);
+        }
+    }
+    let path = dir.join("train_attention.bin");
+    write_f32(&path, &[&out]).map_err(|e| rrra::Error::io(&path, e))
 }
 
 /// Normal(0, `sd`) values as f32.
@@ -561,8 +613,10 @@ fn inference(dir: &Path) -> rrra::Result<()> {
 /// lengths), 2 layers, FFN 4 × hidden: head dim 32 (the tiled attention kernels) with and
 /// without dropout, head dim 16 (the `_any` attention backward) with dropout, every pooling,
 /// normalisation on and off, a sequence past one 64-token tile, and two micro-batches whose
-/// gradients add up on the device. The tiny-bert case (head dim 8, no dropout) runs the `_any`
-/// forward attention. Sized for the emulator's time (a host thread per CUDA thread).
+/// gradients add up on the device; the last case gives the tensor-core attention a step with
+/// dropout and a pooling whose gradient is continuous. The tiny-bert case (head dim 8, no
+/// dropout) runs the `_any` forward attention. Sized for the emulator's time (a host thread per
+/// CUDA thread).
 type StepCase = (
     usize,
     usize,
@@ -571,12 +625,13 @@ type StepCase = (
     bool,
     &'static [&'static [usize]],
 );
-const STEP_CASES: [StepCase; 3] = {
+const STEP_CASES: [StepCase; 4] = {
     use rrra::model::Pooling::{Cls, Max, Mean};
     [
         (64, 2, Cls, false, false, &[&[65, 6, 1, 9]]),
         (64, 2, Max, true, true, &[&[65, 6, 1, 9], &[4, 7]]),
         (48, 3, Mean, false, true, &[&[9, 66, 3]]),
+        (64, 2, Mean, false, true, &[&[70, 3, 1]]),
     ]
 };
 
@@ -892,5 +947,6 @@ fn main() -> rrra::Result<()> {
     encoder_backward(dir)?;
     inference(dir)?;
     encoder_step(dir)?;
+    train_attention(dir)?;
     dropout(dir)
 }

@@ -33,6 +33,11 @@
 //   a 16-byte row skew so every ldmatrix (plain for K, .trans for V) is conflict-free. K's bias
 //   is dropped: it adds q . b_k to every score of a row, which softmax cancels exactly.
 //   20-36 KB static shared memory.
+// * rrra_attention_train_mma_d{32,64,128} (the training forward of GemmMath::Bf16): the bf16
+//   kernel's tensor-core structure on the training step's f32 QKV and ctx, with dropout on the
+//   probabilities (the CPU's masks). Tiles go through registers (f32 + bias, rounded to bf16)
+//   into single-buffered shared memory, every bias added on load; 10-18 KB static shared
+//   memory. See attention_train_mma.
 // * rrra_attention_varlen_{f32,bf16}_any: any head dim <= 128 (e.g. 8 or 16 in tiny models), one
 //   warp per query, 32 keys per step with one key per lane. Simple and slow: a fallback only.
 //
@@ -44,7 +49,14 @@
 // 67 TFLOP/s is >= 96 us. Measured on an H200 (dh 64, per layer): bf16 61 us at 128 x 128
 // (106 TFLOP/s, 1.7 TB/s) and 160 us at 32 x 512 (161 TFLOP/s); f32 275 us (23 TFLOP/s) and
 // 814 us (32 TFLOP/s). Next steps for bf16: wgmma with TMA-fed tiles, and 128-query blocks.
+// The training kernel reads 12h B of f32 QKV and writes 4h B per token (3x the bf16 kernel's
+// bytes: ~70 us of HBM at 128 x 128) and adds one Philox4x32-10 block (~60 integer ops) per
+// probability with dropout, against 4 dh tensor-core flops: at dh 64 the dropout mask, not
+// the math, is its likely bound. It replaces the f32 SIMT kernels in the bf16 step: the tiled
+// one without dropout (275 us above) and, with dropout, rrra_train_attention_dropout_f32, one
+// warp per query that re-reads K and V from L2 for every query.
 #include "bert_common.cuh"
+#include "philox.cuh"
 
 // Head-specific base pointers of one sequence in the fused QKV matrix.
 template <typename T>
@@ -478,6 +490,194 @@ __device__ __forceinline__ void attention_mma(const bf16* __restrict__ qkv,
 }
 
 // ------------------------------------------------------------------------------------------
+// Training forward on tensor cores: f32 in and out, bf16 mma.sync, optional dropout
+// ------------------------------------------------------------------------------------------
+
+// attention_mma's structure for the training forward in mixed precision (GemmMath::Bf16): the
+// step keeps QKV and ctx in f32, so tiles are loaded through registers (f32 + bias, rounded to
+// bf16 once) instead of cp.async, single-buffered (other blocks on the SM hide the latency).
+// Every bias is added on load, V's too: with dropout a row of kept probabilities no longer
+// sums to 1, so V's bias cannot move to the end as in attention_mma. Dropout (p > 0) is the
+// CPU's AttnDropout mask for mask: probability (head, i, j) of a sequence uses word
+// (head * len + i) * len + j of its stream (4 words per sequence in `words`); the softmax sum l
+// takes the probabilities before dropout, O takes them after, each kept one scaled by
+// keep_scale = 1 / (1 - p).
+template <int DH>
+__device__ __forceinline__ void attention_train_mma(const float* __restrict__ qkv,
+                                                    const float* __restrict__ bias,
+                                                    const unsigned* __restrict__ offsets,
+                                                    const unsigned* __restrict__ words, int h,
+                                                    float scale_log2e, float p, float keep_scale,
+                                                    float* __restrict__ ctx) {
+    using C = MmaTile<DH>;
+    __shared__ __align__(16) bf16 Ks[C::TILE];
+    __shared__ __align__(16) bf16 Vs[C::TILE];
+
+    const int start = (int)offsets[blockIdx.z];
+    const int len = (int)offsets[blockIdx.z + 1] - start;
+    const int q0 = blockIdx.x * C::BQ;
+    if (q0 >= len) return;  // uniform per block, before any barrier
+    const int tid = threadIdx.x, warp = tid / RRRA_WARP, lane = tid % RRRA_WARP;
+    const int g = lane >> 2, t = lane & 3;
+    const HeadView<float> hv(qkv, bias, start, h, blockIdx.y, DH);
+    const size_t ld = hv.ld;
+    const unsigned* w = words + 4 * blockIdx.z;
+    const bool dropout = p > 0.0f;
+
+    // K and V rows k0 .. k0 + BK as bf16 (x + b), zero rows past the end.
+    auto load_tile = [&](int k0) {
+        for (int i = tid; i < C::BK * DH / 4; i += blockDim.x) {
+            const int r = i / (DH / 4), c = 4 * (i % (DH / 4));
+            uint2 kv = make_uint2(0u, 0u), vv = make_uint2(0u, 0u);
+            if (k0 + r < len) {
+                const size_t at = (size_t)(k0 + r) * ld + c;
+                const float4 k = load4(hv.k + at), kb = load4(hv.kb + c);
+                const float4 v = load4(hv.v + at), vb = load4(hv.vb + c);
+                kv = make_uint2(pack_bf16x2(k.x + kb.x, k.y + kb.y),
+                                pack_bf16x2(k.z + kb.z, k.w + kb.w));
+                vv = make_uint2(pack_bf16x2(v.x + vb.x, v.y + vb.y),
+                                pack_bf16x2(v.z + vb.z, v.w + vb.w));
+            }
+            *reinterpret_cast<uint2*>(&Ks[r * C::KS + c]) = kv;
+            *reinterpret_cast<uint2*>(&Vs[r * C::KS + c]) = vv;
+        }
+    };
+
+    // Q as A fragments, biased and pre-scaled in f32, rounded once (as attention_mma).
+    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+    unsigned qf[DH / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < DH / 16; ++ks) {
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {
+            const int r = (f & 1) ? r1 : r0;
+            const int c = ks * 16 + 2 * t + ((f & 2) ? 8 : 0);
+            unsigned u = 0;
+            if (r < len) {
+                const float* x = hv.q + (size_t)r * ld + c;
+                u = pack_bf16x2((x[0] + hv.qb[c]) * scale_log2e,
+                                (x[1] + hv.qb[c + 1]) * scale_log2e);
+            }
+            qf[ks][f] = u;
+        }
+    }
+
+    float oacc[DH / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < DH / 8; ++dt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) oacc[dt][e] = 0.0f;
+    float m0 = RRRA_NEG_INF, m1 = RRRA_NEG_INF, l0 = 0.0f, l1 = 0.0f;
+    const int lrow = lane & 7, lmat = lane >> 3;
+    // word index of probability (row, 0) of this head: (head * len + row) * len
+    const unsigned long long base0 = ((unsigned long long)blockIdx.y * len + r0) * len;
+    const unsigned long long base1 = base0 + 8ull * len;
+
+    for (int k0 = 0; k0 < len; k0 += C::BK) {
+        __syncthreads();  // the previous tile is consumed
+        load_tile(k0);
+        __syncthreads();
+
+        float sacc[C::BK / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < C::BK / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) sacc[nt][e] = 0.0f;
+#pragma unroll
+            for (int ks = 0; ks < DH / 16; ks += 2) {
+                unsigned b[4];
+                ldmatrix_x4(b, Ks + (nt * 8 + lrow) * C::KS + ks * 16 + lmat * 8);
+                mma_bf16_16816(sacc[nt], qf[ks], b[0], b[1]);
+                mma_bf16_16816(sacc[nt], qf[ks + 1], b[2], b[3]);
+            }
+        }
+
+        const int kmax = len - k0;
+        float mx0 = RRRA_NEG_INF, mx1 = RRRA_NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < C::BK / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                if (nt * 8 + 2 * t + e >= kmax) {
+                    sacc[nt][e] = RRRA_NEG_INF;
+                    sacc[nt][2 + e] = RRRA_NEG_INF;
+                }
+                mx0 = fmaxf(mx0, sacc[nt][e]);
+                mx1 = fmaxf(mx1, sacc[nt][2 + e]);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float a0 = exp2f(m0 - mn0), a1 = exp2f(m1 - mn1);
+        m0 = mn0;
+        m1 = mn1;
+        l0 *= a0;
+        l1 *= a1;
+#pragma unroll
+        for (int dt = 0; dt < DH / 8; ++dt) {
+            oacc[dt][0] *= a0;
+            oacc[dt][1] *= a0;
+            oacc[dt][2] *= a1;
+            oacc[dt][3] *= a1;
+        }
+#pragma unroll
+        for (int nt = 0; nt < C::BK / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const bool hi = e >= 2;
+                sacc[nt][e] = exp2f(sacc[nt][e] - (hi ? mn1 : mn0));
+                if (hi) l1 += sacc[nt][e];
+                else l0 += sacc[nt][e];
+                const int j = k0 + nt * 8 + 2 * t + (e & 1);
+                // rows past the end are never stored, keys past it are already 0
+                if (dropout && j < len && (hi ? r1 : r0) < len)
+                    sacc[nt][e] = rrra_uniform_at((hi ? base1 : base0) + j, w) < p
+                                      ? 0.0f
+                                      : sacc[nt][e] * keep_scale;
+            }
+        }
+
+        // O += P~ V, as attention_mma
+#pragma unroll
+        for (int kk = 0; kk < C::BK / 16; ++kk) {
+            const unsigned pa[4] = {pack_bf16x2(sacc[2 * kk][0], sacc[2 * kk][1]),
+                                    pack_bf16x2(sacc[2 * kk][2], sacc[2 * kk][3]),
+                                    pack_bf16x2(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]),
+                                    pack_bf16x2(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3])};
+#pragma unroll
+            for (int dt = 0; dt < DH / 8; dt += 2) {
+                unsigned b[4];
+                ldmatrix_x4_trans(
+                    b, Vs + (kk * 16 + (lmat & 1) * 8 + lrow) * C::KS + (dt + (lmat >> 1)) * 8);
+                mma_bf16_16816(oacc[dt], pa, b[0], b[1]);
+                mma_bf16_16816(oacc[dt + 1], pa, b[2], b[3]);
+            }
+        }
+    }
+
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
+    float* out0 = ctx + (size_t)(start + r0) * h + (size_t)blockIdx.y * DH;
+    float* out1 = out0 + 8 * (size_t)h;
+#pragma unroll
+    for (int dt = 0; dt < DH / 8; ++dt) {
+        const int c = dt * 8 + 2 * t;
+        if (r0 < len)
+            *reinterpret_cast<float2*>(out0 + c) =
+                make_float2(oacc[dt][0] * inv0, oacc[dt][1] * inv0);
+        if (r1 < len)
+            *reinterpret_cast<float2*>(out1 + c) =
+                make_float2(oacc[dt][2] * inv1, oacc[dt][3] * inv1);
+    }
+}
+
+// ------------------------------------------------------------------------------------------
 // Fallback for any head dim <= 128: one warp per query
 // ------------------------------------------------------------------------------------------
 
@@ -567,6 +767,20 @@ __device__ __forceinline__ void attention_rowwise(const T* __restrict__ qkv,
 RRRA_ATTN_TILED(32)
 RRRA_ATTN_TILED(64)
 RRRA_ATTN_TILED(128)
+
+// The training forward (attention_train_mma): grid and block as the tiled kernels; `words` holds
+// 4 Philox words per sequence and is only read when p > 0.
+#define RRRA_ATTN_TRAIN(DH)                                                                     \
+    extern "C" __global__ void __launch_bounds__(128) rrra_attention_train_mma_d##DH(           \
+        const float *__restrict__ qkv, const float *__restrict__ bias,                          \
+        const unsigned *__restrict__ offsets, const unsigned *__restrict__ words, int h,        \
+        float scale_log2e, float p, float keep_scale, float *__restrict__ ctx) {                \
+        attention_train_mma<DH>(qkv, bias, offsets, words, h, scale_log2e, p, keep_scale, ctx); \
+    }
+
+RRRA_ATTN_TRAIN(32)
+RRRA_ATTN_TRAIN(64)
+RRRA_ATTN_TRAIN(128)
 
 extern "C" __global__ void __launch_bounds__(128)
     rrra_attention_varlen_f32_any(RRRA_ATTN_ARGS(float)) {

@@ -15,6 +15,8 @@
 //                             embedding dropout, and the masks applied to gradients in backward
 //  rrra_train_attention_dropout_f32  attention with dropout on the probabilities, one warp per
 //                             (query, head, sequence): scores, softmax, the CPU's mask, P̃·V
+//                             (the f32 path's; GemmMath::Bf16 runs attention.cu's
+//                             rrra_attention_train_mma_d* instead)
 //  rrra_train_bias_gelu_f32   pre = y + b (kept in place), out = GELU(pre) (exact erf)
 //  rrra_train_gelu_f32        out = GELU(pre) (the FFN activation, recomputed in backward)
 //  rrra_train_add_f32         dst += src (the residual branches of the backward)
@@ -25,7 +27,7 @@
 // cpu::backward::dropout_inplace exactly. Attention probability (head, i, j) uses word
 // (head·len + i)·len + j of the sequence's attention stream, as attention_sequence_train does.
 // The attention kernel materialises a row of scores per warp in registers (len ≤ 512) and is
-// the training path's when attention dropout is on; without it the inference kernel runs.
+// the f32 training path's when attention dropout is on; without it the inference kernel runs.
 //
 // Roofline (BERT-base step, 73 728 tokens × 768, FFN 3 072; H200 ~4.3 TB/s): every kernel is a
 // stream of a few bytes per element with a handful of flops: the LayerNorm reads and writes

@@ -207,7 +207,7 @@ struct Kernels {
 /// with its launch shape: the inference forward's and the f32 training forward's.
 pub(crate) struct AttentionKernel {
     f: CudaFunction,
-    name: String,
+    pub(crate) name: String,
     /// Queries per block, and the dynamic shared memory.
     rows: u32,
     smem: u32,

@@ -23,7 +23,11 @@
 //! (against the CPU only summation orders and erf/exp differ); [`GemmMath::Tf32`] and
 //! [`GemmMath::Bf16`] round their operands for the tensor cores, accumulating in f32 — the
 //! arithmetic of bf16 autocast for the products, with the activations still stored in f32
-//! (tests/gpu_encoder_train.rs states the tolerances of each).
+//! (tests/gpu_encoder_train.rs states the tolerances of each). [`GemmMath::Bf16`] also runs the
+//! forward attention on the tensor cores (`rrra_attention_train_mma_d{32,64,128}`: Q, K, V and
+//! the probabilities rounded to bf16, f32 accumulation, dropout included), as autocast's SDPA
+//! does; the attention backward stays f32 and recomputes the probabilities from the f32
+//! projection, so its gradient is the f32 attention's at the bf16 forward's point.
 //!
 //! Memory: [`GpuTrainableEncoder::new`] uploads the weights and allocates every activation for
 //! `max_tokens` tokens in `max_sequences` sequences; a step then allocates only the embedding
@@ -89,6 +93,9 @@ struct Kernels {
     gelu: CudaFunction,
     add: CudaFunction,
     attention: AttentionKernel,
+    /// `rrra_attention_train_mma_d{dh}` (kernels/attention.cu) for head dims 32, 64 and 128:
+    /// the attention of the mixed-precision mode ([`GemmMath::Bf16`]), with or without dropout.
+    attention_mma: Option<CudaFunction>,
     pool: [CudaFunction; 3],
 }
 
@@ -223,6 +230,12 @@ impl GpuTrainableEncoder {
             gelu: f("rrra_train_gelu_f32")?,
             add: f("rrra_train_add_f32")?,
             attention: AttentionKernel::load(gpu, &cfg, Precision::F32)?,
+            attention_mma: match cfg.head_dim() {
+                dh @ (32 | 64 | 128) => {
+                    Some(gpu.function("attention", &format!("rrra_attention_train_mma_d{dh}"))?)
+                }
+                _ => None,
+            },
             pool: [
                 gpu.function("pooling", "rrra_pool_mean_f32")?,
                 gpu.function("pooling", "rrra_pool_cls_f32")?,
@@ -304,7 +317,8 @@ impl GpuTrainableEncoder {
 
     /// Sets the arithmetic of every product (forward and backward): f32 by default;
     /// [`GemmMath::Bf16`] is the mixed-precision mode (bf16 tensor cores, f32 accumulation and
-    /// activations).
+    /// activations), which also runs the forward attention on the tensor cores for head dims
+    /// 32, 64 and 128.
     pub fn set_gemm_math(&mut self, math: GemmMath) {
         self.blas.math = math;
     }
@@ -413,7 +427,11 @@ impl GpuTrainableEncoder {
             let (mid_pre, s2, mid) = (p(&a.mid_pre), p(&a.s2), p(&self.mid));
             let wp = |i: usize| p(self.layer_w(l, i));
             self.linear(x, tok, h, wp(t::QKV_W), 3 * h, qkv)?;
-            if b.dropout.attention > 0.0 {
+            let mma = self.k.attention_mma.as_ref();
+            if let (GemmMath::Bf16, Some(f)) = (self.blas.math, mma) {
+                let (slot, p) = (site_slot(l, Site::AttentionDropout), b.dropout.attention);
+                self.attention_mma(f, qkv, wp(t::QKV_B), &b, p, max_len, slot, ctx)?;
+            } else if b.dropout.attention > 0.0 {
                 let slot = site_slot(l, Site::AttentionDropout);
                 self.attention_dropout(qkv, wp(t::QKV_B), &b, max_len, slot, ctx)?;
             } else {
@@ -944,6 +962,56 @@ impl GpuTrainableEncoder {
         Ok(())
     }
 
+    /// `ctx = attention(qkv + bias)` on the tensor cores, with dropout `p` on the
+    /// probabilities (none when 0; the batch's streams at `slot` otherwise): the
+    /// mixed-precision mode's attention.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_mma(
+        &self,
+        f: &CudaFunction,
+        qkv: u64,
+        bias: u64,
+        b: &Batch,
+        p: f32,
+        max_len: usize,
+        slot: usize,
+        ctx: u64,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let (offs, words) = (ptr(&self.offsets, &self.stream), self.words_at(b, slot));
+        let h = to_i32(cfg.hidden_size, "hidden size")?;
+        let scale_log2e = std::f32::consts::LOG2_E / (cfg.head_dim() as f32).sqrt();
+        let keep_scale = if p > 0.0 { 1.0f32 / (1.0 - p) } else { 1.0 };
+        let launch = cudarc::driver::LaunchConfig {
+            grid_dim: (
+                max_len.div_ceil(64).max(1) as u32,
+                cfg.num_attention_heads as u32,
+                b.sequences as u32,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: blocks read the QKV rows of their own sequence and write its ctx rows (the
+        // offsets were checked in `upload_batch`); `words` holds 4 words per sequence and site;
+        // the head dim is the kernel's (loaded for it in `new`).
+        unsafe {
+            self.stream
+                .launch_builder(f)
+                .arg(&qkv)
+                .arg(&bias)
+                .arg(&offs)
+                .arg(&words)
+                .arg(&h)
+                .arg(&scale_log2e)
+                .arg(&p)
+                .arg(&keep_scale)
+                .arg(&ctx)
+                .launch(launch)
+        }
+        .map_err(cuda_err("launching rrra_attention_train_mma"))?;
+        Ok(())
+    }
+
     /// `y[rows × out] = x[rows × inp] · Wᵀ` (no bias).
     fn linear(&self, x: u64, rows: usize, inp: usize, w: u64, out: usize, y: u64) -> Result<()> {
         // SAFETY: x, W and y are buffers of at least rows·inp, out·inp and rows·out floats.
@@ -1268,14 +1336,14 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
     };
     let plain = gpu.time_ms(3, || enc.forward_train(&tb, &DropoutPlan::none()).map(drop))?;
     rows.push(row(
-        "encoder training forward, bf16 products, no dropout (tiled attention)",
+        "encoder training forward, bf16 (products and rrra_attention_train_mma), no dropout",
         shape("forward"),
         plain,
         forward_flops,
     ));
     let dropped = gpu.time_ms(3, || enc.forward_train(&tb, &dropout).map(drop))?;
     rows.push(row(
-        "encoder training forward, bf16 products, dropout 0.1 (rrra_train_attention_dropout_f32)",
+        "encoder training forward, bf16 (products and rrra_attention_train_mma), dropout 0.1",
         shape("forward"),
         dropped,
         forward_flops,
@@ -1287,6 +1355,68 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
         whole - dropped,
         flops - forward_flops,
     ));
+    rows.extend(bench_attention(&enc, &cfg, tb.packed.tokens())?);
+    Ok(rows)
+}
+
+/// The forward attention kernels the training step chooses between, alone, on the batch of the
+/// encoder's last forward (it must have had attention dropout), one layer's run times the
+/// layers: per step. The f32 modes run the tiled SIMT kernel without dropout and the one with
+/// dropout; the mixed-precision mode the tensor-core kernel, without and with it.
+fn bench_attention(
+    enc: &GpuTrainableEncoder,
+    cfg: &BertConfig,
+    tokens: usize,
+) -> Result<Vec<super::KernelTiming>> {
+    let b = enc
+        .last
+        .as_ref()
+        .ok_or_else(|| Error::InvalidArgument("bench_attention needs a forward first".into()))?;
+    let p = b.dropout.attention;
+    let st = &enc.stream;
+    let (qkv, ctx) = (ptr(&enc.layers[0].qkv, st), ptr(&enc.layers[0].ctx, st));
+    let (bias, offs) = (ptr(enc.layer_w(0, t::QKV_B), st), ptr(&enc.offsets, st));
+    let slot = site_slot(0, Site::AttentionDropout);
+    let max_len = b
+        .offsets
+        .windows(2)
+        .map(|w| (w[1] - w[0]) as usize)
+        .max()
+        .unwrap_or(0);
+    let layers = cfg.num_hidden_layers as f64;
+    // 4 · Σ len² · h per layer (S and P·V)
+    let flops = layers * 4.0 * tokens as f64 * max_len as f64 * cfg.hidden_size as f64;
+    let shape = format!("BERT-base, {} x {max_len} tokens, per step", b.sequences);
+    let row = |name: String, ms: f64| super::KernelTiming {
+        name,
+        shape: shape.clone(),
+        ms: ms * layers,
+        bytes: 0.0,
+        flops,
+    };
+    let gpu = &enc.gpu;
+    let k = &enc.k;
+    let simt = gpu.time_ms(5, || {
+        k.attention
+            .launch(st, cfg, qkv, bias, offs, b.sequences, max_len, ctx)
+    })?;
+    let mut rows = vec![row(format!("{} (f32, no dropout)", k.attention.name), simt)];
+    let simt_drop = gpu.time_ms(5, || {
+        enc.attention_dropout(qkv, bias, b, max_len, slot, ctx)
+    })?;
+    rows.push(row(
+        format!("rrra_train_attention_dropout_f32 (dropout {p})"),
+        simt_drop,
+    ));
+    if let Some(f) = &k.attention_mma {
+        let name = format!("rrra_attention_train_mma_d{}", cfg.head_dim());
+        for q in [0.0, p] {
+            let ms = gpu.time_ms(5, || {
+                enc.attention_mma(f, qkv, bias, b, q, max_len, slot, ctx)
+            })?;
+            rows.push(row(format!("{name} (dropout {q})"), ms));
+        }
+    }
     Ok(rows)
 }
 

@@ -28,6 +28,8 @@ struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };
 static inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+static inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
+static inline float2 make_float2(float a, float b) { return {a, b}; }
 thread_local dim3e threadIdx;
 dim3e blockIdx, blockDim, gridDim;
 std::unique_ptr<std::barrier<>> g_block_bar;

@@ -7,7 +7,9 @@
 // argument checks. Compares the embeddings and every gradient with TrainableEncoder's
 // (examples/kernel_reference.rs, `encoder_step`), and for tiny-bert with the float64 PyTorch
 // ones, with tests/gpu_encoder_train.rs's tolerances. A case of two micro-batches runs
-// zero_grads, forward_train + accumulate_backward twice, then add_grads_to.
+// zero_grads, forward_train + accumulate_backward twice, then add_grads_to. Cases with a
+// tiled head dim and mean or CLS pooling run again with GemmMath::Bf16's tensor-core attention
+// (rrra_attention_train_mma_d*), held to the test's bf16 bounds.
 // Usage: encoder_step REFERENCE_DIR [CASE]
 //
 // Device buffers are sized as the Rust allocates them (max_tokens / max_sequences above the
@@ -481,6 +483,8 @@ struct GpuTrainableEncoder {
     std::vector<LayerActs> layers;
     Slice<float> pooled, embeddings, mid, d_emb, d_pooled, dx, ds_a, ds_b, dctx, dqkv, dmid;
     std::optional<Batch> last;
+    // GemmMath::Bf16's attention (rrra_attention_train_mma_d*); the products stay f32 here
+    bool mixed = false;
 
     GpuTrainableEncoder(const Config& c, const std::vector<std::vector<float>>& host, Pooling pooling_, bool normalize_,
                         size_t mt, size_t ms)
@@ -541,7 +545,9 @@ struct GpuTrainableEncoder {
                   *m = mid.p;
             auto wp = [&](size_t i) { return layer_w(l, i).p; };
             linear(x, tok, h, wp(t::QKV_W), 3 * h, qkv);
-            if (b.dropout.attention > 0.0f) {
+            if (mixed && (cfg.head_dim() == 32 || cfg.head_dim() == 64 || cfg.head_dim() == 128)) {
+                attention_mma(qkv, wp(t::QKV_B), b, max_len, site_slot(l, AttentionDropout), ctx);
+            } else if (b.dropout.attention > 0.0f) {
                 attention_dropout(qkv, wp(t::QKV_B), b, max_len, site_slot(l, AttentionDropout), ctx);
             } else {
                 attention.launch(cfg, qkv, wp(t::QKV_B), offs, b.sequences, max_len, ctx);
@@ -677,6 +683,18 @@ struct GpuTrainableEncoder {
         const float keep_scale = 1.0f / (1.0f - p);
         LaunchConfig c{(unsigned)std::max<size_t>((max_len + 7) / 8, 1), (unsigned)cfg.heads, (unsigned)b.sequences, THREADS, 0};
         run(c, [&] { rrra_train_attention_dropout_f32(qkv, bias, offs, words, h, dh, scale, p, keep_scale, ctx); });
+    }
+    void attention_mma(const float* qkv, const float* bias, const Batch& b, size_t max_len, size_t slot, float* ctx) {
+        using Mma = void (*)(const float*, const float*, const unsigned*, const unsigned*, int, float, float, float, float*);
+        const int dh = cfg.head_dim();
+        const Mma f = dh == 32 ? rrra_attention_train_mma_d32 : dh == 64 ? rrra_attention_train_mma_d64 : rrra_attention_train_mma_d128;
+        const unsigned *offs = offsets.p, *words = words_at(b, slot);
+        const int h = cfg.h;
+        const float scale_log2e = 1.44269504088896340736f / std::sqrt((float)dh);
+        const float p = b.dropout.attention;
+        const float keep_scale = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
+        LaunchConfig c{(unsigned)std::max<size_t>((max_len + 63) / 64, 1), (unsigned)cfg.heads, (unsigned)b.sequences, 128, 0};
+        run(c, [&] { f(qkv, bias, offs, words, h, scale_log2e, p, keep_scale, ctx); });
     }
     void linear(const float* x, size_t rows, size_t inp, const float* wt, size_t out, float* y) {
         sgemm_row_major(false, true, rows, out, inp, x, wt, 0.0f, y);
@@ -878,6 +896,45 @@ int main(int argc, char** argv) {
             const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
             printf("%s: embeddings within %.2e, gradients within %.2e relative L2 (worst %s), %.1f s\n", tag, worst,
                    worst_g, worst_at.c_str(), secs);
+        }
+        free_all();
+        const int dh = cfg.head_dim();
+        if ((dh == 32 || dh == 64 || dh == 128) && pooling != Pooling::Max) {
+            // GemmMath::Bf16's tensor-core attention in the same step (micro-batches as above):
+            // Q, K, V and the probabilities rounded to bf16 (~4e-3 each) against the CPU's f32,
+            // held to tests/gpu_encoder_train.rs's bf16 bounds (3e-2 absolute, 3e-2 relative L2).
+            // Not with max pooling: a rounding that moves a column's maximum to another token
+            // sends that column's whole gradient elsewhere (1e-1 relative on the embedding
+            // tables here), a discontinuity of max pooling, not an error of the kernel.
+            GpuTrainableEncoder enc(cfg, weights, pooling, normalize, max_tokens + 13, max_seqs + 3);
+            enc.mixed = true;
+            std::vector<std::vector<float>> grads;
+            for (const auto& t : weights) grads.push_back(std::vector<float>(t.size(), grad_start));
+            if (n_micro > 1) enc.zero_grads();
+            double e_max = 0;
+            for (const Micro& m : micro) {
+                const auto emb = enc.forward_train(m.batch, m.example_ids, dropout);
+                ++checks;
+                double e = emb.size() == m.want_emb.size() ? 0.0 : INFINITY;
+                for (size_t i = 0; i < m.want_emb.size() && i < emb.size(); ++i) {
+                    const double d = std::fabs((double)emb[i] - m.want_emb[i]);
+                    e = std::max(e, std::isfinite(d) ? d : INFINITY);
+                }
+                if (!(e <= 3e-2)) FAIL("%s, mma attention: embeddings %.2e apart (tolerance 3e-2)", tag, e);
+                e_max = std::max(e_max, e);
+                if (n_micro > 1) enc.accumulate_backward(m.d_emb);
+                else enc.backward(m.d_emb, grads);
+            }
+            if (n_micro > 1) enc.add_grads_to(grads);
+            double worst_g = 0;
+            for (size_t i = 0; i < n_tensors; ++i) {
+                ++checks;
+                const double e = rel_l2(grads[i], want_grads[i]);
+                if (!(e <= 3e-2)) FAIL("%s, mma attention: %s relative L2 %.2e (tolerance 3e-2)", tag, tensor_name(i).c_str(), e);
+                worst_g = std::max(worst_g, std::isfinite(e) ? e : INFINITY);
+            }
+            check_guards();
+            printf("%s, mma attention: embeddings within %.2e, gradients within %.2e relative L2\n", tag, e_max, worst_g);
         }
         free_all();
     }

@@ -1,13 +1,20 @@
 // Emulates the kernels of kernels/encoder_train.cu: the row-wise forward steps against plain
 // loops (the CPU reference's arithmetic), and the dropout and training-attention kernels against
-// the CPU's own outputs (examples/kernel_reference.rs): encoder_train REFERENCE_DIR
+// the CPU's own outputs (examples/kernel_reference.rs), and the tensor-core training attention
+// of kernels/attention.cu against attention_sequence_train: encoder_train REFERENCE_DIR
 #include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
 #include "emu.h"
+#include "sized_reader.h"
 #include "encoder_train.cu"
+#ifndef exp2f
+#define exp2f(x) std::exp2((float)(x))
+#endif
+#include "mma_sync.h"
+#include "attention.cu"
 static int fails = 0;
 #define CHECK(c, ...) do { if (!(c)) { if (++fails < 30) { printf("FAIL "); printf(__VA_ARGS__); printf("\n"); } } } while (0)
 static std::mt19937_64 rng(1);
@@ -111,10 +118,50 @@ static void dropout_and_attention(const std::string& dir) {
     printf("dropout: %d of %d hidden values dropped; attention with dropout within %.2e\n", zeros, T * h, worst);
 }
 
+// rrra_attention_train_mma_d* (kernels/attention.cu) as GpuTrainableEncoder::attention_mma
+// launches it: grid (ceil(max_len / 64), heads, sequences), 128 threads, static shared memory.
+static void train_attention_mma(const std::string& dir) {
+    Reader r(dir + "/train_attention.bin");
+    using Kernel = void (*)(const float*, const float*, const unsigned*, const unsigned*, int, float, float, float, float*);
+    while (r.more()) {
+        const auto shape = r.next(), lens = r.next();
+        const int dh = (int)shape[0], heads = (int)shape[1], h = dh * heads;
+        const float p = shape[2];
+        const auto qkv = r.next(), bias = r.next(), wf = r.next(), want = r.next();
+        std::vector<unsigned> offs = {0}, words(wf.size());
+        for (size_t i = 0; i < wf.size(); ++i) words[i] = __float_as_uint(wf[i]);
+        unsigned max_len = 0;
+        for (float l : lens) { offs.push_back(offs.back() + (unsigned)l); max_len = std::max(max_len, (unsigned)l); }
+        const unsigned seqs = (unsigned)lens.size(), tokens = offs.back();
+        Kernel k = dh == 32 ? rrra_attention_train_mma_d32 : dh == 64 ? rrra_attention_train_mma_d64 : rrra_attention_train_mma_d128;
+        const float scale_log2e = 1.44269504088896340736f / std::sqrt((float)dh);
+        const float keep = p > 0 ? 1.0f / (1.0f - p) : 1.0f;
+        std::vector<float> ctx(tokens * h, NAN);
+        launch3(std::max(1u, (max_len + 63) / 64), heads, seqs, 128,
+                [&] { k(qkv.data(), bias.data(), offs.data(), words.data(), h, scale_log2e, p, keep, ctx.data()); });
+        // Q + b, K + b, V + b and the kept probabilities are rounded to bf16 (2^-9 relative
+        // each) against the CPU's f32: the scores move by ~2^-8 and the output by ~1e-3 of
+        // its scale; 1e-2 of the scale (the house's bf16 tolerance) leaves room, while one
+        // wrong mask bit at p 0.5 on the short sequences moves an output by ~0.1 of it.
+        float scale = 1.0f;
+        for (float v : want) scale = std::max(scale, std::fabs(v));
+        double worst = 0, sum = 0;
+        for (size_t i = 0; i < want.size(); ++i) {
+            const double e = std::fabs((double)ctx[i] - want[i]);
+            worst = std::max(worst, std::isfinite(e) ? e : 1e9);
+            sum += e;
+            CHECK(e <= 1e-2 * scale, "attention mma dh %d p %g [%zu]: %g vs %g", dh, p, i, ctx[i], want[i]);
+        }
+        printf("attention mma dh %d x%d p %.2f over %u tokens: within %.2e (mean %.1e) of the scale %.2f\n", dh, heads,
+               p, tokens, worst, sum / std::max<size_t>(1, want.size()), scale);
+    }
+}
+
 int main(int argc, char** argv) {
     if (argc != 2) { fprintf(stderr, "usage: encoder_train REFERENCE_DIR\n"); return 2; }
     row_kernels();
     dropout_and_attention(argv[1]);
+    train_attention_mma(argv[1]);
     printf("encoder_train kernels: %s\n", fails ? "FAILED" : "ok");
     return fails != 0;
 }
