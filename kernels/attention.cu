@@ -42,19 +42,21 @@
 //   warp per query, 32 keys per step with one key per lane. Simple and slow: a fallback only.
 //
 // Roofline (per layer; h = heads * dh): 4 * sum(len^2) * h flops; at least the QKV matrix read
-// once and ctx written once, 4h B per token in bf16 (16h B in f32). BERT-base, 128 x 128
-// tokens: 6.4 GFLOP and 100 MB (bf16): ~23 us of HBM at 4.3 TB/s vs ~8 us of tensor-core math
-// at 790 TFLOP/s, so the bf16 kernel is memory/latency bound at len 128 and compute bound at
-// 512 (32 x 512: 25.8 GFLOP, ~33 us at peak). The f32 SIMT kernel is FMA bound: 6.4 GFLOP at
-// 67 TFLOP/s is >= 96 us. Measured on an H200 (dh 64, per layer): bf16 61 us at 128 x 128
-// (106 TFLOP/s, 1.7 TB/s) and 160 us at 32 x 512 (161 TFLOP/s); f32 275 us (23 TFLOP/s) and
-// 814 us (32 TFLOP/s). Next steps for bf16: wgmma with TMA-fed tiles, and 128-query blocks.
-// The training kernel reads 12h B of f32 QKV and writes 4h B per token (3x the bf16 kernel's
-// bytes: ~70 us of HBM at 128 x 128) and adds one Philox4x32-10 block (~60 integer ops) per
-// probability with dropout, against 4 dh tensor-core flops: at dh 64 the dropout mask, not
-// the math, is its likely bound. It replaces the f32 SIMT kernels in the bf16 step: the tiled
-// one without dropout (275 us above) and, with dropout, rrra_train_attention_dropout_f32, one
-// warp per query that re-reads K and V from L2 for every query.
+// once and ctx written once, 4h values per token: 8h B in bf16 (16h B in f32). BERT-base,
+// 128 x 128 tokens: 6.4 GFLOP and 100 MB (bf16): ~23 us of HBM at 4.3 TB/s vs ~8 us of
+// tensor-core math at 790 TFLOP/s, so the bf16 kernel is memory/latency bound at len 128 and
+// compute bound at 512 (32 x 512: 25.8 GFLOP, ~33 us at peak). The f32 SIMT kernel is FMA
+// bound: 6.4 GFLOP at 67 TFLOP/s is >= 96 us. Measured on an H200 (dh 64, per layer): bf16
+// 61 us at 128 x 128 (106 TFLOP/s, 1.7 TB/s) and 160 us at 32 x 512 (161 TFLOP/s); f32 275 us
+// (23 TFLOP/s) and 814 us (32 TFLOP/s). Next steps for bf16: wgmma with TMA-fed tiles, and
+// 128-query blocks.
+//
+// The training kernel reads 12h B of f32 QKV and writes 4h B per token (2x the bf16 kernel's bytes:
+// 201 MB, ~47 us of HBM at 128 x 128) and adds one Philox4x32-10 block (~60 integer ops) per
+// probability with dropout, against 4 dh tensor-core flops: at dh 64 the dropout mask, not the
+// math, is its likely bound. It replaces the f32 SIMT kernels in the bf16 step: the tiled one
+// without dropout (275 us above) and, with dropout, rrra_train_attention_dropout_f32, one warp per
+// query that re-reads K and V from L2 for every query.
 #include "bert_common.cuh"
 #include "philox.cuh"
 

@@ -392,3 +392,52 @@ fn bad_calls_are_errors() {
     let other = BertWeights::zeros(&small_config(64, 4, 2, 128));
     assert!(dev.set_weights(&other).is_err(), "other shape");
 }
+
+#[test]
+fn tensor_core_attention_matches_the_f32_kernels_with_the_same_masks() {
+    let Some(gpu) = common::gpu_or_skip() else {
+        return;
+    };
+    // head dims 32, 64 and 128, sequences around the 64-query and 32/64-key tiles, and a one-
+    // token one; without dropout and with p 0.5, where one wrong mask bit moves an output of
+    // a 5-token sequence by ~0.1 of the scale. Q, K, V and the probabilities are rounded to
+    // bf16 (2^-9 relative each): the outputs move by ~1e-3 of their scale, held to bf16's 1e-2
+    // (the block emulator's bound for the same kernel against the CPU).
+    for (case, heads) in [4usize, 2, 1].into_iter().enumerate() {
+        let h = 128;
+        let cfg = small_config(h, heads, 1, 256);
+        let bert = random_bert(cfg.clone(), 90 + case as u64);
+        let batch = train_batch(batch_with_lengths(&cfg, &[65, 5, 1, 130, 33], 91), 7);
+        for attention in [0.0, 0.5] {
+            let dropout = DropoutPlan {
+                hidden: 0.0,
+                attention,
+                seed: 5,
+                step: 1,
+            };
+            let mut dev =
+                GpuTrainableEncoder::new(&gpu, &bert, Pooling::Mean, true, 240, 8).unwrap();
+            dev.forward_train(&batch, &dropout).unwrap();
+            let want = dev.rerun_attention(0, false).unwrap();
+            let got = dev.rerun_attention(0, true).unwrap();
+            let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (g - w).abs())
+                .fold(
+                    0.0f32,
+                    |m, e| if e.is_nan() { f32::INFINITY } else { m.max(e) },
+                );
+            assert!(
+                worst <= 1e-2 * scale,
+                "head dim {}, dropout {attention}: {worst:.2e} apart (scale {scale})",
+                h / heads
+            );
+            eprintln!(
+                "head dim {}, dropout {attention}: within {worst:.2e} of the f32 kernel",
+                h / heads
+            );
+        }
+    }
+}

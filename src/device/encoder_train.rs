@@ -962,6 +962,57 @@ impl GpuTrainableEncoder {
         Ok(())
     }
 
+    /// Layer `layer`'s forward attention over the last forward's batch, with its attention
+    /// dropout, run again by the f32 kernels (`mma` false) or the tensor-core one (`mma` true)
+    /// into backward scratch: the two side by side for tests/gpu_encoder_train.rs. Needs a
+    /// forward not yet spent by a backward, and a head dim of 32, 64 or 128 for `mma`.
+    #[doc(hidden)]
+    pub fn rerun_attention(&mut self, layer: usize, mma: bool) -> Result<Vec<f32>> {
+        // poisoned first, so a kernel that writes nothing cannot pass for the other's output
+        let n = self.max_tokens * self.cfg.hidden_size;
+        self.stream
+            .memcpy_htod(&vec![f32::NAN; n], &mut self.dctx.slice_mut(..n))
+            .map_err(cuda_err("poisoning the attention scratch"))?;
+        let b = self.last.as_ref().ok_or_else(|| {
+            Error::InvalidArgument("rerun_attention needs a forward not yet spent".into())
+        })?;
+        if layer >= self.layers.len() {
+            return Err(Error::InvalidArgument(format!("no layer {layer}")));
+        }
+        let st = &self.stream;
+        let (qkv, out) = (ptr(&self.layers[layer].qkv, st), ptr(&self.dctx, st));
+        let (bias, offs) = (
+            ptr(self.layer_w(layer, t::QKV_B), st),
+            ptr(&self.offsets, st),
+        );
+        let slot = site_slot(layer, Site::AttentionDropout);
+        let max_len = b
+            .offsets
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0);
+        let p = b.dropout.attention;
+        if mma {
+            let f = self.k.attention_mma.as_ref().ok_or_else(|| {
+                Error::InvalidArgument("no tensor-core attention for this head dim".into())
+            })?;
+            self.attention_mma(f, qkv, bias, b, p, max_len, slot, out)?;
+        } else if p > 0.0 {
+            self.attention_dropout(qkv, bias, b, max_len, slot, out)?;
+        } else {
+            let cfg = &self.cfg;
+            let seqs = b.sequences;
+            self.k
+                .attention
+                .launch(st, cfg, qkv, bias, offs, seqs, max_len, out)?;
+        }
+        let mut ctx = vec![0.0f32; b.tokens * self.cfg.hidden_size];
+        st.memcpy_dtoh(&self.dctx.slice(..ctx.len()), &mut ctx)
+            .map_err(cuda_err("downloading the attention context"))?;
+        Ok(ctx)
+    }
+
     /// `ctx = attention(qkv + bias)` on the tensor cores, with dropout `p` on the
     /// probabilities (none when 0; the batch's streams at `slot` otherwise): the
     /// mixed-precision mode's attention.
@@ -1279,9 +1330,10 @@ pub fn training_step_flops(cfg: &BertConfig, tokens: usize, seq_len: usize) -> f
 
 /// The device check's rows: one f32 training step (forward + backward, gradients left on the
 /// device) of a random BERT-base at the target shape, 64 queries with a positive and 7 hard
-/// negatives each, 128 tokens per sequence; then, with bf16 products, where that step's time
-/// goes: the forward without and with dropout (the training attention kernel with dropout
-/// against the tiled one without), and the backward (a forward and backward, less the forward).
+/// negatives each, 128 tokens per sequence; then, in the mixed-precision mode (bf16 products
+/// and tensor-core attention), where that step's time goes: the forward without and with
+/// dropout, the backward (a forward and backward, less the forward), and the forward attention
+/// kernels alone ([`bench_attention`]).
 pub fn bench(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
     use crate::model::synthetic::{batch_with_lengths, bert_base_config, random_bert};
     let cfg = bert_base_config();
@@ -1355,6 +1407,8 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
         whole - dropped,
         flops - forward_flops,
     ));
+    // the backward spent the batch: a forward with dropout leaves one for the kernels alone
+    enc.forward_train(&tb, &dropout)?;
     rows.extend(bench_attention(&enc, &cfg, tb.packed.tokens())?);
     Ok(rows)
 }
