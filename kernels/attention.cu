@@ -58,6 +58,7 @@
 // without dropout (275 us above) and, with dropout, rrra_train_attention_dropout_f32, one warp per
 // query that re-reads K and V from L2 for every query.
 #include "bert_common.cuh"
+#include "mma.cuh"
 #include "philox.cuh"
 
 // Head-specific base pointers of one sequence in the fused QKV matrix.
@@ -259,65 +260,6 @@ struct MmaTile {
     static constexpr int TILE = BK * KS;            // bf16 elements of one K or V tile
 };
 
-__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo -> low 16 bits
-    return *reinterpret_cast<const unsigned*>(&v);
-}
-
-__device__ __forceinline__ float2 unpack_bf16x2(unsigned u) {
-    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
-}
-
-// Inline PTX; the CPU emulator supplies its own (tools/kernel-emulator/mma_sync.h).
-#ifndef RRRA_EMULATOR
-// d += a * b for a 16x16 (row-major) bf16 A, 16x8 (column-major) bf16 B, 16x8 f32 D. Fragments
-// (g = lane / 4, t = lane % 4): a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..],
-// a[3] = A[g+8][2t+8..]; b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g]; d[0..1] = D[g][2t..2t+1],
-// d[2..3] = D[g+8][2t..2t+1]. The lower-indexed element of a pair is in the low 16 bits.
-__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0,
-                                               unsigned b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Four 8x8 b16 matrices from shared memory; lane l gives the address of row l % 8 of matrix
-// l / 8 (16 contiguous bytes). Plain: register i of lane (g, t) = M_i[g][2t..2t+1], the B
-// fragment of a row-major [n][k] tile. .trans: register i = (M_i[2t][g], M_i[2t+1][g]), the B
-// fragment of a row-major [k][n] tile.
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const bf16* p) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a)
-                 : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const bf16* p) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a)
-                 : "memory");
-}
-
-// 16-byte asynchronous global -> shared copy; `valid == false` writes 16 zero bytes and reads
-// nothing.
-__device__ __forceinline__ void cp_async_16(bf16* dst, const bf16* src, bool valid) {
-    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
-                 "r"(valid ? 16 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-// Waits until at most N of this thread's committed groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-#endif
 
 template <int DH>
 __device__ __forceinline__ void attention_mma(const bf16* __restrict__ qkv,

@@ -63,6 +63,7 @@
 // of the largest gradient.
 
 #include "common.cuh"
+#include "mma.cuh"
 #include "philox.cuh"
 
 #define RRRA_ATTB_NEG_INF (-__int_as_float(0x7f800000))
@@ -446,6 +447,436 @@ __device__ __forceinline__ void backward_dkdv(const float* __restrict__ qkv,
 }  // namespace attb
 
 // ------------------------------------------------------------------------------------------
+// Tensor cores (the mixed-precision step): mma.sync m16n8k16 bf16, f32 accumulation
+// ------------------------------------------------------------------------------------------
+//
+// The same two kernels and the same maths as above, on the tensor cores: 4 warps of 16 rows
+// each own a 64-row tile (queries in dq, keys in dkdv) and stream the other side N rows at a
+// time (dq 64, 32 at dh 128; dkdv 32, 64 at dh 32: the sizes that do not spill), loaded from
+// f32 (+ bias) and rounded to bf16 into shared memory [N][dh + 8] (16-byte row skew:
+// conflict-free ldmatrix). The warp's own rows stay in registers as A fragments for the whole
+// block (dkdv's V rows in shared memory, read by ldmatrix: in registers they spilled). Scores
+// are in log2 units (the row's Q, or K, pre-scaled by scale * log2(e), so exp2 gives the
+// softmax) and `stats` holds LSE in log2 units, which only these two kernels read. P and dS
+// are re-packed from the f32 accumulators as bf16 A fragments without leaving registers:
+// * dq: S = Q K^T and dP = dO V^T (B from K and V rows, ldmatrix), pass 1 the online LSE and
+//   D, pass 2 dS = P (dP keep - D) and dQ += dS K (B from K rows, ldmatrix.trans).
+// * dkdv: S^T = K Q^T and dP^T = V dO^T per query tile, then dV += P~^T dO and dK += dS^T Q
+//   (B from dO and Q rows, ldmatrix.trans).
+// Rounding: Q, K, V, dO, P~ and dS to bf16 (2^-9 relative each), f32 accumulation: a few 1e-3
+// of the largest gradient (7.3e-3 at worst on the emulator's cases; the bound is bf16's 1e-2).
+// The dropout keep of each probability is the CPU's mask, recomputed (one Philox block) in
+// each of the three passes, in a rolled loop per tile (dropped_bits).
+// Registers (sm_90, CUDA 13.0, no spills): dq 184-255, dkdv 153-251.
+// Roofline: the 9 len^2 x dh products of the SIMT kernels at tensor-core rate (BERT-base
+// 128 x 128: 28.9 GFLOP, ~37 us at 790 TFLOP/s); in practice bound by the f32 tile loads and,
+// with dropout, the Philox blocks (~60 integer ops per probability and pass).
+
+namespace attbm {
+
+constexpr int ROWS = 64;     // rows a block owns: 4 warps x 16
+constexpr int THREADS = 128;
+
+template <int DH>
+struct Tile {
+    static constexpr int N = DH == 128 ? 32 : 64;       // rows dq streams per step
+    static constexpr int N_DKDV = DH == 32 ? 64 : 32;   // and dkdv (fewer: no spills at d64)
+    static constexpr int KS = DH + 8;                   // shared row stride (bf16)
+};
+
+// Rows r0 .. r0 + R of an f32 [* x ld] matrix, columns 0 .. DH (+ bias[c] when given), rounded
+// to bf16 into dst [R][DH + 8]; rows >= n are zero.
+template <int DH, int R>
+__device__ __forceinline__ void load_tile(bf16* dst, const float* __restrict__ src, size_t ld,
+                                          int r0, int n, const float* __restrict__ bias) {
+    constexpr int KS = Tile<DH>::KS;
+    for (int i = threadIdx.x; i < R * DH / 4; i += THREADS) {
+        const int r = i / (DH / 4), c = 4 * (i % (DH / 4));
+        uint2 u = make_uint2(0u, 0u);
+        if (r0 + r < n) {
+            float4 x = *reinterpret_cast<const float4*>(src + (size_t)(r0 + r) * ld + c);
+            if (bias) {
+                const float4 b = *reinterpret_cast<const float4*>(bias + c);
+                x.x += b.x;
+                x.y += b.y;
+                x.z += b.z;
+                x.w += b.w;
+            }
+            u = make_uint2(pack_bf16x2(x.x, x.y), pack_bf16x2(x.z, x.w));
+        }
+        *reinterpret_cast<uint2*>(dst + r * KS + c) = u;
+    }
+}
+
+// The A fragments of rows ra (fragment row g) and rb = ra + 8 of an f32 [* x ld] matrix over
+// columns 0 .. DH, (x + bias) * mul rounded once; rows >= n are zero.
+template <int DH>
+__device__ __forceinline__ void load_a(unsigned (&fr)[DH / 16][4], const float* __restrict__ src,
+                                       size_t ld, int ra, int rb, int n,
+                                       const float* __restrict__ bias, float mul) {
+    const int t = (threadIdx.x % RRRA_WARP) & 3;
+#pragma unroll
+    for (int ks = 0; ks < DH / 16; ++ks) {
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {
+            const int r = (f & 1) ? rb : ra;
+            const int c = ks * 16 + 2 * t + ((f & 2) ? 8 : 0);
+            unsigned u = 0;
+            if (r < n) {
+                const float* x = src + (size_t)r * ld + c;
+                const float b0 = bias ? bias[c] : 0.0f, b1 = bias ? bias[c + 1] : 0.0f;
+                u = pack_bf16x2((x[0] + b0) * mul, (x[1] + b1) * mul);
+            }
+            fr[ks][f] = u;
+        }
+    }
+}
+
+// acc[nt] = A . B^T for the warp's 16 rows (A fragments `a`) and the N rows of a shared tile
+// `Bs` [N][DH + 8] as the columns, over the DH dims.
+template <int DH, int N>
+__device__ __forceinline__ void rows_times_tile(float (&acc)[N / 8][4],
+                                                const unsigned (&a)[DH / 16][4], const bf16* Bs) {
+    constexpr int KS = Tile<DH>::KS;
+    const int lane = threadIdx.x % RRRA_WARP, lrow = lane & 7, lmat = lane >> 3;
+#pragma unroll
+    for (int nt = 0; nt < N / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < DH / 16; ks += 2) {
+            unsigned b[4];
+            ldmatrix_x4(b, Bs + (nt * 8 + lrow) * KS + ks * 16 + lmat * 8);
+            mma_bf16_16816(acc[nt], a[ks], b[0], b[1]);
+            mma_bf16_16816(acc[nt], a[ks + 1], b[2], b[3]);
+        }
+    }
+}
+
+// rows_times_tile with the warp's 16 rows read from shared memory (`As`, row-major with the
+// tiles' stride, at the warp's first row) as A fragments by ldmatrix: registers traded for
+// shared-memory reads where a kernel would otherwise spill.
+template <int DH, int N>
+__device__ __forceinline__ void smem_rows_times_tile(float (&acc)[N / 8][4], const bf16* As,
+                                                     const bf16* Bs) {
+    constexpr int KS = Tile<DH>::KS;
+    const int lane = threadIdx.x % RRRA_WARP, lrow = lane & 7, lmat = lane >> 3;
+#pragma unroll
+    for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < DH / 16; ks += 2) {
+        // A fragments: matrices (rows 0-7 | 8-15) x (dims +0 | +8), as a[0..3] expects
+        unsigned a0[4], a1[4];
+        ldmatrix_x4(a0, As + ((lmat & 1) * 8 + lrow) * KS + ks * 16 + (lmat >> 1) * 8);
+        ldmatrix_x4(a1, As + ((lmat & 1) * 8 + lrow) * KS + (ks + 1) * 16 + (lmat >> 1) * 8);
+#pragma unroll
+        for (int nt = 0; nt < N / 8; ++nt) {
+            unsigned b[4];
+            ldmatrix_x4(b, Bs + (nt * 8 + lrow) * KS + ks * 16 + lmat * 8);
+            mma_bf16_16816(acc[nt], a0, b[0], b[1]);
+            mma_bf16_16816(acc[nt], a1, b[2], b[3]);
+        }
+    }
+}
+
+// out[dt] += X . Bs for the warp's 16 rows of X ([16][N] in f32 accumulator layout, rounded to
+// bf16 A fragments here) and a shared tile Bs [N][DH + 8] as [k][n].
+template <int DH, int N>
+__device__ __forceinline__ void acc_times_tile(float (&out)[DH / 8][4], const float (&x)[N / 8][4],
+                                               const bf16* Bs) {
+    constexpr int KS = Tile<DH>::KS;
+    const int lane = threadIdx.x % RRRA_WARP, lrow = lane & 7, lmat = lane >> 3;
+#pragma unroll
+    for (int kk = 0; kk < N / 16; ++kk) {
+        const unsigned a[4] = {pack_bf16x2(x[2 * kk][0], x[2 * kk][1]),
+                               pack_bf16x2(x[2 * kk][2], x[2 * kk][3]),
+                               pack_bf16x2(x[2 * kk + 1][0], x[2 * kk + 1][1]),
+                               pack_bf16x2(x[2 * kk + 1][2], x[2 * kk + 1][3])};
+#pragma unroll
+        for (int dt = 0; dt < DH / 8; dt += 2) {
+            unsigned b[4];
+            ldmatrix_x4_trans(
+                b, Bs + (kk * 16 + (lmat & 1) * 8 + lrow) * KS + (dt + (lmat >> 1)) * 8);
+            mma_bf16_16816(out[dt], a, b[0], b[1]);
+            mma_bf16_16816(out[dt + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+constexpr float LOG2E = 1.4426950408889634f;
+
+// The dropout masks of a warp's accumulator tile ([16][N]: element (nt, e) is bit 4 nt + e),
+// bit set = dropped. `row_col` maps an element to (query i, key j) of the sequence. A rolled
+// loop: one Philox block in flight at a time, not N / 2 of them in registers (unrolled, they
+// made the kernels spill).
+template <int N, class RowCol>
+__device__ __forceinline__ unsigned dropped_bits(const attb::Dropout& drop,
+                                                 unsigned long long nbase, int len,
+                                                 RowCol row_col) {
+    unsigned bits = 0;
+    if (!drop.on) return 0;
+#pragma unroll 1
+    for (int x = 0; x < N / 2; ++x) {
+        int i, j;
+        row_col(x >> 2, x & 3, i, j);
+        if (i < len && j < len &&
+            rrra_uniform_at(nbase + (unsigned long long)i * len + j, drop.w) < drop.p)
+            bits |= 1u << x;
+    }
+    return bits;
+}
+
+template <int DH>
+__device__ __forceinline__ void backward_dq(const float* __restrict__ qkv,
+                                            const float* __restrict__ bias,
+                                            const float* __restrict__ dctx,
+                                            const unsigned* __restrict__ offsets, int tokens,
+                                            int h, float scale, float drop_p, float drop_scale,
+                                            const unsigned* __restrict__ drop_ctr,
+                                            float* __restrict__ stats,
+                                            float* __restrict__ dqkv) {
+    constexpr int N = Tile<DH>::N, KS = Tile<DH>::KS;
+    __shared__ __align__(16) bf16 Ks[N * KS];
+    __shared__ __align__(16) bf16 Vs[N * KS];
+    const attb::Seq sq(offsets);
+    const int len = sq.len;
+    const int q0 = blockIdx.x * ROWS;
+    if (q0 >= len) return;  // uniform per block, before any barrier
+    const int head = blockIdx.y;
+    const int warp = threadIdx.x / RRRA_WARP, lane = threadIdx.x % RRRA_WARP;
+    const int g = lane >> 2, t = lane & 3;
+    const attb::Dropout drop(drop_p, drop_scale, drop_ctr);
+    const unsigned long long nbase = (unsigned long long)head * len * len;
+    const size_t ld = 3 * (size_t)h;
+    const float* q = qkv + (size_t)sq.start * ld + (size_t)head * DH;
+    const float* k = q + h;
+    const float* v = q + 2 * (size_t)h;
+    const float* qb = bias ? bias + (size_t)head * DH : nullptr;
+    const float* kb = bias ? qb + h : nullptr;
+    const float* vb = bias ? qb + 2 * (size_t)h : nullptr;
+    const float* dO = dctx + (size_t)sq.start * h + (size_t)head * DH;
+    const int ra = q0 + warp * 16 + g, rb = ra + 8;
+    const float keep_scale = drop.on ? drop.scale : 1.0f;
+    // element (nt, e) of the warp's tile at key tile k0: query row ra / rb, key column
+    auto rows_are_queries = [&](int k0) {
+        return [=](int nt, int e, int& i, int& j) {
+            i = (e >> 1) ? rb : ra;
+            j = k0 + nt * 8 + 2 * t + (e & 1);
+        };
+    };
+
+    unsigned qf[DH / 16][4], of[DH / 16][4];
+    load_a<DH>(qf, q, ld, ra, rb, len, qb, scale * LOG2E);
+    load_a<DH>(of, dO, h, ra, rb, len, nullptr, 1.0f);
+    float s[N / 8][4], dp[N / 8][4];
+
+    // Pass 1: LSE (log2 units) and D = sum_j P dP keep, online; l and c are lane-partial
+    // sums relative to the row's running max, reduced over the row's 4 lanes at the end.
+    float m[2] = {RRRA_ATTB_NEG_INF, RRRA_ATTB_NEG_INF}, l[2] = {0.0f, 0.0f},
+          c[2] = {0.0f, 0.0f};
+    for (int k0 = 0; k0 < len; k0 += N) {
+        __syncthreads();  // the previous tiles are consumed
+        load_tile<DH, N>(Ks, k, ld, k0, len, kb);
+        load_tile<DH, N>(Vs, v, ld, k0, len, vb);
+        __syncthreads();
+        rows_times_tile<DH, N>(s, qf, Ks);
+        rows_times_tile<DH, N>(dp, of, Vs);
+        float mx[2] = {RRRA_ATTB_NEG_INF, RRRA_ATTB_NEG_INF};
+#pragma unroll
+        for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                if (k0 + nt * 8 + 2 * t + (e & 1) >= len) s[nt][e] = RRRA_ATTB_NEG_INF;
+                mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+            }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            const float mn = fmaxf(m[r], mx[r]);  // finite: key k0 is in range
+            const float alpha = exp2f(m[r] - mn);  // 0 on the first tile
+            l[r] *= alpha;
+            c[r] *= alpha;
+            m[r] = mn;
+        }
+        const unsigned dropped = dropped_bits<N>(drop, nbase, len, rows_are_queries(k0));
+#pragma unroll
+        for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = e >> 1, i = r ? rb : ra, j = k0 + nt * 8 + 2 * t + (e & 1);
+                const float x = exp2f(s[nt][e] - m[r]);  // 0 for masked keys
+                l[r] += x;
+                const float kp = (dropped >> (4 * nt + e)) & 1 ? 0.0f : keep_scale;
+                if (i < len && j < len) c[r] = fmaf(x, dp[nt][e] * kp, c[r]);
+            }
+    }
+    float lse[2], delta[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        c[r] += __shfl_xor_sync(0xffffffffu, c[r], 1);
+        c[r] += __shfl_xor_sync(0xffffffffu, c[r], 2);
+        lse[r] = m[r] + log2f(l[r]);
+        delta[r] = c[r] / l[r];
+        const int i = r ? rb : ra;
+        if (t == 0 && i < len) {
+            const size_t at = (size_t)head * tokens + sq.start + i;
+            stats[at] = lse[r];
+            stats[(size_t)tokens * (h / DH) + at] = delta[r];
+        }
+    }
+
+    // Pass 2: dS = P (dP keep - D), P = exp2(S - LSE); dQ += dS K.
+    float acc[DH / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < DH / 8; ++dt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[dt][e] = 0.0f;
+    for (int k0 = 0; k0 < len; k0 += N) {
+        __syncthreads();
+        load_tile<DH, N>(Ks, k, ld, k0, len, kb);
+        load_tile<DH, N>(Vs, v, ld, k0, len, vb);
+        __syncthreads();
+        rows_times_tile<DH, N>(s, qf, Ks);
+        rows_times_tile<DH, N>(dp, of, Vs);
+        const unsigned dropped = dropped_bits<N>(drop, nbase, len, rows_are_queries(k0));
+#pragma unroll
+        for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = e >> 1, i = r ? rb : ra, j = k0 + nt * 8 + 2 * t + (e & 1);
+                float ds = 0.0f;
+                if (i < len && j < len) {
+                    const float p = exp2f(s[nt][e] - lse[r]);
+                    const float kp = (dropped >> (4 * nt + e)) & 1 ? 0.0f : keep_scale;
+                    ds = p * (dp[nt][e] * kp - delta[r]);
+                }
+                s[nt][e] = ds;
+            }
+        acc_times_tile<DH, N>(acc, s, Ks);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = r ? rb : ra;
+        if (i >= len) continue;
+        float* out = dqkv + (size_t)(sq.start + i) * ld + (size_t)head * DH;
+#pragma unroll
+        for (int dt = 0; dt < DH / 8; ++dt) {
+            const int col = dt * 8 + 2 * t;
+            out[col] = acc[dt][2 * r] * scale;
+            out[col + 1] = acc[dt][2 * r + 1] * scale;
+        }
+    }
+}
+
+template <int DH>
+__device__ __forceinline__ void backward_dkdv(const float* __restrict__ qkv,
+                                              const float* __restrict__ bias,
+                                              const float* __restrict__ dctx,
+                                              const unsigned* __restrict__ offsets, int tokens,
+                                              int h, float scale, float drop_p,
+                                              float drop_scale,
+                                              const unsigned* __restrict__ drop_ctr,
+                                              const float* __restrict__ stats,
+                                              float* __restrict__ dqkv) {
+    constexpr int N = Tile<DH>::N_DKDV, KS = Tile<DH>::KS;
+    __shared__ __align__(16) bf16 Qs[N * KS];
+    __shared__ __align__(16) bf16 dOs[N * KS];
+    // the block's 64 V rows: their A fragments come from here (in registers, next to K's,
+    // dK's and dV's, dh 128 would spill)
+    __shared__ __align__(16) bf16 Vown[ROWS * KS];
+    __shared__ float lse_s[N], delta_s[N];
+    const attb::Seq sq(offsets);
+    const int len = sq.len;
+    const int k0 = blockIdx.x * ROWS;
+    if (k0 >= len) return;  // uniform per block, before any barrier
+    const int head = blockIdx.y;
+    const int warp = threadIdx.x / RRRA_WARP, lane = threadIdx.x % RRRA_WARP;
+    const int g = lane >> 2, t = lane & 3;
+    const attb::Dropout drop(drop_p, drop_scale, drop_ctr);
+    const unsigned long long nbase = (unsigned long long)head * len * len;
+    const size_t ld = 3 * (size_t)h;
+    const float* q = qkv + (size_t)sq.start * ld + (size_t)head * DH;
+    const float* k = q + h;
+    const float* v = q + 2 * (size_t)h;
+    const float* qb = bias ? bias + (size_t)head * DH : nullptr;
+    const float* kb = bias ? qb + h : nullptr;
+    const float* vb = bias ? qb + 2 * (size_t)h : nullptr;
+    const float* dO = dctx + (size_t)sq.start * h + (size_t)head * DH;
+    const float* lse_g = stats + (size_t)head * tokens + sq.start;
+    const float* delta_g = lse_g + (size_t)tokens * (h / DH);
+    const int ja = k0 + warp * 16 + g, jb = ja + 8;  // the warp's keys
+    const float keep_scale = drop.on ? drop.scale : 1.0f;
+
+    unsigned kf[DH / 16][4];
+    load_a<DH>(kf, k, ld, ja, jb, len, kb, scale * LOG2E);
+    load_tile<DH, ROWS>(Vown, v, ld, k0, len, vb);  // visible after the loop's first barrier
+    const bf16* Vw = Vown + warp * 16 * KS;
+    float dk[DH / 8][4], dv[DH / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < DH / 8; ++dt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[dt][e] = dv[dt][e] = 0.0f;
+    float st[N / 8][4], dpt[N / 8][4];
+    for (int q0 = 0; q0 < len; q0 += N) {
+        __syncthreads();  // the previous tiles are consumed
+        load_tile<DH, N>(Qs, q, ld, q0, len, qb);
+        load_tile<DH, N>(dOs, dO, h, q0, len, nullptr);
+        for (int i = threadIdx.x; i < N; i += THREADS) {
+            lse_s[i] = q0 + i < len ? lse_g[q0 + i] : 0.0f;
+            delta_s[i] = q0 + i < len ? delta_g[q0 + i] : 0.0f;
+        }
+        __syncthreads();
+        rows_times_tile<DH, N>(st, kf, Qs);         // S^T: keys x queries, log2 units
+        smem_rows_times_tile<DH, N>(dpt, Vw, dOs);  // dP^T
+        // element (nt, e) of the warp's tile: key row ja / jb, query column
+        const auto keys_by_queries = [=](int nt, int e, int& i, int& j) {
+            i = q0 + nt * 8 + 2 * t + (e & 1);
+            j = (e >> 1) ? jb : ja;
+        };
+        const unsigned dropped = dropped_bits<N>(drop, nbase, len, keys_by_queries);
+#pragma unroll
+        for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int col = nt * 8 + 2 * t + (e & 1), i = q0 + col;
+                const int j = (e >> 1) ? jb : ja;
+                float pk = 0.0f, ds = 0.0f;
+                if (i < len && j < len) {
+                    const float p = exp2f(st[nt][e] - lse_s[col]);
+                    const float kp = (dropped >> (4 * nt + e)) & 1 ? 0.0f : keep_scale;
+                    pk = p * kp;  // P~ = P . keep, for dV
+                    ds = p * (dpt[nt][e] * kp - delta_s[col]);
+                }
+                st[nt][e] = pk;
+                dpt[nt][e] = ds;
+            }
+        acc_times_tile<DH, N>(dv, st, dOs);
+        acc_times_tile<DH, N>(dk, dpt, Qs);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int j = r ? jb : ja;
+        if (j >= len) continue;
+        float* out = dqkv + (size_t)(sq.start + j) * ld + (size_t)head * DH;
+#pragma unroll
+        for (int dt = 0; dt < DH / 8; ++dt) {
+            const int col = dt * 8 + 2 * t;
+            out[h + col] = dk[dt][2 * r] * scale;
+            out[h + col + 1] = dk[dt][2 * r + 1] * scale;
+            out[2 * (size_t)h + col] = dv[dt][2 * r];
+            out[2 * (size_t)h + col + 1] = dv[dt][2 * r + 1];
+        }
+    }
+}
+
+}  // namespace attbm
+
+// ------------------------------------------------------------------------------------------
 // Entry points. One signature for all: (qkv, bias or null, dctx, offsets, tokens, h, dh, scale,
 // drop_p, drop_scale, drop_ctr, stats, dqkv), grid (ceil(max_len / 64), heads, sequences), 256 threads, dynamic shared memory
 // as in the header. `tokens` = offsets[sequences]; `stats` holds 2 * heads * tokens floats,
@@ -481,3 +912,21 @@ RRRA_ATTB_KERNELS(f32_d32, 32, true, 2)
 RRRA_ATTB_KERNELS(f32_d64, 64, true, 1)
 RRRA_ATTB_KERNELS(f32_d128, 128, true, 1)
 RRRA_ATTB_KERNELS(f32_any, 128, false, 1)
+
+// The tensor-core pair (attbm): the same signature (`dh` unused), 128 threads, static shared
+// memory only, the same grid; `stats` holds LSE in log2 units, for these two kernels only.
+#define RRRA_ATTB_MMA_KERNELS(DH)                                                               \
+    extern "C" __global__ void __launch_bounds__(128)                                           \
+        rrra_attention_backward_dq_mma_d##DH(RRRA_ATTB_ARGS()) {                                \
+        attbm::backward_dq<DH>(qkv, bias, dctx, offsets, tokens, h, scale, drop_p, drop_scale,   \
+                               drop_ctr, stats, dqkv);                                          \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(128)                                           \
+        rrra_attention_backward_dkdv_mma_d##DH(RRRA_ATTB_ARGS(const)) {                         \
+        attbm::backward_dkdv<DH>(qkv, bias, dctx, offsets, tokens, h, scale, drop_p,             \
+                                 drop_scale, drop_ctr, stats, dqkv);                            \
+    }
+
+RRRA_ATTB_MMA_KERNELS(32)
+RRRA_ATTB_MMA_KERNELS(64)
+RRRA_ATTB_MMA_KERNELS(128)

@@ -16,8 +16,8 @@
 //! that size per operand average down in the sums but compound over the forward and the
 //! backward, so gradients are held to 5e-3 (TF32) and 3e-2 (bf16) relative L2, embeddings to
 //! 5e-3 and 3e-2 absolute: bf16's ~1e-2 rule with room for two layers. The bf16 mode also runs
-//! attention on the tensor cores (Q, K, V and the probabilities rounded to bf16, f32
-//! accumulation): the same rounding, held to the same bounds.
+//! attention, forward and backward, on the tensor cores (Q, K, V, dO, the probabilities and dS
+//! rounded to bf16, f32 accumulation): the same rounding, held to the same bounds.
 
 mod common;
 
@@ -177,8 +177,9 @@ fn tensor_core_gemm_math_stays_within_its_rounding() {
     let Some(gpu) = common::gpu_or_skip() else {
         return;
     };
-    // head dim 32: GemmMath::Bf16 also runs attention on the tensor cores
-    // (rrra_attention_train_mma_d32), without and with dropout; the others the f32 kernels
+    // head dim 32: GemmMath::Bf16 also runs attention on the tensor cores (forward
+    // rrra_attention_train_mma_d32, backward rrra_attention_backward_{dq,dkdv}_mma_d32),
+    // without and with dropout; the others the f32 kernels
     let (h, heads, layers, inter) = (128usize, 4usize, 2usize, 256usize);
     let cfg = small_config(h, heads, layers, inter);
     let bert = random_bert(cfg.clone(), 77);

@@ -1,11 +1,13 @@
-//! The attention backward on the GPU for the f32 training path: the device twin of
+//! The attention backward on the GPU for the training step: the device twin of
 //! [`attention_sequence_backward`](crate::cpu::backward::attention_sequence_backward) applied to
 //! every sequence of a packed variable-length batch (as `train::encoder_grad` does), with the
 //! optional dropout on the probabilities ([`AttnDropoutPlan`]: the CPU's per-sequence Philox
 //! streams, recomputed in the kernels, so the masks are the CPU's bit for bit). Kernels and design: `kernels/attention_backward.cu`
 //! (FlashAttention-2 scheme in f32 SIMT: probabilities recomputed tile by tile from Q and K,
 //! LSE and D = rowsum(dP ⊙ P) from a first online pass, dQ by query-tile blocks and dK / dV by
-//! key-tile blocks, so nothing is accumulated with atomics and results are deterministic).
+//! key-tile blocks, so nothing is accumulated with atomics and results are deterministic). For
+//! head dims 32, 64 and 128 the same scheme runs on the tensor cores as well (bf16 operands, f32
+//! accumulation; [`GpuAttentionBackward::use_tensor_cores`]), the mixed-precision step's.
 //!
 //! # Inputs
 //! The CPU backward's: the fused projection `qkv` `[tokens × 3h]` (Q | K | V) and `dctx` = dO
@@ -21,7 +23,9 @@
 //! summation order and exp differ: run on a CPU emulation of the CUDA blocks, the kernels were
 //! within 1e-6 of the largest gradient (per dQ / dK / dV) of the Rust CPU reference, with and
 //! without dropout, about as far as an f32 port of the CPU maths is from an f64 evaluation.
-//! Dropout masks are identical (same Philox words, same `u < p` test).
+//! Dropout masks are identical (same Philox words, same `u < p` test). The tensor-core kernels
+//! round Q, K, V, dO, the kept probabilities and dS to bf16: on the emulator within 7.3e-3 of
+//! the largest gradient, the same masks.
 //!
 //! # Memory
 //! [`GpuAttentionBackward`] owns the device copy of the offsets and the LSE / D scratch
@@ -37,8 +41,10 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKern
 use std::sync::Arc;
 
 const MODULE: &str = "attention_backward";
-/// Threads per block of both kernels (16 × 16).
+/// Threads per block of both f32 kernels (16 × 16).
 const THREADS: u32 = 256;
+/// Threads per block of both tensor-core kernels (4 warps of 16 rows).
+const MMA_THREADS: u32 = 128;
 /// Query / key rows per tile (the kernels' `attb::T`).
 const TILE: usize = 64;
 /// Largest head dim the kernels take.
@@ -113,6 +119,10 @@ pub struct GpuAttentionBackward {
     dq: CudaFunction,
     dkdv: CudaFunction,
     smem: (usize, usize),
+    /// The tensor-core pair (`rrra_attention_backward_{dq,dkdv}_mma_d{dh}`), for head dims 32,
+    /// 64 and 128, and whether the backward runs it.
+    mma: Option<(CudaFunction, CudaFunction)>,
+    tensor_cores: bool,
     stream: Arc<CudaStream>,
     h: usize,
     heads: usize,
@@ -180,6 +190,13 @@ impl GpuAttentionBackward {
         let smem = smem_bytes(dmax);
         allow_smem(&dq, smem.0)?;
         allow_smem(&dkdv, smem.1)?;
+        let mma = match dh {
+            32 | 64 | 128 => Some((
+                gpu.function(MODULE, &format!("rrra_attention_backward_dq_mma_d{dh}"))?,
+                gpu.function(MODULE, &format!("rrra_attention_backward_dkdv_mma_d{dh}"))?,
+            )),
+            _ => None,
+        };
         let stream = gpu.stream().clone();
         let offsets = alloc(&stream, max_sequences + 1, "attention backward offsets")?;
         let stats = alloc(
@@ -196,6 +213,8 @@ impl GpuAttentionBackward {
             dq,
             dkdv,
             smem,
+            mma,
+            tensor_cores: false,
             stream,
             h,
             heads,
@@ -210,6 +229,17 @@ impl GpuAttentionBackward {
 
     pub fn head_dim(&self) -> usize {
         self.dh
+    }
+
+    /// Runs the tensor-core kernels (bf16 operands, f32 accumulation: the mixed-precision
+    /// step's) when `on` and the head dim has them (32, 64, 128), else the f32 ones.
+    pub fn use_tensor_cores(&mut self, on: bool) {
+        self.tensor_cores = on && self.mma.is_some();
+    }
+
+    /// Whether [`GpuAttentionBackward::backward`] runs the tensor-core kernels.
+    pub fn tensor_cores(&self) -> bool {
+        self.tensor_cores
     }
 
     /// Validates a batch against the buffers and the capacity and uploads its offsets.
@@ -288,8 +318,8 @@ impl GpuAttentionBackward {
         })
     }
 
-    fn cfg(&self, b: &Batch, smem: usize) -> Result<LaunchConfig> {
-        let mut c = launch_cfg(b.max_len.div_ceil(TILE), THREADS, smem)?;
+    fn cfg(&self, b: &Batch, threads: u32, smem: usize) -> Result<LaunchConfig> {
+        let mut c = launch_cfg(b.max_len.div_ceil(TILE), threads, smem)?;
         c.grid_dim.1 = to_u32(self.heads, "heads")?;
         c.grid_dim.2 = to_u32(b.sequences, "sequences")?;
         Ok(c)
@@ -316,12 +346,13 @@ impl GpuAttentionBackward {
         let h = to_i32(self.h, "hidden size")?;
         let dh = to_i32(self.dh, "head dim")?;
         let scale = 1.0f32 / (self.dh as f32).sqrt();
-        let (f, smem) = if dkdv {
-            (&self.dkdv, self.smem.1)
-        } else {
-            (&self.dq, self.smem.0)
+        let (f, threads, smem) = match (&self.mma, self.tensor_cores, dkdv) {
+            (Some((_, f)), true, true) => (f, MMA_THREADS, 0),
+            (Some((f, _)), true, false) => (f, MMA_THREADS, 0),
+            (_, _, true) => (&self.dkdv, THREADS, self.smem.1),
+            (_, _, false) => (&self.dq, THREADS, self.smem.0),
         };
-        let cfg = self.cfg(b, smem)?;
+        let cfg = self.cfg(b, threads, smem)?;
         let mut l = st.launch_builder(f);
         l.arg(&qkv)
             .arg(&bias)
@@ -338,8 +369,10 @@ impl GpuAttentionBackward {
             .arg(&dqkv);
         // SAFETY: the buffers were checked to hold tokens × 3h (qkv, dqkv), tokens × h (dctx),
         // 3h (bias) and 2 · heads · tokens (stats) floats, the dropout words (read only when
-        // drop_p > 0) 4 per sequence, and the offsets uploaded on this stream were validated to run from 0 to tokens; blocks read and write only their sequence's
-        // rows, and the shared-memory size is the kernel's layout.
+        // drop_p > 0) 4 per sequence, and the offsets uploaded on this stream were validated
+        // to run from 0 to tokens; blocks read and write only their sequence's rows; the
+        // shared-memory size is the f32 kernels' layout (the tensor-core ones use static
+        // shared memory only), and the block size the kernel's.
         unsafe { l.launch(cfg) }.map_err(cuda_err(what))?;
         Ok(())
     }
@@ -390,6 +423,23 @@ pub fn attention_backward_host(
     h: usize,
     heads: usize,
 ) -> Result<Vec<f32>> {
+    attention_backward_host_on(gpu, false, qkv, bias, dctx, offsets, dropout, h, heads)
+}
+
+/// [`attention_backward_host`] with the tensor-core kernels when `tensor_cores` (an error for
+/// head dims without them).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_host_on(
+    gpu: &Gpu,
+    tensor_cores: bool,
+    qkv: &[f32],
+    bias: Option<&[f32]>,
+    dctx: &[f32],
+    offsets: &[u32],
+    dropout: Option<&AttnDropoutPlan>,
+    h: usize,
+    heads: usize,
+) -> Result<Vec<f32>> {
     let tokens = offsets.last().copied().unwrap_or(0) as usize;
     check_offsets(offsets, tokens)?;
     if qkv.len() != tokens * 3 * h || dctx.len() != tokens * h {
@@ -408,6 +458,13 @@ pub fn attention_backward_host(
     }
     let sequences = offsets.len().saturating_sub(1);
     let mut op = GpuAttentionBackward::new(gpu, h, heads, tokens, sequences)?;
+    op.use_tensor_cores(tensor_cores);
+    if op.tensor_cores() != tensor_cores {
+        return Err(Error::InvalidArgument(format!(
+            "attention backward: no tensor-core kernels for head dim {}",
+            h / heads
+        )));
+    }
     let st = gpu.stream();
     let up = |x: &[f32], what: &str| -> Result<CudaSlice<f32>> {
         if x.is_empty() {
@@ -437,7 +494,8 @@ pub fn attention_backward_host(
 }
 
 /// BERT-base shape, 128 sequences × 128 tokens, 12 heads × 64: the pair with attention dropout
-/// 0.1 (Philox recomputed per score), then without: the two kernels and the pair.
+/// 0.1 (Philox recomputed per score), then without: the two kernels and the pair; then the
+/// tensor-core kernels, alone and as a pair with dropout.
 /// FLOPs are counted as run (nine len² × dh GEMMs per head, see the kernel header).
 pub fn bench(gpu: &Gpu) -> Result<Vec<KernelTiming>> {
     let (seqs, len, heads, dh) = (128usize, 128usize, 12usize, 64usize);
@@ -488,6 +546,30 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<KernelTiming>> {
     let ms_drop = gpu.time_ms(10, || {
         op.backward(&offsets, &qkv, Some(&bias), &dctx, Some(&plan), &mut dqkv)
     })?;
+    op.use_tensor_cores(true);
+    let mma_dq = gpu.time_ms(10, || op.launch_one(false, &b, ptrs, "dq mma"))?;
+    let mma_dkdv = gpu.time_ms(10, || op.launch_one(true, &b, ptrs, "dkdv mma"))?;
+    let mma_drop = gpu.time_ms(10, || {
+        op.backward(&offsets, &qkv, Some(&bias), &dctx, Some(&plan), &mut dqkv)
+    })?;
+    let mma_shape = format!("{seqs} x {len} tokens, {heads} heads x {dh}, bf16 tensor cores");
+    let pair_bytes = (tokens * (3 * h + h + 3 * h) * 4) as f64;
+    let mma_rows = [
+        ("rrra_attention_backward_dq_mma_d64", mma_dq, 5.0),
+        ("rrra_attention_backward_dkdv_mma_d64", mma_dkdv, 4.0),
+        (
+            "rrra_attention_backward_{dq,dkdv}_mma_d64 + dropout 0.1",
+            mma_drop,
+            9.0,
+        ),
+    ]
+    .map(|(name, ms, products)| KernelTiming {
+        name: name.into(),
+        shape: mma_shape.clone(),
+        ms,
+        bytes: pair_bytes,
+        flops: 2.0 * n * products,
+    });
     Ok(vec![
         KernelTiming {
             name: "rrra_attention_backward_{dq,dkdv}_f32_d64 + dropout 0.1".into(),
@@ -516,8 +598,11 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<KernelTiming>> {
             shape,
             ms: ms_all,
             // qkv and dO read, dqkv written, at least
-            bytes: (tokens * (3 * h + h + 3 * h) * 4) as f64,
+            bytes: pair_bytes,
             flops: 2.0 * n * 9.0,
         },
-    ])
+    ]
+    .into_iter()
+    .chain(mma_rows)
+    .collect())
 }

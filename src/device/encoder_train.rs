@@ -23,11 +23,11 @@
 //! (against the CPU only summation orders and erf/exp differ); [`GemmMath::Tf32`] and
 //! [`GemmMath::Bf16`] round their operands for the tensor cores, accumulating in f32 — the
 //! arithmetic of bf16 autocast for the products, with the activations still stored in f32
-//! (tests/gpu_encoder_train.rs states the tolerances of each). [`GemmMath::Bf16`] also runs the
-//! forward attention on the tensor cores (`rrra_attention_train_mma_d{32,64,128}`: Q, K, V and
-//! the probabilities rounded to bf16, f32 accumulation, dropout included), as autocast's SDPA
-//! does; the attention backward stays f32 and recomputes the probabilities from the f32
-//! projection, so its gradient is the f32 attention's at the bf16 forward's point.
+//! (tests/gpu_encoder_train.rs states the tolerances of each). For head dims 32, 64 and 128
+//! [`GemmMath::Bf16`] also runs attention, forward and backward, on the tensor cores
+//! (`rrra_attention_train_mma_d*`, `rrra_attention_backward_{dq,dkdv}_mma_d*`: Q, K, V, dO, the
+//! probabilities and dS rounded to bf16, f32 accumulation, dropout included), as autocast's
+//! SDPA does.
 //!
 //! Memory: [`GpuTrainableEncoder::new`] uploads the weights and allocates every activation for
 //! `max_tokens` tokens in `max_sequences` sequences; a step then allocates only the embedding
@@ -317,10 +317,11 @@ impl GpuTrainableEncoder {
 
     /// Sets the arithmetic of every product (forward and backward): f32 by default;
     /// [`GemmMath::Bf16`] is the mixed-precision mode (bf16 tensor cores, f32 accumulation and
-    /// activations), which also runs the forward attention on the tensor cores for head dims
-    /// 32, 64 and 128.
+    /// activations), which also runs attention (forward and backward) on the tensor cores for
+    /// head dims 32, 64 and 128.
     pub fn set_gemm_math(&mut self, math: GemmMath) {
         self.blas.math = math;
+        self.attn_bw.use_tensor_cores(math == GemmMath::Bf16);
     }
 
     pub fn gemm_math(&self) -> GemmMath {
@@ -1333,7 +1334,7 @@ pub fn training_step_flops(cfg: &BertConfig, tokens: usize, seq_len: usize) -> f
 /// negatives each, 128 tokens per sequence; then, in the mixed-precision mode (bf16 products
 /// and tensor-core attention), where that step's time goes: the forward without and with
 /// dropout, the backward (a forward and backward, less the forward), and the forward attention
-/// kernels alone ([`bench_attention`]).
+/// kernels alone (`bench_attention`).
 pub fn bench(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
     use crate::model::synthetic::{batch_with_lengths, bert_base_config, random_bert};
     let cfg = bert_base_config();

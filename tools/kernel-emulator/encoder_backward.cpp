@@ -15,6 +15,13 @@
 #include <string>
 #include <vector>
 #include "emu.h"
+#ifndef exp2f
+#define exp2f(x) std::exp2((float)(x))
+#endif
+#ifndef log2f
+#define log2f(x) std::log2((float)(x))
+#endif
+#include "mma_sync.h"
 #include "backward.cu"
 #include "attention_backward.cu"
 
@@ -516,6 +523,33 @@ static void attention_cases(const std::string& dir) {
             snprintf(name, sizeof name, "attention dh %d x %d, p %.2f%s, lens %s: %s", dh, heads, p,
                      with_bias ? ", bias" : "", lens_s.c_str(), parts[part]);
             close(name, g.data(), w.data(), g.size(), 1e-5);
+        }
+        if (tokens == 0 || (dh != 32 && dh != 64 && dh != 128)) continue;
+        // the tensor-core pair (GemmMath::Bf16's): 128 threads, static shared memory only
+        std::fill(stats.begin(), stats.end(), NAN);
+        std::fill(dqkv.begin(), dqkv.end(), NAN);
+        auto run_mma = [&](auto dq, auto dkdv) {
+            const unsigned gx = (max_len + 63) / 64;
+            launch3(gx, heads, S, 128, [&] { dq(qkv.data(), b, dctx.data(), offs.data(), tokens, h, dh, scale, drop_p, drop_scale, ctr, stats.data(), dqkv.data()); });
+            launch3(gx, heads, S, 128, [&] { dkdv(qkv.data(), b, dctx.data(), offs.data(), tokens, h, dh, scale, drop_p, drop_scale, ctr, stats.data(), dqkv.data()); });
+        };
+        if (dh == 32) run_mma(rrra_attention_backward_dq_mma_d32, rrra_attention_backward_dkdv_mma_d32);
+        else if (dh == 64) run_mma(rrra_attention_backward_dq_mma_d64, rrra_attention_backward_dkdv_mma_d64);
+        else run_mma(rrra_attention_backward_dq_mma_d128, rrra_attention_backward_dkdv_mma_d128);
+        // Q, K, V, dO, P~ and dS rounded to bf16 (2^-9 relative each) against the CPU's f32:
+        // a few 1e-3 of the largest gradient; bf16's 1e-2 rule as the bound, while a wrong mask
+        // element, tile edge or fragment moves a gradient by a large share of the largest
+        for (int part = 0; part < 3; ++part) {
+            std::vector<float> g, w;
+            for (int t = 0; t < tokens; ++t)
+                for (int c = 0; c < h; ++c) {
+                    g.push_back(dqkv[(size_t)t * 3 * h + part * h + c]);
+                    w.push_back(want[(size_t)t * 3 * h + part * h + c]);
+                }
+            char name[160];
+            snprintf(name, sizeof name, "attention mma dh %d x %d, p %.2f%s, lens %s: %s", dh, heads, p,
+                     with_bias ? ", bias" : "", lens_s.c_str(), parts[part]);
+            close(name, g.data(), w.data(), g.size(), 1e-2);
         }
     }
 }

@@ -9,7 +9,8 @@
 // ones, with tests/gpu_encoder_train.rs's tolerances. A case of two micro-batches runs
 // zero_grads, forward_train + accumulate_backward twice, then add_grads_to. Cases with a
 // tiled head dim and mean or CLS pooling run again with GemmMath::Bf16's tensor-core attention
-// (rrra_attention_train_mma_d*), held to the test's bf16 bounds.
+// (rrra_attention_train_mma_d*, rrra_attention_backward_{dq,dkdv}_mma_d*), held to the test's
+// bf16 bounds.
 // Usage: encoder_step REFERENCE_DIR [CASE]
 //
 // Device buffers are sized as the Rust allocates them (max_tokens / max_sequences above the
@@ -330,8 +331,9 @@ using AttbKernel = void (*)(const float*, const float*, const float*, const unsi
 using AttbKernelConst = void (*)(const float*, const float*, const float*, const unsigned*, int, int, int, float,
                                  float, float, const unsigned*, const float*, float*);
 struct GpuAttentionBackward {
-    AttbKernel dq;
-    AttbKernelConst dkdv;
+    AttbKernel dq, dq_mma = nullptr;
+    AttbKernelConst dkdv, dkdv_mma = nullptr;
+    bool tensor_cores = false;  // use_tensor_cores
     std::pair<size_t, size_t> smem;
     size_t h, heads, dh, max_tokens, max_sequences;
     Slice<unsigned> offsets;
@@ -352,6 +354,9 @@ struct GpuAttentionBackward {
         if (dh == 32) { dq = rrra_attention_backward_dq_f32_d32; dkdv = rrra_attention_backward_dkdv_f32_d32; dmax = 32; }
         if (dh == 64) { dq = rrra_attention_backward_dq_f32_d64; dkdv = rrra_attention_backward_dkdv_f32_d64; dmax = 64; }
         if (dh == 128) { dq = rrra_attention_backward_dq_f32_d128; dkdv = rrra_attention_backward_dkdv_f32_d128; dmax = 128; }
+        if (dh == 32) { dq_mma = rrra_attention_backward_dq_mma_d32; dkdv_mma = rrra_attention_backward_dkdv_mma_d32; }
+        if (dh == 64) { dq_mma = rrra_attention_backward_dq_mma_d64; dkdv_mma = rrra_attention_backward_dkdv_mma_d64; }
+        if (dh == 128) { dq_mma = rrra_attention_backward_dq_mma_d128; dkdv_mma = rrra_attention_backward_dkdv_mma_d128; }
         smem = smem_bytes(dmax);  // allow_smem raises both functions' limits to these
         offsets = alloc<unsigned>(max_sequences + 1, "attention backward offsets");
         stats = alloc<float>(2 * heads * max_tokens, "attention backward scratch");
@@ -390,14 +395,17 @@ struct GpuAttentionBackward {
         const int tokens = (int)b.tokens, h_i = (int)h, dh_i = (int)dh;
         const float scale = 1.0f / std::sqrt((float)dh);
         const float dp = b.drop_p, ds = b.drop_scale;
-        const size_t sm = is_dkdv ? smem.second : smem.first;
-        LaunchConfig cfg = launch_cfg((b.max_len + 63) / 64, 256, sm);
+        const bool mma = tensor_cores && dq_mma;
+        const size_t sm = mma ? 0 : is_dkdv ? smem.second : smem.first;
+        LaunchConfig cfg = launch_cfg((b.max_len + 63) / 64, mma ? 128 : 256, sm);
         cfg.gy = (unsigned)heads;
         cfg.gz = (unsigned)b.sequences;
+        const AttbKernel fq = mma ? dq_mma : dq;
+        const AttbKernelConst fkv = mma ? dkdv_mma : dkdv;
         if (is_dkdv)
-            run(cfg, [&] { dkdv(qkv, bias, dctx, offs, tokens, h_i, dh_i, scale, dp, ds, ctr, st, dqkv); }, (unsigned)sm);
+            run(cfg, [&] { fkv(qkv, bias, dctx, offs, tokens, h_i, dh_i, scale, dp, ds, ctr, st, dqkv); }, (unsigned)sm);
         else
-            run(cfg, [&] { dq(qkv, bias, dctx, offs, tokens, h_i, dh_i, scale, dp, ds, ctr, st, dqkv); }, (unsigned)sm);
+            run(cfg, [&] { fq(qkv, bias, dctx, offs, tokens, h_i, dh_i, scale, dp, ds, ctr, st, dqkv); }, (unsigned)sm);
     }
     void backward(const std::vector<unsigned>& offs, const Slice<float>& qkv, const Slice<float>* bias,
                   const Slice<float>& dctx, const AttnDropoutPlan* dropout, Slice<float>& dqkv) {
@@ -900,14 +908,16 @@ int main(int argc, char** argv) {
         free_all();
         const int dh = cfg.head_dim();
         if ((dh == 32 || dh == 64 || dh == 128) && pooling != Pooling::Max) {
-            // GemmMath::Bf16's tensor-core attention in the same step (micro-batches as above):
-            // Q, K, V and the probabilities rounded to bf16 (~4e-3 each) against the CPU's f32,
+            // GemmMath::Bf16's tensor-core attention, forward and backward, in the same step
+            // (micro-batches as above): Q, K, V, dO, the probabilities and dS rounded to bf16
+            // (~4e-3 each) against the CPU's f32,
             // held to tests/gpu_encoder_train.rs's bf16 bounds (3e-2 absolute, 3e-2 relative L2).
             // Not with max pooling: a rounding that moves a column's maximum to another token
             // sends that column's whole gradient elsewhere (1e-1 relative on the embedding
             // tables here), a discontinuity of max pooling, not an error of the kernel.
             GpuTrainableEncoder enc(cfg, weights, pooling, normalize, max_tokens + 13, max_seqs + 3);
-            enc.mixed = true;
+            enc.mixed = true;  // set_gemm_math(Bf16): the tensor-core attention forward
+            enc.attn_bw.tensor_cores = true;  // and backward
             std::vector<std::vector<float>> grads;
             for (const auto& t : weights) grads.push_back(std::vector<float>(t.size(), grad_start));
             if (n_micro > 1) enc.zero_grads();

@@ -115,7 +115,7 @@ pub struct TrainArgs {
     pub device: Device,
     /// The arithmetic of the encoder's products with --device cuda: f32 (the CPU's, up to
     /// summation order), tf32 or bf16 (tensor cores, f32 accumulation; the activations stay f32;
-    /// bf16 also runs the forward attention on the tensor cores).
+    /// bf16 also runs attention, forward and backward, on the tensor cores).
     #[arg(long, default_value = "f32", value_name = "f32|tf32|bf16")]
     pub gpu_math: rrra::device::GemmMath,
     /// Data-parallel training over NCCL: this process is rank R of --nccl-world processes,
