@@ -343,27 +343,51 @@ fn encoder_backward(dir: &Path) -> rrra::Result<()> {
     }
     save("backward_l2.bin", &out)?;
 
-    // attention (h, heads, dropout p, with bias, lengths): every kernel variant (d32, d64,
-    // d128, _any with dh 40 and 8), empty and single-token sequences, tile edges 63 / 64 / 65
-    let attn: [(usize, usize, f32, bool, &[usize]); 6] = [
-        (128, 2, 0.0, false, &[0, 1, 63, 64, 65, 130]),
-        (128, 2, 0.1, true, &[0, 1, 63, 64, 65, 130]),
-        (96, 3, 0.3, true, &[130, 5, 0, 64]),
-        (128, 1, 0.5, false, &[65, 1, 130]),
-        (80, 2, 0.15, true, &[63, 130, 1]),
-        (24, 3, 0.2, false, &[17, 65]),
+    // attention (h, heads, dropout p, with bias, lengths, input spread): every kernel variant
+    // (d32, d64, d128, _any with dh 40 and 8), empty and single-token sequences, tile edges
+    // 63 / 64 / 65; peaked softmax rows (spread 3: scores up to ~10); and a mask probe (spread 0):
+    // Q = K = 0 and one-hot dO rows, so dV_j = keep_ij / len exactly and one wrong mask bit
+    // moves a dV element by the largest value
+    type AttentionCase = (usize, usize, f32, bool, &'static [usize], f32);
+    let attn: [AttentionCase; 8] = [
+        (128, 2, 0.0, false, &[0, 1, 63, 64, 65, 130], 1.0),
+        (128, 2, 0.1, true, &[0, 1, 63, 64, 65, 130], 1.0),
+        (96, 3, 0.3, true, &[130, 5, 0, 64], 1.0),
+        (128, 1, 0.5, false, &[65, 1, 130], 1.0),
+        (80, 2, 0.15, true, &[63, 130, 1], 1.0),
+        (24, 3, 0.2, false, &[17, 65], 1.0),
+        (128, 2, 0.1, true, &[128, 17, 90], 3.0),
+        (128, 2, 0.5, false, &[100, 7], 0.0),
     ];
     let (seed, step, layer) = (11u64, 3u64, 2u32);
     let mut out = vec![attn.len() as f32];
-    for (h, heads, p, with_bias, lens) in attn {
+    for (h, heads, p, with_bias, lens, spread) in attn {
         let t: usize = lens.iter().sum();
-        let qkv = normals(&mut rng, t * 3 * h, 1.0);
+        let probe = spread == 0.0;
+        // spread 3: the standard deviation of uniform(±3) inputs (tests/gpu_attention_backward.rs)
+        let sd = if spread > 1.0 {
+            spread / 3f32.sqrt()
+        } else {
+            1.0
+        };
+        let mut qkv = normals(&mut rng, t * 3 * h, sd as f64);
         let bias = if with_bias {
             normals(&mut rng, 3 * h, 0.3)
         } else {
             vec![0.0f32; 3 * h]
         };
-        let dctx = normals(&mut rng, t * h, 1.0);
+        let mut dctx = normals(&mut rng, t * h, 1.0);
+        if probe {
+            // Q = K = 0 (no bias): uniform probabilities; dO = e_0 of every head on the
+            // sequence's row 3, zero elsewhere
+            qkv.chunks_mut(3 * h).for_each(|row| row[..2 * h].fill(0.0));
+            dctx.fill(0.0);
+            let mut start = 0;
+            for &len in lens {
+                (0..heads).for_each(|hd| dctx[(start + 3) * h + hd * (h / heads)] = 1.0);
+                start += len;
+            }
+        }
         let (mut words, mut dqkv) = (Vec::new(), vec![0.0f32; t * 3 * h]);
         let mut start = 0;
         for (s, &len) in lens.iter().enumerate() {

@@ -22,8 +22,10 @@
 //   dV = P~^T dO,  dP = (dO V^T) . keep,  D_i = sum_j P_ij dP_ij,  dS = P . (dP - D).
 // Each keep is recomputed where needed (one Philox block per score element and pass).
 //
-// Two kernels, both grid (64-row tiles, heads, sequences), 256 threads (16 x 16), no atomics, so
-// results are bitwise deterministic run to run:
+// The f32 SIMT pair is described here; the tensor-core pair (rrra_attention_backward_*_mma_d*,
+// 128 threads, static shared memory) in its own section below. Two kernels, both grid (64-row
+// tiles, heads, sequences), 256 threads (16 x 16), no atomics, so results are bitwise
+// deterministic run to run (the tensor-core pair's too):
 // * rrra_attention_backward_dq_*: one block per 64 queries. Pass 1 streams the key tiles and
 //   keeps an online softmax (running max m, sum l) *and* a running c = sum_j e^(s_ij - m) dP_ij,
 //   so D_i = c / l comes out without O: it needs only the CPU's inputs. It stores
@@ -52,15 +54,16 @@
 // written: 16384 x (2304 + 768 + 2304) x 4 B = 352 MB, ~82 us at 4.3 TB/s (the tiles each pass
 // re-reads, 128 KB of Q/K/V/dO per sequence and head at len 128, mostly hit L2), so the kernels
 // are FMA (and shared-memory bandwidth) bound. SIMT with 4 x 4 register tiles: each inner step
-// issues 8 shared loads for 16 FMAs, so expect 25-40% of FMA peak; tensor cores (bf16 or TF32
-// mma.sync) and a fused dq+dkdv with a deterministic dQ reduction are the next steps. Dropout
+// issues 8 shared loads for 16 FMAs, so expect 25-40% of FMA peak; the tensor-core pair below
+// is the mixed-precision step's, and a fused dq+dkdv with a deterministic dQ reduction the next
+// step. Dropout
 // adds one Philox4x32-10 block (~60 integer ops) per score element and pass, against 2 dh FMAs.
 // Registers (sm_90, CUDA 13.0, no spills): dq 99-128, dkdv 96-185 (d32's dkdv has launch bounds
 // of 2 blocks per SM, see below).
 //
 // Validated on a CPU emulation of the CUDA blocks against the Rust CPU reference (head dims 16,
 // 32, 40, 64, 128, lengths 0, 1, 63, 64, 65, 129, 130, dropout 0 to 0.5): max difference 1e-6
-// of the largest gradient.
+// of the largest gradient (the tensor-core pair: see its section).
 
 #include "common.cuh"
 #include "mma.cuh"
@@ -464,7 +467,7 @@ __device__ __forceinline__ void backward_dkdv(const float* __restrict__ qkv,
 // * dkdv: S^T = K Q^T and dP^T = V dO^T per query tile, then dV += P~^T dO and dK += dS^T Q
 //   (B from dO and Q rows, ldmatrix.trans).
 // Rounding: Q, K, V, dO, P~ and dS to bf16 (2^-9 relative each), f32 accumulation: a few 1e-3
-// of the largest gradient (7.3e-3 at worst on the emulator's cases; the bound is bf16's 1e-2).
+// of the largest gradient (7.4e-3 at worst on the emulator's cases; the bound is bf16's 1e-2).
 // The dropout keep of each probability is the CPU's mask, recomputed (one Philox block) in
 // each of the three passes, in a rolled loop per tile (dropped_bits).
 // Registers (sm_90, CUDA 13.0, no spills): dq 184-255, dkdv 153-251.
@@ -484,11 +487,12 @@ struct Tile {
     static constexpr int KS = DH + 8;                   // shared row stride (bf16)
 };
 
-// Rows r0 .. r0 + R of an f32 [* x ld] matrix, columns 0 .. DH (+ bias[c] when given), rounded
-// to bf16 into dst [R][DH + 8]; rows >= n are zero.
+// Rows r0 .. r0 + R of an f32 [* x ld] matrix, columns 0 .. DH, (x + bias[c] when given) * mul
+// rounded to bf16 into dst [R][DH + 8]; rows >= n are zero.
 template <int DH, int R>
 __device__ __forceinline__ void load_tile(bf16* dst, const float* __restrict__ src, size_t ld,
-                                          int r0, int n, const float* __restrict__ bias) {
+                                          int r0, int n, const float* __restrict__ bias,
+                                          float mul = 1.0f) {
     constexpr int KS = Tile<DH>::KS;
     for (int i = threadIdx.x; i < R * DH / 4; i += THREADS) {
         const int r = i / (DH / 4), c = 4 * (i % (DH / 4));
@@ -502,7 +506,8 @@ __device__ __forceinline__ void load_tile(bf16* dst, const float* __restrict__ s
                 x.z += b.z;
                 x.w += b.w;
             }
-            u = make_uint2(pack_bf16x2(x.x, x.y), pack_bf16x2(x.z, x.w));
+            u = make_uint2(pack_bf16x2(x.x * mul, x.y * mul),
+                           pack_bf16x2(x.z * mul, x.w * mul));
         }
         *reinterpret_cast<uint2*>(dst + r * KS + c) = u;
     }
@@ -812,8 +817,10 @@ __device__ __forceinline__ void backward_dkdv(const float* __restrict__ qkv,
     const int ja = k0 + warp * 16 + g, jb = ja + 8;  // the warp's keys
     const float keep_scale = drop.on ? drop.scale : 1.0f;
 
+    // Q is pre-scaled, not K: S^T then rounds exactly as dq's S does (bf16(q c) bf16(k)), so P
+    // matches the LSE dq stored; dK = dS^T (Q c) / log2(e) = dS^T Q scale
     unsigned kf[DH / 16][4];
-    load_a<DH>(kf, k, ld, ja, jb, len, kb, scale * LOG2E);
+    load_a<DH>(kf, k, ld, ja, jb, len, kb, 1.0f);
     load_tile<DH, ROWS>(Vown, v, ld, k0, len, vb);  // visible after the loop's first barrier
     const bf16* Vw = Vown + warp * 16 * KS;
     float dk[DH / 8][4], dv[DH / 8][4];
@@ -824,7 +831,7 @@ __device__ __forceinline__ void backward_dkdv(const float* __restrict__ qkv,
     float st[N / 8][4], dpt[N / 8][4];
     for (int q0 = 0; q0 < len; q0 += N) {
         __syncthreads();  // the previous tiles are consumed
-        load_tile<DH, N>(Qs, q, ld, q0, len, qb);
+        load_tile<DH, N>(Qs, q, ld, q0, len, qb, scale * LOG2E);
         load_tile<DH, N>(dOs, dO, h, q0, len, nullptr);
         for (int i = threadIdx.x; i < N; i += THREADS) {
             lse_s[i] = q0 + i < len ? lse_g[q0 + i] : 0.0f;
@@ -866,8 +873,8 @@ __device__ __forceinline__ void backward_dkdv(const float* __restrict__ qkv,
 #pragma unroll
         for (int dt = 0; dt < DH / 8; ++dt) {
             const int col = dt * 8 + 2 * t;
-            out[h + col] = dk[dt][2 * r] * scale;
-            out[h + col + 1] = dk[dt][2 * r + 1] * scale;
+            out[h + col] = dk[dt][2 * r] * (1.0f / LOG2E);
+            out[h + col + 1] = dk[dt][2 * r + 1] * (1.0f / LOG2E);
             out[2 * (size_t)h + col] = dv[dt][2 * r];
             out[2 * (size_t)h + col + 1] = dv[dt][2 * r + 1];
         }

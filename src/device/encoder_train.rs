@@ -119,6 +119,14 @@ struct Batch {
     example_ids: Vec<u64>,
 }
 
+impl Batch {
+    /// The longest sequence's length.
+    fn max_len(&self) -> usize {
+        let lens = self.offsets.windows(2).map(|w| (w[1] - w[0]) as usize);
+        lens.max().unwrap_or(0)
+    }
+}
+
 /// The dropout sites in the stream-word buffer: the embeddings, then per layer (0-based) the
 /// attention probabilities, the attention output and the FFN output.
 fn site_slot(layer: usize, site: Site) -> usize {
@@ -415,12 +423,6 @@ impl GpuTrainableEncoder {
                 site_slot(0, Site::EmbeddingDropout),
             )?;
         }
-        let max_len = b
-            .offsets
-            .windows(2)
-            .map(|w| (w[1] - w[0]) as usize)
-            .max()
-            .unwrap_or(0);
         for l in 0..cfg.num_hidden_layers {
             let x = p(&self.inputs[l]);
             let a = &self.layers[l];
@@ -428,25 +430,8 @@ impl GpuTrainableEncoder {
             let (mid_pre, s2, mid) = (p(&a.mid_pre), p(&a.s2), p(&self.mid));
             let wp = |i: usize| p(self.layer_w(l, i));
             self.linear(x, tok, h, wp(t::QKV_W), 3 * h, qkv)?;
-            let mma = self.k.attention_mma.as_ref();
-            if let (GemmMath::Bf16, Some(f)) = (self.blas.math, mma) {
-                let (slot, p) = (site_slot(l, Site::AttentionDropout), b.dropout.attention);
-                self.attention_mma(f, qkv, wp(t::QKV_B), &b, p, max_len, slot, ctx)?;
-            } else if b.dropout.attention > 0.0 {
-                let slot = site_slot(l, Site::AttentionDropout);
-                self.attention_dropout(qkv, wp(t::QKV_B), &b, max_len, slot, ctx)?;
-            } else {
-                self.k.attention.launch(
-                    &st,
-                    &cfg,
-                    qkv,
-                    wp(t::QKV_B),
-                    offs,
-                    b.sequences,
-                    max_len,
-                    ctx,
-                )?;
-            }
+            let tensor_cores = self.blas.math == GemmMath::Bf16 && self.k.attention_mma.is_some();
+            self.attention(l, qkv, &b, tensor_cores, ctx)?;
             self.linear(ctx, tok, h, wp(t::ATTN_OUT_W), h, s1)?;
             let slot = site_slot(l, Site::AttentionOutputDropout);
             self.bias_residual(s1, wp(t::ATTN_OUT_B), x, &b, h, slot)?;
@@ -982,36 +967,35 @@ impl GpuTrainableEncoder {
         }
         let st = &self.stream;
         let (qkv, out) = (ptr(&self.layers[layer].qkv, st), ptr(&self.dctx, st));
-        let (bias, offs) = (
-            ptr(self.layer_w(layer, t::QKV_B), st),
-            ptr(&self.offsets, st),
-        );
-        let slot = site_slot(layer, Site::AttentionDropout);
-        let max_len = b
-            .offsets
-            .windows(2)
-            .map(|w| (w[1] - w[0]) as usize)
-            .max()
-            .unwrap_or(0);
-        let p = b.dropout.attention;
-        if mma {
-            let f = self.k.attention_mma.as_ref().ok_or_else(|| {
-                Error::InvalidArgument("no tensor-core attention for this head dim".into())
-            })?;
-            self.attention_mma(f, qkv, bias, b, p, max_len, slot, out)?;
-        } else if p > 0.0 {
-            self.attention_dropout(qkv, bias, b, max_len, slot, out)?;
-        } else {
-            let cfg = &self.cfg;
-            let seqs = b.sequences;
-            self.k
-                .attention
-                .launch(st, cfg, qkv, bias, offs, seqs, max_len, out)?;
-        }
+        self.attention(layer, qkv, b, mma, out)?;
         let mut ctx = vec![0.0f32; b.tokens * self.cfg.hidden_size];
         st.memcpy_dtoh(&self.dctx.slice(..ctx.len()), &mut ctx)
             .map_err(cuda_err("downloading the attention context"))?;
         Ok(ctx)
+    }
+
+    /// Layer `l`'s attention over batch `b`, `qkv` (without its bias) in, `out` written: on the
+    /// tensor cores when `tensor_cores` (with the batch's attention dropout), else the f32
+    /// kernel with dropout when the batch has it, or the tiled one without.
+    fn attention(&self, l: usize, qkv: u64, b: &Batch, tensor_cores: bool, out: u64) -> Result<()> {
+        let st = &self.stream;
+        let bias = ptr(self.layer_w(l, t::QKV_B), st);
+        let (slot, max_len) = (site_slot(l, Site::AttentionDropout), b.max_len());
+        let p = b.dropout.attention;
+        match (&self.k.attention_mma, tensor_cores) {
+            (Some(f), true) => self.attention_mma(f, qkv, bias, b, p, max_len, slot, out),
+            (None, true) => Err(Error::InvalidArgument(format!(
+                "no tensor-core attention for head dim {}",
+                self.cfg.head_dim()
+            ))),
+            _ if p > 0.0 => self.attention_dropout(qkv, bias, b, max_len, slot, out),
+            _ => {
+                let offs = ptr(&self.offsets, st);
+                let cfg = &self.cfg;
+                let k = &self.k.attention;
+                k.launch(st, cfg, qkv, bias, offs, b.sequences, max_len, out)
+            }
+        }
     }
 
     /// `ctx = attention(qkv + bias)` on the tensor cores, with dropout `p` on the
@@ -1403,7 +1387,8 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
     ));
     let whole = gpu.time_ms(3, || step(&mut enc, &dropout))?;
     rows.push(row(
-        "encoder training backward, bf16 products, dropout 0.1 (the step less the forward above)",
+        "encoder training backward, bf16 (products and tensor-core attention), dropout 0.1 \
+         (the step less the forward above)",
         shape("backward"),
         whole - dropped,
         flops - forward_flops,
@@ -1432,12 +1417,7 @@ fn bench_attention(
     let (qkv, ctx) = (ptr(&enc.layers[0].qkv, st), ptr(&enc.layers[0].ctx, st));
     let (bias, offs) = (ptr(enc.layer_w(0, t::QKV_B), st), ptr(&enc.offsets, st));
     let slot = site_slot(0, Site::AttentionDropout);
-    let max_len = b
-        .offsets
-        .windows(2)
-        .map(|w| (w[1] - w[0]) as usize)
-        .max()
-        .unwrap_or(0);
+    let max_len = b.max_len();
     let layers = cfg.num_hidden_layers as f64;
     // 4 · Σ len² · h per layer (S and P·V)
     let flops = layers * 4.0 * tokens as f64 * max_len as f64 * cfg.hidden_size as f64;
