@@ -321,8 +321,6 @@ __device__ __forceinline__ void attention_mma(const bf16* __restrict__ qkv,
 #pragma unroll
         for (int e = 0; e < 4; ++e) oacc[dt][e] = 0.0f;
     float m0 = RRRA_NEG_INF, m1 = RRRA_NEG_INF, l0 = 0.0f, l1 = 0.0f;
-    // ldmatrix row addresses: lane l serves row l % 8 of matrix l / 8.
-    const int lrow = lane & 7, lmat = lane >> 3;
 
     for (int k0 = 0, stage = 0; k0 < len; k0 += C::BK, stage ^= 1) {
         // Prefetch the next tile into the other stage (consumed by the previous step: see the
@@ -337,18 +335,7 @@ __device__ __forceinline__ void attention_mma(const bf16* __restrict__ qkv,
         // S = Q K^T for the warp's 16 rows x BK keys, in log2 units. One ldmatrix.x4 gives the
         // B fragments of 8 keys for two 16-dim steps.
         float sacc[C::BK / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < C::BK / 8; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) sacc[nt][e] = 0.0f;
-#pragma unroll
-            for (int ks = 0; ks < DH / 16; ks += 2) {
-                unsigned b[4];
-                ldmatrix_x4(b, Kt + (nt * 8 + lrow) * C::KS + ks * 16 + lmat * 8);
-                mma_bf16_16816(sacc[nt], qf[ks], b[0], b[1]);
-                mma_bf16_16816(sacc[nt], qf[ks + 1], b[2], b[3]);
-            }
-        }
+        rows_times_tile<DH, C::BK>(sacc, qf, Kt);
 
         // Mask keys past the end; row maxima over the 4 lanes (t = 0..3) that share a row.
         const int kmax = len - k0;
@@ -395,21 +382,7 @@ __device__ __forceinline__ void attention_mma(const bf16* __restrict__ qkv,
         // O += P V: the S accumulator pairs of n-tiles 2kk and 2kk+1 are exactly the A
         // fragment of the 16-key step kk; one ldmatrix.x4.trans gives the B fragments of two
         // 8-dim tiles (matrices: keys +0 / +8 of dims dt, then of dims dt + 1).
-#pragma unroll
-        for (int kk = 0; kk < C::BK / 16; ++kk) {
-            const unsigned pa[4] = {pack_bf16x2(sacc[2 * kk][0], sacc[2 * kk][1]),
-                                    pack_bf16x2(sacc[2 * kk][2], sacc[2 * kk][3]),
-                                    pack_bf16x2(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]),
-                                    pack_bf16x2(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3])};
-#pragma unroll
-            for (int dt = 0; dt < DH / 8; dt += 2) {
-                unsigned b[4];
-                ldmatrix_x4_trans(
-                    b, Vt + (kk * 16 + (lmat & 1) * 8 + lrow) * C::KS + (dt + (lmat >> 1)) * 8);
-                mma_bf16_16816(oacc[dt], pa, b[0], b[1]);
-                mma_bf16_16816(oacc[dt + 1], pa, b[2], b[3]);
-            }
-        }
+        acc_times_tile<DH, C::BK>(oacc, sacc, Vt);
         __syncthreads();  // this stage is consumed before the next step refills it
     }
 
@@ -512,7 +485,6 @@ __device__ __forceinline__ void attention_train_mma(const float* __restrict__ qk
 #pragma unroll
         for (int e = 0; e < 4; ++e) oacc[dt][e] = 0.0f;
     float m0 = RRRA_NEG_INF, m1 = RRRA_NEG_INF, l0 = 0.0f, l1 = 0.0f;
-    const int lrow = lane & 7, lmat = lane >> 3;
     // word index of probability (row, 0) of this head: (head * len + row) * len
     const unsigned long long base0 = ((unsigned long long)blockIdx.y * len + r0) * len;
     const unsigned long long base1 = base0 + 8ull * len;
@@ -523,18 +495,7 @@ __device__ __forceinline__ void attention_train_mma(const float* __restrict__ qk
         __syncthreads();
 
         float sacc[C::BK / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < C::BK / 8; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) sacc[nt][e] = 0.0f;
-#pragma unroll
-            for (int ks = 0; ks < DH / 16; ks += 2) {
-                unsigned b[4];
-                ldmatrix_x4(b, Ks + (nt * 8 + lrow) * C::KS + ks * 16 + lmat * 8);
-                mma_bf16_16816(sacc[nt], qf[ks], b[0], b[1]);
-                mma_bf16_16816(sacc[nt], qf[ks + 1], b[2], b[3]);
-            }
-        }
+        rows_times_tile<DH, C::BK>(sacc, qf, Ks);
 
         const int kmax = len - k0;
         float mx0 = RRRA_NEG_INF, mx1 = RRRA_NEG_INF;
@@ -585,21 +546,7 @@ __device__ __forceinline__ void attention_train_mma(const float* __restrict__ qk
         }
 
         // O += P~ V, as attention_mma
-#pragma unroll
-        for (int kk = 0; kk < C::BK / 16; ++kk) {
-            const unsigned pa[4] = {pack_bf16x2(sacc[2 * kk][0], sacc[2 * kk][1]),
-                                    pack_bf16x2(sacc[2 * kk][2], sacc[2 * kk][3]),
-                                    pack_bf16x2(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]),
-                                    pack_bf16x2(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3])};
-#pragma unroll
-            for (int dt = 0; dt < DH / 8; dt += 2) {
-                unsigned b[4];
-                ldmatrix_x4_trans(
-                    b, Vs + (kk * 16 + (lmat & 1) * 8 + lrow) * C::KS + (dt + (lmat >> 1)) * 8);
-                mma_bf16_16816(oacc[dt], pa, b[0], b[1]);
-                mma_bf16_16816(oacc[dt + 1], pa, b[2], b[3]);
-            }
-        }
+        acc_times_tile<DH, C::BK>(oacc, sacc, Vs);
     }
 
     l0 += __shfl_xor_sync(0xffffffffu, l0, 1);

@@ -537,27 +537,6 @@ __device__ __forceinline__ void load_a(unsigned (&fr)[DH / 16][4], const float* 
     }
 }
 
-// acc[nt] = A . B^T for the warp's 16 rows (A fragments `a`) and the N rows of a shared tile
-// `Bs` [N][DH + 8] as the columns, over the DH dims.
-template <int DH, int N>
-__device__ __forceinline__ void rows_times_tile(float (&acc)[N / 8][4],
-                                                const unsigned (&a)[DH / 16][4], const bf16* Bs) {
-    constexpr int KS = Tile<DH>::KS;
-    const int lane = threadIdx.x % RRRA_WARP, lrow = lane & 7, lmat = lane >> 3;
-#pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.0f;
-#pragma unroll
-        for (int ks = 0; ks < DH / 16; ks += 2) {
-            unsigned b[4];
-            ldmatrix_x4(b, Bs + (nt * 8 + lrow) * KS + ks * 16 + lmat * 8);
-            mma_bf16_16816(acc[nt], a[ks], b[0], b[1]);
-            mma_bf16_16816(acc[nt], a[ks + 1], b[2], b[3]);
-        }
-    }
-}
-
 // rows_times_tile with the warp's 16 rows read from shared memory (`As`, row-major with the
 // tiles' stride, at the warp's first row) as A fragments by ldmatrix: registers traded for
 // shared-memory reads where a kernel would otherwise spill.
@@ -582,30 +561,6 @@ __device__ __forceinline__ void smem_rows_times_tile(float (&acc)[N / 8][4], con
             ldmatrix_x4(b, Bs + (nt * 8 + lrow) * KS + ks * 16 + lmat * 8);
             mma_bf16_16816(acc[nt], a0, b[0], b[1]);
             mma_bf16_16816(acc[nt], a1, b[2], b[3]);
-        }
-    }
-}
-
-// out[dt] += X . Bs for the warp's 16 rows of X ([16][N] in f32 accumulator layout, rounded to
-// bf16 A fragments here) and a shared tile Bs [N][DH + 8] as [k][n].
-template <int DH, int N>
-__device__ __forceinline__ void acc_times_tile(float (&out)[DH / 8][4], const float (&x)[N / 8][4],
-                                               const bf16* Bs) {
-    constexpr int KS = Tile<DH>::KS;
-    const int lane = threadIdx.x % RRRA_WARP, lrow = lane & 7, lmat = lane >> 3;
-#pragma unroll
-    for (int kk = 0; kk < N / 16; ++kk) {
-        const unsigned a[4] = {pack_bf16x2(x[2 * kk][0], x[2 * kk][1]),
-                               pack_bf16x2(x[2 * kk][2], x[2 * kk][3]),
-                               pack_bf16x2(x[2 * kk + 1][0], x[2 * kk + 1][1]),
-                               pack_bf16x2(x[2 * kk + 1][2], x[2 * kk + 1][3])};
-#pragma unroll
-        for (int dt = 0; dt < DH / 8; dt += 2) {
-            unsigned b[4];
-            ldmatrix_x4_trans(
-                b, Bs + (kk * 16 + (lmat & 1) * 8 + lrow) * KS + (dt + (lmat >> 1)) * 8);
-            mma_bf16_16816(out[dt], a, b[0], b[1]);
-            mma_bf16_16816(out[dt + 1], a, b[2], b[3]);
         }
     }
 }

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include "common.cuh"
 
 typedef __nv_bfloat16 bf16;
 
@@ -67,3 +68,50 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 #endif
+
+// ---- warp products over shared tiles (attention forward and backward) ----
+
+// acc[nt] = A . B^T for the warp's 16 rows (A fragments `a`) and the N rows of a shared tile
+// `Bs` [N][DH + 8] (bf16, 16-byte row skew) as the columns, over the DH dims: S = Q K^T.
+template <int DH, int N>
+__device__ __forceinline__ void rows_times_tile(float (&acc)[N / 8][4],
+                                                const unsigned (&a)[DH / 16][4], const bf16* Bs) {
+    constexpr int KS = DH + 8;
+    const int lane = threadIdx.x % RRRA_WARP, lrow = lane & 7, lmat = lane >> 3;
+#pragma unroll
+    for (int nt = 0; nt < N / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < DH / 16; ks += 2) {
+            unsigned b[4];
+            ldmatrix_x4(b, Bs + (nt * 8 + lrow) * KS + ks * 16 + lmat * 8);
+            mma_bf16_16816(acc[nt], a[ks], b[0], b[1]);
+            mma_bf16_16816(acc[nt], a[ks + 1], b[2], b[3]);
+        }
+    }
+}
+
+// out[dt] += X . Bs for the warp's 16 rows of X ([16][N] in f32 accumulator layout, rounded to
+// bf16 A fragments here) and a shared tile Bs [N][DH + 8] as [k][n]: O += P V.
+template <int DH, int N>
+__device__ __forceinline__ void acc_times_tile(float (&out)[DH / 8][4], const float (&x)[N / 8][4],
+                                               const bf16* Bs) {
+    constexpr int KS = DH + 8;
+    const int lane = threadIdx.x % RRRA_WARP, lrow = lane & 7, lmat = lane >> 3;
+#pragma unroll
+    for (int kk = 0; kk < N / 16; ++kk) {
+        const unsigned a[4] = {pack_bf16x2(x[2 * kk][0], x[2 * kk][1]),
+                               pack_bf16x2(x[2 * kk][2], x[2 * kk][3]),
+                               pack_bf16x2(x[2 * kk + 1][0], x[2 * kk + 1][1]),
+                               pack_bf16x2(x[2 * kk + 1][2], x[2 * kk + 1][3])};
+#pragma unroll
+        for (int dt = 0; dt < DH / 8; dt += 2) {
+            unsigned b[4];
+            ldmatrix_x4_trans(
+                b, Bs + (kk * 16 + (lmat & 1) * 8 + lrow) * KS + (dt + (lmat >> 1)) * 8);
+            mma_bf16_16816(out[dt], a, b[0], b[1]);
+            mma_bf16_16816(out[dt + 1], a, b[2], b[3]);
+        }
+    }
+}
