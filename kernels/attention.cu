@@ -261,6 +261,47 @@ struct MmaTile {
 };
 
 
+// One key tile of the online softmax, for the warp's rows g (m0, l0) and g + 8 (m1, l1): keys
+// at kmax and past it masked to -inf in the S tile, the running row maxima raised to the tile's
+// (over the 4 lanes that share a row), and the sums and the output accumulator rescaled by
+// exp2(old max - new max). Key 0 of a tile is in range, so the maxima are finite.
+template <int DH, int BK>
+__device__ __forceinline__ void online_softmax_rescale(float (&sacc)[BK / 8][4], int kmax,
+                                                       float& m0, float& m1, float& l0,
+                                                       float& l1, float (&oacc)[DH / 8][4]) {
+    const int t = (threadIdx.x % RRRA_WARP) & 3;
+    float mx0 = RRRA_NEG_INF, mx1 = RRRA_NEG_INF;
+#pragma unroll
+    for (int nt = 0; nt < BK / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            if (nt * 8 + 2 * t + e >= kmax) {
+                sacc[nt][e] = RRRA_NEG_INF;
+                sacc[nt][2 + e] = RRRA_NEG_INF;
+            }
+            mx0 = fmaxf(mx0, sacc[nt][e]);
+            mx1 = fmaxf(mx1, sacc[nt][2 + e]);
+        }
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    const float a0 = exp2f(m0 - mn0), a1 = exp2f(m1 - mn1);
+    m0 = mn0;
+    m1 = mn1;
+    l0 *= a0;
+    l1 *= a1;
+#pragma unroll
+    for (int dt = 0; dt < DH / 8; ++dt) {
+        oacc[dt][0] *= a0;
+        oacc[dt][1] *= a0;
+        oacc[dt][2] *= a1;
+        oacc[dt][3] *= a1;
+    }
+}
+
 template <int DH>
 __device__ __forceinline__ void attention_mma(const bf16* __restrict__ qkv,
                                               const float* __restrict__ bias,
@@ -337,44 +378,14 @@ __device__ __forceinline__ void attention_mma(const bf16* __restrict__ qkv,
         float sacc[C::BK / 8][4];
         rows_times_tile<DH, C::BK>(sacc, qf, Kt);
 
-        // Mask keys past the end; row maxima over the 4 lanes (t = 0..3) that share a row.
         const int kmax = len - k0;
-        float mx0 = RRRA_NEG_INF, mx1 = RRRA_NEG_INF;
+        online_softmax_rescale<DH, C::BK>(sacc, kmax, m0, m1, l0, l1, oacc);
 #pragma unroll
         for (int nt = 0; nt < C::BK / 8; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                if (nt * 8 + 2 * t + e >= kmax) {
-                    sacc[nt][e] = RRRA_NEG_INF;
-                    sacc[nt][2 + e] = RRRA_NEG_INF;
-                }
-                mx0 = fmaxf(mx0, sacc[nt][e]);
-                mx1 = fmaxf(mx1, sacc[nt][2 + e]);
-            }
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-        const float a0 = exp2f(m0 - mn0), a1 = exp2f(m1 - mn1);
-        m0 = mn0;
-        m1 = mn1;
-        l0 *= a0;
-        l1 *= a1;
-#pragma unroll
-        for (int dt = 0; dt < DH / 8; ++dt) {
-            oacc[dt][0] *= a0;
-            oacc[dt][1] *= a0;
-            oacc[dt][2] *= a1;
-            oacc[dt][3] *= a1;
-        }
-#pragma unroll
-        for (int nt = 0; nt < C::BK / 8; ++nt) {
-            sacc[nt][0] = exp2f(sacc[nt][0] - mn0);
-            sacc[nt][1] = exp2f(sacc[nt][1] - mn0);
-            sacc[nt][2] = exp2f(sacc[nt][2] - mn1);
-            sacc[nt][3] = exp2f(sacc[nt][3] - mn1);
+            sacc[nt][0] = exp2f(sacc[nt][0] - m0);
+            sacc[nt][1] = exp2f(sacc[nt][1] - m0);
+            sacc[nt][2] = exp2f(sacc[nt][2] - m1);
+            sacc[nt][3] = exp2f(sacc[nt][3] - m1);
             l0 += sacc[nt][0] + sacc[nt][1];
             l1 += sacc[nt][2] + sacc[nt][3];
         }
@@ -498,42 +509,13 @@ __device__ __forceinline__ void attention_train_mma(const float* __restrict__ qk
         rows_times_tile<DH, C::BK>(sacc, qf, Ks);
 
         const int kmax = len - k0;
-        float mx0 = RRRA_NEG_INF, mx1 = RRRA_NEG_INF;
-#pragma unroll
-        for (int nt = 0; nt < C::BK / 8; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                if (nt * 8 + 2 * t + e >= kmax) {
-                    sacc[nt][e] = RRRA_NEG_INF;
-                    sacc[nt][2 + e] = RRRA_NEG_INF;
-                }
-                mx0 = fmaxf(mx0, sacc[nt][e]);
-                mx1 = fmaxf(mx1, sacc[nt][2 + e]);
-            }
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-        const float a0 = exp2f(m0 - mn0), a1 = exp2f(m1 - mn1);
-        m0 = mn0;
-        m1 = mn1;
-        l0 *= a0;
-        l1 *= a1;
-#pragma unroll
-        for (int dt = 0; dt < DH / 8; ++dt) {
-            oacc[dt][0] *= a0;
-            oacc[dt][1] *= a0;
-            oacc[dt][2] *= a1;
-            oacc[dt][3] *= a1;
-        }
+        online_softmax_rescale<DH, C::BK>(sacc, kmax, m0, m1, l0, l1, oacc);
 #pragma unroll
         for (int nt = 0; nt < C::BK / 8; ++nt) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const bool hi = e >= 2;
-                sacc[nt][e] = exp2f(sacc[nt][e] - (hi ? mn1 : mn0));
+                sacc[nt][e] = exp2f(sacc[nt][e] - (hi ? m1 : m0));
                 if (hi) l1 += sacc[nt][e];
                 else l0 += sacc[nt][e];
                 const int j = k0 + nt * 8 + 2 * t + (e & 1);
