@@ -222,6 +222,64 @@ fn matches_the_cpu_with_attention_dropout() {
 }
 
 #[test]
+fn tensor_core_backward_keeps_the_cpus_masks_bit_for_bit() {
+    let Some(gpu) = common::gpu_or_skip() else {
+        return;
+    };
+    // A mask probe: Q = K = 0 makes every probability 1 / len, and dO = e_0 of each head on a
+    // sequence's row 3, so dV of key j in that column is keep(3, j) / len exactly (up to bf16
+    // rounding, 2^-9) and zero elsewhere. One wrong mask bit moves it by (1 / (1 - p)) / len,
+    // which the bound of a tenth of that cannot hide.
+    let (heads, dh, p) = (2usize, 64usize, 0.5f32);
+    let h = heads * dh;
+    let lens = [100usize, 7];
+    let offsets = offsets_of(&lens);
+    let tokens = *offsets.last().unwrap() as usize;
+    let mut rng = Rng::new(21);
+    let mut qkv = uniform(&mut rng, tokens * 3 * h, 1.0);
+    qkv.chunks_exact_mut(3 * h)
+        .for_each(|row| row[..2 * h].fill(0.0));
+    let mut dctx = vec![0.0f32; tokens * h];
+    for w in offsets.windows(2) {
+        (0..heads).for_each(|hd| dctx[(w[0] as usize + 3) * h + hd * dh] = 1.0);
+    }
+    let examples = [7u64, 8];
+    let plan = AttnDropoutPlan {
+        p,
+        seed: 99,
+        step: 4,
+        layer: 1,
+        example_ids: &examples,
+    };
+    let want = cpu_backward(&qkv, &dctx, &offsets, h, heads, Some(&plan));
+    let got = attention_backward_host_on(
+        &gpu,
+        true,
+        &qkv,
+        None,
+        &dctx,
+        &offsets,
+        Some(&plan),
+        h,
+        heads,
+    )
+    .unwrap();
+    for (s, w) in offsets.windows(2).enumerate() {
+        let bound = 0.1 / (1.0 - p) / lens[s] as f32;
+        for t in w[0] as usize..w[1] as usize {
+            for c in 2 * h..3 * h {
+                let (g, c_) = (got[t * 3 * h + c], want[t * 3 * h + c]);
+                assert!(
+                    (g - c_).abs() <= bound,
+                    "sequence {s}, token {t}, dV column {}: {g} vs {c_}",
+                    c - 2 * h
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn dropout_words_are_the_trainers_streams() {
     // no GPU needed: the words the kernels get reproduce Stream's numbers exactly
     for (seed, step, example, layer) in [
