@@ -452,7 +452,8 @@ __device__ __forceinline__ void attention_train_mma(const float* __restrict__ qk
     const unsigned* w = words + 4 * blockIdx.z;
     const bool dropout = p > 0.0f;
 
-    // K and V rows k0 .. k0 + BK as bf16 (x + b), zero rows past the end.
+    // K and V rows k0 .. k0 + BK as bf16 (x + b), zero rows past the end: load_bf16_tile's
+    // work for both tiles in one loop (two calls of it spill at dh 128).
     auto load_tile = [&](int k0) {
         for (int i = tid; i < C::BK * DH / 4; i += blockDim.x) {
             const int r = i / (DH / 4), c = 4 * (i % (DH / 4));
@@ -474,21 +475,7 @@ __device__ __forceinline__ void attention_train_mma(const float* __restrict__ qk
     // Q as A fragments, biased and pre-scaled in f32, rounded once (as attention_mma).
     const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
     unsigned qf[DH / 16][4];
-#pragma unroll
-    for (int ks = 0; ks < DH / 16; ++ks) {
-#pragma unroll
-        for (int f = 0; f < 4; ++f) {
-            const int r = (f & 1) ? r1 : r0;
-            const int c = ks * 16 + 2 * t + ((f & 2) ? 8 : 0);
-            unsigned u = 0;
-            if (r < len) {
-                const float* x = hv.q + (size_t)r * ld + c;
-                u = pack_bf16x2((x[0] + hv.qb[c]) * scale_log2e,
-                                (x[1] + hv.qb[c + 1]) * scale_log2e);
-            }
-            qf[ks][f] = u;
-        }
-    }
+    load_a_frags<DH>(qf, hv.q, ld, r0, r1, len, hv.qb, scale_log2e);
 
     float oacc[DH / 8][4];
 #pragma unroll

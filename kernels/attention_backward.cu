@@ -175,6 +175,22 @@ __device__ __forceinline__ void scores(const float* Qs, const float* Ks, const f
     }
 }
 
+// One head's rows in a sequence: Q, K, V in the fused projection (row stride 3h), their biases
+// (null without a bias), dO (row stride h).
+struct HeadPtrs {
+    const float *q, *k, *v, *qb, *kb, *vb, *dO;
+    __device__ HeadPtrs(const float* __restrict__ qkv, const float* __restrict__ bias,
+                        const float* __restrict__ dctx, int start, int h, int head, int dh) {
+        q = qkv + (size_t)start * 3 * h + (size_t)head * dh;
+        k = q + h;
+        v = q + 2 * (size_t)h;
+        qb = bias ? bias + (size_t)head * dh : nullptr;
+        kb = bias ? qb + h : nullptr;
+        vb = bias ? qb + 2 * (size_t)h : nullptr;
+        dO = dctx + (size_t)start * h + (size_t)head * dh;
+    }
+};
+
 // Per-sequence geometry of a block.
 struct Seq {
     int start, len;
@@ -215,13 +231,9 @@ __device__ __forceinline__ void backward_dq(const float* __restrict__ qkv,
     // number of probability (row, 0) of this head in the sequence's stream
     const unsigned long long nbase = (unsigned long long)head * len * len;
     const size_t ld = 3 * (size_t)h;
-    const float* q = qkv + (size_t)sq.start * ld + (size_t)head * dh;
-    const float* k = q + h;
-    const float* v = q + 2 * (size_t)h;
-    const float* qb = bias ? bias + (size_t)head * dh : nullptr;
-    const float* kb = bias ? qb + h : nullptr;
-    const float* vb = bias ? qb + 2 * (size_t)h : nullptr;
-    const float* dO = dctx + (size_t)sq.start * h + (size_t)head * dh;
+    const HeadPtrs hp(qkv, bias, dctx, sq.start, h, head, dh);
+    const float *q = hp.q, *k = hp.k, *v = hp.v, *dO = hp.dO;
+    const float *qb = hp.qb, *kb = hp.kb, *vb = hp.vb;
 
     load_tile<DMAX>(Qs, q, ld, q0, len, dh, qb);
     load_tile<DMAX>(dOs, dO, h, q0, len, dh, nullptr);
@@ -362,13 +374,9 @@ __device__ __forceinline__ void backward_dkdv(const float* __restrict__ qkv,
     // number of probability (row, 0) of this head in the sequence's stream
     const unsigned long long nbase = (unsigned long long)head * len * len;
     const size_t ld = 3 * (size_t)h;
-    const float* q = qkv + (size_t)sq.start * ld + (size_t)head * dh;
-    const float* k = q + h;
-    const float* v = q + 2 * (size_t)h;
-    const float* qb = bias ? bias + (size_t)head * dh : nullptr;
-    const float* kb = bias ? qb + h : nullptr;
-    const float* vb = bias ? qb + 2 * (size_t)h : nullptr;
-    const float* dO = dctx + (size_t)sq.start * h + (size_t)head * dh;
+    const HeadPtrs hp(qkv, bias, dctx, sq.start, h, head, dh);
+    const float *q = hp.q, *k = hp.k, *v = hp.v, *dO = hp.dO;
+    const float *qb = hp.qb, *kb = hp.kb, *vb = hp.vb;
     const float* lse_g = stats + (size_t)head * tokens + sq.start;
     const float* delta_g = lse_g + (size_t)tokens * (h / dh);
 
@@ -470,7 +478,7 @@ __device__ __forceinline__ void backward_dkdv(const float* __restrict__ qkv,
 // of the largest gradient (7.4e-3 at worst on the emulator's cases; the bound is bf16's 1e-2).
 // The dropout keep of each probability is the CPU's mask, recomputed (one Philox block) in
 // each of the three passes, in a rolled loop per tile (dropped_bits).
-// Registers (sm_90, CUDA 13.0, no spills): dq 184-255, dkdv 153-251.
+// Registers (sm_90, CUDA 13.0, no spills): dq 138-252, dkdv 158-255.
 // Roofline: the 9 len^2 x dh products of the SIMT kernels at tensor-core rate (BERT-base
 // 128 x 128: 28.9 GFLOP, ~37 us at 790 TFLOP/s); in practice bound by the f32 tile loads and,
 // with dropout, the Philox blocks (~60 integer ops per probability and pass).
@@ -486,56 +494,6 @@ struct Tile {
     static constexpr int N_DKDV = DH == 32 ? 64 : 32;   // and dkdv (fewer: no spills at d64)
     static constexpr int KS = DH + 8;                   // shared row stride (bf16)
 };
-
-// Rows r0 .. r0 + R of an f32 [* x ld] matrix, columns 0 .. DH, (x + bias[c] when given) * mul
-// rounded to bf16 into dst [R][DH + 8]; rows >= n are zero.
-template <int DH, int R>
-__device__ __forceinline__ void load_tile(bf16* dst, const float* __restrict__ src, size_t ld,
-                                          int r0, int n, const float* __restrict__ bias,
-                                          float mul = 1.0f) {
-    constexpr int KS = Tile<DH>::KS;
-    for (int i = threadIdx.x; i < R * DH / 4; i += THREADS) {
-        const int r = i / (DH / 4), c = 4 * (i % (DH / 4));
-        uint2 u = make_uint2(0u, 0u);
-        if (r0 + r < n) {
-            float4 x = *reinterpret_cast<const float4*>(src + (size_t)(r0 + r) * ld + c);
-            if (bias) {
-                const float4 b = *reinterpret_cast<const float4*>(bias + c);
-                x.x += b.x;
-                x.y += b.y;
-                x.z += b.z;
-                x.w += b.w;
-            }
-            u = make_uint2(pack_bf16x2(x.x * mul, x.y * mul),
-                           pack_bf16x2(x.z * mul, x.w * mul));
-        }
-        *reinterpret_cast<uint2*>(dst + r * KS + c) = u;
-    }
-}
-
-// The A fragments of rows ra (fragment row g) and rb = ra + 8 of an f32 [* x ld] matrix over
-// columns 0 .. DH, (x + bias) * mul rounded once; rows >= n are zero.
-template <int DH>
-__device__ __forceinline__ void load_a(unsigned (&fr)[DH / 16][4], const float* __restrict__ src,
-                                       size_t ld, int ra, int rb, int n,
-                                       const float* __restrict__ bias, float mul) {
-    const int t = (threadIdx.x % RRRA_WARP) & 3;
-#pragma unroll
-    for (int ks = 0; ks < DH / 16; ++ks) {
-#pragma unroll
-        for (int f = 0; f < 4; ++f) {
-            const int r = (f & 1) ? rb : ra;
-            const int c = ks * 16 + 2 * t + ((f & 2) ? 8 : 0);
-            unsigned u = 0;
-            if (r < n) {
-                const float* x = src + (size_t)r * ld + c;
-                const float b0 = bias ? bias[c] : 0.0f, b1 = bias ? bias[c + 1] : 0.0f;
-                u = pack_bf16x2((x[0] + b0) * mul, (x[1] + b1) * mul);
-            }
-            fr[ks][f] = u;
-        }
-    }
-}
 
 // rows_times_tile with the warp's 16 rows read from shared memory (`As`, row-major with the
 // tiles' stride, at the warp's first row) as A fragments by ldmatrix: registers traded for
@@ -610,13 +568,9 @@ __device__ __forceinline__ void backward_dq(const float* __restrict__ qkv,
     const attb::Dropout drop(drop_p, drop_scale, drop_ctr);
     const unsigned long long nbase = (unsigned long long)head * len * len;
     const size_t ld = 3 * (size_t)h;
-    const float* q = qkv + (size_t)sq.start * ld + (size_t)head * DH;
-    const float* k = q + h;
-    const float* v = q + 2 * (size_t)h;
-    const float* qb = bias ? bias + (size_t)head * DH : nullptr;
-    const float* kb = bias ? qb + h : nullptr;
-    const float* vb = bias ? qb + 2 * (size_t)h : nullptr;
-    const float* dO = dctx + (size_t)sq.start * h + (size_t)head * DH;
+    const attb::HeadPtrs hp(qkv, bias, dctx, sq.start, h, head, DH);
+    const float *q = hp.q, *k = hp.k, *v = hp.v, *dO = hp.dO;
+    const float *qb = hp.qb, *kb = hp.kb, *vb = hp.vb;
     const int ra = q0 + warp * 16 + g, rb = ra + 8;
     const float keep_scale = drop.on ? drop.scale : 1.0f;
     // element (nt, e) of the warp's tile at key tile k0: query row ra / rb, key column
@@ -628,8 +582,8 @@ __device__ __forceinline__ void backward_dq(const float* __restrict__ qkv,
     };
 
     unsigned qf[DH / 16][4], of[DH / 16][4];
-    load_a<DH>(qf, q, ld, ra, rb, len, qb, scale * LOG2E);
-    load_a<DH>(of, dO, h, ra, rb, len, nullptr, 1.0f);
+    load_a_frags<DH>(qf, q, ld, ra, rb, len, qb, scale * LOG2E);
+    load_a_frags<DH>(of, dO, h, ra, rb, len, nullptr, 1.0f);
     float s[N / 8][4], dp[N / 8][4];
 
     // Pass 1: LSE (log2 units) and D = sum_j P dP keep, online; l and c are lane-partial
@@ -638,8 +592,8 @@ __device__ __forceinline__ void backward_dq(const float* __restrict__ qkv,
           c[2] = {0.0f, 0.0f};
     for (int k0 = 0; k0 < len; k0 += N) {
         __syncthreads();  // the previous tiles are consumed
-        load_tile<DH, N>(Ks, k, ld, k0, len, kb);
-        load_tile<DH, N>(Vs, v, ld, k0, len, vb);
+        load_bf16_tile<DH, N>(Ks, k, ld, k0, len, kb);
+        load_bf16_tile<DH, N>(Vs, v, ld, k0, len, vb);
         __syncthreads();
         rows_times_tile<DH, N>(s, qf, Ks);
         rows_times_tile<DH, N>(dp, of, Vs);
@@ -698,8 +652,8 @@ __device__ __forceinline__ void backward_dq(const float* __restrict__ qkv,
         for (int e = 0; e < 4; ++e) acc[dt][e] = 0.0f;
     for (int k0 = 0; k0 < len; k0 += N) {
         __syncthreads();
-        load_tile<DH, N>(Ks, k, ld, k0, len, kb);
-        load_tile<DH, N>(Vs, v, ld, k0, len, vb);
+        load_bf16_tile<DH, N>(Ks, k, ld, k0, len, kb);
+        load_bf16_tile<DH, N>(Vs, v, ld, k0, len, vb);
         __syncthreads();
         rows_times_tile<DH, N>(s, qf, Ks);
         rows_times_tile<DH, N>(dp, of, Vs);
@@ -760,13 +714,9 @@ __device__ __forceinline__ void backward_dkdv(const float* __restrict__ qkv,
     const attb::Dropout drop(drop_p, drop_scale, drop_ctr);
     const unsigned long long nbase = (unsigned long long)head * len * len;
     const size_t ld = 3 * (size_t)h;
-    const float* q = qkv + (size_t)sq.start * ld + (size_t)head * DH;
-    const float* k = q + h;
-    const float* v = q + 2 * (size_t)h;
-    const float* qb = bias ? bias + (size_t)head * DH : nullptr;
-    const float* kb = bias ? qb + h : nullptr;
-    const float* vb = bias ? qb + 2 * (size_t)h : nullptr;
-    const float* dO = dctx + (size_t)sq.start * h + (size_t)head * DH;
+    const attb::HeadPtrs hp(qkv, bias, dctx, sq.start, h, head, DH);
+    const float *q = hp.q, *k = hp.k, *v = hp.v, *dO = hp.dO;
+    const float *qb = hp.qb, *kb = hp.kb, *vb = hp.vb;
     const float* lse_g = stats + (size_t)head * tokens + sq.start;
     const float* delta_g = lse_g + (size_t)tokens * (h / DH);
     const int ja = k0 + warp * 16 + g, jb = ja + 8;  // the warp's keys
@@ -775,8 +725,8 @@ __device__ __forceinline__ void backward_dkdv(const float* __restrict__ qkv,
     // Q is pre-scaled, not K: S^T then rounds exactly as dq's S does (bf16(q c) bf16(k)), so P
     // matches the LSE dq stored; dK = dS^T (Q c) / log2(e) = dS^T Q scale
     unsigned kf[DH / 16][4];
-    load_a<DH>(kf, k, ld, ja, jb, len, kb, 1.0f);
-    load_tile<DH, ROWS>(Vown, v, ld, k0, len, vb);  // visible after the loop's first barrier
+    load_a_frags<DH>(kf, k, ld, ja, jb, len, kb, 1.0f);
+    load_bf16_tile<DH, ROWS>(Vown, v, ld, k0, len, vb);  // visible after the loop's first barrier
     const bf16* Vw = Vown + warp * 16 * KS;
     float dk[DH / 8][4], dv[DH / 8][4];
 #pragma unroll
@@ -786,8 +736,8 @@ __device__ __forceinline__ void backward_dkdv(const float* __restrict__ qkv,
     float st[N / 8][4], dpt[N / 8][4];
     for (int q0 = 0; q0 < len; q0 += N) {
         __syncthreads();  // the previous tiles are consumed
-        load_tile<DH, N>(Qs, q, ld, q0, len, qb, scale * LOG2E);
-        load_tile<DH, N>(dOs, dO, h, q0, len, nullptr);
+        load_bf16_tile<DH, N>(Qs, q, ld, q0, len, qb, scale * LOG2E);
+        load_bf16_tile<DH, N>(dOs, dO, h, q0, len, nullptr);
         for (int i = threadIdx.x; i < N; i += THREADS) {
             lse_s[i] = q0 + i < len ? lse_g[q0 + i] : 0.0f;
             delta_s[i] = q0 + i < len ? delta_g[q0 + i] : 0.0f;

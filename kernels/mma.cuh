@@ -69,6 +69,59 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 #endif
 
+// ---- f32 rows into bf16 operands (the training attention kernels) ----
+
+// Rows r0 .. r0 + R of an f32 [* x ld] matrix, columns 0 .. DH, (x + bias[c] when given) * mul
+// rounded to bf16 into dst [R][DH + 8]; rows >= n are zero.
+template <int DH, int R>
+__device__ __forceinline__ void load_bf16_tile(bf16* dst, const float* __restrict__ src,
+                                               size_t ld, int r0, int n,
+                                               const float* __restrict__ bias, float mul = 1.0f) {
+    constexpr int KS = DH + 8;
+    for (int i = threadIdx.x; i < R * DH / 4; i += blockDim.x) {
+        const int r = i / (DH / 4), c = 4 * (i % (DH / 4));
+        uint2 u = make_uint2(0u, 0u);
+        if (r0 + r < n) {
+            float4 x = *reinterpret_cast<const float4*>(src + (size_t)(r0 + r) * ld + c);
+            if (bias) {
+                const float4 b = *reinterpret_cast<const float4*>(bias + c);
+                x.x += b.x;
+                x.y += b.y;
+                x.z += b.z;
+                x.w += b.w;
+            }
+            u = make_uint2(pack_bf16x2(x.x * mul, x.y * mul),
+                           pack_bf16x2(x.z * mul, x.w * mul));
+        }
+        *reinterpret_cast<uint2*>(dst + r * KS + c) = u;
+    }
+}
+
+// The A fragments of rows ra (fragment row g) and rb = ra + 8 of an f32 [* x ld] matrix over
+// columns 0 .. DH, (x + bias) * mul rounded once; rows >= n are zero.
+template <int DH>
+__device__ __forceinline__ void load_a_frags(unsigned (&fr)[DH / 16][4],
+                                             const float* __restrict__ src, size_t ld, int ra,
+                                             int rb, int n, const float* __restrict__ bias,
+                                             float mul) {
+    const int t = (threadIdx.x % RRRA_WARP) & 3;
+#pragma unroll
+    for (int ks = 0; ks < DH / 16; ++ks) {
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {
+            const int r = (f & 1) ? rb : ra;
+            const int c = ks * 16 + 2 * t + ((f & 2) ? 8 : 0);
+            unsigned u = 0;
+            if (r < n) {
+                const float* x = src + (size_t)r * ld + c;
+                const float b0 = bias ? bias[c] : 0.0f, b1 = bias ? bias[c + 1] : 0.0f;
+                u = pack_bf16x2((x[0] + b0) * mul, (x[1] + b1) * mul);
+            }
+            fr[ks][f] = u;
+        }
+    }
+}
+
 // ---- warp products over shared tiles (attention forward and backward) ----
 
 // acc[nt] = A . B^T for the warp's 16 rows (A fragments `a`) and the N rows of a shared tile

@@ -507,23 +507,26 @@ static void attention_cases(const std::string& dir) {
             else if (dh == 128) run(rrra_attention_backward_dq_f32_d128, rrra_attention_backward_dkdv_f32_d128);
             else run(rrra_attention_backward_dq_f32_any, rrra_attention_backward_dkdv_f32_any);
         }
-        // dQ, dK, dV separately, each relative to its largest element: the CPU sums in another
-        // order and with its own exp; f32 over <= 130 keys and <= 128 dims is ~1e-6 of the
-        // largest gradient, so 1e-5 leaves margin, while a wrong mask element or tile edge is
-        // off by far more
-        const char* parts[3] = {"dQ", "dK", "dV"};
-        for (int part = 0; part < 3; ++part) {
-            std::vector<float> g, w;
-            for (int t = 0; t < tokens; ++t)
-                for (int c = 0; c < h; ++c) {
-                    g.push_back(dqkv[(size_t)t * 3 * h + part * h + c]);
-                    w.push_back(want[(size_t)t * 3 * h + part * h + c]);
-                }
-            char name[160];
-            snprintf(name, sizeof name, "attention dh %d x %d, p %.2f%s, lens %s: %s", dh, heads, p,
-                     with_bias ? ", bias" : "", lens_s.c_str(), parts[part]);
-            close(name, g.data(), w.data(), g.size(), 1e-5);
-        }
+        // dQ, dK, dV separately, each relative to its largest element
+        auto compare_parts = [&](const char* kind, double tol) {
+            const char* parts[3] = {"dQ", "dK", "dV"};
+            for (int part = 0; part < 3; ++part) {
+                std::vector<float> g, w;
+                for (int t = 0; t < tokens; ++t)
+                    for (int c = 0; c < h; ++c) {
+                        g.push_back(dqkv[(size_t)t * 3 * h + part * h + c]);
+                        w.push_back(want[(size_t)t * 3 * h + part * h + c]);
+                    }
+                char name[160];
+                snprintf(name, sizeof name, "attention%s dh %d x %d, p %.2f%s, lens %s: %s", kind, dh, heads, p,
+                         with_bias ? ", bias" : "", lens_s.c_str(), parts[part]);
+                close(name, g.data(), w.data(), g.size(), tol);
+            }
+        };
+        // the CPU sums in another order and with its own exp; f32 over <= 130 keys and <= 128
+        // dims is ~1e-6 of the largest gradient, so 1e-5 leaves margin, while a wrong mask
+        // element or tile edge is off by far more
+        compare_parts("", 1e-5);
         if (tokens == 0 || (dh != 32 && dh != 64 && dh != 128)) continue;
         // the tensor-core pair (GemmMath::Bf16's): 128 threads, static shared memory only
         std::fill(stats.begin(), stats.end(), NAN);
@@ -539,18 +542,7 @@ static void attention_cases(const std::string& dir) {
         // Q, K, V, dO, P~ and dS rounded to bf16 (2^-9 relative each) against the CPU's f32:
         // a few 1e-3 of the largest gradient; bf16's 1e-2 rule as the bound, while a wrong mask
         // element, tile edge or fragment moves a gradient by a large share of the largest
-        for (int part = 0; part < 3; ++part) {
-            std::vector<float> g, w;
-            for (int t = 0; t < tokens; ++t)
-                for (int c = 0; c < h; ++c) {
-                    g.push_back(dqkv[(size_t)t * 3 * h + part * h + c]);
-                    w.push_back(want[(size_t)t * 3 * h + part * h + c]);
-                }
-            char name[160];
-            snprintf(name, sizeof name, "attention mma dh %d x %d, p %.2f%s, lens %s: %s", dh, heads, p,
-                     with_bias ? ", bias" : "", lens_s.c_str(), parts[part]);
-            close(name, g.data(), w.data(), g.size(), 1e-2);
-        }
+        compare_parts(" mma", 1e-2);
     }
 }
 
