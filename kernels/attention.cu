@@ -33,11 +33,12 @@
 //   a 16-byte row skew so every ldmatrix (plain for K, .trans for V) is conflict-free. K's bias
 //   is dropped: it adds q . b_k to every score of a row, which softmax cancels exactly.
 //   20-36 KB static shared memory.
-// * rrra_attention_train_mma_d{32,64,128} (the training forward of GemmMath::Bf16): the bf16
-//   kernel's tensor-core structure on the training step's f32 QKV and ctx, with dropout on the
-//   probabilities (the CPU's masks). Tiles go through registers (f32 + bias, rounded to bf16)
-//   into single-buffered shared memory, every bias added on load; 10-18 KB static shared
-//   memory. See attention_train_mma.
+// * rrra_attention_train_mma_bf16_d{32,64,128} (the training forward of GemmMath::Bf16): the
+//   bf16 kernel's tensor-core structure on the training step's bf16 QKV and ctx, with dropout
+//   on the probabilities (the CPU's masks). Tiles go through registers (x + bias in f32,
+//   rounded to bf16) into single-buffered shared memory, every bias added on load; 10-18 KB
+//   static shared memory. rrra_attention_train_mma_d{32,64,128} is the same kernel on f32 QKV
+//   and ctx, the bridge by which tests hold it to the f32 kernels. See attention_train_mma.
 // * rrra_attention_varlen_{f32,bf16}_any: any head dim <= 128 (e.g. 8 or 16 in tiny models), one
 //   warp per query, 32 keys per step with one key per lane. Simple and slow: a fallback only.
 //
@@ -51,12 +52,13 @@
 // (23 TFLOP/s) and 814 us (32 TFLOP/s). Next steps for bf16: wgmma with TMA-fed tiles, and
 // 128-query blocks.
 //
-// The training kernel reads 12h B of f32 QKV and writes 4h B per token (2x the bf16 kernel's bytes:
-// 201 MB, ~47 us of HBM at 128 x 128) and adds one Philox4x32-10 block (~60 integer ops) per
-// probability with dropout, against 4 dh tensor-core flops: at dh 64 the dropout mask, not the
-// math, is its likely bound. It replaces the f32 SIMT kernels in the bf16 step: the tiled one
-// without dropout (275 us above) and, with dropout, rrra_train_attention_dropout_f32, one warp per
-// query that re-reads K and V from L2 for every query.
+// The training kernel reads 6h B of bf16 QKV and writes 2h B per token (the bf16 kernel's
+// bytes: 100 MB, ~23 us of HBM at 128 x 128; twice that for the f32 twin) and adds one
+// Philox4x32-10 block (~60 integer ops) per probability with dropout, against 4 dh tensor-core
+// flops: at dh 64 the dropout mask, not the math, is its likely bound. It replaces the f32 SIMT
+// kernels in the bf16 step: the tiled one without dropout (275 us above) and, with dropout,
+// rrra_train_attention_dropout_f32, one warp per query that re-reads K and V from L2 for every
+// query.
 #include "bert_common.cuh"
 #include "mma.cuh"
 #include "philox.cuh"
@@ -418,25 +420,26 @@ __device__ __forceinline__ void attention_mma(const bf16* __restrict__ qkv,
 }
 
 // ------------------------------------------------------------------------------------------
-// Training forward on tensor cores: f32 in and out, bf16 mma.sync, optional dropout
+// Training forward on tensor cores: f32 or bf16 in and out, bf16 mma.sync, optional dropout
 // ------------------------------------------------------------------------------------------
 
-// attention_mma's structure for the training forward in mixed precision (GemmMath::Bf16): the
-// step keeps QKV and ctx in f32, so tiles are loaded through registers (f32 + bias, rounded to
-// bf16 once) instead of cp.async, single-buffered (other blocks on the SM hide the latency).
-// Every bias is added on load, V's too: with dropout a row of kept probabilities no longer
-// sums to 1, so V's bias cannot move to the end as in attention_mma. Dropout (p > 0) is the
-// CPU's AttnDropout mask for mask: probability (head, i, j) of a sequence uses word
-// (head * len + i) * len + j of its stream (4 words per sequence in `words`); the softmax sum l
-// takes the probabilities before dropout, O takes them after, each kept one scaled by
-// keep_scale = 1 / (1 - p).
-template <int DH>
-__device__ __forceinline__ void attention_train_mma(const float* __restrict__ qkv,
+// attention_mma's structure for the training forward in mixed precision (GemmMath::Bf16): QKV
+// and ctx are T, bf16 in the mixed-precision step (its activations are stored in bf16) and f32
+// in the twin that tests hold against the f32 kernels on the same inputs. Tiles are loaded
+// through registers (x + bias in f32, rounded to bf16 once) instead of cp.async,
+// single-buffered (other blocks on the SM hide the latency). Every bias is added on load, V's
+// too: with dropout a row of kept probabilities no longer sums to 1, so V's bias cannot move to
+// the end as in attention_mma. Dropout (p > 0) is the CPU's AttnDropout mask for mask:
+// probability (head, i, j) of a sequence uses word (head * len + i) * len + j of its stream
+// (4 words per sequence in `words`); the softmax sum l takes the probabilities before dropout,
+// O takes them after, each kept one scaled by keep_scale = 1 / (1 - p).
+template <int DH, typename T>
+__device__ __forceinline__ void attention_train_mma(const T* __restrict__ qkv,
                                                     const float* __restrict__ bias,
                                                     const unsigned* __restrict__ offsets,
                                                     const unsigned* __restrict__ words, int h,
                                                     float scale_log2e, float p, float keep_scale,
-                                                    float* __restrict__ ctx) {
+                                                    T* __restrict__ ctx) {
     using C = MmaTile<DH>;
     __shared__ __align__(16) bf16 Ks[C::TILE];
     __shared__ __align__(16) bf16 Vs[C::TILE];
@@ -447,7 +450,7 @@ __device__ __forceinline__ void attention_train_mma(const float* __restrict__ qk
     if (q0 >= len) return;  // uniform per block, before any barrier
     const int tid = threadIdx.x, warp = tid / RRRA_WARP, lane = tid % RRRA_WARP;
     const int g = lane >> 2, t = lane & 3;
-    const HeadView<float> hv(qkv, bias, start, h, blockIdx.y, DH);
+    const HeadView<T> hv(qkv, bias, start, h, blockIdx.y, DH);
     const size_t ld = hv.ld;
     const unsigned* w = words + 4 * blockIdx.z;
     const bool dropout = p > 0.0f;
@@ -523,17 +526,13 @@ __device__ __forceinline__ void attention_train_mma(const float* __restrict__ qk
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
     const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
-    float* out0 = ctx + (size_t)(start + r0) * h + (size_t)blockIdx.y * DH;
-    float* out1 = out0 + 8 * (size_t)h;
+    T* out0 = ctx + (size_t)(start + r0) * h + (size_t)blockIdx.y * DH;
+    T* out1 = out0 + 8 * (size_t)h;
 #pragma unroll
     for (int dt = 0; dt < DH / 8; ++dt) {
         const int c = dt * 8 + 2 * t;
-        if (r0 < len)
-            *reinterpret_cast<float2*>(out0 + c) =
-                make_float2(oacc[dt][0] * inv0, oacc[dt][1] * inv0);
-        if (r1 < len)
-            *reinterpret_cast<float2*>(out1 + c) =
-                make_float2(oacc[dt][2] * inv1, oacc[dt][3] * inv1);
+        if (r0 < len) store2(out0 + c, oacc[dt][0] * inv0, oacc[dt][1] * inv0);
+        if (r1 < len) store2(out1 + c, oacc[dt][2] * inv1, oacc[dt][3] * inv1);
     }
 }
 
@@ -629,12 +628,19 @@ RRRA_ATTN_TILED(64)
 RRRA_ATTN_TILED(128)
 
 // The training forward (attention_train_mma): grid and block as the tiled kernels; `words` holds
-// 4 Philox words per sequence and is only read when p > 0.
-#define RRRA_ATTN_TRAIN(DH)                                                                     \
-    extern "C" __global__ void __launch_bounds__(128) rrra_attention_train_mma_d##DH(           \
-        const float *__restrict__ qkv, const float *__restrict__ bias,                          \
+// 4 Philox words per sequence and is only read when p > 0. _bf16: bf16 QKV and ctx (the
+// mixed-precision step's); the f32 twin is the tests' bridge to the f32 kernels.
+#define RRRA_ATTN_TRAIN_ARGS(T)                                                                 \
+    const T *__restrict__ qkv, const float *__restrict__ bias,                                  \
         const unsigned *__restrict__ offsets, const unsigned *__restrict__ words, int h,        \
-        float scale_log2e, float p, float keep_scale, float *__restrict__ ctx) {                \
+        float scale_log2e, float p, float keep_scale, T *__restrict__ ctx
+#define RRRA_ATTN_TRAIN(DH)                                                                     \
+    extern "C" __global__ void __launch_bounds__(128)                                           \
+        rrra_attention_train_mma_d##DH(RRRA_ATTN_TRAIN_ARGS(float)) {                           \
+        attention_train_mma<DH>(qkv, bias, offsets, words, h, scale_log2e, p, keep_scale, ctx); \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(128)                                           \
+        rrra_attention_train_mma_bf16_d##DH(RRRA_ATTN_TRAIN_ARGS(bf16)) {                       \
         attention_train_mma<DH>(qkv, bias, offsets, words, h, scale_log2e, p, keep_scale, ctx); \
     }
 

@@ -175,11 +175,14 @@ __device__ __forceinline__ void scores(const float* Qs, const float* Ks, const f
     }
 }
 
-// One head's rows in a sequence: Q, K, V in the fused projection (row stride 3h), their biases
-// (null without a bias), dO (row stride h).
+// One head's rows in a sequence: Q, K, V in the fused projection (row stride 3h; T: f32, or
+// bf16 for the tensor-core pair's bf16 twin), their biases (null without a bias), dO (f32, row
+// stride h).
+template <typename T>
 struct HeadPtrs {
-    const float *q, *k, *v, *qb, *kb, *vb, *dO;
-    __device__ HeadPtrs(const float* __restrict__ qkv, const float* __restrict__ bias,
+    const T *q, *k, *v;
+    const float *qb, *kb, *vb, *dO;
+    __device__ HeadPtrs(const T* __restrict__ qkv, const float* __restrict__ bias,
                         const float* __restrict__ dctx, int start, int h, int head, int dh) {
         q = qkv + (size_t)start * 3 * h + (size_t)head * dh;
         k = q + h;
@@ -231,7 +234,7 @@ __device__ __forceinline__ void backward_dq(const float* __restrict__ qkv,
     // number of probability (row, 0) of this head in the sequence's stream
     const unsigned long long nbase = (unsigned long long)head * len * len;
     const size_t ld = 3 * (size_t)h;
-    const HeadPtrs hp(qkv, bias, dctx, sq.start, h, head, dh);
+    const HeadPtrs<float> hp(qkv, bias, dctx, sq.start, h, head, dh);
     const float *q = hp.q, *k = hp.k, *v = hp.v, *dO = hp.dO;
     const float *qb = hp.qb, *kb = hp.kb, *vb = hp.vb;
 
@@ -374,7 +377,7 @@ __device__ __forceinline__ void backward_dkdv(const float* __restrict__ qkv,
     // number of probability (row, 0) of this head in the sequence's stream
     const unsigned long long nbase = (unsigned long long)head * len * len;
     const size_t ld = 3 * (size_t)h;
-    const HeadPtrs hp(qkv, bias, dctx, sq.start, h, head, dh);
+    const HeadPtrs<float> hp(qkv, bias, dctx, sq.start, h, head, dh);
     const float *q = hp.q, *k = hp.k, *v = hp.v, *dO = hp.dO;
     const float *qb = hp.qb, *kb = hp.kb, *vb = hp.vb;
     const float* lse_g = stats + (size_t)head * tokens + sq.start;
@@ -464,12 +467,13 @@ __device__ __forceinline__ void backward_dkdv(const float* __restrict__ qkv,
 // The same two kernels and the same maths as above, on the tensor cores: 4 warps of 16 rows
 // each own a 64-row tile (queries in dq, keys in dkdv) and stream the other side N rows at a
 // time (dq 64, 32 at dh 128; dkdv 32, 64 at dh 32: the sizes that do not spill), loaded from
-// f32 (+ bias) and rounded to bf16 into shared memory [N][dh + 8] (16-byte row skew:
-// conflict-free ldmatrix). The warp's own rows stay in registers as A fragments for the whole
-// block (dkdv's V rows in shared memory, read by ldmatrix: in registers they spilled). Scores
-// are in log2 units (the row's Q, or K, pre-scaled by scale * log2(e), so exp2 gives the
-// softmax) and `stats` holds LSE in log2 units, which only these two kernels read. P and dS
-// are re-packed from the f32 accumulators as bf16 A fragments without leaving registers:
+// f32 or bf16 (+ bias, in f32) and rounded to bf16 into shared memory [N][dh + 8] (16-byte
+// row skew: conflict-free ldmatrix). The warp's own rows stay in registers as A fragments for
+// the whole block (dkdv's V rows in shared memory, read by ldmatrix: in registers they
+// spilled). Scores are in log2 units (the row's Q, or K, pre-scaled by scale * log2(e), so
+// exp2 gives the softmax) and `stats` holds LSE in log2 units, which only these two kernels
+// read. P and dS are re-packed from the f32 accumulators as bf16 A fragments without leaving
+// registers:
 // * dq: S = Q K^T and dP = dO V^T (B from K and V rows, ldmatrix), pass 1 the online LSE and
 //   D, pass 2 dS = P (dP keep - D) and dQ += dS K (B from K rows, ldmatrix.trans).
 // * dkdv: S^T = K Q^T and dP^T = V dO^T per query tile, then dV += P~^T dO and dK += dS^T Q
@@ -478,7 +482,11 @@ __device__ __forceinline__ void backward_dkdv(const float* __restrict__ qkv,
 // of the largest gradient (7.4e-3 at worst on the emulator's cases; the bound is bf16's 1e-2).
 // The dropout keep of each probability is the CPU's mask, recomputed (one Philox block) in
 // each of the three passes, in a rolled loop per tile (dropped_bits).
-// Registers (sm_90, CUDA 13.0, no spills): dq 138-252, dkdv 158-255.
+// Two instantiations per head dim: QKV and dQKV in f32 (rrra_attention_backward_*_mma_d*) or in
+// bf16 (*_mma_bf16_d*, the bf16-activation step's); the loads widen bf16 exactly and the stores
+// round once, so the bf16 twin's gradients are the f32 one's rounded to bf16 on the same
+// values (the emulator checks this bit for bit).
+// Registers (sm_90, CUDA 13.0, no spills): dq 138-252, dkdv 158-255, both twins.
 // Roofline: the 9 len^2 x dh products of the SIMT kernels at tensor-core rate (BERT-base
 // 128 x 128: 28.9 GFLOP, ~37 us at 790 TFLOP/s); in practice bound by the f32 tile loads and,
 // with dropout, the Philox blocks (~60 integer ops per probability and pass).
@@ -546,15 +554,14 @@ __device__ __forceinline__ unsigned dropped_bits(const attb::Dropout& drop,
     return bits;
 }
 
-template <int DH>
-__device__ __forceinline__ void backward_dq(const float* __restrict__ qkv,
+template <int DH, typename T>
+__device__ __forceinline__ void backward_dq(const T* __restrict__ qkv,
                                             const float* __restrict__ bias,
                                             const float* __restrict__ dctx,
                                             const unsigned* __restrict__ offsets, int tokens,
                                             int h, float scale, float drop_p, float drop_scale,
                                             const unsigned* __restrict__ drop_ctr,
-                                            float* __restrict__ stats,
-                                            float* __restrict__ dqkv) {
+                                            float* __restrict__ stats, T* __restrict__ dqkv) {
     constexpr int N = Tile<DH>::N, KS = Tile<DH>::KS;
     __shared__ __align__(16) bf16 Ks[N * KS];
     __shared__ __align__(16) bf16 Vs[N * KS];
@@ -568,8 +575,9 @@ __device__ __forceinline__ void backward_dq(const float* __restrict__ qkv,
     const attb::Dropout drop(drop_p, drop_scale, drop_ctr);
     const unsigned long long nbase = (unsigned long long)head * len * len;
     const size_t ld = 3 * (size_t)h;
-    const attb::HeadPtrs hp(qkv, bias, dctx, sq.start, h, head, DH);
-    const float *q = hp.q, *k = hp.k, *v = hp.v, *dO = hp.dO;
+    const attb::HeadPtrs<T> hp(qkv, bias, dctx, sq.start, h, head, DH);
+    const T *q = hp.q, *k = hp.k, *v = hp.v;
+    const float* dO = hp.dO;
     const float *qb = hp.qb, *kb = hp.kb, *vb = hp.vb;
     const int ra = q0 + warp * 16 + g, rb = ra + 8;
     const float keep_scale = drop.on ? drop.scale : 1.0f;
@@ -677,18 +685,17 @@ __device__ __forceinline__ void backward_dq(const float* __restrict__ qkv,
     for (int r = 0; r < 2; ++r) {
         const int i = r ? rb : ra;
         if (i >= len) continue;
-        float* out = dqkv + (size_t)(sq.start + i) * ld + (size_t)head * DH;
+        T* out = dqkv + (size_t)(sq.start + i) * ld + (size_t)head * DH;
 #pragma unroll
         for (int dt = 0; dt < DH / 8; ++dt) {
             const int col = dt * 8 + 2 * t;
-            out[col] = acc[dt][2 * r] * scale;
-            out[col + 1] = acc[dt][2 * r + 1] * scale;
+            store2(out + col, acc[dt][2 * r] * scale, acc[dt][2 * r + 1] * scale);
         }
     }
 }
 
-template <int DH>
-__device__ __forceinline__ void backward_dkdv(const float* __restrict__ qkv,
+template <int DH, typename T>
+__device__ __forceinline__ void backward_dkdv(const T* __restrict__ qkv,
                                               const float* __restrict__ bias,
                                               const float* __restrict__ dctx,
                                               const unsigned* __restrict__ offsets, int tokens,
@@ -696,7 +703,7 @@ __device__ __forceinline__ void backward_dkdv(const float* __restrict__ qkv,
                                               float drop_scale,
                                               const unsigned* __restrict__ drop_ctr,
                                               const float* __restrict__ stats,
-                                              float* __restrict__ dqkv) {
+                                              T* __restrict__ dqkv) {
     constexpr int N = Tile<DH>::N_DKDV, KS = Tile<DH>::KS;
     __shared__ __align__(16) bf16 Qs[N * KS];
     __shared__ __align__(16) bf16 dOs[N * KS];
@@ -714,8 +721,9 @@ __device__ __forceinline__ void backward_dkdv(const float* __restrict__ qkv,
     const attb::Dropout drop(drop_p, drop_scale, drop_ctr);
     const unsigned long long nbase = (unsigned long long)head * len * len;
     const size_t ld = 3 * (size_t)h;
-    const attb::HeadPtrs hp(qkv, bias, dctx, sq.start, h, head, DH);
-    const float *q = hp.q, *k = hp.k, *v = hp.v, *dO = hp.dO;
+    const attb::HeadPtrs<T> hp(qkv, bias, dctx, sq.start, h, head, DH);
+    const T *q = hp.q, *k = hp.k, *v = hp.v;
+    const float* dO = hp.dO;
     const float *qb = hp.qb, *kb = hp.kb, *vb = hp.vb;
     const float* lse_g = stats + (size_t)head * tokens + sq.start;
     const float* delta_g = lse_g + (size_t)tokens * (h / DH);
@@ -774,14 +782,13 @@ __device__ __forceinline__ void backward_dkdv(const float* __restrict__ qkv,
     for (int r = 0; r < 2; ++r) {
         const int j = r ? jb : ja;
         if (j >= len) continue;
-        float* out = dqkv + (size_t)(sq.start + j) * ld + (size_t)head * DH;
+        T* out = dqkv + (size_t)(sq.start + j) * ld + (size_t)head * DH;
 #pragma unroll
         for (int dt = 0; dt < DH / 8; ++dt) {
             const int col = dt * 8 + 2 * t;
-            out[h + col] = dk[dt][2 * r] * (1.0f / LOG2E);
-            out[h + col + 1] = dk[dt][2 * r + 1] * (1.0f / LOG2E);
-            out[2 * (size_t)h + col] = dv[dt][2 * r];
-            out[2 * (size_t)h + col + 1] = dv[dt][2 * r + 1];
+            store2(out + h + col, dk[dt][2 * r] * (1.0f / LOG2E),
+                   dk[dt][2 * r + 1] * (1.0f / LOG2E));
+            store2(out + 2 * (size_t)h + col, dv[dt][2 * r], dv[dt][2 * r + 1]);
         }
     }
 }
@@ -796,12 +803,12 @@ __device__ __forceinline__ void backward_dkdv(const float* __restrict__ qkv,
 // dropout (drop_ctr may be null); else drop_ctr holds 4 words per sequence (see Dropout).
 // ------------------------------------------------------------------------------------------
 
-#define RRRA_ATTB_ARGS(STATS_CONST)                                                             \
-    const float *__restrict__ qkv, const float *__restrict__ bias,                              \
-        const float *__restrict__ dctx, const unsigned *__restrict__ offsets, int tokens, int h, \
-        int dh, float scale, float drop_p, float drop_scale,                                    \
-        const unsigned *__restrict__ drop_ctr, STATS_CONST float *__restrict__ stats,           \
-        float *__restrict__ dqkv
+#define RRRA_ATTB_ARGS_OF(T, STATS_CONST)                                                       \
+    const T *__restrict__ qkv, const float *__restrict__ bias, const float *__restrict__ dctx,  \
+        const unsigned *__restrict__ offsets, int tokens, int h, int dh, float scale,           \
+        float drop_p, float drop_scale, const unsigned *__restrict__ drop_ctr,                  \
+        STATS_CONST float *__restrict__ stats, T *__restrict__ dqkv
+#define RRRA_ATTB_ARGS(STATS_CONST) RRRA_ATTB_ARGS_OF(float, STATS_CONST)
 
 // The dkdv kernel's launch bounds: plain, or at least 2 blocks per SM (d32: ptxas otherwise
 // squeezes it to 80 registers and spills 4 bytes in the dropout path; with 2 it takes 123, none).
@@ -827,17 +834,22 @@ RRRA_ATTB_KERNELS(f32_any, 128, false, 1)
 
 // The tensor-core pair (attbm): the same signature (`dh` unused), 128 threads, static shared
 // memory only, the same grid; `stats` holds LSE in log2 units, for these two kernels only.
-#define RRRA_ATTB_MMA_KERNELS(DH)                                                               \
+// _bf16: QKV and dQKV in bf16 (the mixed-precision step's), dctx and stats f32; the f32 twin is
+// the tests' bridge to the f32 pair.
+#define RRRA_ATTB_MMA_PAIR(DH, SUFFIX, T)                                                       \
     extern "C" __global__ void __launch_bounds__(128)                                           \
-        rrra_attention_backward_dq_mma_d##DH(RRRA_ATTB_ARGS()) {                                \
+        rrra_attention_backward_dq_mma##SUFFIX##_d##DH(RRRA_ATTB_ARGS_OF(T, )) {                \
         attbm::backward_dq<DH>(qkv, bias, dctx, offsets, tokens, h, scale, drop_p, drop_scale,   \
                                drop_ctr, stats, dqkv);                                          \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(128)                                           \
-        rrra_attention_backward_dkdv_mma_d##DH(RRRA_ATTB_ARGS(const)) {                         \
+        rrra_attention_backward_dkdv_mma##SUFFIX##_d##DH(RRRA_ATTB_ARGS_OF(T, const)) {         \
         attbm::backward_dkdv<DH>(qkv, bias, dctx, offsets, tokens, h, scale, drop_p,             \
                                  drop_scale, drop_ctr, stats, dqkv);                            \
     }
+#define RRRA_ATTB_MMA_KERNELS(DH)                                                               \
+    RRRA_ATTB_MMA_PAIR(DH, , float)                                                             \
+    RRRA_ATTB_MMA_PAIR(DH, _bf16, bf16)
 
 RRRA_ATTB_MMA_KERNELS(32)
 RRRA_ATTB_MMA_KERNELS(64)

@@ -8,7 +8,8 @@
 //  rrra_train_embed_sum_f32   e = word[id] + pos[position] + type[type id] per token (the sum
 //                             before the embedding LayerNorm), one block per sequence
 //  rrra_train_layernorm_f32   y = LN(s) row by row (mean, then the centred variance, in f32: the
-//                             CPU's two passes), one warp per row
+//                             CPU's two passes), one warp per row; _f32_bf16 also writes a bf16
+//                             copy of y (the next product's input in the bf16-activation step)
 //  rrra_train_bias_residual_f32  y = (y + b) + r in place: the sum entering a LayerNorm
 //  rrra_train_bias_dropout_residual_f32  y = dropout(y + b) + r, one block per sequence
 //  rrra_train_dropout_f32     dst = dropout(src) per sequence (in place when dst = src): the
@@ -17,8 +18,9 @@
 //                             (query, head, sequence): scores, softmax, the CPU's mask, P̃·V
 //                             (the f32 path's; GemmMath::Bf16 runs attention.cu's
 //                             rrra_attention_train_mma_d* instead)
-//  rrra_train_bias_gelu_f32   pre = y + b (kept in place), out = GELU(pre) (exact erf)
-//  rrra_train_gelu_f32        out = GELU(pre) (the FFN activation, recomputed in backward)
+//  rrra_train_bias_gelu_{f32,bf16}  pre = y + b (kept in place), out = GELU(pre) (exact erf)
+//  rrra_train_gelu_{f32,bf16}  out = GELU(pre) (the FFN activation, recomputed in backward)
+//  rrra_train_to_bf16         dst = bf16(src): working weights, gradients entering bf16 products
 //  rrra_train_add_f32         dst += src (the residual branches of the backward)
 //
 // Dropout: sequence s's element e (row-major within its [len × width] block) is dropped when
@@ -29,13 +31,17 @@
 // The attention kernel materialises a row of scores per warp in registers (len ≤ 512) and is
 // the f32 training path's when attention dropout is on; without it the inference kernel runs.
 //
+// The bf16 variants (GemmMath::Bf16, whose kept activations are bf16) do their math in f32 and
+// round once on each store.
+//
 // Roofline (BERT-base step, 73 728 tokens × 768, FFN 3 072; H200 ~4.3 TB/s): every kernel is a
 // stream of a few bytes per element with a handful of flops: the LayerNorm reads and writes
-// 8 B/element (0.45 GB, ~0.1 ms), bias + GELU 12 B/element over the FFN (2.7 GB, ~0.6 ms).
+// 8 B/element (0.45 GB, ~0.1 ms; 10 B with the bf16 copy), bias + GELU 12 B/element over the
+// FFN in f32 (2.7 GB, ~0.6 ms), 6 B in bf16 (1.4 GB, ~0.3 ms).
 
 #include <stdint.h>
 
-#include "common.cuh"
+#include "bert_common.cuh"
 #include "philox.cuh"
 
 #define THREADS 256
@@ -57,11 +63,12 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     }
 }
 
-// One warp per row.
-extern "C" __global__ void __launch_bounds__(THREADS)
-    rrra_train_layernorm_f32(const float* __restrict__ s, const float* __restrict__ gamma,
-                             const float* __restrict__ beta, float eps, int rows, int h,
-                             float* __restrict__ y) {
+// One warp per row; y_bf (null or [rows x h]) receives a bf16 copy of y.
+__device__ __forceinline__ void train_layernorm(const float* __restrict__ s,
+                                                const float* __restrict__ gamma,
+                                                const float* __restrict__ beta, float eps,
+                                                int rows, int h, float* __restrict__ y,
+                                                bf16* __restrict__ y_bf) {
     const long long r = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32;
     const int lane = threadIdx.x % 32;
     if (r >= rows) return;
@@ -77,7 +84,25 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     const float var = warp_sum(sq) / (float)h;
     const float inv = 1.0f / sqrtf(var + eps);
     float* out = y + r * h;
-    for (int j = lane; j < h; j += 32) out[j] = (x[j] - mean) * inv * gamma[j] + beta[j];
+    for (int j = lane; j < h; j += 32) {
+        const float v = (x[j] - mean) * inv * gamma[j] + beta[j];
+        out[j] = v;
+        if (y_bf != nullptr) store1(y_bf + r * h + j, v);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    rrra_train_layernorm_f32(const float* __restrict__ s, const float* __restrict__ gamma,
+                             const float* __restrict__ beta, float eps, int rows, int h,
+                             float* __restrict__ y) {
+    train_layernorm(s, gamma, beta, eps, rows, h, y, nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    rrra_train_layernorm_f32_bf16(const float* __restrict__ s, const float* __restrict__ gamma,
+                                  const float* __restrict__ beta, float eps, int rows, int h,
+                                  float* __restrict__ y, bf16* __restrict__ y_bf) {
+    train_layernorm(s, gamma, beta, eps, rows, h, y, y_bf);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
@@ -89,23 +114,56 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         y[x] = (y[x] + b[x % cols]) + r[x];
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS)
-    rrra_train_bias_gelu_f32(float* __restrict__ pre, const float* __restrict__ b, long long rows,
-                             int cols, float* __restrict__ out) {
+// pre = y + b, stored (rounded to T) in place; out = GELU of the stored pre, so the backward,
+// which recomputes GELU and its derivative from the stored pre, sees the forward's values.
+template <typename T>
+__device__ __forceinline__ void train_bias_gelu(T* __restrict__ pre, const float* __restrict__ b,
+                                                long long rows, int cols, T* __restrict__ out) {
     const long long n = rows * cols;
     for (long long x = blockIdx.x * (long long)blockDim.x + threadIdx.x; x < n;
          x += (long long)gridDim.x * blockDim.x) {
-        const float v = pre[x] + b[x % cols];
-        pre[x] = v;
-        out[x] = gelu_erf(v);
+        store1(pre + x, load1(pre + x) + b[x % cols]);
+        store1(out + x, gelu_erf(load1(pre + x)));
     }
+}
+
+template <typename T>
+__device__ __forceinline__ void train_gelu(const T* __restrict__ pre, long long n,
+                                           T* __restrict__ out) {
+    for (long long x = blockIdx.x * (long long)blockDim.x + threadIdx.x; x < n;
+         x += (long long)gridDim.x * blockDim.x)
+        store1(out + x, gelu_erf(load1(pre + x)));
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    rrra_train_bias_gelu_f32(float* __restrict__ pre, const float* __restrict__ b, long long rows,
+                             int cols, float* __restrict__ out) {
+    train_bias_gelu(pre, b, rows, cols, out);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    rrra_train_bias_gelu_bf16(bf16* __restrict__ pre, const float* __restrict__ b, long long rows,
+                              int cols, bf16* __restrict__ out) {
+    train_bias_gelu(pre, b, rows, cols, out);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
     rrra_train_gelu_f32(const float* __restrict__ pre, long long n, float* __restrict__ out) {
+    train_gelu(pre, n, out);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    rrra_train_gelu_bf16(const bf16* __restrict__ pre, long long n, bf16* __restrict__ out) {
+    train_gelu(pre, n, out);
+}
+
+// dst = bf16(src): the bf16 working weights from the f32 masters, and the f32 gradients that
+// enter a bf16 product.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    rrra_train_to_bf16(const float* __restrict__ src, long long n, bf16* __restrict__ dst) {
     for (long long x = blockIdx.x * (long long)blockDim.x + threadIdx.x; x < n;
          x += (long long)gridDim.x * blockDim.x)
-        out[x] = gelu_erf(pre[x]);
+        store1(dst + x, src[x]);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)

@@ -4,10 +4,7 @@
 // mma / ldmatrix / cp.async (tools/kernel-emulator/mma_sync.h, included before this header).
 #pragma once
 
-#include <cuda_bf16.h>
-#include "common.cuh"
-
-typedef __nv_bfloat16 bf16;
+#include "bert_common.cuh"
 
 __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
     const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo -> low 16 bits
@@ -69,27 +66,23 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 #endif
 
-// ---- f32 rows into bf16 operands (the training attention kernels) ----
+// ---- f32 or bf16 rows into bf16 operands (the training attention kernels) ----
+// T is the stored element type: f32 (the f32 activations' step) or bf16 (GemmMath::Bf16's step,
+// whose QKV is stored in bf16). Math is f32 in both: (x + bias) * mul rounded once to bf16.
 
-// Rows r0 .. r0 + R of an f32 [* x ld] matrix, columns 0 .. DH, (x + bias[c] when given) * mul
+// Rows r0 .. r0 + R of a [* x ld] matrix of T, columns 0 .. DH, (x + bias[c] when given) * mul
 // rounded to bf16 into dst [R][DH + 8]; rows >= n are zero.
-template <int DH, int R>
-__device__ __forceinline__ void load_bf16_tile(bf16* dst, const float* __restrict__ src,
-                                               size_t ld, int r0, int n,
-                                               const float* __restrict__ bias, float mul = 1.0f) {
+template <int DH, int R, typename T>
+__device__ __forceinline__ void load_bf16_tile(bf16* dst, const T* __restrict__ src, size_t ld,
+                                               int r0, int n, const float* __restrict__ bias,
+                                               float mul = 1.0f) {
     constexpr int KS = DH + 8;
     for (int i = threadIdx.x; i < R * DH / 4; i += blockDim.x) {
         const int r = i / (DH / 4), c = 4 * (i % (DH / 4));
         uint2 u = make_uint2(0u, 0u);
         if (r0 + r < n) {
-            float4 x = *reinterpret_cast<const float4*>(src + (size_t)(r0 + r) * ld + c);
-            if (bias) {
-                const float4 b = *reinterpret_cast<const float4*>(bias + c);
-                x.x += b.x;
-                x.y += b.y;
-                x.z += b.z;
-                x.w += b.w;
-            }
+            float4 x = load4(src + (size_t)(r0 + r) * ld + c);
+            if (bias) x = add4(x, load4(bias + c));
             u = make_uint2(pack_bf16x2(x.x * mul, x.y * mul),
                            pack_bf16x2(x.z * mul, x.w * mul));
         }
@@ -97,13 +90,12 @@ __device__ __forceinline__ void load_bf16_tile(bf16* dst, const float* __restric
     }
 }
 
-// The A fragments of rows ra (fragment row g) and rb = ra + 8 of an f32 [* x ld] matrix over
+// The A fragments of rows ra (fragment row g) and rb = ra + 8 of a [* x ld] matrix of T over
 // columns 0 .. DH, (x + bias) * mul rounded once; rows >= n are zero.
-template <int DH>
-__device__ __forceinline__ void load_a_frags(unsigned (&fr)[DH / 16][4],
-                                             const float* __restrict__ src, size_t ld, int ra,
-                                             int rb, int n, const float* __restrict__ bias,
-                                             float mul) {
+template <int DH, typename T>
+__device__ __forceinline__ void load_a_frags(unsigned (&fr)[DH / 16][4], const T* __restrict__ src,
+                                             size_t ld, int ra, int rb, int n,
+                                             const float* __restrict__ bias, float mul) {
     const int t = (threadIdx.x % RRRA_WARP) & 3;
 #pragma unroll
     for (int ks = 0; ks < DH / 16; ++ks) {
@@ -113,13 +105,21 @@ __device__ __forceinline__ void load_a_frags(unsigned (&fr)[DH / 16][4],
             const int c = ks * 16 + 2 * t + ((f & 2) ? 8 : 0);
             unsigned u = 0;
             if (r < n) {
-                const float* x = src + (size_t)r * ld + c;
+                const T* x = src + (size_t)r * ld + c;
                 const float b0 = bias ? bias[c] : 0.0f, b1 = bias ? bias[c + 1] : 0.0f;
-                u = pack_bf16x2((x[0] + b0) * mul, (x[1] + b1) * mul);
+                u = pack_bf16x2((load1(x) + b0) * mul, (load1(x + 1) + b1) * mul);
             }
             fr[ks][f] = u;
         }
     }
+}
+
+// Two adjacent outputs (column c, c + 1 of a row) of an f32 or bf16 matrix.
+__device__ __forceinline__ void store2(float* p, float a, float b) {
+    *reinterpret_cast<float2*>(p) = make_float2(a, b);
+}
+__device__ __forceinline__ void store2(bf16* p, float a, float b) {
+    *reinterpret_cast<unsigned*>(p) = pack_bf16x2(a, b);
 }
 
 // ---- warp products over shared tiles (attention forward and backward) ----

@@ -543,6 +543,44 @@ static void attention_cases(const std::string& dir) {
         // a few 1e-3 of the largest gradient; bf16's 1e-2 rule as the bound, while a wrong mask
         // element, tile edge or fragment moves a gradient by a large share of the largest
         compare_parts(" mma", 1e-2);
+        // The bf16 twin (the bf16-activation step's: bf16 QKV in, bf16 dQKV out) on QKV rounded
+        // to bf16, against the f32 pair on the same values widened: identical arithmetic, so
+        // each gradient must be the f32 pair's rounded to bf16, bit for bit.
+        std::vector<bf16> qkv16(qkv.size()), dqkv16(dqkv.size(), __float2bfloat16_rn(NAN));
+        std::vector<float> qkv_r(qkv.size());
+        for (size_t i = 0; i < qkv.size(); ++i) {
+            qkv16[i] = __float2bfloat16_rn(qkv[i]);
+            qkv_r[i] = __bfloat162float(qkv16[i]);
+        }
+        std::vector<float> stats16(stats.size(), NAN);
+        std::fill(stats.begin(), stats.end(), NAN);
+        std::fill(dqkv.begin(), dqkv.end(), NAN);
+        auto run_pair = [&](auto dq, auto dkdv, auto dq16, auto dkdv16) {
+            const unsigned gx = (max_len + 63) / 64;
+            launch3(gx, heads, S, 128, [&] { dq(qkv_r.data(), b, dctx.data(), offs.data(), tokens, h, dh, scale, drop_p, drop_scale, ctr, stats.data(), dqkv.data()); });
+            launch3(gx, heads, S, 128, [&] { dkdv(qkv_r.data(), b, dctx.data(), offs.data(), tokens, h, dh, scale, drop_p, drop_scale, ctr, stats.data(), dqkv.data()); });
+            launch3(gx, heads, S, 128, [&] { dq16(qkv16.data(), b, dctx.data(), offs.data(), tokens, h, dh, scale, drop_p, drop_scale, ctr, stats16.data(), dqkv16.data()); });
+            launch3(gx, heads, S, 128, [&] { dkdv16(qkv16.data(), b, dctx.data(), offs.data(), tokens, h, dh, scale, drop_p, drop_scale, ctr, stats16.data(), dqkv16.data()); });
+        };
+        if (dh == 32)
+            run_pair(rrra_attention_backward_dq_mma_d32, rrra_attention_backward_dkdv_mma_d32,
+                     rrra_attention_backward_dq_mma_bf16_d32, rrra_attention_backward_dkdv_mma_bf16_d32);
+        else if (dh == 64)
+            run_pair(rrra_attention_backward_dq_mma_d64, rrra_attention_backward_dkdv_mma_d64,
+                     rrra_attention_backward_dq_mma_bf16_d64, rrra_attention_backward_dkdv_mma_bf16_d64);
+        else
+            run_pair(rrra_attention_backward_dq_mma_d128, rrra_attention_backward_dkdv_mma_d128,
+                     rrra_attention_backward_dq_mma_bf16_d128, rrra_attention_backward_dkdv_mma_bf16_d128);
+        int differ = 0;
+        for (size_t i = 0; i < dqkv.size(); ++i)
+            differ += __float2bfloat16_rn(dqkv[i]).x != dqkv16[i].x;
+        ++checks;
+        if (differ && ++fails <= 40)
+            printf("FAIL attention mma bf16 twin dh %d x %d, p %.2f, lens %s: %d of %zu gradients differ\n", dh, heads, p,
+                   lens_s.c_str(), differ, dqkv.size());
+        // and the twin against the CPU's on the unrounded QKV: the same bf16 bound
+        for (size_t i = 0; i < dqkv.size(); ++i) dqkv[i] = __bfloat162float(dqkv16[i]);
+        compare_parts(" mma bf16", 1e-2);
     }
 }
 

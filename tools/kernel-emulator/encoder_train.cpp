@@ -20,6 +20,9 @@ static int fails = 0;
 static std::mt19937_64 rng(1);
 static float U(float a, float b) { return std::uniform_real_distribution<float>(a, b)(rng); }
 static float gelu(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752440f)); }
+static bf16 to_bf(float x) { return __float2bfloat16_rn(x); }
+static float wide(bf16 x) { return __bfloat162float(x); }
+static bool same(bf16 a, bf16 b) { return a.x == b.x; }
 
 static void row_kernels() {
     for (int h : {32, 36, 384}) {
@@ -74,6 +77,30 @@ static void row_kernels() {
         auto dst = yy;
         launch(1, 256, [&] { rrra_train_add_f32(dst.data(), r.data(), n); });
         for (long i = 0; i < n; ++i) CHECK(dst[i] == yy[i] + r[i], "add %ld", i);
+        // the bf16-activation step's variants: f32 math, one rounding per store
+        std::vector<float> y32(R * h, NAN);
+        std::vector<bf16> ybf(R * h, to_bf(NAN));
+        launch((R * 32 + 255) / 256, 256, [&] { rrra_train_layernorm_f32_bf16(s.data(), g.data(), b.data(), 1e-12f, R, h, y32.data(), ybf.data()); });
+        for (int i = 0; i < R * h; ++i) {
+            CHECK(y32[i] == y[i], "layernorm_f32_bf16 f32 %d", i);
+            CHECK(same(ybf[i], to_bf(y[i])), "layernorm_f32_bf16 copy %d", i);
+        }
+        std::vector<bf16> pre16(n), out16(n, to_bf(NAN)), in16(n);
+        for (long i = 0; i < n; ++i) in16[i] = pre16[i] = to_bf(yy[i]);
+        launch(3, 256, [&] { rrra_train_bias_gelu_bf16(pre16.data(), bb.data(), R, h, out16.data()); });
+        for (long i = 0; i < n; ++i) {
+            const bf16 want = to_bf(wide(in16[i]) + bb[i % h]);
+            CHECK(same(pre16[i], want), "bias_gelu_bf16 pre %ld", i);
+            CHECK(same(out16[i], to_bf(gelu_erf(wide(want)))), "bias_gelu_bf16 %ld", i);
+            // the stored pre-activation, not the unrounded sum, is what GELU saw
+            CHECK(std::fabs(wide(out16[i]) - gelu(wide(want))) <= 8e-3f * (1 + std::fabs(wide(want))), "bias_gelu_bf16 value %ld", i);
+        }
+        std::vector<bf16> g16(n, to_bf(NAN));
+        launch(2, 256, [&] { rrra_train_gelu_bf16(in16.data(), n, g16.data()); });
+        for (long i = 0; i < n; ++i) CHECK(same(g16[i], to_bf(gelu_erf(wide(in16[i])))), "gelu_bf16 %ld", i);
+        std::vector<bf16> c16(n, to_bf(NAN));
+        launch(2, 256, [&] { rrra_train_to_bf16(yy.data(), n, c16.data()); });
+        for (long i = 0; i < n; ++i) CHECK(same(c16[i], to_bf(yy[i])), "to_bf16 %ld", i);
     }
 }
 
@@ -154,6 +181,26 @@ static void train_attention_mma(const std::string& dir) {
         }
         printf("attention mma dh %d x%d p %.2f over %u tokens: within %.2e (mean %.1e) of the scale %.2f\n", dh, heads,
                p, tokens, worst, sum / std::max<size_t>(1, want.size()), scale);
+        // The bf16 twin (the bf16-activation step's) on QKV rounded to bf16 against the f32
+        // kernel on the same values widened: identical arithmetic, so its output must be the
+        // f32 one's rounded to bf16, bit for bit; and the CPU's within the same 1e-2.
+        using Kernel16 = void (*)(const bf16*, const float*, const unsigned*, const unsigned*, int, float, float, float, bf16*);
+        Kernel16 k16 = dh == 32 ? rrra_attention_train_mma_bf16_d32 : dh == 64 ? rrra_attention_train_mma_bf16_d64 : rrra_attention_train_mma_bf16_d128;
+        std::vector<bf16> qkv16(qkv.size()), ctx16(tokens * h, to_bf(NAN));
+        std::vector<float> qkv_r(qkv.size()), ctx_r(tokens * h, NAN);
+        for (size_t i = 0; i < qkv.size(); ++i) qkv_r[i] = wide(qkv16[i] = to_bf(qkv[i]));
+        launch3(std::max(1u, (max_len + 63) / 64), heads, seqs, 128,
+                [&] { k(qkv_r.data(), bias.data(), offs.data(), words.data(), h, scale_log2e, p, keep, ctx_r.data()); });
+        launch3(std::max(1u, (max_len + 63) / 64), heads, seqs, 128,
+                [&] { k16(qkv16.data(), bias.data(), offs.data(), words.data(), h, scale_log2e, p, keep, ctx16.data()); });
+        double worst16 = 0;
+        for (size_t i = 0; i < ctx16.size(); ++i) {
+            CHECK(same(ctx16[i], to_bf(ctx_r[i])), "attention mma bf16 twin dh %d p %g [%zu]: %g vs %g", dh, p, i, wide(ctx16[i]), ctx_r[i]);
+            const double e = std::fabs((double)wide(ctx16[i]) - want[i]);
+            worst16 = std::max(worst16, std::isfinite(e) ? e : 1e9);
+            CHECK(e <= 1e-2 * scale, "attention mma bf16 dh %d p %g [%zu]: %g vs %g", dh, p, i, wide(ctx16[i]), want[i]);
+        }
+        printf("  bf16 twin: the f32 kernel's output rounded, bit for bit; within %.2e of the CPU's on unrounded QKV\n", worst16);
     }
 }
 
