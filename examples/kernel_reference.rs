@@ -655,7 +655,7 @@ const STEP_CASES: [StepCase; 4] = {
         (64, 2, Cls, false, false, &[&[65, 6, 1, 9]]),
         (64, 2, Max, true, true, &[&[65, 6, 1, 9], &[4, 7]]),
         (48, 3, Mean, false, true, &[&[9, 66, 3]]),
-        (64, 2, Mean, false, true, &[&[70, 3, 1]]),
+        (64, 2, Mean, false, true, &[&[70, 3, 1], &[5, 9]]),
     ]
 };
 

@@ -22,8 +22,8 @@ mod common;
 
 use rrra::cpu::backward::{attention_sequence_backward, AttnDropout};
 use rrra::device::attention_backward::{
-    attention_backward_host, attention_backward_host_on, attention_dropout_words, bench,
-    AttnDropoutPlan, GpuAttentionBackward,
+    attention_backward_host, attention_backward_host_bf16, attention_backward_host_on,
+    attention_dropout_words, bench, AttnDropoutPlan, GpuAttentionBackward,
 };
 use rrra::device::{cuda_compiled, kernel_module};
 use rrra::index::synthetic::Rng;
@@ -182,6 +182,41 @@ fn case_with(
         )
         .unwrap();
         check_within(&format!("{what}, tensor cores"), &mma, &want, h, 2e-2);
+        // The bf16 twin (the mixed-precision step's: bf16 QKV in, bf16 dQKV out) computes what
+        // the f32 pair computes on the same values: on QKV rounded to bf16 its gradients are
+        // the f32 pair's rounded to bf16, bit for bit (as on the emulator); against the CPU on
+        // the unrounded QKV the same 2e-2 (emulator: 9.8e-3).
+        let rounded: Vec<f32> = raw
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect();
+        let twin = |qkv: &[f32]| {
+            attention_backward_host_bf16(gpu, qkv, Some(&bias), &dctx, &offsets, drop, h, heads)
+                .unwrap()
+        };
+        let on_rounded = twin(&rounded);
+        let f32_pair = attention_backward_host_on(
+            gpu,
+            true,
+            &rounded,
+            Some(&bias),
+            &dctx,
+            &offsets,
+            drop,
+            h,
+            heads,
+        )
+        .unwrap();
+        let differ = on_rounded
+            .iter()
+            .zip(&f32_pair)
+            .filter(|&(&a, &b)| a.to_bits() != half::bf16::from_f32(b).to_f32().to_bits())
+            .count();
+        assert_eq!(
+            differ, 0,
+            "{what}: the bf16 twin is not the f32 pair rounded"
+        );
+        check_within(&format!("{what}, bf16 twin"), &twin(&raw), &want, h, 2e-2);
     }
 }
 

@@ -177,9 +177,13 @@ fn tensor_core_gemm_math_stays_within_its_rounding() {
     let Some(gpu) = common::gpu_or_skip() else {
         return;
     };
-    // head dim 32: GemmMath::Bf16 also runs attention on the tensor cores (forward
-    // rrra_attention_train_mma_d32, backward rrra_attention_backward_{dq,dkdv}_mma_d32),
-    // without and with dropout; the others the f32 kernels
+    // head dim 32: GemmMath::Bf16 stores the activations in bf16, runs the products on bf16
+    // operands and attention on the tensor cores (rrra_attention_train_mma_bf16_d32, backward
+    // rrra_attention_backward_{dq,dkdv}_mma_bf16_d32), without and with dropout; the others
+    // keep f32 activations and the f32 attention kernels. Bounds: 1e-4 for f32 (summation
+    // order, erf/exp), 5e-3 for TF32 operands (2^-11), 3e-2 for bf16 storage and operands
+    // (2^-9 per rounding, a few per value across two layers; the block emulator's whole step
+    // in this mode was within 1.7e-2 (embeddings) and 6.4e-3 (gradients) of the CPU).
     let (h, heads, layers, inter) = (128usize, 4usize, 2usize, 256usize);
     let cfg = small_config(h, heads, layers, inter);
     let bert = random_bert(cfg.clone(), 77);
@@ -214,7 +218,12 @@ fn tensor_core_gemm_math_stays_within_its_rounding() {
             let what = format!("{math}, dropout {}", dropout.attention);
             let mut dev =
                 GpuTrainableEncoder::new(&gpu, &bert, Pooling::Mean, true, 200, 8).unwrap();
-            dev.set_gemm_math(math);
+            dev.set_gemm_math(math).unwrap();
+            assert_eq!(
+                dev.bf16_activations(),
+                math == GemmMath::Bf16,
+                "{what}: storage"
+            );
             let emb = dev.forward_train(&batch, &dropout).unwrap();
             let worst = emb
                 .iter()
@@ -371,6 +380,49 @@ fn gradients_match_the_float64_reference_on_the_gpu() {
 }
 
 #[test]
+fn switching_storage_and_weights_keeps_results() {
+    let Some(gpu) = common::gpu_or_skip() else {
+        return;
+    };
+    // head dim 64: GemmMath::Bf16 reallocates the activations in bf16, F32 back in f32; each
+    // mode's results are deterministic, so a switch and back must give them bit for bit, and
+    // new weights must reach the bf16 working copies (a stale copy would keep the old output)
+    let cfg = small_config(128, 2, 2, 256);
+    let (bert, other) = (random_bert(cfg.clone(), 3), random_bert(cfg.clone(), 4));
+    let batch = train_batch(batch_with_lengths(&cfg, &[9, 70, 1], 5), 0);
+    let dropout = DropoutPlan {
+        hidden: 0.1,
+        attention: 0.1,
+        seed: 2,
+        step: 3,
+    };
+    let fresh = |b: &rrra::model::bert::Bert, math: GemmMath| {
+        let mut dev = GpuTrainableEncoder::new(&gpu, b, Pooling::Mean, true, 100, 4).unwrap();
+        dev.set_gemm_math(math).unwrap();
+        dev.forward_train(&batch, &dropout).unwrap()
+    };
+    let f32_emb = fresh(&bert, GemmMath::F32);
+    let bf16_emb = fresh(&bert, GemmMath::Bf16);
+    assert_ne!(f32_emb, bf16_emb, "bf16 storage rounds");
+    let mut dev = GpuTrainableEncoder::new(&gpu, &bert, Pooling::Mean, true, 100, 4).unwrap();
+    for (math, want) in [
+        (GemmMath::Bf16, &bf16_emb),
+        (GemmMath::F32, &f32_emb),
+        (GemmMath::Bf16, &bf16_emb),
+    ] {
+        dev.set_gemm_math(math).unwrap();
+        assert_eq!(
+            &dev.forward_train(&batch, &dropout).unwrap(),
+            want,
+            "{math}"
+        );
+    }
+    dev.set_weights(&other.weights).unwrap();
+    let got = dev.forward_train(&batch, &dropout).unwrap();
+    assert_eq!(got, fresh(&other, GemmMath::Bf16), "new weights in bf16");
+}
+
+#[test]
 fn bad_calls_are_errors() {
     let Some(gpu) = common::gpu_or_skip() else {
         return;
@@ -416,29 +468,31 @@ fn tensor_core_attention_matches_the_f32_kernels_with_the_same_masks() {
                 seed: 5,
                 step: 1,
             };
-            let mut dev =
-                GpuTrainableEncoder::new(&gpu, &bert, Pooling::Mean, true, 240, 8).unwrap();
-            dev.forward_train(&batch, &dropout).unwrap();
-            let want = dev.rerun_attention(0, false).unwrap();
-            let got = dev.rerun_attention(0, true).unwrap();
-            let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-            let worst = got
-                .iter()
-                .zip(&want)
-                .map(|(g, w)| (g - w).abs())
-                .fold(
-                    0.0f32,
-                    |m, e| if e.is_nan() { f32::INFINITY } else { m.max(e) },
+            // f32 storage: the tensor-core kernel on f32 QKV; bf16 storage (GemmMath::Bf16):
+            // its bf16 twin on the kept bf16 QKV, the f32 kernels on the same values widened
+            for math in [GemmMath::F32, GemmMath::Bf16] {
+                let mut dev =
+                    GpuTrainableEncoder::new(&gpu, &bert, Pooling::Mean, true, 240, 8).unwrap();
+                dev.set_gemm_math(math).unwrap();
+                dev.forward_train(&batch, &dropout).unwrap();
+                let want = dev.rerun_attention(0, false).unwrap();
+                let got = dev.rerun_attention(0, true).unwrap();
+                let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+                let worst =
+                    got.iter()
+                        .zip(&want)
+                        .map(|(g, w)| (g - w).abs())
+                        .fold(
+                            0.0f32,
+                            |m, e| if e.is_nan() { f32::INFINITY } else { m.max(e) },
+                        );
+                let what = format!("head dim {}, dropout {attention}, {math}", h / heads);
+                assert!(
+                    worst <= 1e-2 * scale,
+                    "{what}: {worst:.2e} apart (scale {scale})"
                 );
-            assert!(
-                worst <= 1e-2 * scale,
-                "head dim {}, dropout {attention}: {worst:.2e} apart (scale {scale})",
-                h / heads
-            );
-            eprintln!(
-                "head dim {}, dropout {attention}: within {worst:.2e} of the f32 kernel",
-                h / heads
-            );
+                eprintln!("{what}: within {worst:.2e} of the f32 kernel");
+            }
         }
     }
 }

@@ -2,12 +2,15 @@
 //! [`attention_sequence_backward`](crate::cpu::backward::attention_sequence_backward) applied to
 //! every sequence of a packed variable-length batch (as `train::encoder_grad` does), with the
 //! optional dropout on the probabilities ([`AttnDropoutPlan`]: the CPU's per-sequence Philox
-//! streams, recomputed in the kernels, so the masks are the CPU's bit for bit). Kernels and design: `kernels/attention_backward.cu`
-//! (FlashAttention-2 scheme in f32 SIMT: probabilities recomputed tile by tile from Q and K,
-//! LSE and D = rowsum(dP ⊙ P) from a first online pass, dQ by query-tile blocks and dK / dV by
-//! key-tile blocks, so nothing is accumulated with atomics and results are deterministic). For
-//! head dims 32, 64 and 128 the same scheme runs on the tensor cores as well (bf16 operands, f32
-//! accumulation; [`GpuAttentionBackward::use_tensor_cores`]), the mixed-precision step's.
+//! streams, recomputed in the kernels, so the masks are the CPU's bit for bit). Kernels and
+//! design: `kernels/attention_backward.cu` (FlashAttention-2 scheme in f32 SIMT: probabilities
+//! recomputed tile by tile from Q and K, LSE and D = rowsum(dP ⊙ P) from a first online pass,
+//! dQ by query-tile blocks and dK / dV by key-tile blocks, so nothing is accumulated with
+//! atomics and results are deterministic). For head dims 32, 64 and 128 the same scheme runs on
+//! the tensor cores as well (bf16 operands, f32 accumulation): on f32 QKV and dQKV
+//! ([`GpuAttentionBackward::use_tensor_cores`]), and on bf16 ones
+//! ([`GpuAttentionBackward::backward_bf16`], the mixed-precision step's, whose activations are
+//! bf16). The two compute the same: the bf16 one's gradients are the f32 one's rounded to bf16.
 //!
 //! # Inputs
 //! The CPU backward's: the fused projection `qkv` `[tokens × 3h]` (Q | K | V) and `dctx` = dO
@@ -25,7 +28,8 @@
 //! without dropout, about as far as an f32 port of the CPU maths is from an f64 evaluation.
 //! Dropout masks are identical (same Philox words, same `u < p` test). The tensor-core kernels
 //! round Q, K, V, dO, the kept probabilities and dS to bf16: on the emulator within 7.4e-3 of
-//! the largest gradient, the same masks.
+//! the largest gradient, the same masks; 9.8e-3 for the bf16 twin, whose QKV and gradients are
+//! also rounded once each.
 //!
 //! # Memory
 //! [`GpuAttentionBackward`] owns the device copy of the offsets and the LSE / D scratch
@@ -119,9 +123,8 @@ pub struct GpuAttentionBackward {
     dq: CudaFunction,
     dkdv: CudaFunction,
     smem: (usize, usize),
-    /// The tensor-core pair (`rrra_attention_backward_{dq,dkdv}_mma_d{dh}`), for head dims 32,
-    /// 64 and 128, and whether the backward runs it.
-    mma: Option<(CudaFunction, CudaFunction)>,
+    /// The tensor-core pairs for head dims 32, 64 and 128, and whether the backward runs them.
+    mma: Option<MmaKernels>,
     tensor_cores: bool,
     stream: Arc<CudaStream>,
     h: usize,
@@ -133,6 +136,29 @@ pub struct GpuAttentionBackward {
     stats: CudaSlice<f32>,
     /// 4 Philox words per sequence when dropout is on.
     drop_ctr: CudaSlice<u32>,
+}
+
+/// The tensor-core kernels of one head dim: `rrra_attention_backward_{dq,dkdv}_mma_d{dh}` (f32
+/// QKV and dQKV) and their `_mma_bf16_` twins (bf16 QKV and dQKV, the bf16-activation step's).
+struct MmaKernels {
+    f32: (CudaFunction, CudaFunction),
+    bf16: (CudaFunction, CudaFunction),
+}
+
+/// The dkdv kernel of a (dq, dkdv) pair when `dkdv`, else the dq one.
+fn pick(pair: &(CudaFunction, CudaFunction), dkdv: bool) -> &CudaFunction {
+    if dkdv {
+        &pair.1
+    } else {
+        &pair.0
+    }
+}
+
+/// The element type of QKV and dQKV in a launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    F32,
+    Bf16,
 }
 
 /// One validated batch: the launch geometry.
@@ -190,11 +216,15 @@ impl GpuAttentionBackward {
         let smem = smem_bytes(dmax);
         allow_smem(&dq, smem.0)?;
         allow_smem(&dkdv, smem.1)?;
+        let pair = |infix: &str| -> Result<(CudaFunction, CudaFunction)> {
+            let f = |k: &str| gpu.function(MODULE, &format!("rrra_attention_backward_{k}{infix}"));
+            Ok((f("dq")?, f("dkdv")?))
+        };
         let mma = match dh {
-            32 | 64 | 128 => Some((
-                gpu.function(MODULE, &format!("rrra_attention_backward_dq_mma_d{dh}"))?,
-                gpu.function(MODULE, &format!("rrra_attention_backward_dkdv_mma_d{dh}"))?,
-            )),
+            32 | 64 | 128 => Some(MmaKernels {
+                f32: pair(&format!("_mma_d{dh}"))?,
+                bf16: pair(&format!("_mma_bf16_d{dh}"))?,
+            }),
             _ => None,
         };
         let stream = gpu.stream().clone();
@@ -243,13 +273,11 @@ impl GpuAttentionBackward {
     }
 
     /// Validates a batch against the buffers and the capacity and uploads its offsets.
+    /// `lens` are the element counts of (qkv, bias, dctx, dqkv), bias 0 when absent.
     fn prepare(
         &mut self,
         offsets: &[u32],
-        qkv: &CudaSlice<f32>,
-        bias: Option<&CudaSlice<f32>>,
-        dctx: &CudaSlice<f32>,
-        dqkv: &CudaSlice<f32>,
+        (qkv, bias, dctx, dqkv): (usize, Option<usize>, usize, usize),
         dropout: Option<&AttnDropoutPlan>,
     ) -> Result<Batch> {
         let sequences = offsets.len().saturating_sub(1);
@@ -266,17 +294,17 @@ impl GpuAttentionBackward {
         let need = |what: &str, have: usize, want: usize| {
             if have < want {
                 Err(Error::InvalidArgument(format!(
-                    "attention backward: {what} holds {have} floats, needs {want}"
+                    "attention backward: {what} holds {have} elements, needs {want}"
                 )))
             } else {
                 Ok(())
             }
         };
-        need("qkv", qkv.len(), tokens * 3 * h)?;
-        need("dctx", dctx.len(), tokens * h)?;
-        need("dqkv", dqkv.len(), tokens * 3 * h)?;
+        need("qkv", qkv, tokens * 3 * h)?;
+        need("dctx", dctx, tokens * h)?;
+        need("dqkv", dqkv, tokens * 3 * h)?;
         if let Some(b) = bias {
-            need("bias", b.len(), 3 * h)?;
+            need("bias", b, 3 * h)?;
         }
         let mut drop = (0.0f32, 1.0f32);
         if let Some(d) = dropout {
@@ -326,9 +354,11 @@ impl GpuAttentionBackward {
     }
 
     /// Queues one of the two kernels (`dkdv` false: the dq kernel, which writes the scratch).
+    /// `stored` Bf16 needs the tensor-core kernels (checked by the callers).
     fn launch_one(
         &self,
         dkdv: bool,
+        stored: Stored,
         b: &Batch,
         ptrs: (u64, u64, u64, u64),
         what: &str,
@@ -346,11 +376,17 @@ impl GpuAttentionBackward {
         let h = to_i32(self.h, "hidden size")?;
         let dh = to_i32(self.dh, "head dim")?;
         let scale = 1.0f32 / (self.dh as f32).sqrt();
-        let (f, threads, smem) = match (&self.mma, self.tensor_cores, dkdv) {
-            (Some((_, f)), true, true) => (f, MMA_THREADS, 0),
-            (Some((f, _)), true, false) => (f, MMA_THREADS, 0),
-            (_, _, true) => (&self.dkdv, THREADS, self.smem.1),
-            (_, _, false) => (&self.dq, THREADS, self.smem.0),
+        let (f, threads, smem) = match (&self.mma, self.tensor_cores, stored) {
+            (Some(m), _, Stored::Bf16) => (pick(&m.bf16, dkdv), MMA_THREADS, 0),
+            (Some(m), true, Stored::F32) => (pick(&m.f32, dkdv), MMA_THREADS, 0),
+            (None, _, Stored::Bf16) => {
+                return Err(Error::InvalidArgument(format!(
+                    "attention backward: no tensor-core kernels for head dim {}",
+                    self.dh
+                )))
+            }
+            (_, _, Stored::F32) if dkdv => (&self.dkdv, THREADS, self.smem.1),
+            (_, _, Stored::F32) => (&self.dq, THREADS, self.smem.0),
         };
         let cfg = self.cfg(b, threads, smem)?;
         let mut l = st.launch_builder(f);
@@ -393,10 +429,8 @@ impl GpuAttentionBackward {
         dropout: Option<&AttnDropoutPlan>,
         dqkv: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let b = self.prepare(offsets, qkv, bias, dctx, dqkv, dropout)?;
-        if b.tokens == 0 {
-            return Ok(());
-        }
+        let lens = (qkv.len(), bias.map(|b| b.len()), dctx.len(), dqkv.len());
+        let b = self.prepare(offsets, lens, dropout)?;
         let st = &self.stream;
         let ptrs = (
             ptr(qkv, st),
@@ -404,8 +438,60 @@ impl GpuAttentionBackward {
             ptr(dctx, st),
             ptr(dqkv, st),
         );
-        self.launch_one(false, &b, ptrs, "launching rrra_attention_backward_dq")?;
-        self.launch_one(true, &b, ptrs, "launching rrra_attention_backward_dkdv")
+        self.launch_pair(Stored::F32, &b, ptrs)
+    }
+
+    /// [`GpuAttentionBackward::backward`] for QKV stored in bf16 (bits in `u16`), writing dQKV
+    /// in bf16: the tensor-core pair's bf16 twin, whatever
+    /// [`GpuAttentionBackward::use_tensor_cores`] says (an error for head dims without it).
+    /// `bias` and `dctx` stay f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_bf16(
+        &mut self,
+        offsets: &[u32],
+        qkv: &CudaSlice<u16>,
+        bias: Option<&CudaSlice<f32>>,
+        dctx: &CudaSlice<f32>,
+        dropout: Option<&AttnDropoutPlan>,
+        dqkv: &mut CudaSlice<u16>,
+    ) -> Result<()> {
+        if self.mma.is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "attention backward: no tensor-core kernels for head dim {}",
+                self.dh
+            )));
+        }
+        let lens = (qkv.len(), bias.map(|b| b.len()), dctx.len(), dqkv.len());
+        let b = self.prepare(offsets, lens, dropout)?;
+        let st = &self.stream;
+        let ptrs = (
+            ptr(qkv, st),
+            bias.map_or(0, |x| ptr(x, st)),
+            ptr(dctx, st),
+            ptr(dqkv, st),
+        );
+        self.launch_pair(Stored::Bf16, &b, ptrs)
+    }
+
+    /// Queues the dq kernel, then the dkdv kernel (which reads the dq kernel's LSE and D).
+    fn launch_pair(&self, stored: Stored, b: &Batch, ptrs: (u64, u64, u64, u64)) -> Result<()> {
+        if b.tokens == 0 {
+            return Ok(());
+        }
+        self.launch_one(
+            false,
+            stored,
+            b,
+            ptrs,
+            "launching rrra_attention_backward_dq",
+        )?;
+        self.launch_one(
+            true,
+            stored,
+            b,
+            ptrs,
+            "launching rrra_attention_backward_dkdv",
+        )
     }
 }
 
@@ -437,6 +523,44 @@ pub fn attention_backward_host_on(
     dctx: &[f32],
     offsets: &[u32],
     dropout: Option<&AttnDropoutPlan>,
+    h: usize,
+    heads: usize,
+) -> Result<Vec<f32>> {
+    let inputs = (qkv, bias, dctx, offsets, dropout);
+    host_run(gpu, tensor_cores, Stored::F32, inputs, h, heads)
+}
+
+/// [`attention_backward_host`] through [`GpuAttentionBackward::backward_bf16`] (the tensor-core
+/// pair's bf16 twin): `qkv` rounded to bf16 on the way in, the bf16 dqkv widened on the way out.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_host_bf16(
+    gpu: &Gpu,
+    qkv: &[f32],
+    bias: Option<&[f32]>,
+    dctx: &[f32],
+    offsets: &[u32],
+    dropout: Option<&AttnDropoutPlan>,
+    h: usize,
+    heads: usize,
+) -> Result<Vec<f32>> {
+    let inputs = (qkv, bias, dctx, offsets, dropout);
+    host_run(gpu, true, Stored::Bf16, inputs, h, heads)
+}
+
+/// The host-in, host-out runs: checks, uploads (QKV as `stored`), one backward on a dqkv buffer
+/// filled with NaN, the download.
+#[allow(clippy::type_complexity)]
+fn host_run(
+    gpu: &Gpu,
+    tensor_cores: bool,
+    stored: Stored,
+    (qkv, bias, dctx, offsets, dropout): (
+        &[f32],
+        Option<&[f32]>,
+        &[f32],
+        &[u32],
+        Option<&AttnDropoutPlan>,
+    ),
     h: usize,
     heads: usize,
 ) -> Result<Vec<f32>> {
@@ -473,10 +597,32 @@ pub fn attention_backward_host_on(
         st.clone_htod(x)
             .map_err(cuda_err(&format!("uploading {what}")))
     };
-    let dqkv_host = vec![f32::NAN; qkv.len()];
     let qkv_d = up(qkv, "qkv")?;
     let dctx_d = up(dctx, "dctx")?;
     let bias_d = bias.map(|b| up(b, "bias")).transpose()?;
+    if stored == Stored::Bf16 {
+        let bits: Vec<u16> = qkv
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect();
+        let up16 = |x: &[u16], what: &str| -> Result<CudaSlice<u16>> {
+            if x.is_empty() {
+                return alloc(st, 1, what);
+            }
+            st.clone_htod(x)
+                .map_err(cuda_err(&format!("uploading {what}")))
+        };
+        let qkv16 = up16(&bits, "qkv")?;
+        let mut dqkv16 = up16(&vec![0x7FC0u16; qkv.len()], "dqkv")?; // NaN
+        let b = bias_d.as_ref();
+        op.backward_bf16(offsets, &qkv16, b, &dctx_d, dropout, &mut dqkv16)?;
+        let out = st
+            .clone_dtoh(&dqkv16)
+            .map_err(cuda_err("downloading dqkv"))?;
+        let wide = out.iter().take(qkv.len());
+        return Ok(wide.map(|&v| half::bf16::from_bits(v).to_f32()).collect());
+    }
+    let dqkv_host = vec![f32::NAN; qkv.len()];
     let mut dqkv_d = up(&dqkv_host, "dqkv")?;
     op.backward(
         offsets,
@@ -520,7 +666,8 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<KernelTiming>> {
         .map_err(cuda_err("uploading bias"))?;
     let mut dqkv = alloc::<f32>(st, tokens * 3 * h, "dqkv")?;
     let mut op = GpuAttentionBackward::new(gpu, h, heads, tokens, seqs)?;
-    let b = op.prepare(&offsets, &qkv, Some(&bias), &dctx, &dqkv, None)?;
+    let lens = (qkv.len(), Some(bias.len()), dctx.len(), dqkv.len());
+    let b = op.prepare(&offsets, lens, None)?;
     let ptrs = (
         ptr(&qkv, st),
         ptr(&bias, st),
@@ -530,8 +677,8 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<KernelTiming>> {
     let n = (seqs * len * len) as f64 * h as f64; // Σ len² · h
     let shape = format!("{seqs} x {len} tokens, {heads} heads x {dh}, f32");
     let io_bytes = (tokens * (3 * h + h) * 4) as f64;
-    let ms_dq = gpu.time_ms(10, || op.launch_one(false, &b, ptrs, "dq"))?;
-    let ms_dkdv = gpu.time_ms(10, || op.launch_one(true, &b, ptrs, "dkdv"))?;
+    let ms_dq = gpu.time_ms(10, || op.launch_one(false, Stored::F32, &b, ptrs, "dq"))?;
+    let ms_dkdv = gpu.time_ms(10, || op.launch_one(true, Stored::F32, &b, ptrs, "dkdv"))?;
     let ms_all = gpu.time_ms(10, || {
         op.backward(&offsets, &qkv, Some(&bias), &dctx, None, &mut dqkv)
     })?;
@@ -546,19 +693,40 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<KernelTiming>> {
     let ms_drop = gpu.time_ms(10, || {
         op.backward(&offsets, &qkv, Some(&bias), &dctx, Some(&plan), &mut dqkv)
     })?;
-    op.use_tensor_cores(true);
-    let mma_dq = gpu.time_ms(10, || op.launch_one(false, &b, ptrs, "dq mma"))?;
-    let mma_dkdv = gpu.time_ms(10, || op.launch_one(true, &b, ptrs, "dkdv mma"))?;
-    let mma_drop = gpu.time_ms(10, || {
-        op.backward(&offsets, &qkv, Some(&bias), &dctx, Some(&plan), &mut dqkv)
+    // the tensor-core pair as the bf16-activation step runs it: bf16 QKV in, bf16 dQKV out
+    let to_bf16 = |x: &[f32]| -> Vec<u16> {
+        x.iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect()
+    };
+    let qkv16 = st
+        .clone_htod(&to_bf16(&wave(tokens * 3 * h, 31)))
+        .map_err(cuda_err("uploading qkv"))?;
+    let mut dqkv16 = alloc::<u16>(st, tokens * 3 * h, "dqkv")?;
+    let ptrs16 = (ptr(&qkv16, st), ptrs.1, ptrs.2, ptr(&dqkv16, st));
+    let mma_dq = gpu.time_ms(10, || {
+        op.launch_one(false, Stored::Bf16, &b, ptrs16, "dq mma")
     })?;
-    let mma_shape = format!("{seqs} x {len} tokens, {heads} heads x {dh}, bf16 tensor cores");
-    let pair_bytes = (tokens * (3 * h + h + 3 * h) * 4) as f64;
+    let mma_dkdv = gpu.time_ms(10, || {
+        op.launch_one(true, Stored::Bf16, &b, ptrs16, "dkdv mma")
+    })?;
+    let mma_drop = gpu.time_ms(10, || {
+        op.backward_bf16(
+            &offsets,
+            &qkv16,
+            Some(&bias),
+            &dctx,
+            Some(&plan),
+            &mut dqkv16,
+        )
+    })?;
+    let mma_shape = format!("{seqs} x {len} tokens, {heads} heads x {dh}, bf16 QKV and dQKV");
+    let pair_bytes = (tokens * (3 * h * 2 + h * 4 + 3 * h * 2)) as f64;
     let mma_rows = [
-        ("rrra_attention_backward_dq_mma_d64", mma_dq, 5.0),
-        ("rrra_attention_backward_dkdv_mma_d64", mma_dkdv, 4.0),
+        ("rrra_attention_backward_dq_mma_bf16_d64", mma_dq, 5.0),
+        ("rrra_attention_backward_dkdv_mma_bf16_d64", mma_dkdv, 4.0),
         (
-            "rrra_attention_backward_{dq,dkdv}_mma_d64 + dropout 0.1",
+            "rrra_attention_backward_{dq,dkdv}_mma_bf16_d64 + dropout 0.1",
             mma_drop,
             9.0,
         ),

@@ -1,15 +1,16 @@
-//! The encoder's training forward and backward on the GPU, f32: the device twin of
-//! [`crate::train::encoder_grad::TrainableEncoder`] (packed variable-length batch, post-LN BERT,
-//! pooling and optional L2 normalisation), with the same contract: the forward returns the
-//! embeddings the loss sees, the backward *adds* every parameter gradient to a
-//! [`BertWeights`] accumulator.
+//! The encoder's training forward and backward on the GPU, in f32 or mixed precision: the
+//! device twin of [`crate::train::encoder_grad::TrainableEncoder`] (packed variable-length
+//! batch, post-LN BERT, pooling and optional L2 normalisation), with the same contract: the
+//! forward returns the embeddings the loss sees, the backward *adds* every parameter gradient
+//! to a [`BertWeights`] accumulator.
 //!
-//! Pieces: the GEMMs and the linear layers' input and weight gradients are cuBLAS f32 products
-//! (row-major mapping in `super::runtime::sgemm_row_major`, weight gradients accumulated with
-//! beta = 1); attention and pooling run the inference kernels; the row-wise forward steps that
-//! must keep their inputs are `kernels/encoder_train.cu`; the backward uses
+//! Pieces: the GEMMs and the linear layers' input and weight gradients are cuBLAS products
+//! (row-major mapping in `super::runtime::gemm_row_major`, weight gradients accumulated with
+//! beta = 1); attention (f32) and pooling run the inference kernels; the row-wise forward steps
+//! that must keep their inputs are `kernels/encoder_train.cu`; the backward uses
 //! [`super::backward::GpuBackward`] (LayerNorm, bias, GELU, pooling, L2 and the atomic-free
-//! embedding scatter) and [`super::attention_backward::GpuAttentionBackward`].
+//! embedding scatter) and [`super::attention_backward::GpuAttentionBackward`]. The
+//! mixed-precision layers are in `mixed`, the device check's rows in `bench`.
 //!
 //! Kept per layer (the CPU's `ActivationMode::Keep`): the layer input, the QKV projection
 //! (without its bias: attention adds it, and its backward takes it), the attention context, the
@@ -17,20 +18,25 @@
 //! backward. Dropout is the CPU's, mask for mask: every site draws from the same Philox stream
 //! as `train::encoder_grad` (per sequence, keyed by seed, step, example id, layer and site), the
 //! hidden-state masks in `kernels/encoder_train.cu` and the attention-probability masks in its
-//! training attention kernel and in the attention backward.
+//! training attention kernels and in the attention backward.
 //!
-//! Precision: f32 activations, weights and gradients. The products are full f32 by default
-//! (against the CPU only summation orders and erf/exp differ); [`GemmMath::Tf32`] and
-//! [`GemmMath::Bf16`] round their operands for the tensor cores, accumulating in f32 — the
-//! arithmetic of bf16 autocast for the products, with the activations still stored in f32
-//! (tests/gpu_encoder_train.rs states the tolerances of each). For head dims 32, 64 and 128
-//! [`GemmMath::Bf16`] also runs attention, forward and backward, on the tensor cores
-//! (`rrra_attention_train_mma_d*`, `rrra_attention_backward_{dq,dkdv}_mma_d*`: Q, K, V, dO, the
-//! probabilities and dS rounded to bf16, f32 accumulation, dropout included), as autocast's
-//! SDPA does.
+//! Precision: f32 activations, weights and gradients by default; the products are full f32
+//! (against the CPU only summation orders and erf/exp differ), or round their operands to TF32
+//! with [`GemmMath::Tf32`]. [`GemmMath::Bf16`] is mixed precision as bf16 autocast runs it: for
+//! head dims 32, 64 and 128 the kept activations are bf16 (the products' inputs and outputs:
+//! layer input, QKV, context, attention output, pre-GELU; the sums entering a LayerNorm stay
+//! f32, as does the residual stream), the products take bf16 operands (bf16 working copies of
+//! the f32 master weights, refreshed when those change) with f32 accumulation, the gradients
+//! entering a product are rounded to bf16, the weight and bias gradients accumulate in f32, and
+//! attention runs forward and backward on the tensor cores (`rrra_attention_train_mma_bf16_d*`,
+//! `rrra_attention_backward_{dq,dkdv}_mma_bf16_d*`, dropout included). Other head dims keep f32
+//! activations and round only the products' operands. tests/gpu_encoder_train.rs states the
+//! tolerances of each mode.
 //!
 //! Memory: [`GpuTrainableEncoder::new`] uploads the weights and allocates every activation for
-//! `max_tokens` tokens in `max_sequences` sequences; a step then allocates only the embedding
+//! `max_tokens` tokens in `max_sequences` sequences (per token and layer 48h bytes with f32
+//! activations, 28h with bf16 ones, h the hidden size; [`GpuTrainableEncoder::set_gemm_math`]
+//! reallocates them when the storage changes); a step then allocates only the embedding
 //! gradient's schedule (a few index arrays per batch).
 
 use super::attention_backward::{AttnDropoutPlan, GpuAttentionBackward};
@@ -50,6 +56,11 @@ use crate::train::parallel::backward_groups;
 use crate::train::rng::{Site, Stream};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, PushKernelArg};
 use std::sync::Arc;
+
+mod bench;
+mod mixed;
+pub use bench::{bench, bench_products};
+use mixed::{Bf16Acts, LayerActsBf16, LINEAR_WEIGHTS};
 
 const MODULE: &str = "encoder_train";
 const THREADS: u32 = 256;
@@ -84,22 +95,28 @@ mod t {
 
 struct Kernels {
     embed_sum: CudaFunction,
-    layernorm: CudaFunction,
+    /// `rrra_train_layernorm_f32`, and `_f32_bf16` (with a bf16 copy, the mixed layers').
+    layernorm: [CudaFunction; 2],
     bias_residual: CudaFunction,
     bias_dropout_residual: CudaFunction,
     dropout: CudaFunction,
     attention_dropout: CudaFunction,
-    bias_gelu: CudaFunction,
-    gelu: CudaFunction,
+    /// f32, then bf16 (the mixed layers').
+    bias_gelu: [CudaFunction; 2],
+    gelu: [CudaFunction; 2],
     add: CudaFunction,
     attention: AttentionKernel,
     /// `rrra_attention_train_mma_d{dh}` (kernels/attention.cu) for head dims 32, 64 and 128:
-    /// the attention of the mixed-precision mode ([`GemmMath::Bf16`]), with or without dropout.
-    attention_mma: Option<CudaFunction>,
+    /// the tensor-core attention on f32 QKV (tests hold it to the f32 kernels), with or without
+    /// dropout; and its bf16 twin `rrra_attention_train_mma_bf16_d{dh}`, the attention of the
+    /// mixed-precision mode ([`GemmMath::Bf16`]).
+    attention_mma: Option<(CudaFunction, CudaFunction)>,
     pool: [CudaFunction; 3],
+    /// The f32 → bf16 cast (the mixed layers').
+    to_bf16: CudaFunction,
 }
 
-/// What one layer's forward keeps.
+/// What one layer's forward keeps (f32 activations).
 struct LayerActs {
     qkv: CudaSlice<f32>,
     ctx: CudaSlice<f32>,
@@ -169,12 +186,18 @@ pub struct GpuTrainableEncoder {
     /// Philox words `[key0, key1, ctr2, ctr3]` per (dropout site, sequence): see `site_slot`.
     drop_words: CudaSlice<u32>,
     emb_sum: CudaSlice<f32>,
-    /// `inputs[l]` enters layer l; the last one is the encoder output.
+    /// The f32 residual stream: the layer inputs and the encoder output, one buffer per layer
+    /// boundary with f32 activations; with bf16 ones only three (see `input_slot`), as the
+    /// backward reads their bf16 copies.
     inputs: Vec<CudaSlice<f32>>,
+    /// The f32 mode's activations (empty in the bf16 mode).
     layers: Vec<LayerActs>,
+    /// The bf16 mode's activations and working weights (`None` in the f32 mode).
+    mixed: Option<Box<Bf16Acts>>,
     pooled: CudaSlice<f32>,
     embeddings: CudaSlice<f32>,
-    /// The FFN activation GELU(pre) of the layer at hand (recomputed in backward).
+    /// The f32 mode's FFN activation GELU(pre) of the layer at hand (recomputed in backward;
+    /// one element in the bf16 mode).
     mid: CudaSlice<f32>,
     // backward scratch
     d_emb: CudaSlice<f32>,
@@ -184,6 +207,7 @@ pub struct GpuTrainableEncoder {
     ds_b: CudaSlice<f32>,
     dctx: CudaSlice<f32>,
     dqkv: CudaSlice<f32>,
+    /// The f32 mode's FFN gradient (one element in the bf16 mode).
     dmid: CudaSlice<f32>,
     last: Option<Batch>,
 }
@@ -229,18 +253,27 @@ impl GpuTrainableEncoder {
         let f = |name: &str| gpu.function(MODULE, name);
         let k = Kernels {
             embed_sum: f("rrra_train_embed_sum_f32")?,
-            layernorm: f("rrra_train_layernorm_f32")?,
+            layernorm: [
+                f("rrra_train_layernorm_f32")?,
+                f("rrra_train_layernorm_f32_bf16")?,
+            ],
             bias_residual: f("rrra_train_bias_residual_f32")?,
             bias_dropout_residual: f("rrra_train_bias_dropout_residual_f32")?,
             dropout: f("rrra_train_dropout_f32")?,
             attention_dropout: f("rrra_train_attention_dropout_f32")?,
-            bias_gelu: f("rrra_train_bias_gelu_f32")?,
-            gelu: f("rrra_train_gelu_f32")?,
+            bias_gelu: [
+                f("rrra_train_bias_gelu_f32")?,
+                f("rrra_train_bias_gelu_bf16")?,
+            ],
+            gelu: [f("rrra_train_gelu_f32")?, f("rrra_train_gelu_bf16")?],
             add: f("rrra_train_add_f32")?,
             attention: AttentionKernel::load(gpu, &cfg, Precision::F32)?,
             attention_mma: match cfg.head_dim() {
                 dh @ (32 | 64 | 128) => {
-                    Some(gpu.function("attention", &format!("rrra_attention_train_mma_d{dh}"))?)
+                    let mma = |infix: &str| {
+                        gpu.function("attention", &format!("rrra_attention_train_mma{infix}{dh}"))
+                    };
+                    Some((mma("_d")?, mma("_bf16_d")?))
                 }
                 _ => None,
             },
@@ -249,6 +282,7 @@ impl GpuTrainableEncoder {
                 gpu.function("pooling", "rrra_pool_cls_f32")?,
                 gpu.function("pooling", "rrra_pool_max_f32")?,
             ],
+            to_bf16: f("rrra_train_to_bf16")?,
         };
         let bw = GpuBackward::new(gpu)?;
         let attn_bw =
@@ -263,22 +297,7 @@ impl GpuTrainableEncoder {
         }
         let (mt, ms) = (max_tokens, max_sequences);
         let buf = |n: usize, what: &str| alloc::<f32>(&stream, n, what);
-        let mut inputs = Vec::with_capacity(layers + 1);
-        for _ in 0..=layers {
-            inputs.push(buf(mt * h, "layer inputs")?);
-        }
-        let mut acts = Vec::with_capacity(layers);
-        for _ in 0..layers {
-            acts.push(LayerActs {
-                qkv: buf(mt * 3 * h, "QKV projections")?,
-                ctx: buf(mt * h, "attention contexts")?,
-                s1: buf(mt * h, "attention sums")?,
-                x1: buf(mt * h, "attention outputs")?,
-                mid_pre: buf(mt * inter, "FFN pre-activations")?,
-                s2: buf(mt * h, "FFN sums")?,
-            });
-        }
-        let enc = GpuTrainableEncoder {
+        let mut enc = GpuTrainableEncoder {
             gpu: gpu.clone(),
             ids: alloc(&stream, mt, "token ids")?,
             type_ids: alloc(&stream, mt, "token type ids")?,
@@ -287,7 +306,7 @@ impl GpuTrainableEncoder {
             emb_sum: buf(mt * h, "embedding sums")?,
             pooled: buf(ms * h, "pooled vectors")?,
             embeddings: buf(ms * h, "embeddings")?,
-            mid: buf(mt * inter, "FFN activations")?,
+            mid: buf(1, "FFN activations")?,
             d_emb: buf(ms * h, "embedding gradients")?,
             d_pooled: buf(ms * h, "pooled gradients")?,
             dx: buf(mt * h, "hidden gradients")?,
@@ -295,9 +314,10 @@ impl GpuTrainableEncoder {
             ds_b: buf(mt * h, "hidden gradients")?,
             dctx: buf(mt * h, "context gradients")?,
             dqkv: buf(mt * 3 * h, "QKV gradients")?,
-            dmid: buf(mt * inter, "FFN gradients")?,
-            inputs,
-            layers: acts,
+            dmid: buf(1, "FFN gradients")?,
+            inputs: Vec::new(),
+            layers: Vec::new(),
+            mixed: None,
             w,
             g,
             cfg,
@@ -313,10 +333,110 @@ impl GpuTrainableEncoder {
             max_sequences,
             last: None,
         };
+        enc.allocate_activations(false)?;
         enc.stream
             .synchronize()
             .map_err(cuda_err("uploading the encoder"))?;
         Ok(enc)
+    }
+
+    /// (Re)allocates the activations for f32 storage, or bf16 storage when `bf16`; the old ones
+    /// are freed first, and the last forward is forgotten. On an error no activations are left
+    /// (`inputs` empty), which a forward reports.
+    fn allocate_activations(&mut self, bf16: bool) -> Result<()> {
+        self.last = None;
+        self.inputs.clear();
+        self.layers.clear();
+        self.mixed = None;
+        let (inputs, layers, mixed) = self.new_activations(bf16)?;
+        (self.layers, self.mixed) = (layers, mixed);
+        self.inputs = inputs; // last: non-empty only when everything is in place
+        Ok(())
+    }
+
+    /// The buffers of [`GpuTrainableEncoder::allocate_activations`]: `inputs`, `layers` and
+    /// `mixed` (`mid` and `dmid` are set here).
+    #[allow(clippy::type_complexity)]
+    fn new_activations(
+        &mut self,
+        bf16: bool,
+    ) -> Result<(Vec<CudaSlice<f32>>, Vec<LayerActs>, Option<Box<Bf16Acts>>)> {
+        let (h, inter, layers) = (
+            self.cfg.hidden_size,
+            self.cfg.intermediate_size,
+            self.cfg.num_hidden_layers,
+        );
+        let (st, mt) = (&self.stream, self.max_tokens);
+        let buf = |n: usize, what: &str| alloc::<f32>(st, n, what);
+        let half = |n: usize, what: &str| alloc::<u16>(st, n, what);
+        let ffn = if bf16 { 1 } else { mt * inter };
+        self.mid = buf(ffn, "FFN activations")?;
+        self.dmid = buf(ffn, "FFN gradients")?;
+        let mut inputs = Vec::new();
+        for _ in 0..if bf16 { 3 } else { layers + 1 } {
+            inputs.push(buf(mt * h, "layer inputs")?);
+        }
+        if !bf16 {
+            let mut f32_layers = Vec::with_capacity(layers);
+            for _ in 0..layers {
+                f32_layers.push(LayerActs {
+                    qkv: buf(mt * 3 * h, "QKV projections")?,
+                    ctx: buf(mt * h, "attention contexts")?,
+                    s1: buf(mt * h, "attention sums")?,
+                    x1: buf(mt * h, "attention outputs")?,
+                    mid_pre: buf(mt * inter, "FFN pre-activations")?,
+                    s2: buf(mt * h, "FFN sums")?,
+                });
+            }
+            return Ok((inputs, f32_layers, None));
+        }
+        let mut acts = Vec::with_capacity(layers);
+        let mut weights = Vec::with_capacity(layers);
+        for l in 0..layers {
+            acts.push(LayerActsBf16 {
+                x: half(mt * h, "bf16 layer inputs")?,
+                qkv: half(mt * 3 * h, "bf16 QKV projections")?,
+                ctx: half(mt * h, "bf16 attention contexts")?,
+                s1: buf(mt * h, "attention sums")?,
+                x1: half(mt * h, "bf16 attention outputs")?,
+                mid_pre: half(mt * inter, "bf16 FFN pre-activations")?,
+                s2: buf(mt * h, "FFN sums")?,
+            });
+            let w = |i: usize| half(self.layer_w(l, i).len(), "bf16 working weights");
+            weights.push([
+                w(LINEAR_WEIGHTS[0])?,
+                w(LINEAR_WEIGHTS[1])?,
+                w(LINEAR_WEIGHTS[2])?,
+                w(LINEAR_WEIGHTS[3])?,
+            ]);
+        }
+        let mixed = Bf16Acts {
+            layers: acts,
+            weights,
+            weights_current: false,
+            x1: buf(mt * h, "attention outputs")?,
+            mid: half(mt * inter, "bf16 FFN activations")?,
+            dy: half(mt * 3 * h, "bf16 output gradients")?,
+            dmid: half(mt * inter, "bf16 FFN gradients")?,
+        };
+        Ok((inputs, Vec::new(), Some(Box::new(mixed))))
+    }
+
+    /// Which `inputs` buffer holds the residual stream entering layer `l` (`l` = the layer
+    /// count: the encoder output). With bf16 activations two buffers alternate between the
+    /// layers (the backward reads the bf16 copies) and a third holds the output.
+    fn input_slot(&self, l: usize) -> usize {
+        let layers = self.cfg.num_hidden_layers;
+        match self.inputs.len() {
+            n if n == layers + 1 => l,
+            _ if l == layers => 2,
+            _ => l % 2,
+        }
+    }
+
+    /// Whether the activations are stored in bf16 (the mixed-precision mode).
+    pub fn bf16_activations(&self) -> bool {
+        self.mixed.is_some()
     }
 
     pub fn config(&self) -> &BertConfig {
@@ -324,12 +444,20 @@ impl GpuTrainableEncoder {
     }
 
     /// Sets the arithmetic of every product (forward and backward): f32 by default;
-    /// [`GemmMath::Bf16`] is the mixed-precision mode (bf16 tensor cores, f32 accumulation and
-    /// activations), which also runs attention (forward and backward) on the tensor cores for
-    /// head dims 32, 64 and 128.
-    pub fn set_gemm_math(&mut self, math: GemmMath) {
+    /// [`GemmMath::Bf16`] is the mixed-precision mode: for head dims 32, 64 and 128 the
+    /// activations are stored in bf16, the products take bf16 operands (bf16 working copies of
+    /// the f32 weights) with f32 accumulation, and attention, forward and backward, runs on the
+    /// tensor cores; for other head dims only the products round their f32 operands to bf16.
+    /// Changing between bf16 and f32 storage reallocates the activations (the last forward is
+    /// then spent). When that allocation fails the encoder keeps no activations: its forwards
+    /// fail until a later call allocates them.
+    pub fn set_gemm_math(&mut self, math: GemmMath) -> Result<()> {
         self.blas.math = math;
-        self.attn_bw.use_tensor_cores(math == GemmMath::Bf16);
+        let bf16 = math == GemmMath::Bf16 && self.k.attention_mma.is_some();
+        if bf16 != self.bf16_activations() || self.inputs.is_empty() {
+            self.allocate_activations(bf16)?;
+        }
+        Ok(())
     }
 
     pub fn gemm_math(&self) -> GemmMath {
@@ -344,6 +472,9 @@ impl GpuTrainableEncoder {
                 "weights of another shape than the encoder on the GPU".into(),
             ));
         }
+        // stale from the first copy on, even if a later one fails
+        self.weights_changed();
+        self.last = None;
         for (h, d) in host.iter().zip(self.w.iter_mut()) {
             self.stream
                 .memcpy_htod(*h, d)
@@ -352,7 +483,6 @@ impl GpuTrainableEncoder {
         self.stream
             .synchronize()
             .map_err(cuda_err("uploading encoder weights"))?;
-        self.last = None;
         Ok(())
     }
 
@@ -380,9 +510,14 @@ impl GpuTrainableEncoder {
         dropout: &DropoutPlan,
     ) -> Result<Vec<f32>> {
         self.last = None;
+        if self.inputs.is_empty() {
+            return Err(Error::InvalidArgument(
+                "the encoder's activations could not be allocated (see the earlier error)".into(),
+            ));
+        }
         let b = self.upload_batch(batch, example_ids, dropout)?;
         let cfg = self.cfg.clone();
-        let (h, inter, tok) = (cfg.hidden_size, cfg.intermediate_size, b.tokens);
+        let (h, tok) = (cfg.hidden_size, b.tokens);
         let st = self.stream.clone();
         let eps = cfg.layer_norm_eps as f32;
         let p = |s: &CudaSlice<f32>| ptr(s, &st);
@@ -411,7 +546,7 @@ impl GpuTrainableEncoder {
         .map_err(cuda_err("launching rrra_train_embed_sum_f32"))?;
         let (g0, b0) = (p(&self.w[t::EMB_LN_G]), p(&self.w[t::EMB_LN_B]));
         let x0 = p(&self.inputs[0]);
-        self.layernorm(es, g0, b0, eps, tok, x0)?;
+        self.layernorm(es, g0, b0, eps, tok, x0, None)?;
         let hidden_p = b.dropout.hidden;
         if hidden_p > 0.0 {
             self.dropout(
@@ -423,28 +558,15 @@ impl GpuTrainableEncoder {
                 site_slot(0, Site::EmbeddingDropout),
             )?;
         }
-        for l in 0..cfg.num_hidden_layers {
-            let x = p(&self.inputs[l]);
-            let a = &self.layers[l];
-            let (qkv, ctx, s1, x1) = (p(&a.qkv), p(&a.ctx), p(&a.s1), p(&a.x1));
-            let (mid_pre, s2, mid) = (p(&a.mid_pre), p(&a.s2), p(&self.mid));
-            let wp = |i: usize| p(self.layer_w(l, i));
-            self.linear(x, tok, h, wp(t::QKV_W), 3 * h, qkv)?;
-            let tensor_cores = self.blas.math == GemmMath::Bf16 && self.k.attention_mma.is_some();
-            self.attention(l, qkv, &b, tensor_cores, ctx)?;
-            self.linear(ctx, tok, h, wp(t::ATTN_OUT_W), h, s1)?;
-            let slot = site_slot(l, Site::AttentionOutputDropout);
-            self.bias_residual(s1, wp(t::ATTN_OUT_B), x, &b, h, slot)?;
-            self.layernorm(s1, wp(t::ATTN_LN_G), wp(t::ATTN_LN_B), eps, tok, x1)?;
-            self.linear(x1, tok, h, wp(t::INTER_W), inter, mid_pre)?;
-            self.bias_gelu(mid_pre, wp(t::INTER_B), tok, inter, mid)?;
-            self.linear(mid, tok, inter, wp(t::OUT_W), h, s2)?;
-            let slot = site_slot(l, Site::FfnOutputDropout);
-            self.bias_residual(s2, wp(t::OUT_B), x1, &b, h, slot)?;
-            let out = p(&self.inputs[l + 1]);
-            self.layernorm(s2, wp(t::OUT_LN_G), wp(t::OUT_LN_B), eps, tok, out)?;
-        }
-        let hidden = p(&self.inputs[cfg.num_hidden_layers]);
+        // the bf16 mode's buffers are taken out while its layers run, and always put back
+        let mut mixed = self.mixed.take();
+        let layers = match mixed.as_deref_mut() {
+            Some(m) => self.forward_layers_bf16(&b, m),
+            None => (0..cfg.num_hidden_layers).try_for_each(|l| self.forward_layer_f32(l, &b)),
+        };
+        self.mixed = mixed;
+        layers?;
+        let hidden = p(&self.inputs[self.input_slot(cfg.num_hidden_layers)]);
         self.pool(hidden, b.sequences, false, p(&self.pooled))?;
         self.pool(hidden, b.sequences, self.normalize, p(&self.embeddings))?;
         let mut out = vec![0.0f32; b.sequences * h];
@@ -452,6 +574,35 @@ impl GpuTrainableEncoder {
             .map_err(cuda_err("downloading embeddings"))?;
         self.last = Some(b);
         Ok(out)
+    }
+
+    /// Layer `l`'s forward with f32 activations: `inputs[l]` in, `inputs[l + 1]` out.
+    fn forward_layer_f32(&self, l: usize, b: &Batch) -> Result<()> {
+        let cfg = &self.cfg;
+        let (h, inter, tok) = (cfg.hidden_size, cfg.intermediate_size, b.tokens);
+        let eps = cfg.layer_norm_eps as f32;
+        let st = &self.stream;
+        let p = |s: &CudaSlice<f32>| ptr(s, st);
+        let x = p(&self.inputs[l]);
+        let a = &self.layers[l];
+        let (qkv, ctx, s1, x1) = (p(&a.qkv), p(&a.ctx), p(&a.s1), p(&a.x1));
+        let (mid_pre, s2, mid) = (p(&a.mid_pre), p(&a.s2), p(&self.mid));
+        let wp = |i: usize| p(self.layer_w(l, i));
+        self.linear(x, tok, h, wp(t::QKV_W), 3 * h, qkv)?;
+        // f32 activations never take the tensor-core attention: GemmMath::Bf16 with a head
+        // dim that has it stores them in bf16
+        self.attention(l, qkv, b, false, ctx)?;
+        self.linear(ctx, tok, h, wp(t::ATTN_OUT_W), h, s1)?;
+        let slot = site_slot(l, Site::AttentionOutputDropout);
+        self.bias_residual(s1, wp(t::ATTN_OUT_B), x, b, h, slot)?;
+        self.layernorm(s1, wp(t::ATTN_LN_G), wp(t::ATTN_LN_B), eps, tok, x1, None)?;
+        self.linear(x1, tok, h, wp(t::INTER_W), inter, mid_pre)?;
+        self.bias_gelu(false, mid_pre, wp(t::INTER_B), tok, inter, mid)?;
+        self.linear(mid, tok, inter, wp(t::OUT_W), h, s2)?;
+        let slot = site_slot(l, Site::FfnOutputDropout);
+        self.bias_residual(s2, wp(t::OUT_B), x1, b, h, slot)?;
+        let out = p(&self.inputs[l + 1]);
+        self.layernorm(s2, wp(t::OUT_LN_G), wp(t::OUT_LN_B), eps, tok, out, None)
     }
 
     /// Adds the parameter gradients of `Σ d_embeddings ⊙ embeddings` (over the last forward's
@@ -540,7 +691,15 @@ impl GpuTrainableEncoder {
     /// match them, so a backward needs a new forward.
     pub fn device_weights_mut(&mut self) -> &mut [CudaSlice<f32>] {
         self.last = None;
+        self.weights_changed();
         &mut self.w
+    }
+
+    /// Marks the bf16 working weights stale: the next forward rounds them again.
+    fn weights_changed(&mut self) {
+        if let Some(m) = self.mixed.as_deref_mut() {
+            m.weights_current = false;
+        }
     }
 
     /// The backward with the gradients added to those on the device.
@@ -575,12 +734,7 @@ impl GpuTrainableEncoder {
     ) -> Result<()> {
         let cfg = self.cfg.clone();
         let groups = backward_groups(cfg.num_hidden_layers);
-        let (h, inter, tok, seqs) = (
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            b.tokens,
-            b.sequences,
-        );
+        let (h, tok, seqs) = (cfg.hidden_size, b.tokens, b.sequences);
         let eps = cfg.layer_norm_eps as f32;
         let hidden_p = b.dropout.hidden;
         let st = self.stream.clone();
@@ -600,7 +754,7 @@ impl GpuTrainableEncoder {
             )
             .map_err(cuda_err("copying embedding gradients"))?;
         }
-        let hidden = &self.inputs[cfg.num_hidden_layers];
+        let hidden = &self.inputs[self.input_slot(cfg.num_hidden_layers)];
         self.bw.pool(
             self.pooling,
             &self.d_pooled,
@@ -611,112 +765,12 @@ impl GpuTrainableEncoder {
             h,
             &mut self.dx,
         )?;
+        // the bf16 mode's buffers are taken out while its layers run, and always put back
+        let mut mixed = self.mixed.take();
+        let layers = self.backward_layers(b, mixed.as_deref_mut(), &groups, group_done);
+        self.mixed = mixed;
+        layers?;
         let p = |s: &CudaSlice<f32>| ptr(s, &st);
-        for l in (0..cfg.num_hidden_layers).rev() {
-            let base = t::EMBEDDING + l * t::PER_LAYER;
-            let gi = |i: usize| base + i;
-            // out = LN2(s2): ds2 in ds_a
-            layernorm_backward(
-                (&mut self.bw, &self.w, &mut self.g),
-                gi(t::OUT_LN_G),
-                &self.layers[l].s2,
-                &self.dx,
-                &mut self.ds_a,
-                (tok, h, eps),
-            )?;
-            // s2 = dropout(mid·Wo2ᵀ + bo2) + x1: dmid, ∂Wo2, ∂bo2 from the masked ds2 (in dctx,
-            // free until the attention block)
-            let d_ffn = if hidden_p > 0.0 {
-                let slot = site_slot(l, Site::FfnOutputDropout);
-                self.dropout(p(&self.dctx), p(&self.ds_a), b, h, hidden_p, slot)?;
-                SliceId::Dctx
-            } else {
-                SliceId::DsA
-            };
-            self.gelu(p(&self.layers[l].mid_pre), tok * inter, p(&self.mid))?;
-            self.linear_backward(
-                p(&self.mid),
-                tok,
-                inter,
-                gi(t::OUT_W),
-                gi(t::OUT_B),
-                h,
-                d_ffn,
-                Some(p(&self.dmid)),
-            )?;
-            self.bw
-                .gelu(&self.layers[l].mid_pre, &mut self.dmid, tok * inter)?;
-            // mid_pre = x1·Wiᵀ + bi: dx1 in ds_b, then + ds2 (the residual)
-            self.linear_backward(
-                p(&self.layers[l].x1),
-                tok,
-                h,
-                gi(t::INTER_W),
-                gi(t::INTER_B),
-                inter,
-                SliceId::Dmid,
-                Some(p(&self.ds_b)),
-            )?;
-            self.add(p(&self.ds_b), p(&self.ds_a), tok * h)?;
-            // x1 = LN1(s1): ds1 in ds_a
-            layernorm_backward(
-                (&mut self.bw, &self.w, &mut self.g),
-                gi(t::ATTN_LN_G),
-                &self.layers[l].s1,
-                &self.ds_b,
-                &mut self.ds_a,
-                (tok, h, eps),
-            )?;
-            // s1 = dropout(ctx·Woᵀ + bo) + x: dctx from the masked ds1 (in ds_b, free now)
-            let d_attn = if hidden_p > 0.0 {
-                let slot = site_slot(l, Site::AttentionOutputDropout);
-                self.dropout(p(&self.ds_b), p(&self.ds_a), b, h, hidden_p, slot)?;
-                SliceId::DsB
-            } else {
-                SliceId::DsA
-            };
-            self.linear_backward(
-                p(&self.layers[l].ctx),
-                tok,
-                h,
-                gi(t::ATTN_OUT_W),
-                gi(t::ATTN_OUT_B),
-                h,
-                d_attn,
-                Some(p(&self.dctx)),
-            )?;
-            let attn_drop = (b.dropout.attention > 0.0).then(|| AttnDropoutPlan {
-                p: b.dropout.attention,
-                seed: b.dropout.seed,
-                step: b.dropout.step,
-                layer: l as u32 + 1,
-                example_ids: &b.example_ids,
-            });
-            self.attn_bw.backward(
-                &b.offsets,
-                &self.layers[l].qkv,
-                Some(&self.w[gi(t::QKV_B)]),
-                &self.dctx,
-                attn_drop.as_ref(),
-                &mut self.dqkv,
-            )?;
-            // qkv = x·Wqkvᵀ (+ bias, inside attention): dx, then + ds1 (the residual)
-            self.linear_backward(
-                p(&self.inputs[l]),
-                tok,
-                h,
-                gi(t::QKV_W),
-                gi(t::QKV_B),
-                3 * h,
-                SliceId::Dqkv,
-                Some(p(&self.dx)),
-            )?;
-            self.add(p(&self.dx), p(&self.ds_a), tok * h)?;
-            // layer l's gradients are final for this backward
-            let group = groups[cfg.num_hidden_layers - 1 - l].clone();
-            debug_assert_eq!(group.start, base);
-            group_done(&st, &mut self.g[group])?;
-        }
         // embeddings: dropout, LayerNorm backward into ds_a, then the scatter into the tables
         if hidden_p > 0.0 {
             let dx = p(&self.dx);
@@ -745,6 +799,139 @@ impl GpuTrainableEncoder {
         }
         let embedding = groups[cfg.num_hidden_layers].clone();
         group_done(&st, &mut self.g[embedding])
+    }
+
+    /// The layers' backward, last to first, `group_done` called as each layer's gradients are
+    /// final; `mixed` holds the bf16 mode's buffers, `None` with f32 activations.
+    fn backward_layers(
+        &mut self,
+        b: &Batch,
+        mut mixed: Option<&mut Bf16Acts>,
+        groups: &[std::ops::Range<usize>],
+        group_done: &mut GroupDone<'_>,
+    ) -> Result<()> {
+        let layers = self.cfg.num_hidden_layers;
+        for l in (0..layers).rev() {
+            match mixed.as_deref_mut() {
+                Some(m) => self.backward_layer_bf16(l, b, m)?,
+                None => self.backward_layer_f32(l, b)?,
+            }
+            // layer l's gradients are final for this backward
+            let group = groups[layers - 1 - l].clone();
+            debug_assert_eq!(group.start, t::EMBEDDING + l * t::PER_LAYER);
+            group_done(&self.stream, &mut self.g[group])?;
+        }
+        Ok(())
+    }
+
+    /// Layer `l`'s backward with f32 activations: the gradient of its output in `dx`, that of
+    /// its input left there; its parameter gradients added to `g`.
+    fn backward_layer_f32(&mut self, l: usize, b: &Batch) -> Result<()> {
+        let (h, inter, tok) = (self.cfg.hidden_size, self.cfg.intermediate_size, b.tokens);
+        let eps = self.cfg.layer_norm_eps as f32;
+        let hidden_p = b.dropout.hidden;
+        let st = self.stream.clone();
+        let p = |s: &CudaSlice<f32>| ptr(s, &st);
+        let base = t::EMBEDDING + l * t::PER_LAYER;
+        let gi = |i: usize| base + i;
+        // out = LN2(s2): ds2 in ds_a
+        layernorm_backward(
+            (&mut self.bw, &self.w, &mut self.g),
+            gi(t::OUT_LN_G),
+            &self.layers[l].s2,
+            &self.dx,
+            &mut self.ds_a,
+            (tok, h, eps),
+        )?;
+        // s2 = dropout(mid·Wo2ᵀ + bo2) + x1: dmid, ∂Wo2, ∂bo2 from the masked ds2 (in dctx,
+        // free until the attention block)
+        let d_ffn = if hidden_p > 0.0 {
+            let slot = site_slot(l, Site::FfnOutputDropout);
+            self.dropout(p(&self.dctx), p(&self.ds_a), b, h, hidden_p, slot)?;
+            SliceId::Dctx
+        } else {
+            SliceId::DsA
+        };
+        self.gelu(false, p(&self.layers[l].mid_pre), tok * inter, p(&self.mid))?;
+        self.linear_backward(
+            p(&self.mid),
+            tok,
+            inter,
+            gi(t::OUT_W),
+            gi(t::OUT_B),
+            h,
+            d_ffn,
+            Some(p(&self.dmid)),
+        )?;
+        self.bw
+            .gelu(&self.layers[l].mid_pre, &mut self.dmid, tok * inter)?;
+        // mid_pre = x1·Wiᵀ + bi: dx1 in ds_b, then + ds2 (the residual)
+        self.linear_backward(
+            p(&self.layers[l].x1),
+            tok,
+            h,
+            gi(t::INTER_W),
+            gi(t::INTER_B),
+            inter,
+            SliceId::Dmid,
+            Some(p(&self.ds_b)),
+        )?;
+        self.add(p(&self.ds_b), p(&self.ds_a), tok * h)?;
+        // x1 = LN1(s1): ds1 in ds_a
+        layernorm_backward(
+            (&mut self.bw, &self.w, &mut self.g),
+            gi(t::ATTN_LN_G),
+            &self.layers[l].s1,
+            &self.ds_b,
+            &mut self.ds_a,
+            (tok, h, eps),
+        )?;
+        // s1 = dropout(ctx·Woᵀ + bo) + x: dctx from the masked ds1 (in ds_b, free now)
+        let d_attn = if hidden_p > 0.0 {
+            let slot = site_slot(l, Site::AttentionOutputDropout);
+            self.dropout(p(&self.ds_b), p(&self.ds_a), b, h, hidden_p, slot)?;
+            SliceId::DsB
+        } else {
+            SliceId::DsA
+        };
+        self.linear_backward(
+            p(&self.layers[l].ctx),
+            tok,
+            h,
+            gi(t::ATTN_OUT_W),
+            gi(t::ATTN_OUT_B),
+            h,
+            d_attn,
+            Some(p(&self.dctx)),
+        )?;
+        let attn_drop = (b.dropout.attention > 0.0).then(|| AttnDropoutPlan {
+            p: b.dropout.attention,
+            seed: b.dropout.seed,
+            step: b.dropout.step,
+            layer: l as u32 + 1,
+            example_ids: &b.example_ids,
+        });
+        self.attn_bw.backward(
+            &b.offsets,
+            &self.layers[l].qkv,
+            Some(&self.w[gi(t::QKV_B)]),
+            &self.dctx,
+            attn_drop.as_ref(),
+            &mut self.dqkv,
+        )?;
+        // qkv = x·Wqkvᵀ (+ bias, inside attention): dx, then + ds1 (the residual)
+        self.linear_backward(
+            p(&self.inputs[l]),
+            tok,
+            h,
+            gi(t::QKV_W),
+            gi(t::QKV_B),
+            3 * h,
+            SliceId::Dqkv,
+            Some(p(&self.dx)),
+        )?;
+        self.add(p(&self.dx), p(&self.ds_a), tok * h)?;
+        Ok(())
     }
 
     /// Embeddings of tokenized texts, `[texts × h]` in order: forwards over as many texts at a
@@ -950,8 +1137,10 @@ impl GpuTrainableEncoder {
 
     /// Layer `layer`'s forward attention over the last forward's batch, with its attention
     /// dropout, run again by the f32 kernels (`mma` false) or the tensor-core one (`mma` true)
-    /// into backward scratch: the two side by side for tests/gpu_encoder_train.rs. Needs a
-    /// forward not yet spent by a backward, and a head dim of 32, 64 or 128 for `mma`.
+    /// into backward scratch: the two side by side for tests/gpu_encoder_train.rs. With bf16
+    /// activations the tensor-core kernel is the bf16 one on the kept bf16 QKV, and the f32
+    /// kernels read that QKV widened to f32 (the same values), its output is widened here.
+    /// Needs a forward not yet spent by a backward, and a head dim of 32, 64 or 128 for `mma`.
     #[doc(hidden)]
     pub fn rerun_attention(&mut self, layer: usize, mma: bool) -> Result<Vec<f32>> {
         // poisoned first, so a kernel that writes nothing cannot pass for the other's output
@@ -959,16 +1148,58 @@ impl GpuTrainableEncoder {
         self.stream
             .memcpy_htod(&vec![f32::NAN; n], &mut self.dctx.slice_mut(..n))
             .map_err(cuda_err("poisoning the attention scratch"))?;
-        let b = self.last.as_ref().ok_or_else(|| {
+        let b = self.last.take().ok_or_else(|| {
             Error::InvalidArgument("rerun_attention needs a forward not yet spent".into())
         })?;
-        if layer >= self.layers.len() {
+        let mut mixed = self.mixed.take();
+        let out = self.rerun_attention_on(layer, mma, &b, mixed.as_deref_mut());
+        (self.last, self.mixed) = (Some(b), mixed);
+        out
+    }
+
+    /// [`Self::rerun_attention`] with the bf16 mode's buffers out (`mixed`).
+    fn rerun_attention_on(
+        &mut self,
+        layer: usize,
+        mma: bool,
+        b: &Batch,
+        mixed: Option<&mut Bf16Acts>,
+    ) -> Result<Vec<f32>> {
+        let (st, h) = (self.stream.clone(), self.cfg.hidden_size);
+        let layers = self.cfg.num_hidden_layers;
+        if layer >= layers {
             return Err(Error::InvalidArgument(format!("no layer {layer}")));
         }
-        let st = &self.stream;
-        let (qkv, out) = (ptr(&self.layers[layer].qkv, st), ptr(&self.dctx, st));
-        self.attention(layer, qkv, b, mma, out)?;
-        let mut ctx = vec![0.0f32; b.tokens * self.cfg.hidden_size];
+        let widen = |bits: &[u16]| -> Vec<f32> {
+            bits.iter()
+                .map(|&v| half::bf16::from_bits(v).to_f32())
+                .collect()
+        };
+        let download16 = |s: &CudaSlice<u16>, n: usize| -> Result<Vec<u16>> {
+            let mut v = vec![0u16; n];
+            st.memcpy_dtoh(&s.slice(..n), &mut v)
+                .map_err(cuda_err("downloading bf16 activations"))?;
+            Ok(v)
+        };
+        let qkv = match mixed {
+            None => ptr(&self.layers[layer].qkv, &st),
+            Some(m) if mma => {
+                let nan = vec![0x7FC0u16; m.dy.len()];
+                st.memcpy_htod(&nan, &mut m.dy)
+                    .map_err(cuda_err("poisoning the attention scratch"))?;
+                let (qkv, out) = (ptr(&m.layers[layer].qkv, &st), ptr(&m.dy, &st));
+                self.attention_bf16(layer, qkv, b, out)?;
+                return Ok(widen(&download16(&m.dy, b.tokens * h)?));
+            }
+            Some(m) => {
+                let wide = widen(&download16(&m.layers[layer].qkv, b.tokens * 3 * h)?);
+                st.memcpy_htod(&wide, &mut self.dqkv.slice_mut(..wide.len()))
+                    .map_err(cuda_err("uploading the widened QKV"))?;
+                ptr(&self.dqkv, &st)
+            }
+        };
+        self.attention(layer, qkv, b, mma, ptr(&self.dctx, &st))?;
+        let mut ctx = vec![0.0f32; b.tokens * h];
         st.memcpy_dtoh(&self.dctx.slice(..ctx.len()), &mut ctx)
             .map_err(cuda_err("downloading the attention context"))?;
         Ok(ctx)
@@ -983,7 +1214,7 @@ impl GpuTrainableEncoder {
         let (slot, max_len) = (site_slot(l, Site::AttentionDropout), b.max_len());
         let p = b.dropout.attention;
         match (&self.k.attention_mma, tensor_cores) {
-            (Some(f), true) => self.attention_mma(f, qkv, bias, b, p, max_len, slot, out),
+            (Some((f, _)), true) => self.attention_mma(f, qkv, bias, b, p, max_len, slot, out),
             (None, true) => Err(Error::InvalidArgument(format!(
                 "no tensor-core attention for head dim {}",
                 self.cfg.head_dim()
@@ -998,7 +1229,8 @@ impl GpuTrainableEncoder {
         }
     }
 
-    /// `ctx = attention(qkv + bias)` on the tensor cores, with dropout `p` on the
+    /// `ctx = attention(qkv + bias)` on the tensor cores (`f`: the f32 kernel or its bf16
+    /// twin, `qkv` and `ctx` of its type), with dropout `p` on the
     /// probabilities (none when 0; the batch's streams at `slot` otherwise): the
     /// mixed-precision mode's attention.
     #[allow(clippy::too_many_arguments)]
@@ -1089,29 +1321,63 @@ impl GpuTrainableEncoder {
             .bias(dy_slice, rows, out, &mut self.g[b_index], true)
     }
 
-    fn layernorm(&self, s: u64, g: u64, b: u64, eps: f32, rows: usize, y: u64) -> Result<()> {
+    /// A backward scratch buffer by name.
+    fn scratch(&self, id: SliceId) -> &CudaSlice<f32> {
+        match id {
+            SliceId::DsA => &self.ds_a,
+            SliceId::DsB => &self.ds_b,
+            SliceId::Dctx => &self.dctx,
+            SliceId::Dmid => &self.dmid,
+            SliceId::Dqkv => &self.dqkv,
+        }
+    }
+
+    /// `∂b += Σ dy` over `rows` rows of `cols` columns of a scratch gradient, into tensor
+    /// `b_index`.
+    fn bias_backward(
+        &mut self,
+        dy: SliceId,
+        rows: usize,
+        cols: usize,
+        b_index: usize,
+    ) -> Result<()> {
+        let dy = match dy {
+            SliceId::DsA => &self.ds_a,
+            SliceId::DsB => &self.ds_b,
+            SliceId::Dctx => &self.dctx,
+            SliceId::Dmid => &self.dmid,
+            SliceId::Dqkv => &self.dqkv,
+        };
+        self.bw.bias(dy, rows, cols, &mut self.g[b_index], true)
+    }
+
+    /// `y = LN(s)` over `rows` rows, and its bf16 copy into `y16` when given.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm(
+        &self,
+        s: u64,
+        g: u64,
+        b: u64,
+        eps: f32,
+        rows: usize,
+        y: u64,
+        y16: Option<u64>,
+    ) -> Result<()> {
         let (r, h) = (
             to_i32(rows, "rows")?,
             to_i32(self.cfg.hidden_size, "hidden size")?,
         );
-        // SAFETY: s and y hold rows × h floats, gamma and beta h; one warp per row.
-        unsafe {
-            self.stream
-                .launch_builder(&self.k.layernorm)
-                .arg(&s)
-                .arg(&g)
-                .arg(&b)
-                .arg(&eps)
-                .arg(&r)
-                .arg(&h)
-                .arg(&y)
-                .launch(launch_cfg(
-                    (rows * 32).div_ceil(THREADS as usize),
-                    THREADS,
-                    0,
-                )?)
+        let cfg = launch_cfg((rows * 32).div_ceil(THREADS as usize), THREADS, 0)?;
+        let mut l = self
+            .stream
+            .launch_builder(&self.k.layernorm[y16.is_some() as usize]);
+        l.arg(&s).arg(&g).arg(&b).arg(&eps).arg(&r).arg(&h).arg(&y);
+        if let Some(y16) = &y16 {
+            l.arg(y16);
         }
-        .map_err(cuda_err("launching rrra_train_layernorm_f32"))?;
+        // SAFETY: s and y hold rows × h floats, y16 (when given) rows × h bf16, gamma and beta
+        // h; one warp per row; the bf16 copy's kernel is the one launched when y16 is given.
+        unsafe { l.launch(cfg) }.map_err(cuda_err("launching rrra_train_layernorm"))?;
         Ok(())
     }
 
@@ -1163,12 +1429,23 @@ impl GpuTrainableEncoder {
         Ok(())
     }
 
-    fn bias_gelu(&self, pre: u64, b: u64, rows: usize, cols: usize, out: u64) -> Result<()> {
+    /// `pre = pre + b` in place, `out = GELU(pre)`, over `[rows × cols]` of f32, or of bf16
+    /// when `bf16` (each store rounded once).
+    fn bias_gelu(
+        &self,
+        bf16: bool,
+        pre: u64,
+        b: u64,
+        rows: usize,
+        cols: usize,
+        out: u64,
+    ) -> Result<()> {
         let (rl, c) = (rows as i64, to_i32(cols, "columns")?);
-        // SAFETY: pre and out hold rows × cols floats, b cols; grid-stride.
+        // SAFETY: pre and out hold rows × cols elements of the kernel's type, b cols floats;
+        // grid-stride.
         unsafe {
             self.stream
-                .launch_builder(&self.k.bias_gelu)
+                .launch_builder(&self.k.bias_gelu[bf16 as usize])
                 .arg(&pre)
                 .arg(&b)
                 .arg(&rl)
@@ -1176,22 +1453,23 @@ impl GpuTrainableEncoder {
                 .arg(&out)
                 .launch(grid_stride(rows * cols, THREADS)?)
         }
-        .map_err(cuda_err("launching rrra_train_bias_gelu_f32"))?;
+        .map_err(cuda_err("launching rrra_train_bias_gelu"))?;
         Ok(())
     }
 
-    fn gelu(&self, pre: u64, n: usize, out: u64) -> Result<()> {
+    /// `out = GELU(pre)` over n f32, or bf16 when `bf16`.
+    fn gelu(&self, bf16: bool, pre: u64, n: usize, out: u64) -> Result<()> {
         let nl = n as i64;
-        // SAFETY: pre and out hold n floats; grid-stride.
+        // SAFETY: pre and out hold n elements of the kernel's type; grid-stride.
         unsafe {
             self.stream
-                .launch_builder(&self.k.gelu)
+                .launch_builder(&self.k.gelu[bf16 as usize])
                 .arg(&pre)
                 .arg(&nl)
                 .arg(&out)
                 .launch(grid_stride(n, THREADS)?)
         }
-        .map_err(cuda_err("launching rrra_train_gelu_f32"))?;
+        .map_err(cuda_err("launching rrra_train_gelu"))?;
         Ok(())
     }
 
@@ -1311,262 +1589,4 @@ pub fn training_step_flops(cfg: &BertConfig, tokens: usize, seq_len: usize) -> f
         seq_len as f64,
     );
     l * (3.0 * 2.0 * t * (4.0 * h * h + 2.0 * h * i) + 3.5 * 4.0 * t * n * h)
-}
-
-/// The device check's rows: one f32 training step (forward + backward, gradients left on the
-/// device) of a random BERT-base at the target shape, 64 queries with a positive and 7 hard
-/// negatives each, 128 tokens per sequence; then, in the mixed-precision mode (bf16 products
-/// and tensor-core attention), where that step's time goes: the forward without and with
-/// dropout, the backward (a forward and backward, less the forward), and the forward attention
-/// kernels alone (`bench_attention`).
-pub fn bench(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
-    use crate::model::synthetic::{batch_with_lengths, bert_base_config, random_bert};
-    let cfg = bert_base_config();
-    let bert = random_bert(cfg.clone(), 1);
-    let seqs = 64 * 9;
-    let batch = batch_with_lengths(&cfg, &vec![128; seqs], 2);
-    let tb = TrainBatch {
-        example_ids: (0..seqs as u64).collect(),
-        packed: batch,
-    };
-    let mut enc =
-        GpuTrainableEncoder::new(gpu, &bert, Pooling::Mean, true, tb.packed.tokens(), seqs)?;
-    let d_emb = vec![1e-3f32; seqs * cfg.hidden_size];
-    let flops = training_step_flops(&cfg, tb.packed.tokens(), 128);
-    let shape = |what: &str| format!("BERT-base, {seqs} x 128 tokens, {what}");
-    let row = |name: &str, shape: String, ms: f64, flops: f64| super::KernelTiming {
-        name: name.into(),
-        shape,
-        ms,
-        bytes: 0.0,
-        flops,
-    };
-    let step = |enc: &mut GpuTrainableEncoder, dropout: &DropoutPlan| -> Result<()> {
-        enc.forward_train(&tb, dropout)?;
-        enc.zero_grads()?;
-        enc.accumulate_backward(&d_emb)
-    };
-    let ms = gpu.time_ms(3, || step(&mut enc, &DropoutPlan::none()))?;
-    let mut rows = vec![row(
-        "encoder training step (f32: cuBLAS + encoder_train/backward/attention kernels)",
-        shape("forward + backward"),
-        ms,
-        flops,
-    )];
-    enc.set_gemm_math(GemmMath::Bf16);
-    let dropout = DropoutPlan {
-        hidden: 0.1,
-        attention: 0.1,
-        seed: 1,
-        step: 0,
-    };
-    // the forward's share of the model FLOPs: one of the products' three passes, and one of
-    // attention's 3.5
-    let forward_flops = {
-        let (t, h, i, l) = (
-            tb.packed.tokens() as f64,
-            cfg.hidden_size as f64,
-            cfg.intermediate_size as f64,
-            cfg.num_hidden_layers as f64,
-        );
-        l * (2.0 * t * (4.0 * h * h + 2.0 * h * i) + 4.0 * t * 128.0 * h)
-    };
-    let plain = gpu.time_ms(3, || enc.forward_train(&tb, &DropoutPlan::none()).map(drop))?;
-    rows.push(row(
-        "encoder training forward, bf16 (products and rrra_attention_train_mma), no dropout",
-        shape("forward"),
-        plain,
-        forward_flops,
-    ));
-    let dropped = gpu.time_ms(3, || enc.forward_train(&tb, &dropout).map(drop))?;
-    rows.push(row(
-        "encoder training forward, bf16 (products and rrra_attention_train_mma), dropout 0.1",
-        shape("forward"),
-        dropped,
-        forward_flops,
-    ));
-    let whole = gpu.time_ms(3, || step(&mut enc, &dropout))?;
-    rows.push(row(
-        "encoder training backward, bf16 (products and tensor-core attention), dropout 0.1 \
-         (the step less the forward above)",
-        shape("backward"),
-        whole - dropped,
-        flops - forward_flops,
-    ));
-    // the backward spent the batch: a forward with dropout leaves one for the kernels alone
-    enc.forward_train(&tb, &dropout)?;
-    rows.extend(bench_attention(&enc, &cfg, tb.packed.tokens())?);
-    Ok(rows)
-}
-
-/// The forward attention kernels the training step chooses between, alone, on the batch of the
-/// encoder's last forward (it must have had attention dropout), one layer's run times the
-/// layers: per step. The f32 modes run the tiled SIMT kernel without dropout and the one with
-/// dropout; the mixed-precision mode the tensor-core kernel, without and with it.
-fn bench_attention(
-    enc: &GpuTrainableEncoder,
-    cfg: &BertConfig,
-    tokens: usize,
-) -> Result<Vec<super::KernelTiming>> {
-    let b = enc
-        .last
-        .as_ref()
-        .ok_or_else(|| Error::InvalidArgument("bench_attention needs a forward first".into()))?;
-    let p = b.dropout.attention;
-    let st = &enc.stream;
-    let (qkv, ctx) = (ptr(&enc.layers[0].qkv, st), ptr(&enc.layers[0].ctx, st));
-    let (bias, offs) = (ptr(enc.layer_w(0, t::QKV_B), st), ptr(&enc.offsets, st));
-    let slot = site_slot(0, Site::AttentionDropout);
-    let max_len = b.max_len();
-    let layers = cfg.num_hidden_layers as f64;
-    // 4 · Σ len² · h per layer (S and P·V)
-    let flops = layers * 4.0 * tokens as f64 * max_len as f64 * cfg.hidden_size as f64;
-    let shape = format!("BERT-base, {} x {max_len} tokens, per step", b.sequences);
-    let row = |name: String, ms: f64| super::KernelTiming {
-        name,
-        shape: shape.clone(),
-        ms: ms * layers,
-        bytes: 0.0,
-        flops,
-    };
-    let gpu = &enc.gpu;
-    let k = &enc.k;
-    let simt = gpu.time_ms(5, || {
-        k.attention
-            .launch(st, cfg, qkv, bias, offs, b.sequences, max_len, ctx)
-    })?;
-    let mut rows = vec![row(format!("{} (f32, no dropout)", k.attention.name), simt)];
-    let simt_drop = gpu.time_ms(5, || {
-        enc.attention_dropout(qkv, bias, b, max_len, slot, ctx)
-    })?;
-    rows.push(row(
-        format!("rrra_train_attention_dropout_f32 (dropout {p})"),
-        simt_drop,
-    ));
-    if let Some(f) = &k.attention_mma {
-        let name = format!("rrra_attention_train_mma_d{}", cfg.head_dim());
-        for q in [0.0, p] {
-            let ms = gpu.time_ms(5, || {
-                enc.attention_mma(f, qkv, bias, b, q, max_len, slot, ctx)
-            })?;
-            rows.push(row(format!("{name} (dropout {q})"), ms));
-        }
-    }
-    Ok(rows)
-}
-
-/// The device check's rows of the step's products alone, at the shape of [`bench()`], per step
-/// (one layer's twelve, times the layers): forward QKV, attention output, FFN in and out, and
-/// each one's input gradient and accumulated weight gradient, as `linear` and
-/// `linear_backward` call them. First with f32 matrices in each [`GemmMath`] (what the training
-/// step runs), then with bf16 activations and weights (bf16 outputs, f32 weight gradients; f32
-/// accumulation throughout): what storing the activations in bf16 would take off the products,
-/// measured before it is built.
-pub fn bench_products(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
-    use super::runtime::{gemm_row_major, Operands};
-    let cfg = crate::model::synthetic::bert_base_config();
-    // the step of `bench`: 64 × 9 sequences of 128 tokens
-    let (t, h, i) = (64 * 9 * 128, cfg.hidden_size, cfg.intermediate_size);
-    // (inputs, outputs) of the four linear layers
-    let linears = [(h, 3 * h), (h, h), (h, i), (i, h)];
-    let widest = i.max(3 * h);
-    let stream = gpu.stream();
-    let mut blas = cublas_f32(stream)?;
-    // non-zero data: tensor cores draw less power (and clock higher) on zeros
-    let pattern: Vec<f32> = (0..1usize << 20)
-        .map(|j| ((j * 2_654_435_761) % 1000) as f32 / 1000.0 - 0.5)
-        .collect();
-    let pattern_bf16: Vec<u16> = pattern
-        .iter()
-        .map(|&v| half::bf16::from_f32(v).to_bits())
-        .collect();
-    let filled = |n: usize| -> Result<CudaSlice<f32>> {
-        let mut b = alloc::<f32>(stream, n, "product operands")?;
-        fill_with(stream, &mut b, &pattern)?;
-        Ok(b)
-    };
-    let filled_bf16 = |n: usize| -> Result<CudaSlice<u16>> {
-        let mut b = alloc::<u16>(stream, n, "product operands")?;
-        fill_with(stream, &mut b, &pattern_bf16)?;
-        Ok(b)
-    };
-    // x: layer inputs (and input gradients), y: outputs (and output gradients), w: weights,
-    // gw: weight gradients
-    let (x, y, w, gw) = (
-        filled(t * widest)?,
-        filled(t * widest)?,
-        filled(widest * h)?,
-        filled(widest * h)?,
-    );
-    let (xb, yb, wb) = (
-        filled_bf16(t * widest)?,
-        filled_bf16(t * widest)?,
-        filled_bf16(widest * h)?,
-    );
-    let p32 = |b: &CudaSlice<f32>| ptr(b, stream);
-    let p16 = |b: &CudaSlice<u16>| ptr(b, stream);
-    let layers = cfg.num_hidden_layers as f64;
-    let flops =
-        layers * 3.0 * 2.0 * t as f64 * linears.iter().map(|&(a, b)| (a * b) as f64).sum::<f64>();
-    let shape = format!("BERT-base step, {t} tokens: 4 forward + 8 backward products x {layers}");
-    // one layer's products (forward, input gradient, weight gradient of each linear layer) with
-    // these operand types, on these matrices
-    let layer = |blas: &F32Blas, (fwd, dx, dw), (x, y, w, gw): (u64, u64, u64, u64)| {
-        for &(inp, out) in &linears {
-            // SAFETY: x and y hold t × widest elements, w and gw widest × h, of the types the
-            // operands say: at least what each shape reads and writes.
-            unsafe {
-                gemm_row_major(blas, (false, true, t, out, inp), fwd, x, w, 0.0, y)?;
-                gemm_row_major(blas, (false, false, t, inp, out), dx, y, w, 0.0, x)?;
-                gemm_row_major(blas, (true, false, out, inp, t), dw, y, x, 1.0, gw)?;
-            }
-        }
-        Ok(())
-    };
-    let mut rows = Vec::new();
-    for math in [GemmMath::F32, GemmMath::Tf32, GemmMath::Bf16] {
-        blas.math = math;
-        let f32s = (Operands::F32, Operands::F32, Operands::F32);
-        let ms = gpu.time_ms(3, || {
-            layer(&blas, f32s, (p32(&x), p32(&y), p32(&w), p32(&gw)))
-        })?;
-        rows.push(super::KernelTiming {
-            name: format!("step products, f32 matrices, {math} math (cublasGemmEx)"),
-            shape: shape.clone(),
-            ms: ms * layers,
-            bytes: 0.0,
-            flops,
-        });
-    }
-    let bf16s = (Operands::Bf16Out, Operands::Bf16Out, Operands::Bf16);
-    let ms = gpu.time_ms(3, || {
-        layer(&blas, bf16s, (p16(&xb), p16(&yb), p16(&wb), p32(&gw)))
-    })?;
-    rows.push(super::KernelTiming {
-        name: "step products, bf16 activations and weights, f32 weight gradients (not built)"
-            .into(),
-        shape,
-        ms: ms * layers,
-        bytes: 0.0,
-        flops,
-    });
-    Ok(rows)
-}
-
-/// Fills `buf` with copies of `pattern` (host to device, one pattern at a time).
-fn fill_with<T: cudarc::driver::DeviceRepr>(
-    stream: &Arc<CudaStream>,
-    buf: &mut CudaSlice<T>,
-    pattern: &[T],
-) -> Result<()> {
-    let n = buf.len();
-    let mut at = 0;
-    while at < n {
-        let len = pattern.len().min(n - at);
-        stream
-            .memcpy_htod(&pattern[..len], &mut buf.slice_mut(at..at + len))
-            .map_err(cuda_err("filling product operands"))?;
-        at += len;
-    }
-    Ok(())
 }

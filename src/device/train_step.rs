@@ -75,9 +75,10 @@ impl GpuTrainStep {
         self.optim.step
     }
 
-    /// The arithmetic of the encoder's products (see [`GpuTrainableEncoder::set_gemm_math`]).
-    pub fn set_gemm_math(&mut self, math: GemmMath) {
-        self.encoder.set_gemm_math(math);
+    /// The arithmetic of the encoder's products and the storage of its activations (see
+    /// [`GpuTrainableEncoder::set_gemm_math`]).
+    pub fn set_gemm_math(&mut self, math: GemmMath) -> Result<()> {
+        self.encoder.set_gemm_math(math)
     }
 
     /// `comm`'s NCCL communicator when its stream is on this GPU's context, so that it can
@@ -315,7 +316,7 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<super::KernelTiming>> {
     let flops = super::encoder_train::training_step_flops(&cfg, tb.packed.tokens(), 128);
     let mut rows = Vec::new();
     for math in [GemmMath::F32, GemmMath::Tf32, GemmMath::Bf16] {
-        step.set_gemm_math(math);
+        step.set_gemm_math(math)?;
         let ms = gpu.time_ms(3, || {
             step.zero_grads()?;
             let emb = step.encoder.forward_train(&tb, &dropout)?;

@@ -419,7 +419,7 @@ fn fine_tune(
             tokens,
             sequences,
         )?;
-        dev.set_gemm_math(cfg.gpu_math);
+        dev.set_gemm_math(cfg.gpu_math)?;
         trainer.offload_encoder(Box::new(dev))?;
     }
     let snap = match first_mining.take() {

@@ -8,9 +8,11 @@
 // (examples/kernel_reference.rs, `encoder_step`), and for tiny-bert with the float64 PyTorch
 // ones, with tests/gpu_encoder_train.rs's tolerances. A case of two micro-batches runs
 // zero_grads, forward_train + accumulate_backward twice, then add_grads_to. Cases with a
-// tiled head dim and mean or CLS pooling run again with GemmMath::Bf16's tensor-core attention
-// (rrra_attention_train_mma_d*, rrra_attention_backward_{dq,dkdv}_mma_d*), held to the test's
-// bf16 bounds.
+// tiled head dim and mean or CLS pooling run again in GemmMath::Bf16's mixed precision: bf16
+// activations and working weights, products on bf16 operands with f32 accumulation (emulated
+// exactly: operands widened, f32 sums), the tensor-core attention's bf16 twins
+// (rrra_attention_train_mma_bf16_d*, rrra_attention_backward_{dq,dkdv}_mma_bf16_d*), held to
+// the test's bf16 bounds.
 // Usage: encoder_step REFERENCE_DIR [CASE]
 //
 // Device buffers are sized as the Rust allocates them (max_tokens / max_sequences above the
@@ -25,6 +27,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 #include "emu.h"
 #include "sized_reader.h"
@@ -121,6 +124,30 @@ static void gemm_ex(bool ta, bool tb, int m, int n, int k, float alpha, const fl
             c = beta == 0.0f ? alpha * s : alpha * s + beta * c;
         }
 }
+// the same for GemmMath::Bf16's products with bf16 operands (runtime::Operands::Bf16 / Bf16Out):
+// the operands widened exactly, f32 accumulation, C f32 or rounded once to bf16
+static float widen(float x) { return x; }
+static float widen(bf16 x) { return __bfloat162float(x); }
+static void store_c(float& c, float v) { c = v; }
+static void store_c(bf16& c, float v) { c = __float2bfloat16_rn(v); }
+template <class TC>
+static void gemm_ex_bf16(bool ta, bool tb, int m, int n, int k, const bf16* A, int lda, const bf16* B, int ldb,
+                         float beta, TC* C, int ldc) {
+    REQUIRE(m >= 0 && n >= 0 && k >= 0 && lda >= std::max(1, ta ? k : m) && ldb >= std::max(1, tb ? n : k) &&
+                ldc >= std::max(1, m),
+            "cuBLAS would refuse GEMM m %d n %d k %d lda %d ldb %d ldc %d", m, n, k, lda, ldb, ldc);
+    for (int j = 0; j < n; ++j)
+        for (int i = 0; i < m; ++i) {
+            float s = 0.0f;
+            for (int l = 0; l < k; ++l) {
+                const float a = widen(ta ? A[l + (size_t)i * lda] : A[i + (size_t)l * lda]);
+                const float b = widen(tb ? B[j + (size_t)l * ldb] : B[l + (size_t)j * ldb]);
+                s = std::fma(a, b, s);
+            }
+            TC& c = C[i + (size_t)j * ldc];
+            store_c(c, beta == 0.0f ? s : s + beta * widen(c));
+        }
+}
 struct ColMajorGemm { bool trans_first, trans_second; size_t m, n, k, ld_first, ld_second, ldc; };
 static ColMajorGemm col_major(bool trans_a, bool trans_b, size_t m, size_t n, size_t k) {
     return {trans_b, trans_a, n, m, k, trans_b ? k : n, trans_a ? m : k, n};
@@ -131,6 +158,14 @@ static void sgemm_row_major(bool trans_a, bool trans_b, size_t m, size_t n, size
     const float alpha = 1.0f;
     gemm_ex(g.trans_first, g.trans_second, (int)g.m, (int)g.n, (int)g.k, alpha, b, (int)g.ld_first, a,
             (int)g.ld_second, beta, c, (int)g.ldc);
+}
+// runtime::gemm_row_major with bf16 A and B, C of type TC (Operands::Bf16: f32, Bf16Out: bf16)
+template <class TC>
+static void gemm_row_major_bf16(bool trans_a, bool trans_b, size_t m, size_t n, size_t k, const bf16* a,
+                                const bf16* b, float beta, TC* c) {
+    const ColMajorGemm g = col_major(trans_a, trans_b, m, n, k);
+    gemm_ex_bf16(g.trans_first, g.trans_second, (int)g.m, (int)g.n, (int)g.k, b, (int)g.ld_first, a,
+                 (int)g.ld_second, beta, c, (int)g.ldc);
 }
 
 // ---- train::rng::Stream::new(..).words() ----
@@ -252,26 +287,36 @@ struct GpuBackward {
         launch_final(part, blocks, h, groups, accumulate, dgamma.p);
         launch_final(part_b, blocks, h, groups, accumulate, dbeta.p);
     }
-    void bias(const Slice<float>& dy, size_t rows, size_t cols, Slice<float>& db, bool accumulate) {
+    // bias and bias_bf16 (the partial kernel of dy's type)
+    template <class T>
+    void bias(const Slice<T>& dy, size_t rows, size_t cols, Slice<float>& db, bool accumulate) {
         REQUIRE(dy.len() >= rows * cols && db.len() >= cols, "bias gradient buffers");
         if (cols == 0) return;
         if (rows == 0) { if (!accumulate) std::fill_n(db.p, cols, 0.0f); return; }
         const size_t parts = (rows + BIAS_ROWS_PER_PART - 1) / BIAS_ROWS_PER_PART;
         float* part = scratch(parts * cols);
         const int rows_i = (int)rows, cols_i = (int)cols, rpp = (int)BIAS_ROWS_PER_PART;
-        const float* dyp = dy.p;
+        const T* dyp = dy.p;
         LaunchConfig cfg{(unsigned)grid_of(cols, BIAS_THREADS), (unsigned)parts, 1, BIAS_THREADS, 0};
-        run(cfg, [&] { rrra_bias_backward_partial_f32(dyp, rows_i, cols_i, rpp, part); });
+        if constexpr (std::is_same_v<T, float>)
+            run(cfg, [&] { rrra_bias_backward_partial_f32(dyp, rows_i, cols_i, rpp, part); });
+        else
+            run(cfg, [&] { rrra_bias_backward_partial_bf16(dyp, rows_i, cols_i, rpp, part); });
         launch_final(part, parts, cols, 1, accumulate, db.p);
     }
-    void gelu(const Slice<float>& pre, Slice<float>& dy, size_t n) {
+    // gelu and gelu_bf16
+    template <class T>
+    void gelu(const Slice<T>& pre, Slice<T>& dy, size_t n) {
         REQUIRE(pre.len() >= n && dy.len() >= n, "GELU buffers");
         if (n == 0) return;
         const long long n_i = (long long)n;
         const size_t blocks = std::min<size_t>(grid_of(n, 4 * BW_THREADS), 8192);
-        const float* pp = pre.p;
-        float* dp = dy.p;
-        run(launch_cfg(blocks, BW_THREADS, 0), [&] { rrra_gelu_backward_f32(pp, dp, n_i); });
+        const T* pp = pre.p;
+        T* dp = dy.p;
+        if constexpr (std::is_same_v<T, float>)
+            run(launch_cfg(blocks, BW_THREADS, 0), [&] { rrra_gelu_backward_f32(pp, dp, n_i); });
+        else
+            run(launch_cfg(blocks, BW_THREADS, 0), [&] { rrra_gelu_backward_bf16(pp, dp, n_i); });
     }
     void pool(Pooling pooling, const Slice<float>& d_pooled, const Slice<float>* hidden, const Slice<unsigned>& offsets,
               size_t sequences, size_t tokens, size_t h, Slice<float>& dx) {
@@ -330,9 +375,15 @@ using AttbKernel = void (*)(const float*, const float*, const float*, const unsi
                             float, const unsigned*, float*, float*);
 using AttbKernelConst = void (*)(const float*, const float*, const float*, const unsigned*, int, int, int, float,
                                  float, float, const unsigned*, const float*, float*);
+using AttbKernelBf16 = void (*)(const bf16*, const float*, const float*, const unsigned*, int, int, int, float, float,
+                                float, const unsigned*, float*, bf16*);
+using AttbKernelBf16Const = void (*)(const bf16*, const float*, const float*, const unsigned*, int, int, int, float,
+                                     float, float, const unsigned*, const float*, bf16*);
 struct GpuAttentionBackward {
     AttbKernel dq, dq_mma = nullptr;
     AttbKernelConst dkdv, dkdv_mma = nullptr;
+    AttbKernelBf16 dq_bf16 = nullptr;  // the tensor-core pair's bf16 twin (MmaKernels::bf16)
+    AttbKernelBf16Const dkdv_bf16 = nullptr;
     bool tensor_cores = false;  // use_tensor_cores
     std::pair<size_t, size_t> smem;
     size_t h, heads, dh, max_tokens, max_sequences;
@@ -357,13 +408,17 @@ struct GpuAttentionBackward {
         if (dh == 32) { dq_mma = rrra_attention_backward_dq_mma_d32; dkdv_mma = rrra_attention_backward_dkdv_mma_d32; }
         if (dh == 64) { dq_mma = rrra_attention_backward_dq_mma_d64; dkdv_mma = rrra_attention_backward_dkdv_mma_d64; }
         if (dh == 128) { dq_mma = rrra_attention_backward_dq_mma_d128; dkdv_mma = rrra_attention_backward_dkdv_mma_d128; }
+        if (dh == 32) { dq_bf16 = rrra_attention_backward_dq_mma_bf16_d32; dkdv_bf16 = rrra_attention_backward_dkdv_mma_bf16_d32; }
+        if (dh == 64) { dq_bf16 = rrra_attention_backward_dq_mma_bf16_d64; dkdv_bf16 = rrra_attention_backward_dkdv_mma_bf16_d64; }
+        if (dh == 128) { dq_bf16 = rrra_attention_backward_dq_mma_bf16_d128; dkdv_bf16 = rrra_attention_backward_dkdv_mma_bf16_d128; }
         smem = smem_bytes(dmax);  // allow_smem raises both functions' limits to these
         offsets = alloc<unsigned>(max_sequences + 1, "attention backward offsets");
         stats = alloc<float>(2 * heads * max_tokens, "attention backward scratch");
         drop_ctr = alloc<unsigned>(4 * max_sequences, "attention backward dropout streams");
     }
-    Batch prepare(const std::vector<unsigned>& offs, const Slice<float>& qkv, const Slice<float>* bias,
-                  const Slice<float>& dctx, const Slice<float>& dqkv, const AttnDropoutPlan* dropout) {
+    template <class Q>
+    Batch prepare(const std::vector<unsigned>& offs, const Slice<Q>& qkv, const Slice<float>* bias,
+                  const Slice<float>& dctx, const Slice<Q>& dqkv, const AttnDropoutPlan* dropout) {
         const size_t sequences = offs.size() - 1, tokens = offs.back();
         size_t max_len = 0;
         for (size_t s = 0; s < sequences; ++s) { REQUIRE(offs[s + 1] >= offs[s], "offsets"); max_len = std::max<size_t>(max_len, offs[s + 1] - offs[s]); }
@@ -413,6 +468,27 @@ struct GpuAttentionBackward {
         if (b.tokens == 0) return;
         launch_one(false, b, qkv.p, bias ? bias->p : nullptr, dctx.p, dqkv.p);
         launch_one(true, b, qkv.p, bias ? bias->p : nullptr, dctx.p, dqkv.p);
+    }
+    // backward_bf16: bf16 QKV and dQKV, the twin pair whatever use_tensor_cores says
+    void backward_bf16(const std::vector<unsigned>& offs, const Slice<bf16>& qkv, const Slice<float>* bias,
+                       const Slice<float>& dctx, const AttnDropoutPlan* dropout, Slice<bf16>& dqkv) {
+        REQUIRE(dq_bf16 != nullptr, "no tensor-core kernels for head dim %zu", dh);
+        const Batch b = prepare(offs, qkv, bias, dctx, dqkv, dropout);
+        if (b.tokens == 0) return;
+        const unsigned* op = offsets.p;
+        float* st = stats.p;
+        const unsigned* ctr = b.drop_p > 0.0f ? drop_ctr.p : nullptr;
+        const int tokens = (int)b.tokens, h_i = (int)h, dh_i = (int)dh;
+        const float scale = 1.0f / std::sqrt((float)dh);
+        const float dp = b.drop_p, ds = b.drop_scale;
+        LaunchConfig cfg = launch_cfg((b.max_len + 63) / 64, 128, 0);
+        cfg.gy = (unsigned)heads;
+        cfg.gz = (unsigned)b.sequences;
+        const float* bp = bias ? bias->p : nullptr;
+        const bf16* q = qkv.p;
+        bf16* d = dqkv.p;
+        run(cfg, [&] { dq_bf16(q, bp, dctx.p, op, tokens, h_i, dh_i, scale, dp, ds, ctr, st, d); });
+        run(cfg, [&] { dkdv_bf16(q, bp, dctx.p, op, tokens, h_i, dh_i, scale, dp, ds, ctr, st, d); });
     }
 };
 
@@ -491,8 +567,54 @@ struct GpuTrainableEncoder {
     std::vector<LayerActs> layers;
     Slice<float> pooled, embeddings, mid, d_emb, d_pooled, dx, ds_a, ds_b, dctx, dqkv, dmid;
     std::optional<Batch> last;
-    // GemmMath::Bf16's attention (rrra_attention_train_mma_d*); the products stay f32 here
-    bool mixed = false;
+    // GemmMath::Bf16 with a tiled head dim: bf16 activations (LayerActsBf16, Bf16Acts)
+    struct LayerActsBf16 { Slice<bf16> x, qkv, ctx; Slice<float> s1; Slice<bf16> x1, mid_pre; Slice<float> s2; };
+    struct Bf16Acts {
+        std::vector<LayerActsBf16> layers;
+        std::vector<std::array<Slice<bf16>, 4>> weights;
+        bool weights_current = false;
+        Slice<float> x1;
+        Slice<bf16> mid, dy, dmid;
+    };
+    std::optional<Bf16Acts> mixed;
+    static constexpr size_t LINEAR_WEIGHTS[4] = {t::QKV_W, t::ATTN_OUT_W, t::INTER_W, t::OUT_W};
+
+    // set_gemm_math(GemmMath::Bf16) for a tiled head dim: allocate_activations(true)
+    void set_gemm_math_bf16() {
+        const int dh = cfg.head_dim();
+        attn_bw.tensor_cores = true;
+        if (!(dh == 32 || dh == 64 || dh == 128)) return;
+        last.reset();
+        inputs.clear();
+        layers.clear();
+        mixed.reset();
+        const size_t h = cfg.h, inter = cfg.inter, nl = cfg.layers, mt = max_tokens;
+        auto buf = [](size_t n, const char* what) { return alloc<float>(n, what); };
+        auto half = [](size_t n, const char* what) { return alloc<bf16>(n, what); };
+        mid = buf(1, "FFN activations");
+        dmid = buf(1, "FFN gradients");
+        for (int i = 0; i < 3; ++i) inputs.push_back(buf(mt * h, "layer inputs"));
+        Bf16Acts m;
+        for (size_t l = 0; l < nl; ++l) {
+            m.layers.push_back({half(mt * h, "bf16 layer inputs"), half(mt * 3 * h, "bf16 QKV projections"),
+                                half(mt * h, "bf16 attention contexts"), buf(mt * h, "attention sums"),
+                                half(mt * h, "bf16 attention outputs"), half(mt * inter, "bf16 FFN pre-activations"),
+                                buf(mt * h, "FFN sums")});
+            std::array<Slice<bf16>, 4> ws;
+            for (int i = 0; i < 4; ++i) ws[i] = half(layer_w(l, LINEAR_WEIGHTS[i]).len(), "bf16 working weights");
+            m.weights.push_back(ws);
+        }
+        m.x1 = buf(mt * h, "attention outputs");
+        m.mid = half(mt * inter, "bf16 FFN activations");
+        m.dy = half(mt * 3 * h, "bf16 output gradients");
+        m.dmid = half(mt * inter, "bf16 FFN gradients");
+        mixed = std::move(m);
+    }
+    size_t input_slot(size_t l) const {
+        const size_t nl = cfg.layers;
+        if (inputs.size() == nl + 1) return l;
+        return l == nl ? 2 : l % 2;
+    }
 
     GpuTrainableEncoder(const Config& c, const std::vector<std::vector<float>>& host, Pooling pooling_, bool normalize_,
                         size_t mt, size_t ms)
@@ -546,35 +668,72 @@ struct GpuTrainableEncoder {
         if (hidden_p > 0.0f) dropout_launch(x0, x0, b, h, hidden_p, site_slot(0, EmbeddingDropout));
         size_t max_len = 0;
         for (size_t s = 0; s + 1 < b.offsets.size(); ++s) max_len = std::max<size_t>(max_len, b.offsets[s + 1] - b.offsets[s]);
-        for (size_t l = 0; l < (size_t)cfg.layers; ++l) {
-            float* x = inputs[l].p;
-            const LayerActs& a = layers[l];
-            float *qkv = a.qkv.p, *ctx = a.ctx.p, *s1 = a.s1.p, *x1 = a.x1.p, *mid_pre = a.mid_pre.p, *s2 = a.s2.p,
-                  *m = mid.p;
-            auto wp = [&](size_t i) { return layer_w(l, i).p; };
-            linear(x, tok, h, wp(t::QKV_W), 3 * h, qkv);
-            if (mixed && (cfg.head_dim() == 32 || cfg.head_dim() == 64 || cfg.head_dim() == 128)) {
-                attention_mma(qkv, wp(t::QKV_B), b, max_len, site_slot(l, AttentionDropout), ctx);
-            } else if (b.dropout.attention > 0.0f) {
-                attention_dropout(qkv, wp(t::QKV_B), b, max_len, site_slot(l, AttentionDropout), ctx);
-            } else {
-                attention.launch(cfg, qkv, wp(t::QKV_B), offs, b.sequences, max_len, ctx);
-            }
-            linear(ctx, tok, h, wp(t::ATTN_OUT_W), h, s1);
-            bias_residual(s1, wp(t::ATTN_OUT_B), x, b, h, site_slot(l, AttentionOutputDropout));
-            layernorm(s1, wp(t::ATTN_LN_G), wp(t::ATTN_LN_B), eps, tok, x1);
-            linear(x1, tok, h, wp(t::INTER_W), inter, mid_pre);
-            bias_gelu(mid_pre, wp(t::INTER_B), tok, inter, m);
-            linear(m, tok, inter, wp(t::OUT_W), h, s2);
-            bias_residual(s2, wp(t::OUT_B), x1, b, h, site_slot(l, FfnOutputDropout));
-            layernorm(s2, wp(t::OUT_LN_G), wp(t::OUT_LN_B), eps, tok, inputs[l + 1].p);
-        }
-        float* hidden = inputs[cfg.layers].p;
+        if (mixed) forward_layers_bf16(b, max_len, *mixed);
+        else for (size_t l = 0; l < (size_t)cfg.layers; ++l) forward_layer_f32(l, b, max_len);
+        float* hidden = inputs[input_slot(cfg.layers)].p;
         pool(hidden, b.sequences, false, pooled.p);
         pool(hidden, b.sequences, normalize, embeddings.p);
         std::vector<float> out(embeddings.p, embeddings.p + b.sequences * h);
         last = std::move(b);
         return out;
+    }
+
+    void forward_layer_f32(size_t l, const Batch& b, size_t max_len) {
+        const size_t h = cfg.h, inter = cfg.inter, tok = b.tokens;
+        const float eps = (float)cfg.eps;
+        const unsigned* offs = offsets.p;
+        float* x = inputs[l].p;
+        const LayerActs& a = layers[l];
+        float *qkv = a.qkv.p, *ctx = a.ctx.p, *s1 = a.s1.p, *x1 = a.x1.p, *mid_pre = a.mid_pre.p, *s2 = a.s2.p,
+              *m = mid.p;
+        auto wp = [&](size_t i) { return layer_w(l, i).p; };
+        linear(x, tok, h, wp(t::QKV_W), 3 * h, qkv);
+        if (b.dropout.attention > 0.0f) {
+            attention_dropout(qkv, wp(t::QKV_B), b, max_len, site_slot(l, AttentionDropout), ctx);
+        } else {
+            attention.launch(cfg, qkv, wp(t::QKV_B), offs, b.sequences, max_len, ctx);
+        }
+        linear(ctx, tok, h, wp(t::ATTN_OUT_W), h, s1);
+        bias_residual(s1, wp(t::ATTN_OUT_B), x, b, h, site_slot(l, AttentionOutputDropout));
+        layernorm(s1, wp(t::ATTN_LN_G), wp(t::ATTN_LN_B), eps, tok, x1);
+        linear(x1, tok, h, wp(t::INTER_W), inter, mid_pre);
+        bias_gelu(mid_pre, wp(t::INTER_B), tok, inter, m);
+        linear(m, tok, inter, wp(t::OUT_W), h, s2);
+        bias_residual(s2, wp(t::OUT_B), x1, b, h, site_slot(l, FfnOutputDropout));
+        layernorm(s2, wp(t::OUT_LN_G), wp(t::OUT_LN_B), eps, tok, inputs[l + 1].p);
+    }
+
+    // forward_layers_bf16 / forward_layer_bf16
+    void forward_layers_bf16(const Batch& b, size_t max_len, Bf16Acts& m) {
+        if (!m.weights_current) {
+            for (size_t l = 0; l < m.weights.size(); ++l)
+                for (int i = 0; i < 4; ++i) {
+                    const Slice<float>& wt = layer_w(l, LINEAR_WEIGHTS[i]);
+                    to_bf16(wt.p, wt.len(), m.weights[l][i].p);
+                }
+            m.weights_current = true;
+        }
+        to_bf16(inputs[0].p, b.tokens * cfg.h, m.layers[0].x.p);
+        for (size_t l = 0; l < (size_t)cfg.layers; ++l) forward_layer_bf16(l, b, max_len, m);
+    }
+    void forward_layer_bf16(size_t l, const Batch& b, size_t max_len, Bf16Acts& m) {
+        const size_t h = cfg.h, inter = cfg.inter, tok = b.tokens;
+        const float eps = (float)cfg.eps;
+        auto wp = [&](size_t i) { return layer_w(l, i).p; };
+        LayerActsBf16& a = m.layers[l];
+        auto wb = [&](int i) { return m.weights[l][i].p; };
+        float* x = inputs[input_slot(l)].p;
+        gemm_row_major_bf16(false, true, tok, 3 * h, h, a.x.p, wb(0), 0.0f, a.qkv.p);
+        attention_mma_bf16(a.qkv.p, wp(t::QKV_B), b, max_len, site_slot(l, AttentionDropout), a.ctx.p);
+        gemm_row_major_bf16(false, true, tok, h, h, a.ctx.p, wb(1), 0.0f, a.s1.p);
+        bias_residual(a.s1.p, wp(t::ATTN_OUT_B), x, b, h, site_slot(l, AttentionOutputDropout));
+        layernorm_bf16(a.s1.p, wp(t::ATTN_LN_G), wp(t::ATTN_LN_B), eps, tok, m.x1.p, a.x1.p);
+        gemm_row_major_bf16(false, true, tok, inter, h, a.x1.p, wb(2), 0.0f, a.mid_pre.p);
+        bias_gelu_bf16(a.mid_pre.p, wp(t::INTER_B), tok, inter, m.mid.p);
+        gemm_row_major_bf16(false, true, tok, h, inter, m.mid.p, wb(3), 0.0f, a.s2.p);
+        bias_residual(a.s2.p, wp(t::OUT_B), m.x1.p, b, h, site_slot(l, FfnOutputDropout));
+        bf16* out16 = l + 1 < m.layers.size() ? m.layers[l + 1].x.p : nullptr;
+        layernorm_bf16(a.s2.p, wp(t::OUT_LN_G), wp(t::OUT_LN_B), eps, tok, inputs[input_slot(l + 1)].p, out16);
     }
 
     void backward(const std::vector<float>& d_embeddings, std::vector<std::vector<float>>& grads) {
@@ -609,39 +768,101 @@ struct GpuTrainableEncoder {
         } else {
             std::memcpy(d_pooled.p, d_emb.p, seqs * h * sizeof(float));
         }
-        const Slice<float>& hidden = inputs[cfg.layers];
+        const Slice<float>& hidden = inputs[input_slot(cfg.layers)];
         bw.pool(pooling, d_pooled, &hidden, offsets, seqs, tok, h, dx);
         for (size_t l = cfg.layers; l-- > 0;) {
-            const size_t base = t::EMBEDDING + l * t::PER_LAYER;
-            auto gi = [&](size_t i) { return base + i; };
-            layernorm_backward(gi(t::OUT_LN_G), layers[l].s2, dx, ds_a, tok, h, eps);
-            SliceId d_ffn = SliceId::DsA;
-            if (hidden_p > 0.0f) {
-                dropout_launch(dctx.p, ds_a.p, b, h, hidden_p, site_slot(l, FfnOutputDropout));
-                d_ffn = SliceId::Dctx;
-            }
-            gelu(layers[l].mid_pre.p, tok * inter, mid.p);
-            linear_backward(mid.p, tok, inter, gi(t::OUT_W), gi(t::OUT_B), h, d_ffn, dmid.p);
-            bw.gelu(layers[l].mid_pre, dmid, tok * inter);
-            linear_backward(layers[l].x1.p, tok, h, gi(t::INTER_W), gi(t::INTER_B), inter, SliceId::Dmid, ds_b.p);
-            add(ds_b.p, ds_a.p, tok * h);
-            layernorm_backward(gi(t::ATTN_LN_G), layers[l].s1, ds_b, ds_a, tok, h, eps);
-            SliceId d_attn = SliceId::DsA;
-            if (hidden_p > 0.0f) {
-                dropout_launch(ds_b.p, ds_a.p, b, h, hidden_p, site_slot(l, AttentionOutputDropout));
-                d_attn = SliceId::DsB;
-            }
-            linear_backward(layers[l].ctx.p, tok, h, gi(t::ATTN_OUT_W), gi(t::ATTN_OUT_B), h, d_attn, dctx.p);
-            AttnDropoutPlan plan{b.dropout.attention, b.dropout.seed, b.dropout.step, (unsigned)l + 1, &b.example_ids};
-            attn_bw.backward(b.offsets, layers[l].qkv, &w[gi(t::QKV_B)], dctx,
-                             b.dropout.attention > 0.0f ? &plan : nullptr, dqkv);
-            linear_backward(inputs[l].p, tok, h, gi(t::QKV_W), gi(t::QKV_B), 3 * h, SliceId::Dqkv, dx.p);
-            add(dx.p, ds_a.p, tok * h);
+            if (mixed) backward_layer_bf16(l, b, *mixed);
+            else backward_layer_f32(l, b);
         }
         if (hidden_p > 0.0f) dropout_launch(dx.p, dx.p, b, h, hidden_p, site_slot(0, EmbeddingDropout));
         layernorm_backward(t::EMB_LN_G, emb_sum, dx, ds_a, tok, h, eps);
         const DeviceEmbeddingPlan plan = upload_on(b.plan);
         bw.embedding(plan, ds_a, h, g[t::WORD], g[t::POS], g[t::TYPE]);
+    }
+
+    void backward_layer_f32(size_t l, const Batch& b) {
+        const size_t h = cfg.h, inter = cfg.inter, tok = b.tokens;
+        const float eps = (float)cfg.eps;
+        const float hidden_p = b.dropout.hidden;
+        const size_t base = t::EMBEDDING + l * t::PER_LAYER;
+        auto gi = [&](size_t i) { return base + i; };
+        layernorm_backward(gi(t::OUT_LN_G), layers[l].s2, dx, ds_a, tok, h, eps);
+        SliceId d_ffn = SliceId::DsA;
+        if (hidden_p > 0.0f) {
+            dropout_launch(dctx.p, ds_a.p, b, h, hidden_p, site_slot(l, FfnOutputDropout));
+            d_ffn = SliceId::Dctx;
+        }
+        gelu(layers[l].mid_pre.p, tok * inter, mid.p);
+        linear_backward(mid.p, tok, inter, gi(t::OUT_W), gi(t::OUT_B), h, d_ffn, dmid.p);
+        bw.gelu(layers[l].mid_pre, dmid, tok * inter);
+        linear_backward(layers[l].x1.p, tok, h, gi(t::INTER_W), gi(t::INTER_B), inter, SliceId::Dmid, ds_b.p);
+        add(ds_b.p, ds_a.p, tok * h);
+        layernorm_backward(gi(t::ATTN_LN_G), layers[l].s1, ds_b, ds_a, tok, h, eps);
+        SliceId d_attn = SliceId::DsA;
+        if (hidden_p > 0.0f) {
+            dropout_launch(ds_b.p, ds_a.p, b, h, hidden_p, site_slot(l, AttentionOutputDropout));
+            d_attn = SliceId::DsB;
+        }
+        linear_backward(layers[l].ctx.p, tok, h, gi(t::ATTN_OUT_W), gi(t::ATTN_OUT_B), h, d_attn, dctx.p);
+        AttnDropoutPlan plan{b.dropout.attention, b.dropout.seed, b.dropout.step, (unsigned)l + 1, &b.example_ids};
+        attn_bw.backward(b.offsets, layers[l].qkv, &w[gi(t::QKV_B)], dctx,
+                         b.dropout.attention > 0.0f ? &plan : nullptr, dqkv);
+        linear_backward(inputs[l].p, tok, h, gi(t::QKV_W), gi(t::QKV_B), 3 * h, SliceId::Dqkv, dx.p);
+        add(dx.p, ds_a.p, tok * h);
+    }
+    // backward_layer_bf16
+    void backward_layer_bf16(size_t l, const Batch& b, Bf16Acts& m) {
+        const size_t h = cfg.h, inter = cfg.inter, tok = b.tokens;
+        const float eps = (float)cfg.eps;
+        const float hidden_p = b.dropout.hidden;
+        auto gi = [&](size_t i) { return t::EMBEDDING + l * t::PER_LAYER + i; };
+        LayerActsBf16& a = m.layers[l];
+        auto wb = [&](int i) { return m.weights[l][i].p; };
+        layernorm_backward(gi(t::OUT_LN_G), a.s2, dx, ds_a, tok, h, eps);
+        SliceId d_ffn = SliceId::DsA;
+        if (hidden_p > 0.0f) {
+            dropout_launch(dctx.p, ds_a.p, b, h, hidden_p, site_slot(l, FfnOutputDropout));
+            d_ffn = SliceId::Dctx;
+        }
+        to_bf16(scratch(d_ffn).p, tok * h, m.dy.p);
+        gelu_bf16(a.mid_pre.p, tok * inter, m.mid.p);
+        linear_backward_bf16(m.mid.p, tok, inter, wb(3), gi(t::OUT_W), h, m.dy.p, m.dmid.p);
+        bw.bias(scratch(d_ffn), tok, h, g[gi(t::OUT_B)], true);
+        bw.gelu(a.mid_pre, m.dmid, tok * inter);
+        linear_backward_bf16(a.x1.p, tok, h, wb(2), gi(t::INTER_W), inter, m.dmid.p, ds_b.p);
+        bw.bias(m.dmid, tok, inter, g[gi(t::INTER_B)], true);
+        add(ds_b.p, ds_a.p, tok * h);
+        layernorm_backward(gi(t::ATTN_LN_G), a.s1, ds_b, ds_a, tok, h, eps);
+        SliceId d_attn = SliceId::DsA;
+        if (hidden_p > 0.0f) {
+            dropout_launch(ds_b.p, ds_a.p, b, h, hidden_p, site_slot(l, AttentionOutputDropout));
+            d_attn = SliceId::DsB;
+        }
+        to_bf16(scratch(d_attn).p, tok * h, m.dy.p);
+        linear_backward_bf16(a.ctx.p, tok, h, wb(1), gi(t::ATTN_OUT_W), h, m.dy.p, dctx.p);
+        bw.bias(scratch(d_attn), tok, h, g[gi(t::ATTN_OUT_B)], true);
+        AttnDropoutPlan plan{b.dropout.attention, b.dropout.seed, b.dropout.step, (unsigned)l + 1, &b.example_ids};
+        attn_bw.backward_bf16(b.offsets, a.qkv, &w[gi(t::QKV_B)], dctx, b.dropout.attention > 0.0f ? &plan : nullptr, m.dy);
+        linear_backward_bf16(a.x.p, tok, h, wb(0), gi(t::QKV_W), 3 * h, m.dy.p, dx.p);
+        bw.bias(m.dy, tok, 3 * h, g[gi(t::QKV_B)], true);
+        add(dx.p, ds_a.p, tok * h);
+    }
+    // linear_backward_bf16: dx = dy·W (its type), ∂W += dyᵀ·x in f32
+    template <class TX>
+    void linear_backward_bf16(const bf16* x, size_t rows, size_t inp, const bf16* wt, size_t w_index, size_t out,
+                              const bf16* dy, TX* dxp) {
+        gemm_row_major_bf16(false, false, rows, inp, out, dy, wt, 0.0f, dxp);
+        gemm_row_major_bf16(true, false, out, inp, rows, dy, x, 1.0f, g[w_index].p);
+    }
+    Slice<float>& scratch(SliceId id) {
+        switch (id) {
+            case SliceId::DsA: return ds_a;
+            case SliceId::DsB: return ds_b;
+            case SliceId::Dctx: return dctx;
+            case SliceId::Dmid: return dmid;
+            case SliceId::Dqkv: return dqkv;
+        }
+        abort();
     }
 
     Batch upload_batch(const PackedBatch& batch, const std::vector<uint64_t>& example_ids, const DropoutPlan& dropout) {
@@ -692,10 +913,11 @@ struct GpuTrainableEncoder {
         LaunchConfig c{(unsigned)std::max<size_t>((max_len + 7) / 8, 1), (unsigned)cfg.heads, (unsigned)b.sequences, THREADS, 0};
         run(c, [&] { rrra_train_attention_dropout_f32(qkv, bias, offs, words, h, dh, scale, p, keep_scale, ctx); });
     }
-    void attention_mma(const float* qkv, const float* bias, const Batch& b, size_t max_len, size_t slot, float* ctx) {
-        using Mma = void (*)(const float*, const float*, const unsigned*, const unsigned*, int, float, float, float, float*);
+    // attention_bf16 → attention_mma with the bf16 twin
+    void attention_mma_bf16(const bf16* qkv, const float* bias, const Batch& b, size_t max_len, size_t slot, bf16* ctx) {
+        using Mma = void (*)(const bf16*, const float*, const unsigned*, const unsigned*, int, float, float, float, bf16*);
         const int dh = cfg.head_dim();
-        const Mma f = dh == 32 ? rrra_attention_train_mma_d32 : dh == 64 ? rrra_attention_train_mma_d64 : rrra_attention_train_mma_d128;
+        const Mma f = dh == 32 ? rrra_attention_train_mma_bf16_d32 : dh == 64 ? rrra_attention_train_mma_bf16_d64 : rrra_attention_train_mma_bf16_d128;
         const unsigned *offs = offsets.p, *words = words_at(b, slot);
         const int h = cfg.h;
         const float scale_log2e = 1.44269504088896340736f / std::sqrt((float)dh);
@@ -742,6 +964,25 @@ struct GpuTrainableEncoder {
         const long long rl = (long long)rows;
         const int c = (int)cols;
         run(grid_stride(rows * cols, THREADS), [&] { rrra_train_bias_residual_f32(y, bias, r, rl, c); });
+    }
+    void to_bf16(const float* src, size_t n, bf16* dst) {
+        const long long nl = (long long)n;
+        run(grid_stride(std::max<size_t>(n, 1), THREADS), [&] { rrra_train_to_bf16(src, nl, dst); });
+    }
+    void layernorm_bf16(const float* s, const float* gm, const float* bt, float eps, size_t rows, float* y, bf16* y16) {
+        if (!y16) { layernorm(s, gm, bt, eps, rows, y); return; }
+        const int r = (int)rows, h = cfg.h;
+        run(launch_cfg((rows * 32 + THREADS - 1) / THREADS, THREADS, 0),
+            [&] { rrra_train_layernorm_f32_bf16(s, gm, bt, eps, r, h, y, y16); });
+    }
+    void bias_gelu_bf16(bf16* pre, const float* bias, size_t rows, size_t cols, bf16* out) {
+        const long long rl = (long long)rows;
+        const int c = (int)cols;
+        run(grid_stride(rows * cols, THREADS), [&] { rrra_train_bias_gelu_bf16(pre, bias, rl, c, out); });
+    }
+    void gelu_bf16(const bf16* pre, size_t n, bf16* out) {
+        const long long nl = (long long)n;
+        run(grid_stride(n, THREADS), [&] { rrra_train_gelu_bf16(pre, nl, out); });
     }
     void bias_gelu(float* pre, const float* bias, size_t rows, size_t cols, float* out) {
         const long long rl = (long long)rows;
@@ -908,16 +1149,16 @@ int main(int argc, char** argv) {
         free_all();
         const int dh = cfg.head_dim();
         if ((dh == 32 || dh == 64 || dh == 128) && pooling != Pooling::Max) {
-            // GemmMath::Bf16's tensor-core attention, forward and backward, in the same step
-            // (micro-batches as above): Q, K, V, dO, the probabilities and dS rounded to bf16
-            // (~4e-3 each) against the CPU's f32,
-            // held to tests/gpu_encoder_train.rs's bf16 bounds (3e-2 absolute, 3e-2 relative L2).
+            // GemmMath::Bf16's step (micro-batches as above): bf16 activations, weights and
+            // product operands, tensor-core attention forward and backward; every stored
+            // activation and every operand rounded to bf16 (2^-9 relative each) against the
+            // CPU's f32, held to tests/gpu_encoder_train.rs's bf16 bounds (3e-2 absolute,
+            // 3e-2 relative L2).
             // Not with max pooling: a rounding that moves a column's maximum to another token
             // sends that column's whole gradient elsewhere (1e-1 relative on the embedding
             // tables here), a discontinuity of max pooling, not an error of the kernel.
             GpuTrainableEncoder enc(cfg, weights, pooling, normalize, max_tokens + 13, max_seqs + 3);
-            enc.mixed = true;  // set_gemm_math(Bf16): the tensor-core attention forward
-            enc.attn_bw.tensor_cores = true;  // and backward
+            enc.set_gemm_math_bf16();
             std::vector<std::vector<float>> grads;
             for (const auto& t : weights) grads.push_back(std::vector<float>(t.size(), grad_start));
             if (n_micro > 1) enc.zero_grads();
@@ -930,7 +1171,7 @@ int main(int argc, char** argv) {
                     const double d = std::fabs((double)emb[i] - m.want_emb[i]);
                     e = std::max(e, std::isfinite(d) ? d : INFINITY);
                 }
-                if (!(e <= 3e-2)) FAIL("%s, mma attention: embeddings %.2e apart (tolerance 3e-2)", tag, e);
+                if (!(e <= 3e-2)) FAIL("%s, bf16 activations: embeddings %.2e apart (tolerance 3e-2)", tag, e);
                 e_max = std::max(e_max, e);
                 if (n_micro > 1) enc.accumulate_backward(m.d_emb);
                 else enc.backward(m.d_emb, grads);
@@ -940,11 +1181,11 @@ int main(int argc, char** argv) {
             for (size_t i = 0; i < n_tensors; ++i) {
                 ++checks;
                 const double e = rel_l2(grads[i], want_grads[i]);
-                if (!(e <= 3e-2)) FAIL("%s, mma attention: %s relative L2 %.2e (tolerance 3e-2)", tag, tensor_name(i).c_str(), e);
+                if (!(e <= 3e-2)) FAIL("%s, bf16 activations: %s relative L2 %.2e (tolerance 3e-2)", tag, tensor_name(i).c_str(), e);
                 worst_g = std::max(worst_g, std::isfinite(e) ? e : INFINITY);
             }
             check_guards();
-            printf("%s, mma attention: embeddings within %.2e, gradients within %.2e relative L2\n", tag, e_max, worst_g);
+            printf("%s, bf16 activations: embeddings within %.2e, gradients within %.2e relative L2\n", tag, e_max, worst_g);
         }
         free_all();
     }

@@ -113,9 +113,11 @@ pub struct TrainArgs {
     /// backward; the samplers and the adapter's loss and optimizer stay on the CPU.
     #[arg(long, default_value = "cpu", value_name = "cpu|cuda[:N]")]
     pub device: Device,
-    /// The arithmetic of the encoder's products with --device cuda: f32 (the CPU's, up to
-    /// summation order), tf32 or bf16 (tensor cores, f32 accumulation; the activations stay f32;
-    /// bf16 also runs attention, forward and backward, on the tensor cores).
+    /// The encoder's arithmetic with --device cuda: f32 (the CPU's, up to summation order),
+    /// tf32 (products on the tensor cores, f32 activations), or bf16: mixed precision as bf16
+    /// autocast runs it (bf16 activations and working weights, f32 master weights, gradients
+    /// and accumulation; attention forward and backward on the tensor cores; head dims 32, 64
+    /// and 128, other head dims keep f32 activations).
     #[arg(long, default_value = "f32", value_name = "f32|tf32|bf16")]
     pub gpu_math: rrra::device::GemmMath,
     /// Data-parallel training over NCCL: this process is rank R of --nccl-world processes,
@@ -287,7 +289,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         let adamw = trainer.config().adamw;
         // data parallel too: the ranks' gradients are summed on the GPUs (NCCL)
         let mut dev = GpuTrainStep::new(gpu, bert, pooling, normalize, adamw, tokens, sequences)?;
-        dev.set_gemm_math(a.gpu_math);
+        dev.set_gemm_math(a.gpu_math)?;
         trainer.offload_encoder(Box::new(dev))?;
         eprintln!(
             "encoder forward, backward and AdamW ({} products) on {}",
