@@ -16,8 +16,8 @@
 //                             embedding dropout, and the masks applied to gradients in backward
 //  rrra_train_attention_dropout_f32  attention with dropout on the probabilities, one warp per
 //                             (query, head, sequence): scores, softmax, the CPU's mask, P̃·V
-//                             (the f32 path's; GemmMath::Bf16 runs attention.cu's
-//                             rrra_attention_train_mma_d* instead)
+//                             (the f32 activations' path; bf16 ones run attention.cu's
+//                             rrra_attention_train_mma_bf16_d* instead)
 //  rrra_train_bias_gelu_{f32,bf16}  pre = y + b (kept in place), out = GELU(pre) (exact erf)
 //  rrra_train_gelu_{f32,bf16}  out = GELU(pre) (the FFN activation, recomputed in backward)
 //  rrra_train_to_bf16         dst = bf16(src): working weights, gradients entering bf16 products

@@ -597,7 +597,6 @@ fn host_run(
         st.clone_htod(x)
             .map_err(cuda_err(&format!("uploading {what}")))
     };
-    let qkv_d = up(qkv, "qkv")?;
     let dctx_d = up(dctx, "dctx")?;
     let bias_d = bias.map(|b| up(b, "bias")).transpose()?;
     if stored == Stored::Bf16 {
@@ -622,6 +621,7 @@ fn host_run(
         let wide = out.iter().take(qkv.len());
         return Ok(wide.map(|&v| half::bf16::from_bits(v).to_f32()).collect());
     }
+    let qkv_d = up(qkv, "qkv")?;
     let dqkv_host = vec![f32::NAN; qkv.len()];
     let mut dqkv_d = up(&dqkv_host, "dqkv")?;
     op.backward(

@@ -33,11 +33,13 @@
 //! activations and round only the products' operands. tests/gpu_encoder_train.rs states the
 //! tolerances of each mode.
 //!
-//! Memory: [`GpuTrainableEncoder::new`] uploads the weights and allocates every activation for
-//! `max_tokens` tokens in `max_sequences` sequences (per token and layer 48h bytes with f32
-//! activations, 28h with bf16 ones, h the hidden size; [`GpuTrainableEncoder::set_gemm_math`]
-//! reallocates them when the storage changes); a step then allocates only the embedding
-//! gradient's schedule (a few index arrays per batch).
+//! Memory: [`GpuTrainableEncoder::new`] uploads the weights and allocates the gradients and
+//! the backward's scratch; the first forward allocates every activation for `max_tokens`
+//! tokens in `max_sequences` sequences in the storage of the mode then set (per token and
+//! layer 48h bytes with f32 activations, 28h with bf16 ones, h the hidden size), so a mixed-
+//! precision encoder never holds the f32 set; [`GpuTrainableEncoder::set_gemm_math`]
+//! reallocates them when the storage changes after that. A step then allocates only the
+//! embedding gradient's schedule (a few index arrays per batch).
 
 use super::attention_backward::{AttnDropoutPlan, GpuAttentionBackward};
 use super::backward::{EmbeddingGradPlan, GpuBackward};
@@ -206,6 +208,7 @@ pub struct GpuTrainableEncoder {
     ds_a: CudaSlice<f32>,
     ds_b: CudaSlice<f32>,
     dctx: CudaSlice<f32>,
+    /// The f32 mode's QKV gradient (one element in the bf16 mode, whose dQKV is bf16).
     dqkv: CudaSlice<f32>,
     /// The f32 mode's FFN gradient (one element in the bf16 mode).
     dmid: CudaSlice<f32>,
@@ -228,6 +231,11 @@ impl GpuTrainableEncoder {
         if max_tokens == 0 || max_sequences == 0 {
             return Err(Error::InvalidArgument(
                 "training buffers need at least one token and one sequence".into(),
+            ));
+        }
+        if cfg.num_hidden_layers == 0 {
+            return Err(Error::InvalidArgument(
+                "the training encoder needs at least one layer".into(),
             ));
         }
         if max_sequences > MAX_GRID_Z {
@@ -297,7 +305,7 @@ impl GpuTrainableEncoder {
         }
         let (mt, ms) = (max_tokens, max_sequences);
         let buf = |n: usize, what: &str| alloc::<f32>(&stream, n, what);
-        let mut enc = GpuTrainableEncoder {
+        let enc = GpuTrainableEncoder {
             gpu: gpu.clone(),
             ids: alloc(&stream, mt, "token ids")?,
             type_ids: alloc(&stream, mt, "token type ids")?,
@@ -313,7 +321,7 @@ impl GpuTrainableEncoder {
             ds_a: buf(mt * h, "hidden gradients")?,
             ds_b: buf(mt * h, "hidden gradients")?,
             dctx: buf(mt * h, "context gradients")?,
-            dqkv: buf(mt * 3 * h, "QKV gradients")?,
+            dqkv: buf(1, "QKV gradients")?,
             dmid: buf(1, "FFN gradients")?,
             inputs: Vec::new(),
             layers: Vec::new(),
@@ -333,7 +341,6 @@ impl GpuTrainableEncoder {
             max_sequences,
             last: None,
         };
-        enc.allocate_activations(false)?;
         enc.stream
             .synchronize()
             .map_err(cuda_err("uploading the encoder"))?;
@@ -342,7 +349,7 @@ impl GpuTrainableEncoder {
 
     /// (Re)allocates the activations for f32 storage, or bf16 storage when `bf16`; the old ones
     /// are freed first, and the last forward is forgotten. On an error no activations are left
-    /// (`inputs` empty), which a forward reports.
+    /// (`inputs` empty): the next forward tries again.
     fn allocate_activations(&mut self, bf16: bool) -> Result<()> {
         self.last = None;
         self.inputs.clear();
@@ -355,7 +362,7 @@ impl GpuTrainableEncoder {
     }
 
     /// The buffers of [`GpuTrainableEncoder::allocate_activations`]: `inputs`, `layers` and
-    /// `mixed` (`mid` and `dmid` are set here).
+    /// `mixed` (`mid`, `dmid` and `dqkv`, f32 storage's, are set here).
     #[allow(clippy::type_complexity)]
     fn new_activations(
         &mut self,
@@ -372,6 +379,7 @@ impl GpuTrainableEncoder {
         let ffn = if bf16 { 1 } else { mt * inter };
         self.mid = buf(ffn, "FFN activations")?;
         self.dmid = buf(ffn, "FFN gradients")?;
+        self.dqkv = buf(if bf16 { 1 } else { mt * 3 * h }, "QKV gradients")?;
         let mut inputs = Vec::new();
         for _ in 0..if bf16 { 3 } else { layers + 1 } {
             inputs.push(buf(mt * h, "layer inputs")?);
@@ -448,16 +456,20 @@ impl GpuTrainableEncoder {
     /// activations are stored in bf16, the products take bf16 operands (bf16 working copies of
     /// the f32 weights) with f32 accumulation, and attention, forward and backward, runs on the
     /// tensor cores; for other head dims only the products round their f32 operands to bf16.
-    /// Changing between bf16 and f32 storage reallocates the activations (the last forward is
-    /// then spent). When that allocation fails the encoder keeps no activations: its forwards
-    /// fail until a later call allocates them.
+    /// The activations are allocated by the first forward, in the storage of the mode then
+    /// set; changing between bf16 and f32 storage after that reallocates them (the last
+    /// forward is then spent).
     pub fn set_gemm_math(&mut self, math: GemmMath) -> Result<()> {
         self.blas.math = math;
-        let bf16 = math == GemmMath::Bf16 && self.k.attention_mma.is_some();
-        if bf16 != self.bf16_activations() || self.inputs.is_empty() {
-            self.allocate_activations(bf16)?;
+        if !self.inputs.is_empty() && self.wants_bf16() != self.bf16_activations() {
+            self.allocate_activations(self.wants_bf16())?;
         }
         Ok(())
+    }
+
+    /// Whether the mode set stores the activations in bf16.
+    fn wants_bf16(&self) -> bool {
+        self.blas.math == GemmMath::Bf16 && self.k.attention_mma.is_some()
     }
 
     pub fn gemm_math(&self) -> GemmMath {
@@ -511,9 +523,7 @@ impl GpuTrainableEncoder {
     ) -> Result<Vec<f32>> {
         self.last = None;
         if self.inputs.is_empty() {
-            return Err(Error::InvalidArgument(
-                "the encoder's activations could not be allocated (see the earlier error)".into(),
-            ));
+            self.allocate_activations(self.wants_bf16())?;
         }
         let b = self.upload_batch(batch, example_ids, dropout)?;
         let cfg = self.cfg.clone();
@@ -1143,14 +1153,18 @@ impl GpuTrainableEncoder {
     /// Needs a forward not yet spent by a backward, and a head dim of 32, 64 or 128 for `mma`.
     #[doc(hidden)]
     pub fn rerun_attention(&mut self, layer: usize, mma: bool) -> Result<Vec<f32>> {
-        // poisoned first, so a kernel that writes nothing cannot pass for the other's output
-        let n = self.max_tokens * self.cfg.hidden_size;
-        self.stream
-            .memcpy_htod(&vec![f32::NAN; n], &mut self.dctx.slice_mut(..n))
-            .map_err(cuda_err("poisoning the attention scratch"))?;
         let b = self.last.take().ok_or_else(|| {
             Error::InvalidArgument("rerun_attention needs a forward not yet spent".into())
         })?;
+        // poisoned first, so a kernel that writes nothing cannot pass for the other's output
+        let n = self.max_tokens * self.cfg.hidden_size;
+        if let Err(e) = self
+            .stream
+            .memcpy_htod(&vec![f32::NAN; n], &mut self.dctx.slice_mut(..n))
+        {
+            self.last = Some(b);
+            return Err(cuda_err("poisoning the attention scratch")(e));
+        }
         let mut mixed = self.mixed.take();
         let out = self.rerun_attention_on(layer, mma, &b, mixed.as_deref_mut());
         (self.last, self.mixed) = (Some(b), mixed);
@@ -1181,8 +1195,9 @@ impl GpuTrainableEncoder {
                 .map_err(cuda_err("downloading bf16 activations"))?;
             Ok(v)
         };
-        let qkv = match mixed {
-            None => ptr(&self.layers[layer].qkv, &st),
+        // the QKV the kernel reads, and the widened copy it lives in (alive to the end)
+        let (qkv, _widened) = match mixed {
+            None => (ptr(&self.layers[layer].qkv, &st), None),
             Some(m) if mma => {
                 let nan = vec![0x7FC0u16; m.dy.len()];
                 st.memcpy_htod(&nan, &mut m.dy)
@@ -1193,9 +1208,8 @@ impl GpuTrainableEncoder {
             }
             Some(m) => {
                 let wide = widen(&download16(&m.layers[layer].qkv, b.tokens * 3 * h)?);
-                st.memcpy_htod(&wide, &mut self.dqkv.slice_mut(..wide.len()))
-                    .map_err(cuda_err("uploading the widened QKV"))?;
-                ptr(&self.dqkv, &st)
+                let copy = upload(&st, &wide, "the widened QKV")?;
+                (ptr(&copy, &st), Some(copy))
             }
         };
         self.attention(layer, qkv, b, mma, ptr(&self.dctx, &st))?;

@@ -582,7 +582,6 @@ struct GpuTrainableEncoder {
     // set_gemm_math(GemmMath::Bf16) for a tiled head dim: allocate_activations(true)
     void set_gemm_math_bf16() {
         const int dh = cfg.head_dim();
-        attn_bw.tensor_cores = true;
         if (!(dh == 32 || dh == 64 || dh == 128)) return;
         last.reset();
         inputs.clear();
