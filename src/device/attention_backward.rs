@@ -37,7 +37,7 @@
 //! a call allocates nothing on the device.
 
 use super::runtime::{
-    alloc, allow_smem, cuda_err, launch_cfg, ptr, to_i32, to_u32, Gpu, KernelTiming,
+    alloc, allow_smem, cuda_err, launch_cfg, poison, ptr, to_i32, to_u32, upload, Gpu, KernelTiming,
 };
 use crate::error::{Error, Result};
 use crate::train::rng::{Site, Stream};
@@ -590,29 +590,16 @@ fn host_run(
         )));
     }
     let st = gpu.stream();
-    let up = |x: &[f32], what: &str| -> Result<CudaSlice<f32>> {
-        if x.is_empty() {
-            return alloc(st, 1, what);
-        }
-        st.clone_htod(x)
-            .map_err(cuda_err(&format!("uploading {what}")))
-    };
-    let dctx_d = up(dctx, "dctx")?;
-    let bias_d = bias.map(|b| up(b, "bias")).transpose()?;
+    let dctx_d = upload(st, dctx, "dctx")?;
+    let bias_d = bias.map(|b| upload(st, b, "bias")).transpose()?;
     if stored == Stored::Bf16 {
         let bits: Vec<u16> = qkv
             .iter()
             .map(|&v| half::bf16::from_f32(v).to_bits())
             .collect();
-        let up16 = |x: &[u16], what: &str| -> Result<CudaSlice<u16>> {
-            if x.is_empty() {
-                return alloc(st, 1, what);
-            }
-            st.clone_htod(x)
-                .map_err(cuda_err(&format!("uploading {what}")))
-        };
-        let qkv16 = up16(&bits, "qkv")?;
-        let mut dqkv16 = up16(&vec![0x7FC0u16; qkv.len()], "dqkv")?; // NaN
+        let qkv16 = upload(st, &bits, "qkv")?;
+        let mut dqkv16 = alloc::<u16>(st, qkv.len().max(1), "dqkv")?;
+        poison(st, &dqkv16)?;
         let b = bias_d.as_ref();
         op.backward_bf16(offsets, &qkv16, b, &dctx_d, dropout, &mut dqkv16)?;
         let out = st
@@ -621,9 +608,9 @@ fn host_run(
         let wide = out.iter().take(qkv.len());
         return Ok(wide.map(|&v| half::bf16::from_bits(v).to_f32()).collect());
     }
-    let qkv_d = up(qkv, "qkv")?;
-    let dqkv_host = vec![f32::NAN; qkv.len()];
-    let mut dqkv_d = up(&dqkv_host, "dqkv")?;
+    let qkv_d = upload(st, qkv, "qkv")?;
+    let mut dqkv_d = alloc::<f32>(st, qkv.len().max(1), "dqkv")?;
+    poison(st, &dqkv_d)?;
     op.backward(
         offsets,
         &qkv_d,

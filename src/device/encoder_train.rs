@@ -45,8 +45,8 @@ use super::attention_backward::{AttnDropoutPlan, GpuAttentionBackward};
 use super::backward::{EmbeddingGradPlan, GpuBackward};
 use super::encoder::{check_config, AttentionKernel, Precision};
 use super::runtime::{
-    alloc, cublas_f32, cuda_err, grid_stride, launch_cfg, ptr, sgemm_row_major, to_i32, upload,
-    F32Blas, GemmMath, Gpu,
+    alloc, cublas_f32, cuda_err, grid_stride, launch_cfg, poison, ptr, sgemm_row_major, to_i32,
+    upload, F32Blas, GemmMath, Gpu,
 };
 use crate::error::{Error, Result};
 use crate::model::bert::{Bert, PackedBatch};
@@ -1157,13 +1157,9 @@ impl GpuTrainableEncoder {
             Error::InvalidArgument("rerun_attention needs a forward not yet spent".into())
         })?;
         // poisoned first, so a kernel that writes nothing cannot pass for the other's output
-        let n = self.max_tokens * self.cfg.hidden_size;
-        if let Err(e) = self
-            .stream
-            .memcpy_htod(&vec![f32::NAN; n], &mut self.dctx.slice_mut(..n))
-        {
+        if let Err(e) = poison(&self.stream, &self.dctx) {
             self.last = Some(b);
-            return Err(cuda_err("poisoning the attention scratch")(e));
+            return Err(e);
         }
         let mut mixed = self.mixed.take();
         let out = self.rerun_attention_on(layer, mma, &b, mixed.as_deref_mut());
@@ -1199,9 +1195,7 @@ impl GpuTrainableEncoder {
         let (qkv, _widened) = match mixed {
             None => (ptr(&self.layers[layer].qkv, &st), None),
             Some(m) if mma => {
-                let nan = vec![0x7FC0u16; m.dy.len()];
-                st.memcpy_htod(&nan, &mut m.dy)
-                    .map_err(cuda_err("poisoning the attention scratch"))?;
+                poison(&st, &m.dy)?;
                 let (qkv, out) = (ptr(&m.layers[layer].qkv, &st), ptr(&m.dy, &st));
                 self.attention_bf16(layer, qkv, b, out)?;
                 return Ok(widen(&download16(&m.dy, b.tokens * h)?));
@@ -1315,14 +1309,7 @@ impl GpuTrainableEncoder {
         dx: Option<u64>,
     ) -> Result<()> {
         let st = self.stream.clone();
-        let dy_slice = match dy {
-            SliceId::DsA => &self.ds_a,
-            SliceId::DsB => &self.ds_b,
-            SliceId::Dctx => &self.dctx,
-            SliceId::Dmid => &self.dmid,
-            SliceId::Dqkv => &self.dqkv,
-        };
-        let dy_ptr = ptr(dy_slice, &st);
+        let dy_ptr = ptr(self.scratch(dy), &st);
         let (w, gw) = (ptr(&self.w[w_index], &st), ptr(&self.g[w_index], &st));
         // SAFETY: dy is rows·out floats, W and ∂W out·inp, x and dx rows·inp.
         unsafe {
@@ -1331,8 +1318,7 @@ impl GpuTrainableEncoder {
             }
             sgemm_row_major(&self.blas, true, false, out, inp, rows, dy_ptr, x, 1.0, gw)?;
         }
-        self.bw
-            .bias(dy_slice, rows, out, &mut self.g[b_index], true)
+        self.bias_backward(dy, rows, out, b_index)
     }
 
     /// A backward scratch buffer by name.
@@ -1355,6 +1341,7 @@ impl GpuTrainableEncoder {
         cols: usize,
         b_index: usize,
     ) -> Result<()> {
+        // `scratch`'s match, on the fields: `self.g` is borrowed mutably beside it
         let dy = match dy {
             SliceId::DsA => &self.ds_a,
             SliceId::DsB => &self.ds_b,

@@ -726,13 +726,13 @@ struct GpuTrainableEncoder {
         attention_mma_bf16(a.qkv.p, wp(t::QKV_B), b, max_len, site_slot(l, AttentionDropout), a.ctx.p);
         gemm_row_major_bf16(false, true, tok, h, h, a.ctx.p, wb(1), 0.0f, a.s1.p);
         bias_residual(a.s1.p, wp(t::ATTN_OUT_B), x, b, h, site_slot(l, AttentionOutputDropout));
-        layernorm_bf16(a.s1.p, wp(t::ATTN_LN_G), wp(t::ATTN_LN_B), eps, tok, m.x1.p, a.x1.p);
+        layernorm(a.s1.p, wp(t::ATTN_LN_G), wp(t::ATTN_LN_B), eps, tok, m.x1.p, a.x1.p);
         gemm_row_major_bf16(false, true, tok, inter, h, a.x1.p, wb(2), 0.0f, a.mid_pre.p);
-        bias_gelu_bf16(a.mid_pre.p, wp(t::INTER_B), tok, inter, m.mid.p);
+        bias_gelu(a.mid_pre.p, wp(t::INTER_B), tok, inter, m.mid.p);
         gemm_row_major_bf16(false, true, tok, h, inter, m.mid.p, wb(3), 0.0f, a.s2.p);
         bias_residual(a.s2.p, wp(t::OUT_B), m.x1.p, b, h, site_slot(l, FfnOutputDropout));
         bf16* out16 = l + 1 < m.layers.size() ? m.layers[l + 1].x.p : nullptr;
-        layernorm_bf16(a.s2.p, wp(t::OUT_LN_G), wp(t::OUT_LN_B), eps, tok, inputs[input_slot(l + 1)].p, out16);
+        layernorm(a.s2.p, wp(t::OUT_LN_G), wp(t::OUT_LN_B), eps, tok, inputs[input_slot(l + 1)].p, out16);
     }
 
     void backward(const std::vector<float>& d_embeddings, std::vector<std::vector<float>>& grads) {
@@ -824,7 +824,7 @@ struct GpuTrainableEncoder {
             d_ffn = SliceId::Dctx;
         }
         to_bf16(scratch(d_ffn).p, tok * h, m.dy.p);
-        gelu_bf16(a.mid_pre.p, tok * inter, m.mid.p);
+        gelu(a.mid_pre.p, tok * inter, m.mid.p);
         linear_backward_bf16(m.mid.p, tok, inter, wb(3), gi(t::OUT_W), h, m.dy.p, m.dmid.p);
         bw.bias(scratch(d_ffn), tok, h, g[gi(t::OUT_B)], true);
         bw.gelu(a.mid_pre, m.dmid, tok * inter);
@@ -945,9 +945,12 @@ struct GpuTrainableEncoder {
         sgemm_row_major(true, false, out, inp, rows, dy_ptr, x, 1.0f, gw);
         bw.bias(*dy_slice, rows, out, g[b_index], true);
     }
-    void layernorm(const float* s, const float* gm, const float* bt, float eps, size_t rows, float* y) {
+    void layernorm(const float* s, const float* gm, const float* bt, float eps, size_t rows, float* y,
+                   bf16* y16 = nullptr) {
         const int r = (int)rows, h = cfg.h;
-        run(launch_cfg((rows * 32 + THREADS - 1) / THREADS, THREADS, 0), [&] { rrra_train_layernorm_f32(s, gm, bt, eps, r, h, y); });
+        const LaunchConfig c = launch_cfg((rows * 32 + THREADS - 1) / THREADS, THREADS, 0);
+        if (y16) run(c, [&] { rrra_train_layernorm_f32_bf16(s, gm, bt, eps, r, h, y, y16); });
+        else run(c, [&] { rrra_train_layernorm_f32(s, gm, bt, eps, r, h, y); });
     }
     void bias_residual(float* y, const float* bias, const float* r, const Batch& batch, size_t cols, size_t slot) {
         const size_t rows = batch.tokens;
@@ -968,29 +971,23 @@ struct GpuTrainableEncoder {
         const long long nl = (long long)n;
         run(grid_stride(std::max<size_t>(n, 1), THREADS), [&] { rrra_train_to_bf16(src, nl, dst); });
     }
-    void layernorm_bf16(const float* s, const float* gm, const float* bt, float eps, size_t rows, float* y, bf16* y16) {
-        if (!y16) { layernorm(s, gm, bt, eps, rows, y); return; }
-        const int r = (int)rows, h = cfg.h;
-        run(launch_cfg((rows * 32 + THREADS - 1) / THREADS, THREADS, 0),
-            [&] { rrra_train_layernorm_f32_bf16(s, gm, bt, eps, r, h, y, y16); });
-    }
-    void bias_gelu_bf16(bf16* pre, const float* bias, size_t rows, size_t cols, bf16* out) {
+    // bias_gelu and gelu with `bf16`: the kernel of the stored type
+    template <class T>
+    void bias_gelu(T* pre, const float* bias, size_t rows, size_t cols, T* out) {
         const long long rl = (long long)rows;
         const int c = (int)cols;
-        run(grid_stride(rows * cols, THREADS), [&] { rrra_train_bias_gelu_bf16(pre, bias, rl, c, out); });
+        if constexpr (std::is_same_v<T, float>)
+            run(grid_stride(rows * cols, THREADS), [&] { rrra_train_bias_gelu_f32(pre, bias, rl, c, out); });
+        else
+            run(grid_stride(rows * cols, THREADS), [&] { rrra_train_bias_gelu_bf16(pre, bias, rl, c, out); });
     }
-    void gelu_bf16(const bf16* pre, size_t n, bf16* out) {
+    template <class T>
+    void gelu(const T* pre, size_t n, T* out) {
         const long long nl = (long long)n;
-        run(grid_stride(n, THREADS), [&] { rrra_train_gelu_bf16(pre, nl, out); });
-    }
-    void bias_gelu(float* pre, const float* bias, size_t rows, size_t cols, float* out) {
-        const long long rl = (long long)rows;
-        const int c = (int)cols;
-        run(grid_stride(rows * cols, THREADS), [&] { rrra_train_bias_gelu_f32(pre, bias, rl, c, out); });
-    }
-    void gelu(const float* pre, size_t n, float* out) {
-        const long long nl = (long long)n;
-        run(grid_stride(n, THREADS), [&] { rrra_train_gelu_f32(pre, nl, out); });
+        if constexpr (std::is_same_v<T, float>)
+            run(grid_stride(n, THREADS), [&] { rrra_train_gelu_f32(pre, nl, out); });
+        else
+            run(grid_stride(n, THREADS), [&] { rrra_train_gelu_bf16(pre, nl, out); });
     }
     void add(float* dst, const float* src, size_t n) {
         const long long nl = (long long)n;
